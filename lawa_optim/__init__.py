@@ -1,0 +1,12 @@
+"""lawa_optim: Latest Weight Averaging (Kaddour 2022) for any torch.optim optimizer.
+
+``LAWA(optimizer, k)`` keeps the average of the k latest weight snapshots in a flat
+ring buffer updated in O(1) per snapshot; ``update_bn`` refreshes BatchNorm
+statistics for the averaged weights.
+"""
+
+from lawa_optim.bn import update_bn
+from lawa_optim.wrapper import LAWA
+
+__all__ = ["LAWA", "update_bn"]
+__version__ = "0.1.0"

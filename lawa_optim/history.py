@@ -1,0 +1,305 @@
+"""The flat ring-buffer history behind LAWA (Kaddour 2022, arXiv:2209.14981).
+
+Parameters are grouped into buckets that share a device and a dtype. A bucket keeps
+
+* ``ring``: ``(k, D)`` in the history dtype, one row ("slot") per snapshot;
+* ``total``: ``(D,)`` running sum of the filled slots *as stored* (float32; float64
+  for float64 parameters), or the exponential average itself in EMA mode;
+* ``pushes``: a one-element int64 tensor beside the ring counting snapshots ever
+  pushed. Slot ``s`` holds the snapshot number ``n`` with ``n % k == s``, the next
+  push writes slot ``pushes % k`` and ``min(pushes, k)`` slots are filled. It lives on
+  the device (not in a Python int) so kernels read it without a host sync.
+
+Each parameter owns a slice of the flat buffers that starts on a multiple of
+``ALIGN`` elements and holds its elements in the parameter's *memory* order, so a
+snapshot of a ``channels_last`` weight is a plain linear copy for every backend.
+
+The kernels themselves live in :mod:`lawa_optim.ops`; this module only lays out
+memory and keeps the bookkeeping (when to recompute, which buckets exist).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+from lawa_optim import ops
+
+#: Slice alignment in elements: 128 bytes for 2-byte dtypes, 256 for float32.
+ALIGN = 64
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def is_dense(t: Tensor) -> bool:
+    """True when ``t`` covers exactly ``numel`` consecutive elements of its storage."""
+    if t.numel() <= 1:
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the running sum for parameters of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Bucket:
+    """The history of parameters sharing one device and dtype.
+
+    Backends read ``params``, ``offsets``, ``numels``, ``ring``, ``total``,
+    ``pushes`` and ``backup`` and may keep private data (pointer tables) in
+    ``cache``, which is cleared whenever a parameter's storage moves.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        k: int,
+        mode: str,
+        history_dtype: torch.dtype | None,
+        storage: str,
+        backend: str,
+    ) -> None:
+        self.params = list(params)
+        self.k = k
+        self.mode = mode
+        self.dtype = self.params[0].dtype
+        self.param_device = self.params[0].device
+        self.numels = [p.numel() for p in self.params]
+        self.offsets = []
+        size = 0
+        for n in self.numels:
+            self.offsets.append(size)
+            size += -(-max(n, 1) // ALIGN) * ALIGN
+        self.D = size
+        self.device = history_device(self.param_device, storage)
+        pin = storage == "pinned"
+        self.pinned = pin
+        self.history_dtype = history_dtype or self.dtype
+        self.ring = (
+            torch.zeros(k, self.D, dtype=self.history_dtype, device=self.device, pin_memory=pin)
+            if mode == "uniform"
+            else None
+        )
+        self.total = torch.zeros(
+            self.D, dtype=accumulation_dtype(self.dtype), device=self.device, pin_memory=pin
+        )
+        self.pushes = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.backup: Tensor | None = None
+        self.cache: dict = {}
+        self.since_recompute = 0
+        self._ptrs = [p.data_ptr() for p in self.params]
+        self._strides = [p.stride() for p in self.params]
+        self.backend = ops.resolve(backend, self)
+
+    # -- views ---------------------------------------------------------------
+    def view(self, flat: Tensor, i: int, base: int = 0) -> Tensor:
+        """Parameter ``i``'s slice of a flat ``(D,)`` buffer (or of a chunk of one
+        starting at element ``base``), shaped and strided like the parameter."""
+        p = self.params[i]
+        return flat.as_strided(p.shape, p.stride(), flat.storage_offset() + self.offsets[i] - base)
+
+    def history_view(self, i: int) -> Tensor:
+        """Parameter ``i``'s history as a ``(k, *shape)`` view into the ring."""
+        p = self.params[i]
+        return self.ring.as_strided(
+            (self.k, *p.shape), (self.D, *p.stride()), self.ring.storage_offset() + self.offsets[i]
+        )
+
+    # -- bookkeeping ---------------------------------------------------------
+    def count(self) -> int:
+        """Snapshots the average holds now (reads the device counter: a sync on GPU)."""
+        n = int(self.pushes.item())
+        return min(n, self.k) if self.mode == "uniform" else n
+
+    def nbytes(self) -> int:
+        """Bytes held by this bucket's buffers (ring, sum, counter, backup)."""
+        bufs = [self.ring, self.total, self.pushes, self.backup]
+        return sum(b.numel() * b.element_size() for b in bufs if b is not None)
+
+    def check_params(self) -> None:
+        """Notice parameters whose storage was replaced (``p.data = ...``, ``module.to``).
+
+        Backends cache raw pointers, so a moved parameter must clear the cache; a
+        parameter whose shape or layout changed no longer fits the history.
+        """
+        ptrs = list(map(Tensor.data_ptr, self.params))
+        if ptrs == self._ptrs:
+            return
+        for i, p in enumerate(self.params):
+            if p.stride() != self._strides[i] or p.numel() != self.numels[i] or p.device != self.param_device:
+                raise RuntimeError(
+                    f"parameter {i} of a LAWA bucket changed shape, layout or device since the "
+                    f"history was built (now shape {tuple(p.shape)}, stride {p.stride()}, {p.device}); "
+                    "build a new LAWA optimizer after moving or reshaping the model"
+                )
+        self._ptrs = ptrs
+        self.cache.clear()
+
+
+def history_device(param_device: torch.device, storage: str) -> torch.device:
+    """Where the history of parameters on ``param_device`` lives."""
+    return param_device if storage == "device" else torch.device("cpu")
+
+
+def _bucket_params(params: Sequence[Tensor]) -> list[list[Tensor]]:
+    groups: dict[tuple, list[Tensor]] = {}
+    for p in params:
+        groups.setdefault((p.device, p.dtype), []).append(p)
+    return list(groups.values())
+
+
+def check_param(p: Tensor, where: str) -> None:
+    """Raise a clear error for a parameter the history cannot hold."""
+    if not isinstance(p, Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor, got {type(p).__name__}")
+    if p.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{where} has dtype {p.dtype}; LAWA averages floating-point parameters only "
+            f"(accepted: {', '.join(str(d) for d in FLOAT_DTYPES)})"
+        )
+    if not is_dense(p):
+        raise ValueError(
+            f"{where} (shape {tuple(p.shape)}, stride {p.stride()}) does not cover a dense block "
+            "of memory; make it contiguous (e.g. `p.data = p.data.contiguous()`) before wrapping"
+        )
+
+
+_pinned_warned = False
+
+
+def resolve_storage(storage: str) -> str:
+    """``"pinned"`` needs CUDA; without it, warn once and use ``"cpu"``."""
+    global _pinned_warned
+    if storage == "pinned" and not torch.cuda.is_available():
+        if not _pinned_warned:
+            warnings.warn(
+                "storage='pinned' needs CUDA, which is not available; keeping the history in "
+                "ordinary host memory (storage='cpu') instead",
+                stacklevel=3,
+            )
+            _pinned_warned = True
+        return "cpu"
+    return storage
+
+
+class History:
+    """All buckets of one LAWA optimizer, built generation by generation.
+
+    The parameter groups present when the history is first built form generation 0;
+    groups added later with ``add_param_group`` form a new generation at the next
+    build, with their own snapshot counter (they join the average from their first
+    snapshot on).
+    """
+
+    def __init__(
+        self,
+        k: int,
+        mode: str,
+        history_dtype: torch.dtype | None,
+        storage: str,
+        backend: str,
+        recompute_every: int | None,
+    ) -> None:
+        self.k = k
+        self.mode = mode
+        self.history_dtype = history_dtype
+        self.storage = storage
+        self.requested_backend = backend
+        self.recompute_every = recompute_every
+        self.generations: list[list[Bucket]] = []
+        self.group_generation: list[int] = []  # generation of each built param group
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        return [b for gen in self.generations for b in gen]
+
+    def extend(self, param_groups: Sequence[dict]) -> None:
+        """Build buckets for the parameter groups not yet in the history."""
+        new = param_groups[len(self.group_generation):]
+        if not new:
+            return
+        params = [p for g in new for p in g["params"]]
+        buckets = [
+            Bucket(ps, self.k, self.mode, self.history_dtype, self.storage, self.requested_backend)
+            for ps in _bucket_params(params)
+        ]
+        self.group_generation.extend([len(self.generations)] * len(new))
+        self.generations.append(buckets)
+
+    @torch.no_grad()
+    def push(self) -> None:
+        """Record the current weights of every built parameter: one fused pass per bucket."""
+        for b in self.buckets:
+            b.check_params()
+            if self.mode == "ema":
+                continue
+            ops.push(b)
+            b.since_recompute += 1
+            if self.recompute_every is not None and b.since_recompute >= self.recompute_every:
+                self.recompute(b)
+
+    @torch.no_grad()
+    def push_ema(self, decay: float) -> None:
+        """Fold the current weights into the exponential average."""
+        for b in self.buckets:
+            b.check_params()
+            ops.ema_update(b, decay)
+
+    @staticmethod
+    @torch.no_grad()
+    def recompute(b: Bucket) -> None:
+        """Rebuild ``total`` exactly from the ring (bounds floating-point drift)."""
+        if b.mode == "uniform":
+            ops.recompute(b)
+        b.since_recompute = 0
+
+    def backend_names(self, param_groups: Sequence[dict]) -> list[str]:
+        """Backends of the built buckets, and those that groups not yet built will get."""
+        names = [b.backend for b in self.buckets]
+        pending = [p for g in param_groups[len(self.group_generation):] for p in g["params"]]
+        for ps in _bucket_params(pending):
+            probe = SimpleNamespace(
+                device=history_device(ps[0].device, self.storage),
+                param_device=ps[0].device,
+                dtype=ps[0].dtype,
+                history_dtype=self.history_dtype or ps[0].dtype,
+            )
+            names.append(ops.resolve(self.requested_backend, probe))
+        return names
+
+    def counts(self) -> list[int]:
+        """Snapshot count of every generation (0 for none)."""
+        return [gen[0].count() if gen else 0 for gen in self.generations]
+
+    @torch.no_grad()
+    def swap_in(self, last: int | None) -> None:
+        """Back up the weights and write the average into the parameters in place."""
+        for b in self.buckets:
+            n = b.count()
+            if n == 0:
+                continue
+            b.check_params()
+            b.backup = torch.empty(b.D, dtype=b.dtype, device=b.device, pin_memory=b.pinned)
+            ops.swap_in(b, None if last is None else min(last, n))
+
+    @torch.no_grad()
+    def swap_back(self) -> None:
+        """Restore the backed-up training weights bit for bit and free the backups."""
+        for b in self.buckets:
+            if b.backup is None:
+                continue
+            ops.swap_back(b)
+            b.backup = None
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes() for b in self.buckets)

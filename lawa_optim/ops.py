@@ -1,0 +1,110 @@
+"""Kernel entry points of the LAWA history, each defined once and dispatched to a backend.
+
+Every entry point takes a :class:`lawa_optim.history.Bucket` and runs the backend
+chosen for it when it was built (``bucket.backend``): ``"torch"`` (the pure-torch
+reference, :mod:`lawa_optim.backends.reference`), ``"triton"`` or ``"cuda"``. Callers
+never branch on the backend. A backend module provides:
+
+``unavailable(bucket) -> str | None``
+    why it cannot run the bucket (``None`` when it can). Only ``device``,
+    ``param_device``, ``dtype`` and ``history_dtype`` of the bucket are read.
+``push(bucket)``
+    uniform snapshot with ``n = pushes``: ``s = n % k``; ``old = ring[s]`` (0 while
+    ``n < k``); ``ring[s] = cast(param)``; ``total += float(ring[s]) - float(old)``,
+    the difference rounded in the accumulation dtype and then added.
+``ema_update(bucket, decay)``
+    ``total = cast(param)`` when ``n == 0``, else
+    ``total = decay * total + (1 - decay) * param`` in the accumulation dtype.
+``swap_in(bucket, last)``
+    ``backup = param`` (exact), then ``param = cast(avg)`` where ``avg`` is
+    ``total / min(n, k)`` (``total`` itself in EMA mode) or, for ``last = j``, the
+    sum of the ``j`` newest slots ``(n - 1 - i) % k``, ``i = 0 .. j-1``, accumulated in
+    that order from 0 in the accumulation dtype, divided by ``j`` (IEEE division).
+``swap_back(bucket)``
+    ``param = backup`` (exact).
+``recompute(bucket)``
+    ``total = 0 + ring[0] + ... + ring[min(n, k) - 1]`` in slot order.
+
+The dispatcher advances ``pushes`` after ``push`` and ``ema_update``; backends only
+read it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lawa_optim.history import Bucket
+
+#: Backend names accepted by ``LAWA(backend=...)``.
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+_MODULES = {
+    "torch": "lawa_optim.backends.reference",
+    "triton": "lawa_optim.backends.triton",
+    "cuda": "lawa_optim.backends.cuda",
+}
+_loaded: dict[str, ModuleType] = {}
+
+
+def _module(name: str) -> ModuleType:
+    mod = _loaded.get(name)
+    if mod is None:
+        mod = _loaded[name] = importlib.import_module(_MODULES[name])
+    return mod
+
+
+def unavailable(name: str, bucket: "Bucket") -> str | None:
+    """Why backend ``name`` cannot run ``bucket``, or ``None`` when it can."""
+    try:
+        mod = _module(name)
+    except ImportError as exc:
+        return f"the {name} backend cannot be imported ({exc})"
+    return mod.unavailable(bucket)
+
+
+def resolve(requested: str, bucket: "Bucket") -> str:
+    """The backend that runs ``bucket``: ``auto`` prefers cuda, then triton, on a GPU."""
+    if requested == "auto":
+        if bucket.device.type == "cuda":
+            for name in ("cuda", "triton"):
+                if unavailable(name, bucket) is None:
+                    return name
+        return "torch"
+    reason = unavailable(requested, bucket)
+    if reason is not None:
+        raise RuntimeError(
+            f"backend={requested!r} cannot run parameters of dtype {bucket.dtype} on "
+            f"{bucket.param_device} with history on {bucket.device}: {reason}. "
+            "Use backend='auto' to pick one that can."
+        )
+    return requested
+
+
+def push(bucket: "Bucket") -> None:
+    """Write the current weights into the next ring slot and update the running sum."""
+    _module(bucket.backend).push(bucket)
+    bucket.pushes.add_(1)
+
+
+def ema_update(bucket: "Bucket", decay: float) -> None:
+    """Fold the current weights into the exponential average kept in ``total``."""
+    _module(bucket.backend).ema_update(bucket, decay)
+    bucket.pushes.add_(1)
+
+
+def swap_in(bucket: "Bucket", last: int | None) -> None:
+    """Copy the weights into ``bucket.backup`` and write the average into them."""
+    _module(bucket.backend).swap_in(bucket, last)
+
+
+def swap_back(bucket: "Bucket") -> None:
+    """Copy ``bucket.backup`` back into the weights."""
+    _module(bucket.backend).swap_back(bucket)
+
+
+def recompute(bucket: "Bucket") -> None:
+    """Recompute ``total`` exactly from the filled ring slots."""
+    _module(bucket.backend).recompute(bucket)

@@ -1,0 +1,343 @@
+"""LAWA: an optimizer wrapper that keeps the average of the k latest weight snapshots.
+
+Latest Weight Averaging (Kaddour 2022, "Stop Wasting My Time! Saving Days of
+ImageNet and BERT Training with Latest Weight Averaging", arXiv:2209.14981)
+averages the k latest end-of-epoch checkpoints during training; the paper finds
+k = 6 a good default and reports that averaging too many (k > 10-16) or too early
+hurts. The wrapper shares ``param_groups``, ``state`` and ``defaults`` with the
+optimizer it wraps (in the manner of Lookahead), so LR schedulers, gradient
+scalers and hooks act on the real optimizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from lawa_optim import ops
+from lawa_optim.history import FLOAT_DTYPES, History, check_param, resolve_storage
+from lawa_optim.state import load_history, save_history, strip_lawa, validate_lawa
+
+MODES = ("uniform", "ema")
+STORAGES = ("device", "pinned", "cpu")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class LAWA(Optimizer):
+    r"""Wrap ``optimizer`` and keep the average of the ``k`` latest weight snapshots.
+
+    Example::
+
+        opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=6)
+        for epoch in range(epochs):
+            for x, y in loader:
+                loss_fn(model(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+            opt.snapshot()                  # end of epoch, as in the paper
+            with opt.averaged():            # evaluate the average, then swap back
+                evaluate(model)
+
+    Args:
+        optimizer: the ``torch.optim.Optimizer`` to wrap; its ``param_groups``,
+            ``state`` and ``defaults`` are shared, not copied.
+        k: number of latest snapshots averaged (default 6, the paper's choice).
+        every: also snapshot automatically right after optimizer step ``t`` (counted
+            from 1) whenever ``t >= start`` and ``t % every == 0``; ``None`` (default)
+            snapshots only on explicit :meth:`snapshot` calls.
+        start: no snapshot before optimizer step ``start`` (default 0); explicit
+            :meth:`snapshot` calls before then do nothing, so early weights never
+            enter the average.
+        mode: ``"uniform"`` (default): the plain mean of the latest
+            ``min(count, k)`` snapshots. ``"ema"``: ``avg = decay * avg + (1 - decay) *
+            theta`` over snapshots, the first taken as is; it keeps no ring. The paper's
+            Appendix C writes its exponential variant with the weight alpha = 0.9 on the
+            *newest* snapshot, which is ``decay=0.1`` here.
+        decay: EMA decay in [0, 1) (default 0.9); used only with ``mode="ema"``.
+        storage: where the history lives: ``"device"`` (beside the parameters,
+            default), ``"pinned"`` (page-locked host memory; needs CUDA, else ``"cpu"``
+            with a warning) or ``"cpu"`` (pageable host memory).
+        history_dtype: dtype of the stored snapshots (default: the parameters'
+            dtype; ``torch.bfloat16`` halves the memory). The running sum is always
+            float32 (float64 for float64 parameters) and adds the stored, rounded
+            values, so the average is exactly the mean of what is stored.
+        backend: ``"auto"`` (default: the CUDA extension, then Triton on a GPU, else
+            pure torch), ``"torch"``, ``"triton"`` or ``"cuda"``.
+        recompute_every: recompute the running sum exactly from the ring every this
+            many snapshots (default 1000), which bounds floating-point drift however
+            long the run; ``None`` never recomputes.
+
+    The history is allocated at the first :meth:`step` or :meth:`snapshot`:
+    ``k * D`` elements of ``history_dtype`` plus ``D`` float32 (D: the number of
+    parameter elements, each parameter padded to 64 elements), and a backup of the
+    weights only while the average is swapped in. Parameters added with
+    :meth:`add_param_group` join the history from the next snapshot on, with their own
+    count: until they have ``k`` snapshots their average covers fewer, newer snapshots
+    than the older parameters', and a swap leaves them untouched until their first one.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        k: int = 6,
+        *,
+        every: int | None = None,
+        start: int = 0,
+        mode: str = "uniform",
+        decay: float = 0.9,
+        storage: str = "device",
+        history_dtype: torch.dtype | None = None,
+        backend: str = "auto",
+        recompute_every: int | None = 1000,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, LAWA):
+            raise TypeError("optimizer is already a LAWA; wrap the inner optimizer once")
+        if not _is_int(k) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        if every is not None and (not _is_int(every) or every < 1):
+            raise ValueError(f"every must be None or an int >= 1, got {every!r}")
+        if not _is_int(start) or start < 0:
+            raise ValueError(f"start must be an int >= 0, got {start!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be a float in [0, 1), got {decay!r}")
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+        if history_dtype is not None and history_dtype not in FLOAT_DTYPES:
+            raise ValueError(
+                f"history_dtype must be None or one of {FLOAT_DTYPES}, got {history_dtype!r}"
+            )
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        if recompute_every is not None and (not _is_int(recompute_every) or recompute_every < 1):
+            raise ValueError(f"recompute_every must be None or an int >= 1, got {recompute_every!r}")
+        for g, group in enumerate(optimizer.param_groups):
+            for i, p in enumerate(group["params"]):
+                check_param(p, f"parameter {i} of param group {g}")
+
+        self.optimizer = optimizer
+        self.every = every
+        self.start = start
+        self.mode = mode
+        self.decay = float(decay)
+        self._history = History(
+            k, mode, history_dtype, resolve_storage(storage), backend, recompute_every
+        )
+        self._steps = 0
+        self._swapped = False
+        # What Optimizer.__init__ sets up besides param groups, so that hooks work.
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._warned_capturable_if_run_uncaptured = True
+        self._patch_step_function()
+
+    # -- shared with the wrapped optimizer (properties: its load_state_dict rebinds them)
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    # -- properties -----------------------------------------------------------
+    @property
+    def k(self) -> int:
+        """Number of latest snapshots averaged."""
+        return self._history.k
+
+    @property
+    def num_snapshots(self) -> int:
+        """Snapshots the average holds now: ``min(taken, k)`` in uniform mode, all taken
+        in EMA mode (for the parameters present when the history was first built)."""
+        counts = self._history.counts()
+        return counts[0] if counts else 0
+
+    @property
+    def is_swapped(self) -> bool:
+        """Whether the parameters hold the average (between swap_to_average and swap_back)."""
+        return self._swapped
+
+    @property
+    def backend(self) -> str:
+        """The backend that runs the history (``"torch"``, ``"triton"``, ``"cuda"``;
+        several joined by ``+`` when buckets differ)."""
+        names = dict.fromkeys(self._history.backend_names(self.param_groups))
+        return "+".join(names)
+
+    def __repr__(self) -> str:
+        inner = "\n".join("  " + line for line in repr(self.optimizer).splitlines())
+        return (
+            f"LAWA(k={self.k}, mode={self.mode!r}, every={self.every}, start={self.start}, "
+            f"steps={self._steps}, swapped={self._swapped}) wrapping\n{inner}"
+        )
+
+    # -- training ---------------------------------------------------------------
+    def _build(self) -> None:
+        self._history.extend(self.param_groups)
+
+    def _require_not_swapped(self, what: str) -> None:
+        if self._swapped:
+            raise RuntimeError(
+                f"{what} while the average is swapped into the parameters; call swap_back() "
+                "first (or leave the `with opt.averaged():` block)"
+            )
+
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
+        """Run the wrapped optimizer's step and snapshot when ``every`` says so."""
+        self._require_not_swapped("step()")
+        self._build()
+        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        self._steps += 1
+        if self.every is not None and self._steps >= self.start and self._steps % self.every == 0:
+            self._push()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients through the wrapped optimizer."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group to the wrapped optimizer; its parameters join the history
+        from the next snapshot on, with a count of their own."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for i, p in enumerate(params):
+            check_param(p, f"parameter {i} of the added param group")
+        self.optimizer.add_param_group(param_group)
+
+    def snapshot(self) -> bool:
+        """Push the current weights into the history: O(1) in k, one pass per bucket.
+
+        Returns ``False`` (and records nothing) before optimizer step ``start``.
+        """
+        self._require_not_swapped("snapshot()")
+        if self._steps < self.start:
+            return False
+        self._build()
+        self._push()
+        return True
+
+    def _push(self) -> None:
+        if self.mode == "ema":
+            self._history.push_ema(self.decay)
+        else:
+            self._history.push()
+
+    # -- swapping ---------------------------------------------------------------
+    def swap_to_average(self, last: int | None = None) -> None:
+        """Write the average into the parameters in place (``data_ptr`` unchanged).
+
+        ``last=j`` (uniform mode, ``1 <= j <= num_snapshots``) averages only the ``j``
+        newest snapshots. The training weights are kept and :meth:`swap_back`
+        restores them bit for bit.
+        """
+        self._require_not_swapped("swap_to_average()")
+        count = self.num_snapshots
+        if count == 0:
+            raise RuntimeError(
+                "swap_to_average() before any snapshot: call opt.snapshot() first "
+                f"(snapshots are skipped before optimizer step start={self.start})"
+            )
+        if last is not None:
+            if self.mode != "uniform":
+                raise RuntimeError(f"last= needs mode='uniform'; this LAWA has mode={self.mode!r}")
+            if not _is_int(last) or not 1 <= last <= count:
+                raise RuntimeError(
+                    f"last must be an int in [1, {count}] (the snapshots held now), got {last!r}"
+                )
+        self._history.swap_in(last)
+        self._swapped = True
+
+    def swap_back(self) -> None:
+        """Restore the training weights saved by :meth:`swap_to_average`, bit for bit."""
+        if not self._swapped:
+            raise RuntimeError("swap_back() without swap_to_average(): the weights are already the training weights")
+        self._history.swap_back()
+        self._swapped = False
+
+    @contextlib.contextmanager
+    def averaged(self, last: int | None = None) -> Iterator["LAWA"]:
+        """Context manager: the parameters hold the average inside, the training weights
+        after, even when the body raises."""
+        self.swap_to_average(last)
+        try:
+            yield self
+        finally:
+            self.swap_back()
+
+    # -- checkpoints ------------------------------------------------------------
+    @torch._disable_dynamo
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus the history.
+
+        Each parameter's history is a ``(k, *shape)`` view into the ring under
+        ``state[i]["lawa_history"]`` (``"lawa_ema"`` in EMA mode, ``"lawa_backup"`` for
+        the training weights while swapped); counters and settings are under
+        ``param_groups[g]["lawa"]``. The running sum is not saved: it is recomputed
+        exactly from the ring here and on load, so a resumed run continues bit for bit.
+        """
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        sd = self.optimizer.state_dict()
+        save_history(self, sd)
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict`: the wrapped optimizer, the history
+        and the swap state. A state dict with another ``k``, mode, history dtype or
+        parameter layout raises ``ValueError`` and leaves this optimizer unchanged.
+        ``every``, ``start``, ``decay`` and ``recompute_every`` keep the values given to
+        the constructor."""
+        self._require_not_swapped("load_state_dict()")
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        validate_lawa(self, state_dict)
+        self.optimizer.load_state_dict(strip_lawa(state_dict))
+        load_history(self, state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
