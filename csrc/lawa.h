@@ -1,0 +1,67 @@
+// C interface of the LAWA history kernels (Kaddour 2022, arXiv:2209.14981).
+//
+// Only CUDA headers are used here and in the .cu files, so they compile with plain
+// `nvcc -c` on a machine without a GPU or a CUDA build of torch; bindings.cpp is the
+// torch glue. Every launcher runs one kernel over all parameters of a bucket on
+// `stream` and returns the launch status.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+// Element types of parameters and history.
+enum LawaDtype : int { kLawaFloat32 = 0, kLawaBFloat16 = 1, kLawaFloat16 = 2 };
+
+// What swap_in writes into the parameters.
+enum LawaAverage : int {
+  kLawaMean = 0,  // total / min(pushes, k)
+  kLawaEma = 1,   // total as is
+  kLawaLast = 2,  // mean of the `last` newest ring slots
+};
+
+// Elements per tile: the unit of work of one block iteration (a multiple of the
+// 8-element vector, so only a parameter's last tile has a scalar tail).
+constexpr int64_t kLawaTile = 8192;
+
+// One parameter of a bucket. A device-side array of these, one per parameter in
+// bucket order, is the pointer table every kernel walks; `tile_begin` is the prefix
+// sum of ceil(numel / kLawaTile), so a block finds its parameter by binary search.
+struct LawaSegment {
+  void* param;         // first element in memory order (the parameter is dense)
+  int64_t offset;      // element offset of the parameter's slice in the flat buffers
+  int64_t numel;       // elements of the parameter
+  int64_t tile_begin;  // index of the parameter's first tile
+};
+static_assert(sizeof(LawaSegment) == 4 * sizeof(int64_t), "LawaSegment is a row of 4 int64");
+
+// The launch geometry shared by all entry points.
+struct LawaLaunch {
+  const LawaSegment* segments;  // device pointer, num_segments rows
+  int num_segments;
+  int64_t num_tiles;            // tile_begin of the last segment plus its tiles
+  int sm_count;                 // multiprocessors of the device, to size the grid
+  cudaStream_t stream;
+};
+
+// ring[pushes % k] = cast(param); total += float(new) - float(old) (old = 0 while
+// pushes < k), the difference rounded first. `ring` is (k, D), `total` is (D,).
+cudaError_t lawa_push(const LawaLaunch& launch, LawaDtype param_dtype, LawaDtype history_dtype,
+                      void* ring, float* total, const int64_t* pushes, int64_t D, int64_t k);
+
+// total = float(param) when pushes == 0, else decay * total + one_minus_decay * param.
+cudaError_t lawa_ema_update(const LawaLaunch& launch, LawaDtype param_dtype, float* total,
+                            const int64_t* pushes, float decay, float one_minus_decay);
+
+// backup = param (bit for bit), then param = cast(average), see LawaAverage. `ring`
+// may be null for kLawaMean and kLawaEma; `last` is used by kLawaLast only.
+cudaError_t lawa_swap_in(const LawaLaunch& launch, LawaDtype param_dtype, LawaDtype history_dtype,
+                         LawaAverage average, void* backup, const float* total, const void* ring,
+                         const int64_t* pushes, int64_t D, int64_t k, int64_t last);
+
+// param = backup (bit for bit).
+cudaError_t lawa_swap_back(const LawaLaunch& launch, LawaDtype param_dtype, const void* backup);
+
+// total = 0 + ring[0] + ... + ring[min(pushes, k) - 1] in slot order.
+cudaError_t lawa_recompute(const LawaLaunch& launch, LawaDtype history_dtype, const void* ring,
+                           float* total, const int64_t* pushes, int64_t D, int64_t k);

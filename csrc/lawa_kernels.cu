@@ -1,0 +1,316 @@
+// The LAWA history kernels (Kaddour 2022, arXiv:2209.14981): snapshot into the ring
+// with the float32 running sum, EMA update, swap-in with backup, swap-back and
+// recompute, each one launch per bucket (see lawa_apply.cuh).
+//
+// The running sum and the means must match the pure-torch reference bit for bit, so
+// every rounding step is an explicit _rn intrinsic: nvcc would otherwise contract
+// a * b + c into an FMA, and the sum update rounds the difference before adding it.
+
+#include "lawa.h"
+#include "lawa_apply.cuh"
+#include "lawa_elem.cuh"
+
+namespace {
+
+template <LawaDtype D>
+using Raw = typename LawaElem<D>::Raw;
+
+// ring[n % k] = cast(param); total += float(new) - float(old), old = 0 while n < k.
+template <LawaDtype P, LawaDtype H>
+struct PushOp {
+  Raw<H>* ring;
+  float* total;
+  const int64_t* pushes;
+  int64_t D;
+  int64_t k;
+
+  struct View {
+    const Raw<P>* param;
+    Raw<H>* slot;
+    float* total;
+    bool full;
+    bool vec;
+  };
+
+  __device__ View view(const LawaSegment& seg, int64_t n) const {
+    View v;
+    v.param = static_cast<const Raw<P>*>(seg.param);
+    v.slot = ring + (n % k) * D + seg.offset;
+    v.total = total + seg.offset;
+    v.full = n >= k;
+    v.vec = lawa_aligned(v.param) && lawa_aligned(v.slot) && lawa_aligned(v.total);
+    return v;
+  }
+
+  template <int W>
+  __device__ void step(const View& v, int64_t e) const {
+    const LawaChunk<P, W> p = lawa_load<P, W>(v.param + e);
+    LawaChunk<kLawaFloat32, W> t = lawa_load<kLawaFloat32, W>(v.total + e);
+    LawaChunk<H, W> h;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      h.v[j] = lawa_cast<P, H>(p.v[j]);
+    }
+    if (v.full) {
+      const LawaChunk<H, W> old = lawa_load<H, W>(v.slot + e);
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        const float diff = __fsub_rn(LawaElem<H>::to_float(h.v[j]), LawaElem<H>::to_float(old.v[j]));
+        t.v[j] = __fadd_rn(t.v[j], diff);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        t.v[j] = __fadd_rn(t.v[j], LawaElem<H>::to_float(h.v[j]));
+      }
+    }
+    lawa_store<H, W>(v.slot + e, h);
+    lawa_store<kLawaFloat32, W>(v.total + e, t);
+  }
+};
+
+// total = float(param) when n == 0, else decay * total + one_minus_decay * param. The
+// product decay * total is rounded, then fused with the second product, as torch's
+// CUDA foreach kernels compute mul_ then add_(alpha=...).
+template <LawaDtype P>
+struct EmaOp {
+  float* total;
+  const int64_t* pushes;
+  float decay;
+  float one_minus_decay;
+
+  struct View {
+    const Raw<P>* param;
+    float* total;
+    bool first;
+    bool vec;
+  };
+
+  __device__ View view(const LawaSegment& seg, int64_t n) const {
+    View v;
+    v.param = static_cast<const Raw<P>*>(seg.param);
+    v.total = total + seg.offset;
+    v.first = n == 0;
+    v.vec = lawa_aligned(v.param) && lawa_aligned(v.total);
+    return v;
+  }
+
+  template <int W>
+  __device__ void step(const View& v, int64_t e) const {
+    const LawaChunk<P, W> p = lawa_load<P, W>(v.param + e);
+    LawaChunk<kLawaFloat32, W> t;
+    if (v.first) {
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        t.v[j] = LawaElem<P>::to_float(p.v[j]);
+      }
+    } else {
+      t = lawa_load<kLawaFloat32, W>(v.total + e);
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        t.v[j] = __fmaf_rn(one_minus_decay, LawaElem<P>::to_float(p.v[j]), __fmul_rn(decay, t.v[j]));
+      }
+    }
+    lawa_store<kLawaFloat32, W>(v.total + e, t);
+  }
+};
+
+// backup = param, then param = cast(average), the division an IEEE one.
+template <LawaDtype P, LawaDtype H>
+struct SwapInOp {
+  Raw<P>* backup;
+  const float* total;
+  const Raw<H>* ring;
+  const int64_t* pushes;
+  int64_t D;
+  int64_t k;
+  int64_t last;
+  LawaAverage average;
+
+  struct View {
+    Raw<P>* param;
+    Raw<P>* backup;
+    const float* total;
+    const Raw<H>* ring;  // slot 0 of the segment's slice (kLawaLast only)
+    int64_t n;
+    float count;         // divisor of the mean
+    bool vec;
+  };
+
+  __device__ View view(const LawaSegment& seg, int64_t n) const {
+    View v;
+    v.param = static_cast<Raw<P>*>(seg.param);
+    v.backup = backup + seg.offset;
+    v.total = total + seg.offset;
+    v.ring = average == kLawaLast ? ring + seg.offset : nullptr;
+    v.n = n;
+    v.count = float(average == kLawaLast ? last : (n < k ? n : k));
+    v.vec = lawa_aligned(v.param) && lawa_aligned(v.backup);
+    if (average == kLawaLast) {
+      v.vec = v.vec && lawa_aligned(v.ring) && (D * int64_t(sizeof(Raw<H>))) % 16 == 0;
+    } else {
+      v.vec = v.vec && lawa_aligned(v.total);
+    }
+    return v;
+  }
+
+  template <int W>
+  __device__ void step(const View& v, int64_t e) const {
+    const LawaChunk<P, W> p = lawa_load<P, W>(v.param + e);
+    lawa_store<P, W>(v.backup + e, p);
+    float avg[W];
+    if (average == kLawaLast) {
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        avg[j] = 0.0f;
+      }
+      // The newest slot first, as the contract accumulates them.
+      for (int64_t i = 0; i < last; ++i) {
+        const int64_t s = (v.n - 1 - i) % k;
+        const LawaChunk<H, W> r = lawa_load<H, W>(v.ring + s * D + e);
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          avg[j] = __fadd_rn(avg[j], LawaElem<H>::to_float(r.v[j]));
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        avg[j] = __fdiv_rn(avg[j], v.count);
+      }
+    } else {
+      const LawaChunk<kLawaFloat32, W> t = lawa_load<kLawaFloat32, W>(v.total + e);
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        avg[j] = average == kLawaMean ? __fdiv_rn(t.v[j], v.count) : t.v[j];
+      }
+    }
+    LawaChunk<P, W> out;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      out.v[j] = LawaElem<P>::from_float(avg[j]);
+    }
+    lawa_store<P, W>(v.param + e, out);
+  }
+};
+
+// param = backup, bit for bit.
+template <LawaDtype P>
+struct SwapBackOp {
+  const Raw<P>* backup;
+  const int64_t* pushes;  // null: swap_back does not read the counter
+
+  struct View {
+    Raw<P>* param;
+    const Raw<P>* backup;
+    bool vec;
+  };
+
+  __device__ View view(const LawaSegment& seg, int64_t) const {
+    View v;
+    v.param = static_cast<Raw<P>*>(seg.param);
+    v.backup = backup + seg.offset;
+    v.vec = lawa_aligned(v.param) && lawa_aligned(v.backup);
+    return v;
+  }
+
+  template <int W>
+  __device__ void step(const View& v, int64_t e) const {
+    lawa_store<P, W>(v.param + e, lawa_load<P, W>(v.backup + e));
+  }
+};
+
+// total = 0 + ring[0] + ... + ring[min(n, k) - 1], in slot order.
+template <LawaDtype H>
+struct RecomputeOp {
+  const Raw<H>* ring;
+  float* total;
+  const int64_t* pushes;
+  int64_t D;
+  int64_t k;
+
+  struct View {
+    const Raw<H>* ring;  // slot 0 of the segment's slice
+    float* total;
+    int64_t filled;
+    bool vec;
+  };
+
+  __device__ View view(const LawaSegment& seg, int64_t n) const {
+    View v;
+    v.ring = ring + seg.offset;
+    v.total = total + seg.offset;
+    v.filled = n < k ? n : k;
+    v.vec = lawa_aligned(v.ring) && lawa_aligned(v.total) && (D * int64_t(sizeof(Raw<H>))) % 16 == 0;
+    return v;
+  }
+
+  template <int W>
+  __device__ void step(const View& v, int64_t e) const {
+    LawaChunk<kLawaFloat32, W> t;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      t.v[j] = 0.0f;
+    }
+    for (int64_t s = 0; s < v.filled; ++s) {
+      const LawaChunk<H, W> r = lawa_load<H, W>(v.ring + s * D + e);
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        t.v[j] = __fadd_rn(t.v[j], LawaElem<H>::to_float(r.v[j]));
+      }
+    }
+    lawa_store<kLawaFloat32, W>(v.total + e, t);
+  }
+};
+
+}  // namespace
+
+cudaError_t lawa_push(const LawaLaunch& launch, LawaDtype param_dtype, LawaDtype history_dtype,
+                      void* ring, float* total, const int64_t* pushes, int64_t D, int64_t k) {
+  return lawa_dispatch(param_dtype, [&](auto p) {
+    return lawa_dispatch(history_dtype, [&](auto h) {
+      constexpr LawaDtype P = decltype(p)::value;
+      constexpr LawaDtype H = decltype(h)::value;
+      return lawa_apply(launch, PushOp<P, H>{static_cast<Raw<H>*>(ring), total, pushes, D, k});
+    });
+  });
+}
+
+cudaError_t lawa_ema_update(const LawaLaunch& launch, LawaDtype param_dtype, float* total,
+                            const int64_t* pushes, float decay, float one_minus_decay) {
+  return lawa_dispatch(param_dtype, [&](auto p) {
+    constexpr LawaDtype P = decltype(p)::value;
+    return lawa_apply(launch, EmaOp<P>{total, pushes, decay, one_minus_decay});
+  });
+}
+
+cudaError_t lawa_swap_in(const LawaLaunch& launch, LawaDtype param_dtype, LawaDtype history_dtype,
+                         LawaAverage average, void* backup, const float* total, const void* ring,
+                         const int64_t* pushes, int64_t D, int64_t k, int64_t last) {
+  if (average == kLawaLast && (ring == nullptr || last < 1 || last > k)) {
+    return cudaErrorInvalidValue;
+  }
+  return lawa_dispatch(param_dtype, [&](auto p) {
+    return lawa_dispatch(history_dtype, [&](auto h) {
+      constexpr LawaDtype P = decltype(p)::value;
+      constexpr LawaDtype H = decltype(h)::value;
+      return lawa_apply(launch, SwapInOp<P, H>{static_cast<Raw<P>*>(backup), total,
+                                               static_cast<const Raw<H>*>(ring), pushes, D, k, last,
+                                               average});
+    });
+  });
+}
+
+cudaError_t lawa_swap_back(const LawaLaunch& launch, LawaDtype param_dtype, const void* backup) {
+  return lawa_dispatch(param_dtype, [&](auto p) {
+    constexpr LawaDtype P = decltype(p)::value;
+    return lawa_apply(launch, SwapBackOp<P>{static_cast<const Raw<P>*>(backup), nullptr});
+  });
+}
+
+cudaError_t lawa_recompute(const LawaLaunch& launch, LawaDtype history_dtype, const void* ring,
+                           float* total, const int64_t* pushes, int64_t D, int64_t k) {
+  return lawa_dispatch(history_dtype, [&](auto h) {
+    constexpr LawaDtype H = decltype(h)::value;
+    return lawa_apply(launch, RecomputeOp<H>{static_cast<const Raw<H>*>(ring), total, pushes, D, k});
+  });
+}

@@ -1,0 +1,209 @@
+"""CUDA backend of the entry points in :mod:`lawa_optim.ops`: fused multi-tensor kernels.
+
+LAWA (Kaddour 2022, "Stop Wasting My Time! Saving Days of ImageNet and BERT Training
+with Latest Weight Averaging", arXiv:2209.14981) averages the k latest weight
+snapshots; the kernels in ``csrc/`` update the ring buffer and the float32 running sum
+of a whole bucket in one launch each, reading the snapshot counter on the device.
+
+The extension is taken from ``lawa_optim._lawa_cuda`` when it was built ahead of time
+(``LAWA_OPTIM_BUILD_CUDA=1 pip install --no-build-isolation .``), else compiled on first
+use with :func:`torch.utils.cpp_extension.load` (ninja) for the architectures in
+``TORCH_CUDA_ARCH_LIST`` or the current GPU's, under ``$LAWA_OPTIM_BUILD_DIR`` (default
+``~/.cache/lawa_optim``). When that fails the reason is warned once and
+:func:`unavailable` reports it, so ``backend="auto"`` falls back to Triton, then to the
+pure-torch reference.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from lawa_optim.history import Bucket
+
+#: Parameter and history dtypes the kernels handle (float64 goes to the reference).
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Environment variable overriding the root of the build cache.
+BUILD_DIR_ENV = "LAWA_OPTIM_BUILD_DIR"
+#: A build lock older than this (seconds) is taken for the leftover of a killed build.
+LOCK_TIMEOUT_S = 300.0
+#: Module name of the extension built ahead of time by setup.py.
+PREBUILT = "lawa_optim._lawa_cuda"
+
+_ext: ModuleType | None = None
+_ext_error: str | None = None
+
+
+def source_dir() -> Path:
+    """The CUDA sources: shipped inside the package, or ``csrc/`` of a source checkout."""
+    package = Path(__file__).resolve().parents[1]
+    shipped = package / "csrc"
+    return shipped if shipped.is_dir() else package.parent / "csrc"
+
+
+def build_dir() -> Path:
+    """Where the extension is built: one directory per torch, CUDA and architecture list,
+    under ``$LAWA_OPTIM_BUILD_DIR`` or ``$XDG_CACHE_HOME/lawa_optim`` (``~/.cache``)."""
+    root = os.environ.get(BUILD_DIR_ENV)
+    if not root:
+        cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        root = Path(cache) / "lawa_optim"
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not archs:
+        major, minor = torch.cuda.get_device_capability()
+        archs = f"sm{major}{minor}"
+    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-{archs}"
+    return Path(root) / re.sub(r"[^0-9A-Za-z.+-]+", "_", tag)
+
+
+def unlocked(directory: Path) -> Path:
+    """``directory``, or a fresh one beside it when its build lock outlives ``LOCK_TIMEOUT_S``.
+
+    ``torch.utils.cpp_extension`` waits forever on the ``lock`` file of a build
+    directory, and a build killed mid-way leaves that file behind. A lock held by a
+    live build is waited for until it is ``LOCK_TIMEOUT_S`` old.
+    """
+    lock = directory / "lock"
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return directory
+        if age >= LOCK_TIMEOUT_S:
+            break
+        time.sleep(min(0.25, LOCK_TIMEOUT_S - age))
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(prefix=directory.name + "-", dir=directory.parent))
+    warnings.warn(
+        f"lawa_optim: the CUDA build lock {lock} is {age:.0f} s old (a build that was killed?); "
+        f"building in {fresh} instead. Delete the lock to use the cache again.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return fresh
+
+
+def _load() -> ModuleType:
+    """The prebuilt extension, else the one compiled from :func:`source_dir`."""
+    try:
+        return importlib.import_module(PREBUILT)
+    except ImportError:
+        pass
+    from torch.utils import cpp_extension
+
+    src = source_dir()
+    kernels = sorted(src.glob("*.cu"))
+    if not kernels or not (src / "bindings.cpp").is_file():
+        raise FileNotFoundError(f"the CUDA sources (bindings.cpp and *.cu) are not in {src}")
+    sources = [src / "bindings.cpp", *kernels]
+    directory = build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name="lawa_optim_cuda",
+        sources=[str(s) for s in sources],
+        extra_include_paths=[str(src)],
+        extra_cflags=["-O3"],
+        # No --use_fast_math: the running sum and the means must round as IEEE float32.
+        extra_cuda_cflags=["-O3", "-std=c++17"],
+        build_directory=str(unlocked(directory)),
+        verbose=False,
+    )
+
+
+def extension_error() -> str | None:
+    """Why the extension cannot be used, or ``None``; builds it on the first call.
+
+    A failed build is reported once as a warning and remembered, so that training goes
+    on with another backend instead of failing or retrying the build.
+    """
+    global _ext, _ext_error
+    if _ext is None and _ext_error is None:
+        try:
+            _ext = _load()
+        except Exception as exc:  # any build or import failure means: use another backend
+            detail = str(exc).strip().splitlines()
+            _ext_error = (
+                f"the CUDA extension could not be built or loaded "
+                f"({type(exc).__name__}: {detail[0] if detail else 'no message'})"
+            )
+            warnings.warn(
+                f"lawa_optim: {_ext_error}; falling back to the Triton or pure-torch backend",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _ext_error
+
+
+def unavailable(bucket: "Bucket") -> str | None:
+    """Why the CUDA kernels cannot run ``bucket`` (reads only its devices and dtypes)."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available (no GPU, or a CPU-only build of torch)"
+    if bucket.device.type != "cuda":
+        return f"the history is on {bucket.device}; the CUDA kernels need it on a CUDA device"
+    if bucket.device != bucket.param_device:
+        return (
+            f"the history is on {bucket.device} but the parameters are on "
+            f"{bucket.param_device}; the CUDA kernels need both on the same device"
+        )
+    for what, dtype in (("parameter", bucket.dtype), ("history", bucket.history_dtype)):
+        if dtype not in DTYPES:
+            return (
+                f"the {what} dtype is {dtype}; the CUDA kernels accept "
+                f"{', '.join(str(d) for d in DTYPES)}"
+            )
+    return extension_error()
+
+
+def _kernels() -> ModuleType:
+    if _ext is None:
+        raise RuntimeError(f"the CUDA backend is not loaded: {extension_error()}")
+    return _ext
+
+
+def _table(b: "Bucket") -> tuple[Tensor, int]:
+    # The device-side pointer table; the bucket clears its cache when a parameter moves.
+    table = b.cache.get("cuda")
+    if table is None:
+        table = b.cache["cuda"] = _kernels().make_table(b.params, b.offsets, b.D)
+    return table
+
+
+def push(b: "Bucket") -> None:
+    """Write the weights into ring slot ``pushes % k`` and update the running sum."""
+    table, tiles = _table(b)
+    _kernels().push(table, tiles, b.dtype, b.ring, b.total, b.pushes)
+
+
+def ema_update(b: "Bucket", decay: float) -> None:
+    """Fold the weights into the exponential average in ``total``."""
+    table, tiles = _table(b)
+    _kernels().ema_update(table, tiles, b.dtype, b.total, b.pushes, float(decay))
+
+
+def swap_in(b: "Bucket", last: int | None) -> None:
+    """Copy the weights into ``b.backup`` and write the average into them."""
+    table, tiles = _table(b)
+    _kernels().swap_in(table, tiles, b.mode, b.backup, b.total, b.ring, b.pushes, last)
+
+
+def swap_back(b: "Bucket") -> None:
+    """Copy ``b.backup`` back into the weights."""
+    table, tiles = _table(b)
+    _kernels().swap_back(table, tiles, b.backup)
+
+
+def recompute(b: "Bucket") -> None:
+    """Recompute ``total`` from the filled ring slots, in slot order."""
+    table, tiles = _table(b)
+    _kernels().recompute(table, tiles, b.ring, b.total, b.pushes)

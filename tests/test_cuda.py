@@ -1,0 +1,274 @@
+"""The CUDA backend: compile checks and build/fallback logic that need no GPU, and the
+kernels against the pure-torch reference where a GPU is present.
+
+Without a GPU the kernels are only compiled (``nvcc -c``, warnings as errors); the
+reference runs on CPU copies because torch's CUDA division by a scalar multiplies by
+the reciprocal, while the contract (and the kernels) divide.
+"""
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import lawa_optim
+from lawa_optim import ops
+from lawa_optim.backends import cuda
+from lawa_optim.history import Bucket
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+NVCC = shutil.which("nvcc")
+HAS_CUDA = torch.cuda.is_available()
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def probe(device="cuda", param_device=None, dtype=torch.float32, history_dtype=None):
+    """What ops.resolve reads of a bucket."""
+    return SimpleNamespace(
+        device=torch.device(device),
+        param_device=torch.device(param_device or device),
+        dtype=dtype,
+        history_dtype=history_dtype or dtype,
+    )
+
+
+# -- compile checks (no GPU needed) --------------------------------------------------
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_kernels_compile_without_warnings(arch, tmp_path):
+    sources = sorted(CSRC.glob("*.cu"))
+    assert sources, f"no .cu files in {CSRC}"
+    for src in sources:
+        cmd = [
+            NVCC, "-c", "-std=c++17", "-O3", f"-I{CSRC}",
+            f"-gencode=arch=compute_{arch},code=sm_{arch}",
+            "-Werror", "all-warnings", "-Xcompiler=-Wall,-Wextra,-Werror",
+            str(src), "-o", str(tmp_path / f"{src.stem}.o"),
+        ]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stdout}{run.stderr}"
+
+
+def test_sources_are_found():
+    src = cuda.source_dir()
+    assert (src / "bindings.cpp").is_file() and list(src.glob("*.cu"))
+
+
+# -- availability and the error of backend="cuda" without CUDA ------------------------
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="needs a machine without CUDA")
+def test_explicit_cuda_without_cuda_raises():
+    model = torch.nn.Linear(3, 2)
+    opt = lawa_optim.LAWA(torch.optim.SGD(model.parameters(), lr=0.1), backend="cuda")
+    with pytest.raises(RuntimeError, match=r"backend='cuda'.*CUDA is not available"):
+        opt.backend
+    with pytest.raises(RuntimeError, match=r"backend='cuda'.*CUDA is not available"):
+        opt.snapshot()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="needs a machine without CUDA")
+def test_auto_without_cuda_does_not_pick_cuda():
+    opt = lawa_optim.LAWA(torch.optim.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1))
+    assert opt.backend != "cuda"
+
+
+@pytest.mark.parametrize(
+    "bucket, reason",
+    [
+        (probe("cpu"), "need it on a CUDA device"),
+        (probe("cuda:0", "cuda:1"), "parameters are on cuda:1"),
+        (probe(dtype=torch.float64), "parameter dtype is torch.float64"),
+        (probe(history_dtype=torch.float64), "history dtype is torch.float64"),
+    ],
+)
+def test_unavailable_names_the_reason(bucket, reason, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "_load", lambda: pytest.fail("must not build for this bucket"))
+    assert reason in cuda.unavailable(bucket)
+
+
+# -- lazy build: cache directory, stale lock, failed build ---------------------------
+
+
+def test_build_dir_env_var(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAWA_OPTIM_BUILD_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0+PTX")
+    d = cuda.build_dir()
+    assert d.parent == tmp_path and d.name.endswith("8.0_9.0+PTX")
+    monkeypatch.delenv("LAWA_OPTIM_BUILD_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cuda.build_dir().parent == tmp_path / "xdg" / "lawa_optim"
+
+
+def test_no_lock_keeps_the_directory(tmp_path):
+    assert cuda.unlocked(tmp_path) == tmp_path
+
+
+def test_stale_lock_moves_to_a_fresh_directory(tmp_path):
+    d = tmp_path / "build"
+    d.mkdir()
+    lock = d / "lock"
+    lock.touch()
+    old = time.time() - 2 * cuda.LOCK_TIMEOUT_S
+    os.utime(lock, (old, old))
+    start = time.monotonic()
+    with pytest.warns(RuntimeWarning, match="build lock"):
+        fresh = cuda.unlocked(d)
+    assert time.monotonic() - start < 1.0
+    assert fresh != d and fresh.parent == tmp_path and fresh.is_dir()
+    assert not (fresh / "lock").exists()
+
+
+def test_live_lock_is_waited_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(cuda, "LOCK_TIMEOUT_S", 30.0)
+    lock = tmp_path / "lock"
+    lock.touch()
+    threading.Timer(0.3, lock.unlink).start()
+    assert cuda.unlocked(tmp_path) == tmp_path
+
+
+def test_lock_held_past_the_timeout_gives_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(cuda, "LOCK_TIMEOUT_S", 0.5)
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "lock").touch()
+    with pytest.warns(RuntimeWarning, match="build lock"):
+        assert cuda.unlocked(tmp_path / "build") != tmp_path / "build"
+
+
+def test_load_builds_into_the_cache_dir_without_fast_math(tmp_path, monkeypatch):
+    from torch.utils import cpp_extension
+
+    calls = []
+    monkeypatch.setenv("LAWA_OPTIM_BUILD_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw) or "module")
+    assert cuda._load() == "module"
+    (kw,) = calls
+    assert Path(kw["build_directory"]).parent == tmp_path
+    assert {Path(s).name for s in kw["sources"]} >= {"bindings.cpp", "lawa_kernels.cu"}
+    assert all(Path(s).is_file() for s in kw["sources"])
+    assert not any("fast_math" in f for f in kw["extra_cuda_cflags"] + kw["extra_cflags"])
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch):
+    calls = []
+
+    def failing_build():
+        calls.append(1)
+        raise RuntimeError("Error building extension 'lawa_optim_cuda'\nnvcc fatal")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "_ext", None)
+    monkeypatch.setattr(cuda, "_ext_error", None)
+    monkeypatch.setattr(cuda, "_load", failing_build)
+    with pytest.warns(RuntimeWarning, match="Error building extension 'lawa_optim_cuda'") as rec:
+        reason = cuda.unavailable(probe())
+        assert cuda.unavailable(probe()) == reason
+        assert ops.resolve("auto", probe()) in ("triton", "torch")
+    assert len([w for w in rec if "lawa_optim" in str(w.message)]) == 1
+    assert len(calls) == 1
+    assert "could not be built" in reason and "nvcc" not in reason
+    with pytest.raises(RuntimeError, match="backend='cuda'.*could not be built"):
+        ops.resolve("cuda", probe())
+
+
+# -- the kernels against the reference (GPU only) ------------------------------------
+
+needs_cuda = pytest.mark.skipif(
+    not HAS_CUDA or cuda.unavailable(probe()) is not None,
+    reason="needs a GPU and the CUDA extension",
+)
+
+
+def gpu_params(dtype, seed):
+    """Dense parameters with misaligned data pointers, several tiles, odd tails."""
+    g = torch.Generator().manual_seed(seed)
+    storage = torch.randn(3 + 20_011 + 9, generator=g).to("cuda", dtype)
+    conv = torch.randn(8, 5, 3, 3, generator=g).to("cuda", dtype)
+    return [
+        storage[3:3 + 20_011],  # 6 or 12 bytes past an aligned address: scalar path
+        storage[3 + 20_011:],
+        torch.randn(3 * 8192 + 5, generator=g).to("cuda", dtype),  # aligned: vector path + tail
+        conv.contiguous(memory_format=torch.channels_last),
+    ]
+
+
+def pair(params, k, mode, hdtype):
+    """A CUDA bucket and a CPU reference bucket of copies of the same weights."""
+    ref_params = [p.detach().cpu().clone() for p in params]  # keeps channels_last
+    return (
+        Bucket(params, k, mode, hdtype, "device", "cuda"),
+        Bucket(ref_params, k, mode, hdtype, "device", "torch"),
+    )
+
+
+def same_bits(a, b):
+    """Equal bit patterns (NaN payloads and signed zeros included)."""
+    return torch.equal(*(t.detach().cpu().contiguous().view(torch.uint8) for t in (a, b)))
+
+
+@needs_cuda
+@pytest.mark.parametrize("pdtype", DTYPES)
+@pytest.mark.parametrize("hdtype", DTYPES)
+def test_uniform_matches_the_reference_bit_for_bit(pdtype, hdtype):
+    params = gpu_params(pdtype, seed=1)
+    b, r = pair(params, 3, "uniform", hdtype)
+    g = torch.Generator().manual_seed(2)
+    for step in range(5):
+        for p, q in zip(b.params, r.params):
+            q.copy_(torch.randn(q.shape, generator=g) * 3)
+            p.copy_(q)
+        ops.push(b)
+        ops.push(r)
+        torch.cuda.synchronize()
+        assert same_bits(b.ring, r.ring) and same_bits(b.total, r.total), f"push {step}"
+    for last in (None, 1, 2, 3):
+        for x in (b, r):
+            x.backup = torch.empty(x.D, dtype=x.dtype, device=x.device)
+            ops.swap_in(x, last)
+        assert all(same_bits(p, q) for p, q in zip(b.params, r.params)), f"swap_in last={last}"
+        assert all(same_bits(b.view(b.backup, i), r.view(r.backup, i)) for i in range(len(params)))
+        for x in (b, r):
+            ops.swap_back(x)
+        assert all(same_bits(p, q) for p, q in zip(b.params, r.params)), "swap_back"
+    b.total.add_(1.0)
+    ops.recompute(b)
+    ops.recompute(r)
+    assert same_bits(b.total, r.total)
+
+
+@needs_cuda
+@pytest.mark.parametrize("pdtype", DTYPES)
+def test_ema_matches_the_reference(pdtype):
+    b, r = pair(gpu_params(pdtype, seed=3), 1, "ema", None)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        for p, q in zip(b.params, r.params):
+            q.copy_(torch.randn(q.shape, generator=g))
+            p.copy_(q)
+        ops.ema_update(b, 0.9)
+        ops.ema_update(r, 0.9)
+    # The kernels fuse (1 - decay) * param into the add (an FMA): a few ulps of float32.
+    torch.testing.assert_close(b.total.cpu(), r.total, rtol=1e-6, atol=1e-6)
+    for x in (b, r):
+        x.backup = torch.empty(x.D, dtype=x.dtype, device=x.device)
+        ops.swap_in(x, None)
+    for p, q in zip(b.params, r.params):
+        torch.testing.assert_close(p.cpu(), q, rtol=2**-7 if pdtype != torch.float32 else 1e-6, atol=1e-6)
+
+
+@needs_cuda
+def test_wrapper_picks_cuda_for_auto():
+    model = torch.nn.Linear(4, 3).cuda()
+    opt = lawa_optim.LAWA(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt.snapshot()
+    assert opt.backend == "cuda"

@@ -1,0 +1,365 @@
+"""The Triton backend against the pure-torch reference, bit for bit.
+
+LAWA (Kaddour 2022, arXiv:2209.14981) keeps the k latest snapshots. Without a GPU the
+kernels run on CPU tensors in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), one Python call per program, so sizes stay small. Every
+comparison is on bit patterns: the kernels do the reference's arithmetic (float32
+sums, round-to-nearest-even casts, IEEE division, torch's fused multiply-add in the
+EMA), so no tolerance is needed.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import DEVICE, backend_skip_reason
+
+from lawa_optim import LAWA, ops
+from lawa_optim.backends import triton as tb
+from lawa_optim.history import ALIGN, Bucket
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+COMBOS = [(p, h) for p in DTYPES for h in DTYPES]
+BITS = {4: torch.int32, 2: torch.int16}
+
+needs_triton = pytest.mark.skipif(
+    backend_skip_reason("triton") is not None, reason=f"triton backend: {backend_skip_reason('triton')}"
+)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bit pattern, so that -0.0 != 0.0 and NaNs compare by payload."""
+    return t.contiguous().view(BITS[t.element_size()])
+
+
+def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert torch.equal(bits(a), bits(b))
+
+
+def make_params(dtype, seed=0):
+    """1 element, odd sizes, exactly ALIGN, a parameter spanning three table rows,
+    an empty one and a channels_last conv weight."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(1,), (3,), (ALIGN - 1,), (ALIGN,), (5, 13), (2 * tb.CHUNK + 5,), (0,)]
+    ps = [torch.randn(s, generator=g).to(DEVICE, dtype) for s in shapes]
+    conv = torch.randn(4, 3, 3, 3, generator=g).to(DEVICE, dtype)
+    ps.append(conv.contiguous(memory_format=torch.channels_last))
+    return ps
+
+
+def twins(dtype, seed=0):
+    """Two identical parameter lists (same layouts) for the reference and Triton."""
+    ps = make_params(dtype, seed)
+    return ps, [p.clone() for p in ps]  # clone keeps channels_last
+
+
+def perturb(pairs, seed):
+    g = torch.Generator().manual_seed(seed)
+    for a, b in pairs:
+        r = (torch.randn(a.shape, generator=g) * 3).to(DEVICE, a.dtype)
+        a.copy_(r)
+        b.copy_(r)
+
+
+def swap_in(b: Bucket, last):
+    b.backup = torch.empty(b.D, dtype=b.dtype, device=b.device)
+    ops.swap_in(b, last)
+
+
+def assert_params_match(ref: Bucket, tri: Bucket):
+    for a, b in zip(ref.params, tri.params):
+        assert a.stride() == b.stride()
+        assert_same_bits(a, b)
+
+
+# -- block table (no kernels) ----------------------------------------------------
+
+
+def expand(table: torch.Tensor, element_size: int) -> dict[int, int]:
+    """Element address -> flat index for every element the table covers."""
+    out = {}
+    for addr, flat, count in table.tolist():
+        for e in range(count):
+            assert addr + e * element_size not in out
+            out[addr + e * element_size] = flat + e
+    return out
+
+
+def test_block_table_covers_each_element_once():
+    numels, ptrs, chunk, esize = [0, 1, 5, 8, 9, 17], [1000, 2000, 3000, 4000, 5000, 6000], 8, 2
+    offsets = [0, 64, 128, 192, 256, 320]
+    table = tb.block_table(ptrs, numels, offsets, esize, chunk=chunk)
+    assert table.dtype == torch.int64
+    assert table[:, 2].tolist() == [1, 5, 8, 8, 1, 8, 8, 1]  # the empty parameter has no row
+    expected = {p + e * esize: o + e for p, n, o in zip(ptrs, numels, offsets) for e in range(n)}
+    assert expand(table, esize) == expected
+
+
+def test_block_table_offsets_are_int64_beyond_2_31():
+    # A bucket of 2**31 + 5 and 2**33 bfloat16 elements (20 GiB), indexed without allocating it.
+    numels = [3, 2**31 + 5, 2**33]
+    offsets = [0, ALIGN, ALIGN + 2**31 + 64]
+    ptrs = [2**40, 2**41, 2**42]
+    table = tb.block_table(ptrs, numels, offsets, 2)
+    rows_of = [-(-n // tb.CHUNK) for n in numels]
+    assert table.shape == (sum(rows_of), 3)
+    last_of_second = table[rows_of[0] + rows_of[1] - 1].tolist()
+    start = (rows_of[1] - 1) * tb.CHUNK
+    assert last_of_second == [2**41 + 2 * start, ALIGN + start, 2**31 + 5 - start]
+    last = table[-1].tolist()
+    start = 2**33 - tb.CHUNK
+    assert last == [2**42 + 2 * start, offsets[2] + start, tb.CHUNK]
+    assert table[:, 2].sum().item() == sum(numels)
+    # The kernel's ring address for the last element of the bucket in slot 5 of 6, as
+    # it computes it: int64 counter % k, times D, plus the row's offset and lane.
+    D, n, k = offsets[2] + 2**33, torch.tensor([11]), 6
+    lane = tb.CHUNK - 1
+    assert ((n % k) * D + table[-1, 1] + lane).item() == 5 * D + offsets[2] + 2**33 - 1
+
+
+def test_block_table_refuses_a_bad_chunk():
+    with pytest.raises(ValueError, match="chunk must be a positive number of elements, got 0"):
+        tb.block_table([0], [1], [0], 4, chunk=0)
+
+
+def probe(device="cpu", param_device=None, dtype=torch.float32, history_dtype=None):
+    return SimpleNamespace(
+        device=torch.device(device),
+        param_device=torch.device(param_device or device),
+        dtype=dtype,
+        history_dtype=history_dtype or dtype,
+    )
+
+
+@needs_triton
+def test_unavailable_names_the_reason():
+    assert all(tb.unavailable(probe(DEVICE.type, dtype=p, history_dtype=h)) is None for p, h in COMBOS)
+    assert "float64 runs on the torch backend" in tb.unavailable(probe(DEVICE.type, dtype=torch.float64))
+    assert "history dtype torch.float64" in tb.unavailable(probe(DEVICE.type, history_dtype=torch.float64))
+    assert "need both on one device" in tb.unavailable(probe("cpu", param_device="cuda"))
+    other = "cuda" if DEVICE.type == "cpu" else "cpu"
+    assert tb.unavailable(probe(other)) is not None
+
+
+# -- kernels against the reference -------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("pdtype,hdtype", COMBOS, ids=lambda d: str(d).removeprefix("torch."))
+def test_uniform_matches_reference_bit_for_bit(pdtype, hdtype):
+    pa, pb = twins(pdtype)
+    k = 3
+    ref = Bucket(pa, k, "uniform", hdtype, "device", "torch")
+    tri = Bucket(pb, k, "uniform", hdtype, "device", "triton")
+    assert tri.backend == "triton"
+    for step in range(k + 2):  # fill the ring, then overwrite the oldest slots
+        perturb(zip(pa, pb), seed=step)
+        ops.push(ref)
+        ops.push(tri)
+        assert_same_bits(ref.ring, tri.ring)
+        assert_same_bits(ref.total, tri.total)
+    ops.recompute(ref)
+    ops.recompute(tri)
+    assert_same_bits(ref.total, tri.total)
+    originals = [p.clone() for p in pb]
+    for last in (None, 1, 2, 3):
+        swap_in(ref, last)
+        swap_in(tri, last)
+        assert_params_match(ref, tri)
+        for i in range(len(pb)):
+            assert_same_bits(tri.view(tri.backup, i), originals[i])
+        ops.swap_back(tri)
+        ops.swap_back(ref)
+        for p, o in zip(pb, originals):
+            assert_same_bits(p, o)
+
+
+@needs_triton
+@pytest.mark.parametrize("pdtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("decay", [0.9, 0.37])
+def test_ema_matches_reference_bit_for_bit(pdtype, decay):
+    pa, pb = twins(pdtype, seed=1)
+    ref = Bucket(pa, 3, "ema", None, "device", "torch")
+    tri = Bucket(pb, 3, "ema", None, "device", "triton")
+    for step in range(3):  # the first update copies, the others fold in
+        perturb(zip(pa, pb), seed=10 + step)
+        ops.ema_update(ref, decay)
+        ops.ema_update(tri, decay)
+        assert_same_bits(ref.total, tri.total)
+    originals = [p.clone() for p in pb]
+    swap_in(ref, None)
+    swap_in(tri, None)
+    assert_params_match(ref, tri)
+    ops.swap_back(tri)
+    for p, o in zip(pb, originals):
+        assert_same_bits(p, o)
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's overflow to inf in the interpreter
+@pytest.mark.parametrize("hdtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_casts_round_to_nearest_even_like_torch(hdtype):
+    """Ties, carries into the exponent, overflow to inf, subnormals, signed zeros, NaN."""
+    g = torch.Generator().manual_seed(2)
+    random_bits = torch.randint(-(2**31), 2**31, (20000,), generator=g, dtype=torch.int64)
+    special = [
+        0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 1, 0x00008000,
+        0x3F808000, 0x3F818000, 0x3F80FFFF, 0x7F7FFFFF, 0x7F7F8000, 0x477FF000, 0x477FEFFF,
+        0x33000000, 0x33000001, 0x387FE000, 0xB3800000,
+    ]
+    special = torch.tensor([b - 2**32 if b >= 2**31 else b for b in special], dtype=torch.int64)
+    x = torch.cat([random_bits, special]).to(torch.int32).view(torch.float32).to(DEVICE)
+    tri = Bucket([x], 1, "uniform", hdtype, "device", "triton")
+    ops.push(tri)
+    stored, expected = tri.ring[0, : x.numel()], x.to(hdtype)
+    nan = expected.isnan()
+    assert torch.equal(stored.isnan(), nan)
+    assert torch.equal(bits(stored)[~nan], bits(expected)[~nan])
+    # The way back: swap_in rounds the float32 average into a parameter of this dtype.
+    p = torch.zeros(x.numel(), dtype=hdtype, device=DEVICE)
+    tri_p = Bucket([p], 1, "ema", None, "device", "triton")
+    tri_p.total[: x.numel()] = x
+    tri_p.pushes.fill_(1)
+    swap_in(tri_p, None)
+    assert torch.equal(p.isnan(), nan)
+    assert torch.equal(bits(p)[~nan], bits(expected)[~nan])
+
+
+class CountingKernel:
+    """Wraps a Triton kernel and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@needs_triton
+def test_many_small_parameters_in_one_launch_and_a_cached_table(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    sizes = torch.randint(1, 8, (1000,), generator=g).tolist()
+    pa = [torch.randn(n, generator=g).to(DEVICE) for n in sizes]
+    pb = [p.clone() for p in pa]
+    # k = 1: the second snapshot already overwrites a filled slot.
+    ref = Bucket(pa, 1, "uniform", torch.bfloat16, "device", "torch")
+    tri = Bucket(pb, 1, "uniform", torch.bfloat16, "device", "triton")
+    counter = CountingKernel(tb._k.push_kernel)
+    monkeypatch.setattr(tb._k, "push_kernel", counter)
+    for step in range(2):
+        perturb(zip(pa, pb), seed=20 + step)
+        ops.push(ref)
+        ops.push(tri)
+        assert_same_bits(ref.ring, tri.ring)
+        assert_same_bits(ref.total, tri.total)
+        if step == 0:
+            table = tri.cache["triton"]
+        assert tri.cache["triton"] is table  # built once, not per snapshot
+    assert counter.launches == 2
+    assert table.shape == (1000, 3)
+
+
+@needs_triton
+def test_table_is_rebuilt_when_a_parameter_moves():
+    pa, pb = twins(torch.float32, seed=4)
+    ref = Bucket(pa, 2, "uniform", None, "device", "torch")
+    tri = Bucket(pb, 2, "uniform", None, "device", "triton")
+    ops.push(ref)
+    ops.push(tri)
+    old = tri.cache["triton"]
+    for a, b in zip(pa, pb):
+        fresh = (a * 2).contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a * 2
+        a.data, b.data = fresh, fresh.clone()
+    for b in (ref, tri):
+        b.check_params()
+        ops.push(b)
+    assert tri.cache["triton"] is not old
+    assert_same_bits(ref.ring, tri.ring)
+    assert_same_bits(ref.total, tri.total)
+
+
+# -- through the wrapper -----------------------------------------------------------
+
+
+@needs_triton
+def test_wrapper_runs_and_reports_triton():
+    def run(backend):
+        torch.manual_seed(5)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(64, 2))
+        model = model.to(DEVICE, memory_format=torch.channels_last)
+        opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1), k=2, backend=backend)
+        for _ in range(3):
+            x = torch.randn(2, 3, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            opt.snapshot()
+        trained = [p.detach().clone() for p in model.parameters()]
+        with opt.averaged():
+            averaged = [p.detach().clone() for p in model.parameters()]
+        for p, t in zip(model.parameters(), trained):
+            assert_same_bits(p, t)
+        return opt.backend, averaged
+
+    name, tri = run("triton")
+    assert name == "triton"
+    _, ref = run("torch")
+    for a, b in zip(ref, tri):
+        assert_same_bits(a, b)
+
+
+def test_float64_with_triton_is_an_error_naming_the_dtype():
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64, device=DEVICE))
+    opt = LAWA(torch.optim.SGD([p], lr=0.1), backend="triton")
+    with pytest.raises(RuntimeError, match="float64"):
+        opt.snapshot()
+
+
+# The kernels built for an H100 (sm_90) without one: catches what only the compiler
+# rejects (the interpreter runs plain Python) and checks the arithmetic it emits.
+COMPILE_FOR_SM90 = r"""
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lawa_optim.backends import triton_kernels as K
+
+def ptx(fn, sig, constexprs):
+    src = ASTSource(fn=fn, signature=sig, constexprs={(list(sig).index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+common = {"table": "*i64", "ring": "*fp16", "total": "*fp32", "pushes": "*i64", "D": "i64", "K": "i32"}
+out = [ptx(K.push_kernel, {**common, "PDTYPE": "constexpr", "HDTYPE": "constexpr", "BLOCK": "constexpr"},
+           {"PDTYPE": tl.bfloat16, "HDTYPE": tl.float16, "BLOCK": 1024})]
+out.append(ptx(K.ema_kernel, {"table": "*i64", "total": "*fp32", "pushes": "*i64", "decay": "fp32",
+                              "alpha": "fp32", "PDTYPE": "constexpr", "BLOCK": "constexpr"},
+               {"PDTYPE": tl.bfloat16, "BLOCK": 1024}))
+for mode in (0, 1, 2):  # EMA buckets have no ring: None
+    ring = {"ring": "constexpr"} if mode == 0 else {}
+    out.append(ptx(K.swap_in_kernel, {**common, **ring, "backup": "*bf16", "last": "i32", "PDTYPE": "constexpr",
+                                      "MODE": "constexpr", "BLOCK": "constexpr"},
+                   {"PDTYPE": tl.bfloat16, "MODE": mode, "BLOCK": 1024, **({"ring": None} if ring else {})}))
+out.append(ptx(K.swap_back_kernel, {"table": "*i64", "backup": "*bf16", "PDTYPE": "constexpr", "BLOCK": "constexpr"},
+               {"PDTYPE": tl.bfloat16, "BLOCK": 1024}))
+del common["table"]
+out.append(ptx(K.recompute_kernel, {**common, "CHUNK": "constexpr", "BLOCK": "constexpr"},
+               {"CHUNK": 16384, "BLOCK": 1024}))
+print("fma.rn.f32" in out[1], all("div.rn.f32" in p for p in out[3:5]), any("div.approx" in p or "div.full" in p for p in out))
+"""
+
+
+def test_kernels_compile_for_a_gpu():
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9's default, stated to silence its warning
+    run = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_SM90], env=env, cwd=Path(__file__).parents[1],
+        capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    # EMA keeps torch's fused multiply-add; both averages divide IEEE-correctly, never approximately.
+    assert run.stdout.split() == ["True", "True", "False"]
