@@ -6,7 +6,8 @@ statistics for the averaged weights.
 """
 
 from lawa_optim.bn import update_bn
+from lawa_optim.twa import TWA
 from lawa_optim.wrapper import LAWA
 
-__all__ = ["LAWA", "update_bn"]
+__all__ = ["LAWA", "TWA", "update_bn"]
 __version__ = "0.1.0"

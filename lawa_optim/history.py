@@ -27,7 +27,9 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from lawa_optim import ops
+from lawa_optim import compiled, ops
+from lawa_optim.distributed import is_sharded, local, reshard_fsdp
+from lawa_optim.offload import Offload
 
 #: Slice alignment in elements: 128 bytes for 2-byte dtypes, 256 for float32.
 ALIGN = 64
@@ -57,7 +59,9 @@ class Bucket:
 
     Backends read ``params``, ``offsets``, ``numels``, ``ring``, ``total``,
     ``pushes`` and ``backup`` and may keep private data (pointer tables) in
-    ``cache``, which is cleared whenever a parameter's storage moves.
+    ``cache``, which is cleared whenever a parameter's storage moves. ``params`` are
+    the tensors written and read: the local shards of DTensor parameters (FSDP2),
+    the parameters themselves otherwise; ``sources`` are the optimizer's parameters.
     """
 
     def __init__(
@@ -69,7 +73,9 @@ class Bucket:
         storage: str,
         backend: str,
     ) -> None:
-        self.params = list(params)
+        self.sources = list(params)
+        self.sharded = any(map(is_sharded, self.sources))
+        self.params = [local(p) for p in self.sources]
         self.k = k
         self.mode = mode
         self.dtype = self.params[0].dtype
@@ -100,6 +106,9 @@ class Bucket:
         self._ptrs = [p.data_ptr() for p in self.params]
         self._strides = [p.stride() for p in self.params]
         self.backend = ops.resolve(backend, self)
+        # Weights on a GPU, ring in pinned host memory: snapshots copy asynchronously.
+        self.offload = Offload(self) if pin and mode == "uniform" and self.param_device.type == "cuda" else None
+        self.key = compiled.register(self)
 
     # -- views ---------------------------------------------------------------
     def view(self, flat: Tensor, i: int, base: int = 0) -> Tensor:
@@ -118,13 +127,20 @@ class Bucket:
     # -- bookkeeping ---------------------------------------------------------
     def count(self) -> int:
         """Snapshots the average holds now (reads the device counter: a sync on GPU)."""
+        self.wait()
         n = int(self.pushes.item())
         return min(n, self.k) if self.mode == "uniform" else n
 
+    def wait(self) -> None:
+        """Finish a snapshot still on its way into a pinned history; a no-op otherwise."""
+        if self.offload is not None:
+            self.offload.wait()
+
     def nbytes(self) -> int:
-        """Bytes held by this bucket's buffers (ring, sum, counter, backup)."""
+        """Bytes held by this bucket's buffers (ring, sum, counter, backup, staging)."""
         bufs = [self.ring, self.total, self.pushes, self.backup]
-        return sum(b.numel() * b.element_size() for b in bufs if b is not None)
+        staging = self.offload.nbytes() if self.offload is not None else 0
+        return staging + sum(b.numel() * b.element_size() for b in bufs if b is not None)
 
     def check_params(self) -> None:
         """Notice parameters whose storage was replaced (``p.data = ...``, ``module.to``).
@@ -132,6 +148,9 @@ class Bucket:
         Backends cache raw pointers, so a moved parameter must clear the cache; a
         parameter whose shape or layout changed no longer fits the history.
         """
+        if self.sharded:
+            # FSDP2 may point a DTensor at a new local tensor (lazy init, state loading).
+            self.params = [local(p) for p in self.sources]
         ptrs = list(map(Tensor.data_ptr, self.params))
         if ptrs == self._ptrs:
             return
@@ -167,6 +186,7 @@ def check_param(p: Tensor, where: str) -> None:
             f"{where} has dtype {p.dtype}; LAWA averages floating-point parameters only "
             f"(accepted: {', '.join(str(d) for d in FLOAT_DTYPES)})"
         )
+    p = local(p)
     if not is_dense(p):
         raise ValueError(
             f"{where} (shape {tuple(p.shape)}, stride {p.stride()}) does not cover a dense block "
@@ -190,6 +210,24 @@ def resolve_storage(storage: str) -> str:
             _pinned_warned = True
         return "cpu"
     return storage
+
+
+def snapshot_bucket(b: Bucket, decay: float | None, recompute_every: int | None) -> None:
+    """One bucket's snapshot: push into the ring (``decay=None``; nothing in EMA mode) or
+    fold into the exponential average with ``decay``; recompute the sum on cadence."""
+    b.check_params()
+    if decay is not None:
+        ops.ema_update(b, decay)
+        return
+    if b.mode == "ema":
+        return
+    if b.offload is not None:
+        b.offload.push()
+    else:
+        ops.push(b)
+    b.since_recompute += 1
+    if recompute_every is not None and b.since_recompute >= recompute_every:
+        History.recompute(b)
 
 
 class History:
@@ -226,8 +264,13 @@ class History:
     def extend(self, param_groups: Sequence[dict]) -> None:
         """Build buckets for the parameter groups not yet in the history."""
         new = param_groups[len(self.group_generation):]
-        if not new:
-            return
+        if new:
+            self._add_generation(new)
+
+    # Allocating inside a compiled region would make the buffers graph temporaries: build
+    # eagerly (one graph break, once), so compiled snapshots find them allocated.
+    @torch.compiler.disable
+    def _add_generation(self, new: Sequence[dict]) -> None:
         params = [p for g in new for p in g["params"]]
         buckets = [
             Bucket(ps, self.k, self.mode, self.history_dtype, self.storage, self.requested_backend)
@@ -236,29 +279,27 @@ class History:
         self.group_generation.extend([len(self.generations)] * len(new))
         self.generations.append(buckets)
 
-    @torch.no_grad()
     def push(self) -> None:
         """Record the current weights of every built parameter: one fused pass per bucket."""
-        for b in self.buckets:
-            b.check_params()
-            if self.mode == "ema":
-                continue
-            ops.push(b)
-            b.since_recompute += 1
-            if self.recompute_every is not None and b.since_recompute >= self.recompute_every:
-                self.recompute(b)
+        self._snapshot(None)
 
-    @torch.no_grad()
     def push_ema(self, decay: float) -> None:
         """Fold the current weights into the exponential average."""
+        self._snapshot(decay)
+
+    @torch.no_grad()
+    def _snapshot(self, decay: float | None) -> None:
         for b in self.buckets:
-            b.check_params()
-            ops.ema_update(b, decay)
+            if torch.compiler.is_compiling():
+                compiled.snapshot(b, decay, self.recompute_every)
+            else:
+                snapshot_bucket(b, decay, self.recompute_every)
 
     @staticmethod
     @torch.no_grad()
     def recompute(b: Bucket) -> None:
         """Rebuild ``total`` exactly from the ring (bounds floating-point drift)."""
+        b.wait()
         if b.mode == "uniform":
             ops.recompute(b)
         b.since_recompute = 0
@@ -284,6 +325,7 @@ class History:
     @torch.no_grad()
     def swap_in(self, last: int | None) -> None:
         """Back up the weights and write the average into the parameters in place."""
+        self.reshard()
         for b in self.buckets:
             n = b.count()
             if n == 0:
@@ -295,11 +337,27 @@ class History:
     @torch.no_grad()
     def swap_back(self) -> None:
         """Restore the backed-up training weights bit for bit and free the backups."""
+        self.reshard()
         for b in self.buckets:
             if b.backup is None:
                 continue
+            b.check_params()  # fused backends write through cached addresses
             ops.swap_back(b)
             b.backup = None
+
+    def reshard(self) -> None:
+        """Make FSDP2 modules read their shards again before a swap writes them (see
+        :func:`lawa_optim.distributed.reshard_fsdp`)."""
+        sharded = [p for b in self.buckets if b.sharded for p in b.sources]
+        if sharded:
+            reshard_fsdp(sharded)
+
+    def before_step(self) -> None:
+        """Make the optimizer step that follows wait for snapshots still copying off the
+        device (pinned storage); nothing for other storages."""
+        for b in self.buckets:
+            if b.offload is not None:
+                b.offload.before_step()
 
     def nbytes(self) -> int:
         return sum(b.nbytes() for b in self.buckets)

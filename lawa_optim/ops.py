@@ -35,6 +35,8 @@ import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from torch.autograd.graph import increment_version
+
 if TYPE_CHECKING:
     from lawa_optim.history import Bucket
 
@@ -98,11 +100,20 @@ def ema_update(bucket: "Bucket", decay: float) -> None:
 def swap_in(bucket: "Bucket", last: int | None) -> None:
     """Copy the weights into ``bucket.backup`` and write the average into them."""
     _module(bucket.backend).swap_in(bucket, last)
+    _mark_written(bucket)
 
 
 def swap_back(bucket: "Bucket") -> None:
     """Copy ``bucket.backup`` back into the weights."""
     _module(bucket.backend).swap_back(bucket)
+    _mark_written(bucket)
+
+
+def _mark_written(bucket: "Bucket") -> None:
+    # Fused kernels write through raw pointers, which autograd cannot see: bump the
+    # version counters so a backward through a graph built before the swap fails loudly.
+    for p in bucket.params:
+        increment_version(p)
 
 
 def recompute(bucket: "Bucket") -> None:

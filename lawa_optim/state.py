@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lawa_optim.distributed import as_global, local_of_saved
 from lawa_optim.history import History
 
 if TYPE_CHECKING:
@@ -59,15 +60,16 @@ def save_history(opt: "LAWA", sd: dict[str, Any]) -> None:
     ids = _param_ids(opt, sd)
     state = sd["state"]
     for b in hist.buckets:
-        for i, p in enumerate(b.params):
+        for i, p in enumerate(b.sources):
             # A fresh dict: the packed entries are the live optimizer's state dicts.
             entry = dict(state.get(ids[id(p)], {}))
+            # DTensor parameters get DTensor views of their local history (see distributed.py).
             if hist.mode == "uniform":
-                entry["lawa_history"] = b.history_view(i)
+                entry["lawa_history"] = as_global(b.history_view(i), p, lead=hist.k)
             else:
-                entry["lawa_ema"] = b.view(b.total, i)
+                entry["lawa_ema"] = as_global(b.view(b.total, i), p)
             if b.backup is not None:
-                entry["lawa_backup"] = b.view(b.backup, i)
+                entry["lawa_backup"] = as_global(b.view(b.backup, i), p)
             state[ids[id(p)]] = entry
 
 
@@ -138,7 +140,15 @@ def validate_lawa(opt: "LAWA", sd: dict[str, Any]) -> None:
             else:
                 _check_shape("lawa_ema", entry.get("lawa_ema"), tuple(p.shape), where)
             if swapped and m["pushes"] > 0:
-                _check_shape("lawa_backup", entry.get("lawa_backup"), tuple(p.shape), where)
+                if "lawa_backup" not in entry:
+                    raise ValueError(
+                        f"{where}: the state_dict was saved while the average was swapped in, "
+                        "but holds no training weights ('lawa_backup'); "
+                        "torch.distributed.checkpoint loads only the keys that the state dict it "
+                        "loads into already has, and an optimizer that is not swapped has none. "
+                        "Save distributed checkpoints outside `with opt.averaged():`."
+                    )
+                _check_shape("lawa_backup", entry["lawa_backup"], tuple(p.shape), where)
 
 
 @torch.no_grad()
@@ -157,17 +167,17 @@ def load_history(opt: "LAWA", sd: dict[str, Any]) -> None:
         pushes = next(m["pushes"] for m in metas if m["generation"] == gen)
         for b in buckets:
             b.pushes.fill_(pushes)
-            for i, p in enumerate(b.params):
-                entry = sd["state"][ids[id(p)]]
-                if hist.mode == "uniform":
-                    b.history_view(i).copy_(entry["lawa_history"])
-                else:
-                    b.view(b.total, i).copy_(entry["lawa_ema"])
+            for i, p in enumerate(b.sources):
+                entry, where = sd["state"][ids[id(p)]], f"parameter {ids[id(p)]}"
+                dst = b.history_view(i) if hist.mode == "uniform" else b.view(b.total, i)
+                key = "lawa_history" if hist.mode == "uniform" else "lawa_ema"
+                dst.copy_(local_of_saved(entry[key], dst, where))
             History.recompute(b)
             if swapped and pushes > 0:
                 b.backup = torch.empty(b.D, dtype=b.dtype, device=b.device, pin_memory=b.pinned)
-                for i, p in enumerate(b.params):
-                    b.view(b.backup, i).copy_(sd["state"][ids[id(p)]]["lawa_backup"])
+                for i, p in enumerate(b.sources):
+                    dst, saved = b.view(b.backup, i), sd["state"][ids[id(p)]]["lawa_backup"]
+                    dst.copy_(local_of_saved(saved, dst, f"parameter {ids[id(p)]}"))
     opt._history = hist
     opt._steps = metas[0]["steps"]
     opt._swapped = swapped

@@ -12,16 +12,16 @@ scalers and hooks act on the real optimizer.
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-from lawa_optim import ops
+from lawa_optim import compiled, ops
 from lawa_optim.history import FLOAT_DTYPES, History, check_param, resolve_storage
 from lawa_optim.state import load_history, save_history, strip_lawa, validate_lawa
+from lawa_optim.wrapping import WrappedOptimizer
 
 MODES = ("uniform", "ema")
 STORAGES = ("device", "pinned", "cpu")
@@ -31,7 +31,7 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-class LAWA(Optimizer):
+class LAWA(WrappedOptimizer):
     r"""Wrap ``optimizer`` and keep the average of the ``k`` latest weight snapshots.
 
     Example::
@@ -128,7 +128,7 @@ class LAWA(Optimizer):
             for i, p in enumerate(group["params"]):
                 check_param(p, f"parameter {i} of param group {g}")
 
-        self.optimizer = optimizer
+        super().__init__(optimizer)
         self.every = every
         self.start = start
         self.mode = mode
@@ -137,44 +137,8 @@ class LAWA(Optimizer):
             k, mode, history_dtype, resolve_storage(storage), backend, recompute_every
         )
         self._steps = 0
+        self._started = start == 0  # _steps >= start, kept as a flag: see _count_step
         self._swapped = False
-        # What Optimizer.__init__ sets up besides param groups, so that hooks work.
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._warned_capturable_if_run_uncaptured = True
-        self._patch_step_function()
-
-    # -- shared with the wrapped optimizer (properties: its load_state_dict rebinds them)
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self) -> Any:
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
 
     # -- properties -----------------------------------------------------------
     @property
@@ -202,10 +166,9 @@ class LAWA(Optimizer):
         return "+".join(names)
 
     def __repr__(self) -> str:
-        inner = "\n".join("  " + line for line in repr(self.optimizer).splitlines())
-        return (
+        return self._repr(
             f"LAWA(k={self.k}, mode={self.mode!r}, every={self.every}, start={self.start}, "
-            f"steps={self._steps}, swapped={self._swapped}) wrapping\n{inner}"
+            f"steps={self._steps}, swapped={self._swapped})"
         )
 
     # -- training ---------------------------------------------------------------
@@ -223,15 +186,21 @@ class LAWA(Optimizer):
         """Run the wrapped optimizer's step and snapshot when ``every`` says so."""
         self._require_not_swapped("step()")
         self._build()
+        self._history.before_step()
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
-        self._steps += 1
-        if self.every is not None and self._steps >= self.start and self._steps % self.every == 0:
+        if self._count_step():
             self._push()
         return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients through the wrapped optimizer."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+    # Kept out of compiled code: a step counter read there is a guard that recompiles at
+    # every step (8 recompiles in 8 steps, then Dynamo gives up); this costs one graph
+    # break in step(), which the wrapped optimizer's step() breaks anyway (pytorch #104053).
+    @torch.compiler.disable
+    def _count_step(self) -> bool:
+        """Count an optimizer step; whether ``every`` asks for a snapshot after it."""
+        self._steps += 1
+        self._started = self._steps >= self.start
+        return self.every is not None and self._started and self._steps % self.every == 0
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group to the wrapped optimizer; its parameters join the history
@@ -248,7 +217,7 @@ class LAWA(Optimizer):
         Returns ``False`` (and records nothing) before optimizer step ``start``.
         """
         self._require_not_swapped("snapshot()")
-        if self._steps < self.start:
+        if not self._started:
             return False
         self._build()
         self._push()
@@ -282,6 +251,7 @@ class LAWA(Optimizer):
                 raise RuntimeError(
                     f"last must be an int in [1, {count}] (the snapshots held now), got {last!r}"
                 )
+        compiled.warn_if_frozen()
         self._history.swap_in(last)
         self._swapped = True
 
@@ -339,5 +309,6 @@ class LAWA(Optimizer):
         validate_lawa(self, state_dict)
         self.optimizer.load_state_dict(strip_lawa(state_dict))
         load_history(self, state_dict)
+        self._started = self._steps >= self.start
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

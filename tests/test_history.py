@@ -1,11 +1,8 @@
 """The flat history: layout, memory, drift of the running sum, parameter changes."""
 
-import warnings
-
 import pytest
 import torch
 
-import lawa_optim.history as history
 from lawa_optim import LAWA, ops
 from lawa_optim.history import ALIGN, Bucket, History, is_dense
 
@@ -118,20 +115,6 @@ def test_moved_parameter_storage_is_followed():
     p.data = torch.zeros(6)
     with pytest.raises(RuntimeError, match="changed shape"):
         opt.snapshot()
-
-
-def test_pinned_without_cuda_warns_once_and_uses_cpu(monkeypatch):
-    if torch.cuda.is_available():
-        pytest.skip("pinned memory is available here")
-    monkeypatch.setattr(history, "_pinned_warned", False)
-    p = torch.nn.Parameter(torch.randn(3))
-    with pytest.warns(UserWarning, match="pinned"):
-        opt = LAWA(torch.optim.SGD([p], lr=0.1), storage="pinned")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        LAWA(torch.optim.SGD([p], lr=0.1), storage="pinned")
-    opt.snapshot()
-    assert opt._history.buckets[0].device.type == "cpu"
 
 
 def test_buckets_split_by_dtype():

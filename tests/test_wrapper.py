@@ -345,3 +345,14 @@ def test_explicit_backend_that_cannot_run_is_an_error():
     opt = LAWA(torch.optim.SGD(make_model("cpu").parameters(), lr=0.1), backend="cuda")
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
         opt.snapshot()
+
+
+def test_backward_through_a_swap_fails_loudly(backend, device):
+    model = make_model(device)
+    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1), k=2, backend=backend)
+    opt.snapshot()
+    loss = model(torch.ones(2, 6, device=device)).pow(2).sum()  # graph saves the weights
+    with opt.averaged():
+        pass
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

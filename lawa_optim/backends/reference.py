@@ -5,14 +5,19 @@ written for clarity, with no Python loop over elements and bounded temporaries (
 flat buffer is walked in chunks of whole parameters, so a snapshot of a full ring
 needs one float32 chunk of scratch, not a second copy of the model). It reads the
 snapshot counter with ``.item()``, a host sync on a GPU: the fused backends don't.
+On the CPU its push runs the one-pass C loop of :mod:`lawa_optim.backends.cpu_kernels`
+when that can be built (same bits; the code below stays the readable fallback).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from lawa_optim.backends import cpu_kernels
 
 if TYPE_CHECKING:
     from lawa_optim.history import Bucket
@@ -53,11 +58,16 @@ def _params(b: "Bucket") -> list[Tensor]:
     return [p.to(b.device) for p in b.params]
 
 
-def push(b: "Bucket") -> None:
-    c = _cache(b)
+def push(b: "Bucket", sources: Sequence[Tensor] | None = None) -> None:
+    """Uniform snapshot of ``sources`` (default: the parameters), one tensor per parameter."""
     n = int(b.pushes.item())
+    params = _params(b) if sources is None else list(sources)
+    if cpu_kernels.runs(b):
+        cpu_kernels.push(b, n, params)  # one fused pass instead of the five below
+        return
+    c = _cache(b)
     s = n % b.k
-    slot, views, params = b.ring[s], c["slots"][s], _params(b)
+    slot, views = b.ring[s], c["slots"][s]
     if n < b.k:
         torch._foreach_copy_(views, params)
         b.total.add_(slot)
@@ -78,6 +88,12 @@ def ema_update(b: "Bucket", decay: float) -> None:
     torch._foreach_add_(views, params, alpha=1.0 - decay)
 
 
+def _scalar(x: int, b: "Bucket") -> Tensor:
+    # Dividing by a Python number multiplies by its reciprocal on CUDA (1 ulp off IEEE
+    # division); a 0-dim tensor on the same device divides exactly, as the contract says.
+    return torch.tensor(float(x), dtype=b.total.dtype, device=b.device)
+
+
 def swap_in(b: "Bucket", last: int | None) -> None:
     c = _cache(b)
     torch._foreach_copy_([b.view(b.backup, i) for i in range(len(b.params))], b.params)
@@ -86,12 +102,12 @@ def swap_in(b: "Bucket", last: int | None) -> None:
         if b.mode == "ema":
             avg = b.total[lo:hi]
         elif last is None:
-            avg = b.total[lo:hi] / min(n, b.k)
+            avg = b.total[lo:hi] / _scalar(min(n, b.k), b)
         else:
             avg = torch.zeros(hi - lo, dtype=b.total.dtype, device=b.device)
             for i in range(last):
                 avg.add_(b.ring[(n - 1 - i) % b.k, lo:hi])
-            avg.div_(last)
+            avg.div_(_scalar(last, b))
         torch._foreach_copy_(b.params[i0:i1], [b.view(avg, i, base=lo) for i in range(i0, i1)])
 
 

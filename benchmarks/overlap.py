@@ -1,0 +1,94 @@
+"""Extra time per training step of a LAWA snapshot into host memory (GPU only).
+
+LAWA (Kaddour 2022, arXiv:2209.14981) on a model whose k snapshots do not fit on its
+GPU keeps them in host memory. This times a fixed stand-in training step (matrix
+products, then an in-place update of every weight) over ``steps`` steps with one
+snapshot after the first, against the same steps without one, for:
+
+* ``cpu``: ``storage="cpu"``, the synchronous path (copy to pageable memory, then the
+  host update, while the GPU idles);
+* ``pinned-sync``: ``storage="pinned"`` but waiting for the snapshot at once;
+* ``pinned-overlap``: ``storage="pinned"`` as used: the copy runs on a side stream and
+  the host update on a worker thread while training goes on.
+
+The window ends when the snapshot is in the ring, so nothing is left uncounted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lawa_optim.history import History
+
+#: 2^30 float32 weights: a 1B-parameter model (4 GiB), in tensors of 64M elements.
+NUMEL, CHUNK = 1 << 30, 1 << 26
+
+
+def _window(step: Callable[[], None], steps: int, snapshot: Callable[[], None] | None,
+            finish: Callable[[], None]) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step()
+        if i == 0 and snapshot is not None:
+            snapshot()
+    finish()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def measure(numel: int = NUMEL, k: int = 6, steps: int = 30) -> list[dict]:
+    """One record per storage mode: seconds per plain step and extra seconds per snapshot."""
+    dev = torch.device("cuda")
+    params = [torch.randn(min(CHUNK, numel - lo), device=dev) for lo in range(0, numel, CHUNK)]
+    a = torch.randn(8192, 8192, device=dev)
+    out = torch.empty_like(a)
+
+    def step() -> None:
+        for _ in range(4):  # ~4.4 TFLOP: tens of ms, the scale of a real step
+            torch.mm(a, a, out=out)
+        torch._foreach_add_(params, 1e-6)
+
+    _window(step, 2, None, lambda: None)  # warm-up: kernels, allocator
+    plain = _window(step, steps, None, lambda: None)
+    records = []
+    for mode, storage, overlap in (("cpu", "cpu", False), ("pinned-sync", "pinned", False),
+                                   ("pinned-overlap", "pinned", True)):
+        hist = History(k, "uniform", None, storage, "auto", None)
+        hist.extend([{"params": params}])
+        for b in hist.buckets:
+            b.pushes.fill_(k)  # time a push into a full ring without filling it first
+
+        def finish() -> None:
+            for b in hist.buckets:
+                b.wait()
+
+        def snapshot() -> None:
+            hist.push()
+            if not overlap:
+                finish()
+
+        extra = _window(step, steps, snapshot, finish) - plain
+        records.append({"op": "pinned_snapshot", "mode": mode, "device_name": torch.cuda.get_device_name(dev),
+                        "numel": numel, "tensors": len(params), "k": k, "steps": steps,
+                        "step_s": plain / steps, "extra_s_per_snapshot": extra,
+                        "extra_steps_per_snapshot": extra / (plain / steps)})
+        del hist
+    return records
+
+
+def main(path: Path) -> list[dict]:
+    """Measure, print and write the records to ``path``."""
+    records = measure()
+    print(f"\nsnapshot of {records[0]['numel'] / 1e9:.2f}B float32 weights into host memory, "
+          f"k={records[0]['k']}; plain step {1e3 * records[0]['step_s']:.1f} ms")
+    for r in records:
+        print(f"  {r['mode']:<16}extra {1e3 * r['extra_s_per_snapshot']:>9.1f} ms per snapshot "
+              f"({r['extra_steps_per_snapshot']:.2f} steps)")
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    return records

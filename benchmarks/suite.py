@@ -1,0 +1,122 @@
+"""The operations of the LAWA history (Kaddour 2022, arXiv:2209.14981) set up for timing.
+
+:func:`prepare` builds a full ring (k snapshots taken) over a workload's parameters;
+:func:`operations` returns, for each operation, the call through ``lawa_optim.ops``,
+its baselines on the same tensors (:mod:`benchmarks.baselines`) and the bytes the
+operation must move at least, which is what GB/s and the roofline are computed from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from types import SimpleNamespace
+
+import torch
+
+from benchmarks.baselines import BASELINES, Lists
+from benchmarks.workloads import Workload
+from lawa_optim import ops
+from lawa_optim.backends import cpu_kernels
+from lawa_optim.history import Bucket, history_device
+
+OPS = ("snapshot", "ema", "swap_in", "swap_back", "recompute")
+DECAY = 0.9
+
+
+@dataclass
+class Op:
+    """One operation: the LAWA call, its baselines (name -> call) and its bytes moved."""
+
+    lawa: Callable[[], None]
+    baselines: dict[str, Callable[[], None]]
+    nbytes: int
+
+
+@dataclass
+class Setup:
+    """A full ring and an EMA history over one workload, with one backend."""
+
+    workload: Workload
+    backend: str
+    k: int
+    uniform: Bucket
+    ema: Bucket
+    lists: Lists = field(repr=False)
+    ema_lists: Lists = field(repr=False)
+
+
+def prepare(w: Workload, backend: str, k: int, history_dtype: torch.dtype | None = None) -> Setup:
+    """Buckets over ``w.params`` with ``k`` snapshots taken and a backup allocated.
+
+    Holds about ``(4k + 20)`` bytes per float32 element beside the parameters."""
+    uni = Bucket(w.params, k, "uniform", history_dtype, "device", backend)
+    ema = Bucket(w.params, k, "ema", history_dtype, "device", backend)
+    for _ in range(k):
+        ops.push(uni)
+    ops.ema_update(ema, DECAY)
+    uni.backup = torch.empty(uni.D, dtype=uni.dtype, device=uni.device)
+    avg = torch.empty(uni.D, dtype=uni.dtype, device=uni.device)
+    return Setup(w, backend, k, uni, ema, Lists.of(uni, avg), Lists.of(ema, avg))
+
+
+def nbytes(op: str, numel: int, param: torch.dtype, history: torch.dtype, k: int) -> int:
+    """Bytes ``op`` must read and write over ``numel`` elements with a full ring."""
+    p, h = param.itemsize, history.itemsize
+    a = 8 if param == torch.float64 else 4
+    per_element = {
+        "snapshot": p + 2 * h + 2 * a,  # read param and old slot, write slot, update sum
+        "ema": p + 2 * a,
+        "swap_in": 3 * p + a,  # back up the param, read the sum, write the param
+        "swap_back": 2 * p,
+        "recompute": k * h + a,
+    }[op]
+    return per_element * numel
+
+
+def operations(s: Setup, names: tuple[str, ...] = OPS) -> dict[str, Op]:
+    """The calls to time for each operation in ``names``."""
+    uni, ema, k = s.uniform, s.ema, s.k
+    calls = {
+        "snapshot": (partial(ops.push, uni), s.lists, k),
+        "ema": (partial(ops.ema_update, ema, DECAY), s.ema_lists, DECAY),
+        "swap_in": (partial(ops.swap_in, uni, None), s.lists, k),
+        "swap_back": (partial(ops.swap_back, uni), s.lists, k),
+        "recompute": (partial(ops.recompute, uni), s.lists, k),
+    }
+    out = {}
+    for name in names:
+        lawa, lists, arg = calls[name]
+        baselines = {b: partial(fn, lists, arg) for b, fn in BASELINES[name].items()}
+        out[name] = Op(lawa, baselines, nbytes(name, s.workload.numel, uni.dtype, uni.history_dtype, k))
+    return out
+
+
+def plain(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` with the fused CPU push switched off: the torch backend's plain code."""
+    def call() -> None:
+        prior, cpu_kernels.enabled = cpu_kernels.enabled, False
+        try:
+            fn()
+        finally:
+            cpu_kernels.enabled = prior
+    return call
+
+
+def backends_here(device: torch.device, dtype: torch.dtype) -> dict[str, list[str]]:
+    """Backends that can run on ``device``, each with the implementations of its snapshot
+    to time, the one the other operations run last: on the CPU the torch backend's fused
+    C push and, for comparison, its plain code."""
+    probe = SimpleNamespace(device=history_device(device, "device"), param_device=device,
+                            dtype=dtype, history_dtype=dtype)
+    if device.type == "cpu":
+        # Triton on the CPU runs in its interpreter: a correctness tool, not a speed one.
+        return {"torch": (["fused-c"] if cpu_kernels.runs(probe) else []) + ["plain"]}
+    return {name: [name] for name in ("cuda", "triton", "torch") if ops.unavailable(name, probe) is None}
+
+
+def impls_for(impls: list[str], op: str) -> list[str]:
+    """The implementations of ``op`` among a backend's ``impls``: only the snapshot has a
+    fused CPU path, the other operations run the last one."""
+    return impls if op == "snapshot" else impls[-1:]

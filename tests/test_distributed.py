@@ -1,0 +1,353 @@
+"""Distributed use over gloo on CPU: FSDP2 local-shard history, distributed checkpoints, DDP.
+
+Each scenario runs once in spawned processes (a module-scoped fixture); ranks write what
+they observed to files and the tests compare it here with an independent single-process
+oracle: a plain model trained by plain Adam on the same data, whose averages are the
+hand-computed means of its recorded snapshots. Every rank sees the same batches, so the
+gradients averaged across ranks equal the single-process ones exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from lawa_optim import LAWA
+from lawa_optim.distributed import check_in_sync
+
+if not torch.distributed.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+import torch.distributed as dist  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (  # noqa: E402
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+K = 3
+EPOCHS = 5  # > K: the ring wraps
+STEPS_PER_EPOCH = 2
+LR = 1e-2
+JOIN_TIMEOUT_S = 180  # a hang fails the test instead of blocking CI
+PG_TIMEOUT = timedelta(seconds=60)
+
+
+# -- the shared recipe --------------------------------------------------------------
+def make_model(seed: int) -> nn.Sequential:
+    """Uneven shards over 2 ranks (7 rows: 4 + 3) and empty ones (1 row: 1 + 0)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 1))
+
+
+def batch(step: int) -> torch.Tensor:
+    return torch.randn(8, 5, generator=torch.Generator().manual_seed(1000 + step))
+
+
+EVAL_X = torch.randn(6, 5, generator=torch.Generator().manual_seed(7))
+
+
+def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, epoch: int) -> None:
+    for s in range(STEPS_PER_EPOCH):
+        model(batch(epoch * STEPS_PER_EPOCH + s)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def reference(epochs: int) -> dict:
+    """Plain model, plain Adam: snapshots after each epoch and the mean of the K latest."""
+    model = make_model(0)
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    snaps = []
+    for e in range(epochs):
+        train_epoch(model, opt, e)
+        snaps.append([p.detach().clone() for p in model.parameters()])
+    avg = [torch.stack(ws).mean(0) for ws in zip(*snaps[-K:])]
+    avg_model = make_model(0)
+    with torch.no_grad():
+        for p, a in zip(avg_model.parameters(), avg):
+            p.copy_(a)
+        return {
+            "live": snaps[-1],
+            "avg": avg,
+            "out_live": model(EVAL_X),
+            "out_avg": avg_model(EVAL_X),
+            "exp_avg": [opt.state[p]["exp_avg"].clone() for p in model.parameters()],
+        }
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """FSDP2 with several modules; the root keeps its parameters gathered after forward."""
+    fully_shard(model[0])
+    fully_shard(model[2])
+    fully_shard(model, reshard_after_forward=False)
+    return model
+
+
+def full(ts) -> list[torch.Tensor]:
+    """Copies of the full tensors (on a 1-rank mesh ``full_tensor()`` aliases the shard)."""
+    return [(t.full_tensor() if isinstance(t, DTensor) else t).detach().clone() for t in ts]
+
+
+# -- process harness ----------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn, rank: int, world: int, port: int, out: str, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=PG_TIMEOUT)
+    try:
+        fn(rank, world, Path(out), *args)
+    except BaseException:
+        Path(out, f"error{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world: int, out: Path, *args) -> None:
+    """Run ``fn(rank, world, out, *args)`` on ``world`` gloo ranks; fail on error or hang."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, str(out), args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(JOIN_TIMEOUT_S)
+    finally:
+        hung = [p for p in procs if p.is_alive()]
+        for p in hung:
+            p.kill()
+            p.join(10)
+    errors = "\n".join(f.read_text() for f in sorted(out.glob("error*.txt")))
+    assert not hung, f"ranks {[procs.index(p) for p in hung]} hung\n{errors}"
+    assert all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}\n{errors}"
+
+
+# -- rank programs --------------------------------------------------------------------
+def fsdp_train_and_save(rank: int, world: int, out: Path) -> None:
+    model = shard(make_model(0))
+    opt = LAWA(torch.optim.Adam(model.parameters(), lr=LR), k=K)
+    params = list(model.parameters())
+    for e in range(EPOCHS):
+        train_epoch(model, opt, e)
+        opt.snapshot()
+    rec = {"local_numels": [p.to_local().numel() for p in params]}
+    # No communication: rank 0 swaps in and back alone while rank 1 waits at the barrier
+    # (a collective inside would pair with the barrier and fail or hang).
+    if rank == 0:
+        opt.swap_to_average()
+        solo = [p.to_local().clone() for p in params]
+        opt.swap_back()
+    dist.barrier()
+    with torch.no_grad():
+        rec["out_live"] = model(EVAL_X)
+        # The trap: the root group kept its gathered parameters after this forward.
+        rec["root_unsharded"] = not isinstance(model[4].weight, DTensor)
+        opt.swap_to_average()
+        if rank == 0:
+            rec["solo_swap_matches"] = all(torch.equal(a, p.to_local()) for a, p in zip(solo, params))
+        rec["out_avg"] = model(EVAL_X)
+        rec["avg"] = full(params)
+        opt.swap_back()
+        rec["out_back"] = model(EVAL_X)
+        rec["live"] = full(params)
+    buckets = opt._history.buckets
+    rec["bucket_numels"] = [n for b in buckets for n in b.numels]
+    rec["bucket_plain"] = all(not isinstance(t, DTensor) for b in buckets for t in b.params)
+    # The eval forward left the root gathered; state dicts read the registered shards.
+    model.reshard()
+    osd = get_optimizer_state_dict(model, opt)
+    dcp.save({"model": get_model_state_dict(model), "optim": osd}, checkpoint_id=str(out / "ckpt"))
+    rec["exp_avg"] = full(opt.state[p]["exp_avg"] for p in params)
+    with opt.averaged():  # saved while swapped: the model holds the average
+        osd = get_optimizer_state_dict(model, opt)
+        dcp.save({"model": get_model_state_dict(model), "optim": osd}, checkpoint_id=str(out / "swapped"))
+    torch.save(rec, out / f"train{rank}.pt")
+
+
+def load_into(model: nn.Module, opt: LAWA, ckpt: Path) -> None:
+    msd = get_model_state_dict(model)
+    osd = get_optimizer_state_dict(model, opt)
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(ckpt), no_dist=not dist.is_initialized())
+    set_model_state_dict(model, msd)
+    set_optimizer_state_dict(model, opt, osd)
+
+
+def observe_loaded(model: nn.Module, opt: LAWA) -> dict:
+    params = list(model.parameters())
+    rec = {"num_snapshots": opt.num_snapshots, "steps": opt._steps}
+    rec["exp_avg"] = full(opt.state[p]["exp_avg"] for p in params)
+    with torch.no_grad():
+        with opt.averaged():
+            rec["out_avg"] = model(EVAL_X)
+            rec["avg"] = full(params)
+    # One more epoch: the restored Adam moments and ring decide the next average.
+    train_epoch(model, opt, EPOCHS)
+    opt.snapshot()
+    with torch.no_grad(), opt.averaged():
+        rec["avg_next"] = full(params)
+    return rec
+
+
+def load_swapped(model: nn.Module, opt: LAWA, ckpt: Path) -> dict:
+    """A checkpoint saved while swapped: refused with the remedy, the optimizer unchanged."""
+    try:
+        load_into(model, opt, ckpt)
+    except ValueError as exc:
+        return {"error": str(exc), "steps": opt._steps, "is_swapped": opt.is_swapped}
+    return {"error": None}
+
+
+def fsdp_load(rank: int, world: int, out: Path, ckpt: str) -> None:
+    model = shard(make_model(1))  # other initial weights: all must come from the checkpoint
+    opt = LAWA(torch.optim.Adam(model.parameters(), lr=LR), k=K)
+    load_into(model, opt, Path(ckpt, "ckpt"))
+    rec = observe_loaded(model, opt)
+    model = shard(make_model(2))
+    opt = LAWA(torch.optim.Adam(model.parameters(), lr=LR), k=K)
+    rec["swapped"] = load_swapped(model, opt, Path(ckpt, "swapped"))
+    torch.save(rec, out / f"load{rank}.pt")
+
+
+def ddp_train(rank: int, world: int, out: Path) -> None:
+    model = nn.parallel.DistributedDataParallel(make_model(0))
+    opt = LAWA(torch.optim.Adam(model.parameters(), lr=LR), k=K)
+    for e in range(EPOCHS):
+        train_epoch(model, opt, e)
+        opt.snapshot()
+    rec = {}
+    with torch.no_grad():
+        with opt.averaged():
+            rec["avg"] = full(model.parameters())
+            rec["out_avg"] = model(EVAL_X)
+        rec["live"] = full(model.parameters())
+    check_in_sync(opt)
+    if rank == 0:
+        opt.snapshot()  # the misuse: a snapshot on one rank only
+    try:
+        check_in_sync(opt)
+        rec["misuse"] = None
+    except RuntimeError as exc:
+        rec["misuse"] = str(exc)
+    torch.save(rec, out / f"ddp{rank}.pt")
+
+
+# -- fixtures -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ref():
+    return {"saved": reference(EPOCHS), "next": reference(EPOCHS + 1)}
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    run_ranks(fsdp_train_and_save, 2, out)
+    return out, [torch.load(out / f"train{r}.pt") for r in range(2)]
+
+
+def load_run(tmp_path_factory, fsdp_run, world: int) -> list[dict]:
+    out = tmp_path_factory.mktemp(f"load{world}")
+    run_ranks(fsdp_load, world, out, str(fsdp_run[0]))
+    return [torch.load(out / f"load{r}.pt") for r in range(world)]
+
+
+def assert_all_close(got, want) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+# -- FSDP2 ----------------------------------------------------------------------------
+def test_fsdp_shards_are_uneven_and_empty(fsdp_run):
+    _, recs = fsdp_run
+    assert recs[0]["local_numels"] == [20, 4, 14, 2, 3, 1]
+    assert recs[1]["local_numels"] == [15, 3, 7, 1, 0, 0]
+
+
+def test_fsdp_history_holds_only_the_local_shard(fsdp_run):
+    _, recs = fsdp_run
+    for r in recs:
+        assert r["bucket_numels"] == r["local_numels"] and r["bucket_plain"]
+
+
+def test_fsdp_swap_runs_on_one_rank_alone(fsdp_run):
+    _, recs = fsdp_run
+    assert recs[0]["solo_swap_matches"]
+
+
+def test_fsdp_average_equals_reference(fsdp_run, ref):
+    _, recs = fsdp_run
+    for r in recs:
+        assert_all_close(r["avg"], ref["saved"]["avg"])
+        assert_all_close(r["live"], ref["saved"]["live"])
+
+
+def test_fsdp_forward_after_swaps_equals_unsharded_reference(fsdp_run, ref):
+    _, recs = fsdp_run
+    for r in recs:
+        assert r["root_unsharded"], "the eval forward must leave the root gathered (the trap)"
+        torch.testing.assert_close(r["out_live"], ref["saved"]["out_live"])
+        torch.testing.assert_close(r["out_avg"], ref["saved"]["out_avg"])
+        torch.testing.assert_close(r["out_back"], ref["saved"]["out_live"])
+
+
+# -- distributed checkpoints ------------------------------------------------------------
+def check_loaded(recs: list[dict], ref: dict) -> None:
+    for r in recs:
+        assert r["num_snapshots"] == K and r["steps"] == EPOCHS * STEPS_PER_EPOCH
+        assert_all_close(r["avg"], ref["saved"]["avg"])
+        torch.testing.assert_close(r["out_avg"], ref["saved"]["out_avg"])
+        assert_all_close(r["exp_avg"], ref["saved"]["exp_avg"])
+        assert_all_close(r["avg_next"], ref["next"]["avg"])
+        swapped = r["swapped"]
+        assert "outside `with opt.averaged():`" in swapped["error"]
+        assert swapped["steps"] == 1 and not swapped["is_swapped"]  # the loader's warm-up step only
+
+
+def test_dcp_two_ranks_to_two(tmp_path_factory, fsdp_run, ref):
+    check_loaded(load_run(tmp_path_factory, fsdp_run, 2), ref)
+
+
+def test_dcp_two_ranks_to_one(tmp_path_factory, fsdp_run, ref):
+    check_loaded(load_run(tmp_path_factory, fsdp_run, 1), ref)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_two_ranks_to_plain_model(fsdp_run, ref):
+    model = make_model(1)
+    opt = LAWA(torch.optim.Adam(model.parameters(), lr=LR), k=K)
+    load_into(model, opt, fsdp_run[0] / "ckpt")
+    rec = observe_loaded(model, opt)
+    model = make_model(2)
+    opt = LAWA(torch.optim.Adam(model.parameters(), lr=LR), k=K)
+    rec["swapped"] = load_swapped(model, opt, fsdp_run[0] / "swapped")
+    check_loaded([rec], ref)
+
+
+# -- DDP ------------------------------------------------------------------------------
+def test_ddp_ranks_agree_with_reference(tmp_path, ref):
+    run_ranks(ddp_train, 2, tmp_path)
+    for r in range(2):
+        rec = torch.load(tmp_path / f"ddp{r}.pt")
+        assert_all_close(rec["avg"], ref["saved"]["avg"])
+        torch.testing.assert_close(rec["out_avg"], ref["saved"]["out_avg"])
+        assert_all_close(rec["live"], ref["saved"]["live"])
+        assert "snapshots pushed" in rec["misuse"] and "rank 1: {'steps': 10" in rec["misuse"]
