@@ -1,10 +1,13 @@
 """The demo: a tiny run checked against a hand-computed average, and its verdict."""
 
 import copy
+import importlib.util
 
 import torch
 
 from lawa_optim import demo
+
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
 
 def test_splits():
@@ -62,7 +65,8 @@ def test_main_tiny_run(tmp_path, capsys):
     out = tmp_path / "demo.png"
     result = demo.main(["--epochs", "2", "--seeds", "1", "--out", str(out)])
     text = capsys.readouterr().out
-    assert out.stat().st_size > 1000
+    # The plot is drawn only where matplotlib is installed; without it nothing is written.
+    assert out.stat().st_size > 1000 if HAS_MPL else not out.exists()
     agg = result["aggregate"]
     assert len(agg["live_loss"]) == 2 and all(s == 0.0 for _, s in agg["live_loss"])
     for key in ("live_acc", "avg_acc"):

@@ -1,11 +1,14 @@
 """The LAWA/TWA experiment in examples/: a tiny smoke run, and the local Lookahead."""
 
 import importlib
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +35,8 @@ def test_tiny_run(examples, tmp_path, capsys):
     assert saved["runs"][0]["bn_avg_upd_loss"] == run["bn_avg_upd_loss"]
     lines = (tmp_path / "lawa_experiment_curves.csv").read_text().splitlines()
     assert len(lines) == 4 and lines[0].startswith("epoch,live_loss_mean,live_loss_std")
-    assert (tmp_path / "lawa_experiment.png").stat().st_size > 1000
+    png = tmp_path / "lawa_experiment.png"
+    assert png.stat().st_size > 1000 if HAS_MPL else not png.exists()
     assert "verdict" in capsys.readouterr().out
 
 
