@@ -26,8 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from lawa_optim import LAWA
-from lawa_optim.distributed import check_in_sync
+from lawa_optim import LAWA, check_in_sync
 
 
 def build(ddp: bool, seed: int) -> tuple[nn.Module, LAWA]:

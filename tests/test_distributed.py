@@ -20,8 +20,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from lawa_optim import LAWA
-from lawa_optim.distributed import check_in_sync
+from lawa_optim import LAWA, check_in_sync
 
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
