@@ -21,13 +21,20 @@ from torch import Tensor
 if TYPE_CHECKING:
     from lawa_optim.wrapper import LAWA
 
-if torch.distributed.is_available():
+DTensor = FSDPModule = Shard = _StridedShard = None
+if torch.distributed.is_available():  # builds without it have no DTensor parameters
     from torch.distributed._composable_state import _module_state_mapping
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor, Shard
-    from torch.distributed.tensor.placement_types import _StridedShard
-else:  # builds without torch.distributed have no DTensor parameters to handle
-    DTensor = FSDPModule = None
+
+    try:  # public names since torch 2.5/2.6
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # torch 2.4
+        from torch.distributed._composable.fsdp import FSDPModule
+        from torch.distributed._tensor import DTensor, Shard
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:  # torch 2.4 has no strided shards
+        pass
 
 
 def is_sharded(t: Tensor) -> bool:
@@ -46,7 +53,7 @@ def local(t: Tensor) -> Tensor:
 
 
 def _shift(placement):
-    if isinstance(placement, _StridedShard):
+    if _StridedShard is not None and isinstance(placement, _StridedShard):
         return _StridedShard(placement.dim + 1, split_factor=placement.split_factor)
     if isinstance(placement, Shard):
         return Shard(placement.dim + 1)
