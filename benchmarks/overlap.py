@@ -49,9 +49,11 @@ def measure(numel: int = NUMEL, k: int = 6, steps: int = 30) -> list[dict]:
     a = torch.randn(8192, 8192, device=dev)
     out = torch.empty_like(a)
 
-    def step() -> None:
+    def step(hist: History | None = None) -> None:
         for _ in range(4):  # ~4.4 TFLOP: tens of ms, the scale of a real step
             torch.mm(a, a, out=out)
+        if hist is not None:
+            hist.before_step()  # what LAWA.step does: the update waits for a pending copy
         torch._foreach_add_(params, 1e-6)
 
     _window(step, 2, None, lambda: None)  # warm-up: kernels, allocator
@@ -59,27 +61,31 @@ def measure(numel: int = NUMEL, k: int = 6, steps: int = 30) -> list[dict]:
     records = []
     for mode, storage, overlap in (("cpu", "cpu", False), ("pinned-sync", "pinned", False),
                                    ("pinned-overlap", "pinned", True)):
-        hist = History(k, "uniform", None, storage, "auto", None)
-        hist.extend([{"params": params}])
-        for b in hist.buckets:
-            b.pushes.fill_(k)  # time a push into a full ring without filling it first
-
-        def finish() -> None:
-            for b in hist.buckets:
-                b.wait()
-
-        def snapshot() -> None:
-            hist.push()
-            if not overlap:
-                finish()
-
-        extra = _window(step, steps, snapshot, finish) - plain
-        records.append({"op": "pinned_snapshot", "mode": mode, "device_name": torch.cuda.get_device_name(dev),
-                        "numel": numel, "tensors": len(params), "k": k, "steps": steps,
-                        "step_s": plain / steps, "extra_s_per_snapshot": extra,
-                        "extra_steps_per_snapshot": extra / (plain / steps)})
-        del hist
+        records.append(_snapshot_record(mode, storage, overlap, params, k, steps, step, plain))
     return records
+
+
+def _snapshot_record(mode: str, storage: str, overlap: bool, params: list[torch.Tensor], k: int,
+                     steps: int, step: Callable[..., None], plain: float) -> dict:
+    hist = History(k, "uniform", None, storage, "auto", None)
+    hist.extend([{"params": params}])
+    for b in hist.buckets:
+        b.pushes.fill_(k)  # time a push into a full ring without filling it first
+
+    def finish() -> None:
+        for b in hist.buckets:
+            b.wait()
+
+    def snapshot() -> None:
+        hist.push()
+        if not overlap:
+            finish()
+
+    extra = _window(lambda: step(hist), steps, snapshot, finish) - plain
+    return {"op": "pinned_snapshot", "mode": mode, "device_name": torch.cuda.get_device_name(params[0].device),
+            "numel": sum(p.numel() for p in params), "tensors": len(params), "k": k, "steps": steps,
+            "step_s": plain / steps, "extra_s_per_snapshot": extra,
+            "extra_steps_per_snapshot": extra / (plain / steps)}
 
 
 def main(path: Path) -> list[dict]:

@@ -7,7 +7,8 @@ never branch on the backend. A backend module provides:
 
 ``unavailable(bucket) -> str | None``
     why it cannot run the bucket (``None`` when it can). Only ``device``,
-    ``param_device``, ``dtype`` and ``history_dtype`` of the bucket are read.
+    ``param_device``, ``dtype`` and ``history_dtype`` of the bucket are read; what every
+    fused backend needs (one device, :data:`FUSED_DTYPES`) is checked here, once.
 ``push(bucket)``
     uniform snapshot with ``n = pushes``: ``s = n % k``; ``old = ring[s]`` (0 while
     ``n < k``); ``ring[s] = cast(param)``; ``total += float(ring[s]) - float(old)``,
@@ -35,6 +36,7 @@ import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+import torch
 from torch.autograd.graph import increment_version
 
 if TYPE_CHECKING:
@@ -42,6 +44,9 @@ if TYPE_CHECKING:
 
 #: Backend names accepted by ``LAWA(backend=...)``.
 BACKENDS = ("auto", "torch", "triton", "cuda")
+
+#: Parameter and history dtypes of the fused backends (float64 runs on "torch").
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _MODULES = {
     "torch": "lawa_optim.backends.reference",
@@ -60,6 +65,18 @@ def _module(name: str) -> ModuleType:
 
 def unavailable(name: str, bucket: "Bucket") -> str | None:
     """Why backend ``name`` cannot run ``bucket``, or ``None`` when it can."""
+    if name != "torch":
+        if bucket.device != bucket.param_device:
+            return (
+                f"the history is on {bucket.device} but the parameters are on "
+                f"{bucket.param_device}; the fused kernels need both on one device (storage='device')"
+            )
+        for what, dtype in (("parameter", bucket.dtype), ("history", bucket.history_dtype)):
+            if dtype not in FUSED_DTYPES:
+                return (
+                    f"the {what} dtype is {dtype}; the fused kernels accept "
+                    f"{', '.join(map(str, FUSED_DTYPES))} (float64 runs on the torch backend)"
+                )
     try:
         mod = _module(name)
     except ImportError as exc:

@@ -19,7 +19,7 @@ import torch
 
 import lawa_optim
 from lawa_optim import ops
-from lawa_optim.backends import cuda
+from lawa_optim.backends import cuda, native
 from lawa_optim.history import Bucket
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
@@ -58,7 +58,7 @@ def test_kernels_compile_without_warnings(arch, tmp_path):
 
 
 def test_sources_are_found():
-    src = cuda.source_dir()
+    src = native.source_dir()
     assert (src / "bindings.cpp").is_file() and list(src.glob("*.cu"))
 
 
@@ -93,7 +93,7 @@ def test_auto_without_cuda_does_not_pick_cuda():
 def test_unavailable_names_the_reason(bucket, reason, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cuda, "_load", lambda: pytest.fail("must not build for this bucket"))
-    assert reason in cuda.unavailable(bucket)
+    assert reason in ops.unavailable("cuda", bucket)
 
 
 # -- lazy build: cache directory, stale lock, failed build ---------------------------

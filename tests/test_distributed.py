@@ -9,8 +9,6 @@ gradients averaged across ranks equal the single-process ones exactly.
 
 from __future__ import annotations
 
-import os
-import socket
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -101,16 +99,12 @@ def full(ts) -> list[torch.Tensor]:
 
 
 # -- process harness ----------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(fn, rank: int, world: int, port: int, out: str, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _entry(fn, rank: int, world: int, out: str, args: tuple) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=PG_TIMEOUT)
+    # A file rendezvous in the run's own folder: no port that another process can take
+    # between choosing it and binding it.
+    store = f"file://{Path(out, 'rendezvous').resolve()}"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world, timeout=PG_TIMEOUT)
     try:
         fn(rank, world, Path(out), *args)
     except BaseException:
@@ -123,8 +117,7 @@ def _entry(fn, rank: int, world: int, port: int, out: str, args: tuple) -> None:
 def run_ranks(fn, world: int, out: Path, *args) -> None:
     """Run ``fn(rank, world, out, *args)`` on ``world`` gloo ranks; fail on error or hang."""
     ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, str(out), args)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, str(out), args)) for r in range(world)]
     for p in procs:
         p.start()
     try:

@@ -76,7 +76,6 @@ def test_layout_aligns_every_parameter():
     assert all(o % ALIGN == 0 for o in b.offsets)
     assert b.offsets == [0, 64, 128, 192, 320]
     assert b.D == 320 + 256
-    assert b.ring.data_ptr() % 128 == 0 or b.ring.device.type == "cpu"
 
 
 def test_channels_last_is_stored_in_memory_order():

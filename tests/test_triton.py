@@ -137,12 +137,15 @@ def probe(device="cpu", param_device=None, dtype=torch.float32, history_dtype=No
 
 @needs_triton
 def test_unavailable_names_the_reason():
-    assert all(tb.unavailable(probe(DEVICE.type, dtype=p, history_dtype=h)) is None for p, h in COMBOS)
-    assert "float64 runs on the torch backend" in tb.unavailable(probe(DEVICE.type, dtype=torch.float64))
-    assert "history dtype torch.float64" in tb.unavailable(probe(DEVICE.type, history_dtype=torch.float64))
-    assert "need both on one device" in tb.unavailable(probe("cpu", param_device="cuda"))
+    def why(*args, **kwargs):
+        return ops.unavailable("triton", probe(*args, **kwargs))
+
+    assert all(why(DEVICE.type, dtype=p, history_dtype=h) is None for p, h in COMBOS)
+    assert "float64 runs on the torch backend" in why(DEVICE.type, dtype=torch.float64)
+    assert "history dtype is torch.float64" in why(DEVICE.type, history_dtype=torch.float64)
+    assert "need both on one device" in why("cpu", param_device="cuda")
     other = "cuda" if DEVICE.type == "cpu" else "cpu"
-    assert tb.unavailable(probe(other)) is not None
+    assert why(other) is not None
 
 
 # -- kernels against the reference -------------------------------------------------

@@ -19,12 +19,12 @@ import subprocess
 import tempfile
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from lawa_optim.backends import native
 
 if TYPE_CHECKING:
     from lawa_optim.history import Bucket
@@ -47,15 +47,6 @@ _lib: ctypes.CDLL | None = None
 _error: str | None = None
 
 
-def _source() -> Path:
-    here = Path(__file__).resolve().parent.parent
-    for root in (here, here.parent):
-        path = root / "csrc" / "cpu_push.c"
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"csrc/cpu_push.c not found next to {here}")
-
-
 def _cpu_id() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -65,12 +56,12 @@ def _cpu_id() -> str:
 
 
 def _build() -> ctypes.CDLL:
-    src = _source()
+    src = native.source_dir() / "cpu_push.c"
     cc = os.environ.get("CC", "cc")
     key = hashlib.sha256(
         "\0".join([src.read_text(), cc, *CFLAGS, platform.machine(), _cpu_id()]).encode()
     ).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lawa_optim"
+    cache = native.cache_root()
     lib = cache / f"cpu_push_{key}.so"
     if not lib.is_file():
         cache.mkdir(parents=True, exist_ok=True)
@@ -122,14 +113,14 @@ def runs(b: "Bucket") -> bool:
     )
 
 
-def rows(b: "Bucket", sources: Sequence[Tensor]) -> np.ndarray:
+def rows(b: "Bucket", sources: Sequence[Tensor]) -> Tensor:
     """The work table for copying ``sources`` (one CPU tensor per parameter, in memory
     order) into ``b``'s flat slots: ``(address, flat offset, count)`` per row."""
     table = []
     for src, off, n in zip(sources, b.offsets, b.numels):
         addr, size = src.data_ptr(), src.element_size()
         table.extend((addr + lo * size, off + lo, min(ROW, n - lo)) for lo in range(0, n, ROW))
-    return np.ascontiguousarray(table, dtype=np.int64).reshape(-1, 3)
+    return torch.tensor(table, dtype=torch.int64).reshape(-1, 3)
 
 
 def push(b: "Bucket", n: int, sources: Sequence[Tensor]) -> None:
@@ -142,7 +133,7 @@ def push(b: "Bucket", n: int, sources: Sequence[Tensor]) -> None:
         cached = b.cache["cpu"] = (ptrs, rows(b, sources))
     table = cached[1]
     rc = _lib.lawa_cpu_push(
-        table.ctypes.data, len(table), DTYPE_CODES[b.dtype], DTYPE_CODES[b.history_dtype],
+        table.data_ptr(), table.shape[0], DTYPE_CODES[b.dtype], DTYPE_CODES[b.history_dtype],
         b.ring[n % b.k].data_ptr(), b.total.data_ptr(), int(n >= b.k), torch.get_num_threads(),
     )
     if rc != 0:

@@ -29,13 +29,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from lawa_optim.backends import native
+
 if TYPE_CHECKING:
     from lawa_optim.history import Bucket
 
-#: Parameter and history dtypes the kernels handle (float64 goes to the reference).
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: Environment variable overriding the root of the build cache.
-BUILD_DIR_ENV = "LAWA_OPTIM_BUILD_DIR"
 #: A build lock older than this (seconds) is taken for the leftover of a killed build.
 LOCK_TIMEOUT_S = 300.0
 #: Module name of the extension built ahead of time by setup.py.
@@ -45,26 +43,15 @@ _ext: ModuleType | None = None
 _ext_error: str | None = None
 
 
-def source_dir() -> Path:
-    """The CUDA sources: shipped inside the package, or ``csrc/`` of a source checkout."""
-    package = Path(__file__).resolve().parents[1]
-    shipped = package / "csrc"
-    return shipped if shipped.is_dir() else package.parent / "csrc"
-
-
 def build_dir() -> Path:
     """Where the extension is built: one directory per torch, CUDA and architecture list,
-    under ``$LAWA_OPTIM_BUILD_DIR`` or ``$XDG_CACHE_HOME/lawa_optim`` (``~/.cache``)."""
-    root = os.environ.get(BUILD_DIR_ENV)
-    if not root:
-        cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        root = Path(cache) / "lawa_optim"
+    under :func:`lawa_optim.backends.native.cache_root`."""
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if not archs:
         major, minor = torch.cuda.get_device_capability()
         archs = f"sm{major}{minor}"
     tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-{archs}"
-    return Path(root) / re.sub(r"[^0-9A-Za-z.+-]+", "_", tag)
+    return native.cache_root() / re.sub(r"[^0-9A-Za-z.+-]+", "_", tag)
 
 
 def unlocked(directory: Path) -> Path:
@@ -95,14 +82,14 @@ def unlocked(directory: Path) -> Path:
 
 
 def _load() -> ModuleType:
-    """The prebuilt extension, else the one compiled from :func:`source_dir`."""
+    """The prebuilt extension, else the one compiled from the shipped sources."""
     try:
         return importlib.import_module(PREBUILT)
     except ImportError:
         pass
     from torch.utils import cpp_extension
 
-    src = source_dir()
+    src = native.source_dir()
     kernels = sorted(src.glob("*.cu"))
     if not kernels or not (src / "bindings.cpp").is_file():
         raise FileNotFoundError(f"the CUDA sources (bindings.cpp and *.cu) are not in {src}")
@@ -146,22 +133,12 @@ def extension_error() -> str | None:
 
 
 def unavailable(bucket: "Bucket") -> str | None:
-    """Why the CUDA kernels cannot run ``bucket`` (reads only its devices and dtypes)."""
+    """Why the CUDA kernels cannot run ``bucket`` (reads only its devices); the checks
+    every fused backend shares (one device, dtypes) are in :func:`lawa_optim.ops.unavailable`."""
     if not torch.cuda.is_available():
         return "CUDA is not available (no GPU, or a CPU-only build of torch)"
     if bucket.device.type != "cuda":
         return f"the history is on {bucket.device}; the CUDA kernels need it on a CUDA device"
-    if bucket.device != bucket.param_device:
-        return (
-            f"the history is on {bucket.device} but the parameters are on "
-            f"{bucket.param_device}; the CUDA kernels need both on the same device"
-        )
-    for what, dtype in (("parameter", bucket.dtype), ("history", bucket.history_dtype)):
-        if dtype not in DTYPES:
-            return (
-                f"the {what} dtype is {dtype}; the CUDA kernels accept "
-                f"{', '.join(str(d) for d in DTYPES)}"
-            )
     return extension_error()
 
 

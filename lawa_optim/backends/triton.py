@@ -40,30 +40,16 @@ BLOCK = 1024
 #: already gives every SM of a 132-SM GPU 4 programs.
 CHUNK = 16 * BLOCK
 
-#: Parameter and history dtypes the kernels take (float64 runs on the reference).
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def unavailable(bucket: "Bucket") -> str | None:
-    """Why the Triton kernels cannot run ``bucket``, or ``None`` when they can."""
+    """Why the Triton kernels cannot run ``bucket`` (reads only its device); the checks
+    every fused backend shares (one device, dtypes) are in :func:`lawa_optim.ops.unavailable`."""
     if _k is None:
         return f"triton cannot be imported ({_IMPORT_ERROR})"
-    device, param_device = bucket.device, bucket.param_device
-    if device != param_device:
-        return (
-            f"the history is on {device} but the parameters are on {param_device}; the "
-            "Triton kernels need both on one device (storage='device')"
-        )
+    device = bucket.device
     if _k.INTERPRET and device.type != "cpu":
         return f"TRITON_INTERPRET=1 runs the kernels on CPU tensors only, not on {device}"
     if not _k.INTERPRET and device.type != "cuda":
         return f"device {device} is not a CUDA device and TRITON_INTERPRET is not set"
-    for what, dtype in (("parameter", bucket.dtype), ("history", bucket.history_dtype)):
-        if dtype not in SUPPORTED_DTYPES:
-            return (
-                f"{what} dtype {dtype} is not supported (accepted: "
-                f"{', '.join(map(str, SUPPORTED_DTYPES))}; float64 runs on the torch backend)"
-            )
     return None
 
 
