@@ -1,7 +1,7 @@
 """A bucket's snapshot as one opaque custom op, so ``torch.compile`` traces it whole.
 
 Eager snapshots run Python bookkeeping per bucket (a ``data_ptr`` check for moved
-parameters, the recompute cadence, the reference backend's counter read) that Dynamo
+parameters, the reference backend's counter read) that Dynamo
 cannot trace: each would be a graph break. Inside a compiled region the history calls
 this op instead; its implementation is the same eager code, run when the compiled
 graph runs, so results are identical. The op declares the tensors it writes
@@ -42,7 +42,6 @@ def _snapshot(
     pushes: Tensor,
     key: int,
     decay: float | None,
-    recompute_every: int | None,
 ) -> None:
     from lawa_optim.history import snapshot_bucket
 
@@ -55,20 +54,20 @@ def _snapshot(
     for given, own in zip(params, b.params):
         if given.data_ptr() != own.data_ptr():
             own.copy_(given)
-    snapshot_bucket(b, decay, recompute_every)
+    snapshot_bucket(b, decay)
     for given, own in ((ring, b.ring), (total, b.total), (pushes, b.pushes)):
         if given is not None and given.data_ptr() != own.data_ptr():
             given.copy_(own)
 
 
 @_snapshot.register_fake
-def _(params, ring, total, pushes, key, decay, recompute_every) -> None:
+def _(params, ring, total, pushes, key, decay) -> None:
     return None
 
 
-def snapshot(bucket: "Bucket", decay: float | None, recompute_every: int | None) -> None:
+def snapshot(bucket: "Bucket", decay: float | None) -> None:
     """Run :func:`lawa_optim.history.snapshot_bucket` for ``bucket`` through the op."""
-    _snapshot(bucket.params, bucket.ring, bucket.total, bucket.pushes, bucket.key, decay, recompute_every)
+    _snapshot(bucket.params, bucket.ring, bucket.total, bucket.pushes, bucket.key, decay)
 
 
 _freezing_warned = False

@@ -134,7 +134,7 @@ def check_in_sync(opt: "LAWA", group: "torch.distributed.ProcessGroup | None" = 
     snapshot or swap taken on some ranks only.
     """
     pushes = [int(gen[0].pushes.item()) if gen else 0 for gen in opt._history.generations]
-    mine = {"steps": opt._steps, "snapshots pushed": pushes, "swapped": opt.is_swapped}
+    mine = {"steps": opt.steps, "snapshots pushed": pushes, "swapped": opt.is_swapped}
     world = torch.distributed.get_world_size(group)
     states: list = [None] * world
     torch.distributed.all_gather_object(states, mine, group=group)

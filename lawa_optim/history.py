@@ -10,12 +10,22 @@ Parameters are grouped into buckets that share a device and a dtype. A bucket ke
   push writes slot ``pushes % k`` and ``min(pushes, k)`` slots are filled. It lives on
   the device (not in a Python int) so kernels read it without a host sync.
 
+The O(1) update ``total += new - old`` cancels catastrophically when magnitudes
+change (two snapshots at 1e8 then two at 1.0 leave 0.0 for k = 2) and keeps a NaN
+forever. So every ``refresh_every``-th push (default: every k-th, the one that
+completes a pass over the ring) rebuilds ``total`` exactly from the ring instead, in
+the same pass. The kernels decide that from ``pushes`` on the device, so compiled
+and graph-captured snapshots refresh at the right push too. Hence the guarantee: at
+most ``refresh_every`` snapshots after a value has left the window it no longer
+affects the average, which is then the mean of the stored window up to float32
+rounding of k terms.
+
 Each parameter owns a slice of the flat buffers that starts on a multiple of
 ``ALIGN`` elements and holds its elements in the parameter's *memory* order, so a
 snapshot of a ``channels_last`` weight is a plain linear copy for every backend.
 
 The kernels themselves live in :mod:`lawa_optim.ops`; this module only lays out
-memory and keeps the bookkeeping (when to recompute, which buckets exist).
+memory and keeps the bookkeeping (which buckets exist, whether parameters moved).
 """
 
 from __future__ import annotations
@@ -72,12 +82,15 @@ class Bucket:
         history_dtype: torch.dtype | None,
         storage: str,
         backend: str,
+        refresh_every: int | None = None,
     ) -> None:
         self.sources = list(params)
         self.sharded = any(map(is_sharded, self.sources))
         self.params = [local(p) for p in self.sources]
         self.k = k
         self.mode = mode
+        #: Every this many pushes the push rebuilds ``total`` exactly from the ring.
+        self.refresh_every = k if refresh_every is None else refresh_every
         self.dtype = self.params[0].dtype
         self.param_device = self.params[0].device
         self.numels = [p.numel() for p in self.params]
@@ -102,7 +115,6 @@ class Bucket:
         self.pushes = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.backup: Tensor | None = None
         self.cache: dict = {}
-        self.since_recompute = 0
         self._ptrs = [p.data_ptr() for p in self.params]
         self._strides = [p.stride() for p in self.params]
         self.backend = ops.resolve(backend, self)
@@ -212,22 +224,17 @@ def resolve_storage(storage: str) -> str:
     return storage
 
 
-def snapshot_bucket(b: Bucket, decay: float | None, recompute_every: int | None) -> None:
+def snapshot_bucket(b: Bucket, decay: float | None) -> None:
     """One bucket's snapshot: push into the ring (``decay=None``; nothing in EMA mode) or
-    fold into the exponential average with ``decay``; recompute the sum on cadence."""
+    fold into the exponential average with ``decay``."""
     b.check_params()
     if decay is not None:
         ops.ema_update(b, decay)
-        return
-    if b.mode == "ema":
-        return
-    if b.offload is not None:
-        b.offload.push()
-    else:
-        ops.push(b)
-    b.since_recompute += 1
-    if recompute_every is not None and b.since_recompute >= recompute_every:
-        History.recompute(b)
+    elif b.mode == "uniform":
+        if b.offload is not None:
+            b.offload.push()
+        else:
+            ops.push(b)
 
 
 class History:
@@ -253,7 +260,7 @@ class History:
         self.history_dtype = history_dtype
         self.storage = storage
         self.requested_backend = backend
-        self.recompute_every = recompute_every
+        self.recompute_every = recompute_every  # None: every k pushes
         self.generations: list[list[Bucket]] = []
         self.group_generation: list[int] = []  # generation of each built param group
 
@@ -273,7 +280,10 @@ class History:
     def _add_generation(self, new: Sequence[dict]) -> None:
         params = [p for g in new for p in g["params"]]
         buckets = [
-            Bucket(ps, self.k, self.mode, self.history_dtype, self.storage, self.requested_backend)
+            Bucket(
+                ps, self.k, self.mode, self.history_dtype, self.storage, self.requested_backend,
+                self.recompute_every,
+            )
             for ps in _bucket_params(params)
         ]
         self.group_generation.extend([len(self.generations)] * len(new))
@@ -291,18 +301,17 @@ class History:
     def _snapshot(self, decay: float | None) -> None:
         for b in self.buckets:
             if torch.compiler.is_compiling():
-                compiled.snapshot(b, decay, self.recompute_every)
+                compiled.snapshot(b, decay)
             else:
-                snapshot_bucket(b, decay, self.recompute_every)
+                snapshot_bucket(b, decay)
 
     @staticmethod
     @torch.no_grad()
     def recompute(b: Bucket) -> None:
-        """Rebuild ``total`` exactly from the ring (bounds floating-point drift)."""
+        """Rebuild ``total`` exactly from the ring."""
         b.wait()
         if b.mode == "uniform":
             ops.recompute(b)
-        b.since_recompute = 0
 
     def backend_names(self, param_groups: Sequence[dict]) -> list[str]:
         """Backends of the built buckets, and those that groups not yet built will get."""

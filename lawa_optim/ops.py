@@ -11,8 +11,12 @@ never branch on the backend. A backend module provides:
     fused backend needs (one device, :data:`FUSED_DTYPES`) is checked here, once.
 ``push(bucket)``
     uniform snapshot with ``n = pushes``: ``s = n % k``; ``old = ring[s]`` (0 while
-    ``n < k``); ``ring[s] = cast(param)``; ``total += float(ring[s]) - float(old)``,
-    the difference rounded in the accumulation dtype and then added.
+    ``n < k``); ``ring[s] = cast(param)``. Then, when ``(n + 1) % refresh_every == 0``
+    (a *refresh*; ``bucket.refresh_every``, by default k), ``total`` becomes exactly
+    what ``recompute`` leaves with ``min(n + 1, k)`` filled slots; otherwise
+    ``total += float(ring[s]) - float(old)``, the difference rounded in the
+    accumulation dtype and then added. The decision reads ``pushes`` where it lives, so
+    a push captured in a CUDA graph or a compiled region refreshes at the right replay.
 ``ema_update(bucket, decay)``
     ``total = cast(param)`` when ``n == 0``, else
     ``total = decay * total + (1 - decay) * param`` in the accumulation dtype.
@@ -24,7 +28,8 @@ never branch on the backend. A backend module provides:
 ``swap_back(bucket)``
     ``param = backup`` (exact).
 ``recompute(bucket)``
-    ``total = 0 + ring[0] + ... + ring[min(n, k) - 1]`` in slot order.
+    ``total = 0 + ring[0] + ... + ring[min(n, k) - 1]`` in slot order, each slot
+    widened to the accumulation dtype and added with one rounding.
 
 The dispatcher advances ``pushes`` after ``push`` and ``ema_update``; backends only
 read it.

@@ -52,10 +52,10 @@ def save_history(opt: "LAWA", sd: dict[str, Any]) -> None:
             "every": opt.every,
             "start": opt.start,
             "recompute_every": hist.recompute_every,
-            "steps": opt._steps,
+            "steps": opt.steps,
             "generation": gen,
             "pushes": 0 if gen is None else pushes[gen],
-            "swapped": opt._swapped,
+            "swapped": opt.is_swapped,
         }
     ids = _param_ids(opt, sd)
     state = sd["state"]
@@ -178,6 +178,5 @@ def load_history(opt: "LAWA", sd: dict[str, Any]) -> None:
                 for i, p in enumerate(b.sources):
                     dst, saved = b.view(b.backup, i), sd["state"][ids[id(p)]]["lawa_backup"]
                     dst.copy_(local_of_saved(saved, dst, f"parameter {ids[id(p)]}"))
-    opt._history = hist
-    opt._steps = metas[0]["steps"]
-    opt._swapped = swapped
+    run = opt._run
+    run.history, run.steps, run.swapped = hist, metas[0]["steps"], swapped

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +30,19 @@ STORAGES = ("device", "pinned", "cpu")
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass
+class _Run:
+    """Everything of a LAWA that changes after construction, in one object held by
+    reference: trainer frameworks wrap optimizers in objects that copy the wrapper's
+    ``__dict__`` (Lightning's ``LightningOptimizer``), and a write through such a copy
+    must reach the real LAWA, or its guards stop working and training weights are lost."""
+
+    history: History
+    steps: int = 0
+    started: bool = True  # steps >= start, kept as a flag: see LAWA._count_step
+    swapped: bool = False
 
 
 class LAWA(WrappedOptimizer):
@@ -71,9 +85,13 @@ class LAWA(WrappedOptimizer):
             values, so the average is exactly the mean of what is stored.
         backend: ``"auto"`` (default: the CUDA extension, then Triton on a GPU, else
             pure torch), ``"torch"``, ``"triton"`` or ``"cuda"``.
-        recompute_every: recompute the running sum exactly from the ring every this
-            many snapshots (default 1000), which bounds floating-point drift however
-            long the run; ``None`` never recomputes.
+        recompute_every: rebuild the running sum exactly from the ring every this many
+            snapshots, in the same pass as the push that comes due; ``None`` (default):
+            every ``k`` snapshots. With the default, at most ``k`` snapshots after a
+            value has left the window (a NaN or inf included) it no longer affects the
+            average, which is then the mean of the stored window to float32 rounding
+            (within 1e-5 of the largest magnitude in the window). A value other than
+            ``k`` trades that bound for fewer (larger) or more (smaller) refreshes.
 
     The history is allocated at the first :meth:`step` or :meth:`snapshot`:
     ``k * D`` elements of ``history_dtype`` plus ``D`` float32 (D: the number of
@@ -96,7 +114,7 @@ class LAWA(WrappedOptimizer):
         storage: str = "device",
         history_dtype: torch.dtype | None = None,
         backend: str = "auto",
-        recompute_every: int | None = 1000,
+        recompute_every: int | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -133,14 +151,14 @@ class LAWA(WrappedOptimizer):
         self.start = start
         self.mode = mode
         self.decay = float(decay)
-        self._history = History(
-            k, mode, history_dtype, resolve_storage(storage), backend, recompute_every
-        )
-        self._steps = 0
-        self._started = start == 0  # _steps >= start, kept as a flag: see _count_step
-        self._swapped = False
+        history = History(k, mode, history_dtype, resolve_storage(storage), backend, recompute_every)
+        self._run = _Run(history, started=start == 0)
 
     # -- properties -----------------------------------------------------------
+    @property
+    def _history(self) -> History:
+        return self._run.history
+
     @property
     def k(self) -> int:
         """Number of latest snapshots averaged."""
@@ -156,7 +174,13 @@ class LAWA(WrappedOptimizer):
     @property
     def is_swapped(self) -> bool:
         """Whether the parameters hold the average (between swap_to_average and swap_back)."""
-        return self._swapped
+        return self._run.swapped
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken through this wrapper (steps that ``GradScaler`` skipped
+        excluded); restored by :meth:`load_state_dict`."""
+        return self._run.steps
 
     @property
     def backend(self) -> str:
@@ -168,7 +192,7 @@ class LAWA(WrappedOptimizer):
     def __repr__(self) -> str:
         return self._repr(
             f"LAWA(k={self.k}, mode={self.mode!r}, every={self.every}, start={self.start}, "
-            f"steps={self._steps}, swapped={self._swapped})"
+            f"steps={self.steps}, swapped={self.is_swapped})"
         )
 
     # -- training ---------------------------------------------------------------
@@ -176,7 +200,7 @@ class LAWA(WrappedOptimizer):
         self._history.extend(self.param_groups)
 
     def _require_not_swapped(self, what: str) -> None:
-        if self._swapped:
+        if self._run.swapped:
             raise RuntimeError(
                 f"{what} while the average is swapped into the parameters; call swap_back() "
                 "first (or leave the `with opt.averaged():` block)"
@@ -198,9 +222,10 @@ class LAWA(WrappedOptimizer):
     @torch.compiler.disable
     def _count_step(self) -> bool:
         """Count an optimizer step; whether ``every`` asks for a snapshot after it."""
-        self._steps += 1
-        self._started = self._steps >= self.start
-        return self.every is not None and self._started and self._steps % self.every == 0
+        run = self._run
+        run.steps += 1
+        run.started = run.steps >= self.start
+        return self.every is not None and run.started and run.steps % self.every == 0
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group to the wrapped optimizer; its parameters join the history
@@ -217,7 +242,7 @@ class LAWA(WrappedOptimizer):
         Returns ``False`` (and records nothing) before optimizer step ``start``.
         """
         self._require_not_swapped("snapshot()")
-        if not self._started:
+        if not self._run.started:
             return False
         self._build()
         self._push()
@@ -253,14 +278,14 @@ class LAWA(WrappedOptimizer):
                 )
         compiled.warn_if_frozen()
         self._history.swap_in(last)
-        self._swapped = True
+        self._run.swapped = True
 
     def swap_back(self) -> None:
         """Restore the training weights saved by :meth:`swap_to_average`, bit for bit."""
-        if not self._swapped:
+        if not self._run.swapped:
             raise RuntimeError("swap_back() without swap_to_average(): the weights are already the training weights")
         self._history.swap_back()
-        self._swapped = False
+        self._run.swapped = False
 
     @contextlib.contextmanager
     def averaged(self, last: int | None = None) -> Iterator["LAWA"]:
@@ -309,6 +334,6 @@ class LAWA(WrappedOptimizer):
         validate_lawa(self, state_dict)
         self.optimizer.load_state_dict(strip_lawa(state_dict))
         load_history(self, state_dict)
-        self._started = self._steps >= self.start
+        self._run.started = self._run.steps >= self.start
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

@@ -55,10 +55,17 @@ class Oracle:
     def push(self, params):
         new = [p.detach().to("cpu", self.hdtype, copy=True) for p in params]
         old = self.snaps[-self.k] if len(self.snaps) >= self.k else None
+        self.snaps.append(new)
+        if len(self.snaps) % self.k == 0:  # the refresh: the sum of the slots, in slot order
+            slots = self.snaps[-self.k:]  # the push that completes a pass: slot s = snaps[-k + s]
+            for i, t in enumerate(self.total):
+                t.zero_()
+                for snap in slots:
+                    t.add_(snap[i].to(t.dtype))
+            return
         for i, t in enumerate(self.total):
             diff = new[i].to(t.dtype) - (old[i].to(t.dtype) if old is not None else 0)
             t.add_(diff)
-        self.snaps.append(new)
 
     def mean64(self, last=None):
         held = self.snaps[-min(len(self.snaps), self.k):]

@@ -143,7 +143,7 @@ def test_generations_round_trip():
 def history_fingerprint(model, opt):
     bufs = [(b.ring.clone() if b.ring is not None else None, b.total.clone(), int(b.pushes)) for b in opt._history.buckets]
     state = {id(p): {n: v.clone() for n, v in s.items()} for p, s in opt.state.items()}
-    return [p.detach().clone() for p in model.parameters()], bufs, state, opt._steps
+    return [p.detach().clone() for p in model.parameters()], bufs, state, opt.steps
 
 
 def assert_same(a, b):

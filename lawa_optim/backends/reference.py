@@ -62,12 +62,19 @@ def push(b: "Bucket", sources: Sequence[Tensor] | None = None) -> None:
     """Uniform snapshot of ``sources`` (default: the parameters), one tensor per parameter."""
     n = int(b.pushes.item())
     params = _params(b) if sources is None else list(sources)
+    refresh = (n + 1) % b.refresh_every == 0
     if cpu_kernels.runs(b):
         cpu_kernels.push(b, n, params)  # one fused pass instead of the five below
+        if refresh:
+            _sum_slots(b, min(n + 1, b.k))
         return
     c = _cache(b)
     s = n % b.k
     slot, views = b.ring[s], c["slots"][s]
+    if refresh:
+        torch._foreach_copy_(views, params)
+        _sum_slots(b, min(n + 1, b.k))
+        return
     if n < b.k:
         torch._foreach_copy_(views, params)
         b.total.add_(slot)
@@ -116,7 +123,10 @@ def swap_back(b: "Bucket") -> None:
 
 
 def recompute(b: "Bucket") -> None:
-    filled = min(int(b.pushes.item()), b.k)
+    _sum_slots(b, min(int(b.pushes.item()), b.k))
+
+
+def _sum_slots(b: "Bucket", filled: int) -> None:
     b.total.zero_()
     for s in range(filled):
         b.total.add_(b.ring[s])
