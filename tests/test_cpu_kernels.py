@@ -31,7 +31,12 @@ def oracle_push(ring, total, params, n, k):
     new = torch.cat([p.reshape(-1) for p in params]).to(ring.dtype)
     old = ring[s].clone()
     ring[s] = new
-    total += new.float() - old.float() if n >= k else new.float()
+    if (n + 1) % k == 0:  # the refresh: the filled slots summed in slot order
+        total.zero_()
+        for slot in ring[: min(n + 1, k)]:
+            total += slot.float()
+    else:
+        total += new.float() - old.float() if n >= k else new.float()
 
 
 @pytest.mark.parametrize("pdtype", DTYPES, ids=str)

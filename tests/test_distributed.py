@@ -185,7 +185,7 @@ def load_into(model: nn.Module, opt: LAWA, ckpt: Path) -> None:
 
 def observe_loaded(model: nn.Module, opt: LAWA) -> dict:
     params = list(model.parameters())
-    rec = {"num_snapshots": opt.num_snapshots, "steps": opt._steps}
+    rec = {"num_snapshots": opt.num_snapshots, "steps": opt.steps}
     rec["exp_avg"] = full(opt.state[p]["exp_avg"] for p in params)
     with torch.no_grad():
         with opt.averaged():
@@ -204,7 +204,7 @@ def load_swapped(model: nn.Module, opt: LAWA, ckpt: Path) -> dict:
     try:
         load_into(model, opt, ckpt)
     except ValueError as exc:
-        return {"error": str(exc), "steps": opt._steps, "is_swapped": opt.is_swapped}
+        return {"error": str(exc), "steps": opt.steps, "is_swapped": opt.is_swapped}
     return {"error": None}
 
 
