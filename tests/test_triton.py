@@ -8,6 +8,7 @@ sums, round-to-nearest-even casts, IEEE division, torch's fused multiply-add in 
 EMA), so no tolerance is needed.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -323,46 +324,97 @@ def test_float64_with_triton_is_an_error_naming_the_dtype():
         opt.snapshot()
 
 
-# The kernels built for an H100 (sm_90) without one: catches what only the compiler
-# rejects (the interpreter runs plain Python) and checks the arithmetic it emits.
-COMPILE_FOR_SM90 = r"""
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from lawa_optim.backends import triton_kernels as K
+# -- what a GPU would run, compiled ahead of time without one ---------------------
 
-def ptx(fn, sig, constexprs):
-    src = ASTSource(fn=fn, signature=sig, constexprs={(list(sig).index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-
-common = {"table": "*i64", "ring": "*fp16", "total": "*fp32", "pushes": "*i64", "D": "i64", "K": "i32"}
-out = [ptx(K.push_kernel, {**common, "PDTYPE": "constexpr", "HDTYPE": "constexpr", "BLOCK": "constexpr"},
-           {"PDTYPE": tl.bfloat16, "HDTYPE": tl.float16, "BLOCK": 1024})]
-out.append(ptx(K.ema_kernel, {"table": "*i64", "total": "*fp32", "pushes": "*i64", "decay": "fp32",
-                              "alpha": "fp32", "PDTYPE": "constexpr", "BLOCK": "constexpr"},
-               {"PDTYPE": tl.bfloat16, "BLOCK": 1024}))
-for mode in (0, 1, 2):  # EMA buckets have no ring: None
-    ring = {"ring": "constexpr"} if mode == 0 else {}
-    out.append(ptx(K.swap_in_kernel, {**common, **ring, "backup": "*bf16", "last": "i32", "PDTYPE": "constexpr",
-                                      "MODE": "constexpr", "BLOCK": "constexpr"},
-                   {"PDTYPE": tl.bfloat16, "MODE": mode, "BLOCK": 1024, **({"ring": None} if ring else {})}))
-out.append(ptx(K.swap_back_kernel, {"table": "*i64", "backup": "*bf16", "PDTYPE": "constexpr", "BLOCK": "constexpr"},
-               {"PDTYPE": tl.bfloat16, "BLOCK": 1024}))
-del common["table"]
-out.append(ptx(K.recompute_kernel, {**common, "CHUNK": "constexpr", "BLOCK": "constexpr"},
-               {"CHUNK": 16384, "BLOCK": 1024}))
-print("fma.rn.f32" in out[1], all("div.rn.f32" in p for p in out[3:5]), any("div.approx" in p or "div.full" in p for p in out))
+# Run in a child process: this one set TRITON_INTERPRET=1 before importing the kernels.
+COMPILE_PTX = r"""
+import json, re, sys
+from lawa_optim.backends import triton as tb
+out = {}
+for arch in (80, 90):
+    for name, ptx in tb.compile_ptx(arch).items():
+        out[f"{arch}:{name}"] = {
+            "ld_v4": len(re.findall(r"\bld\.global(?:\.\w+)*\.v4\.", ptx)),
+            "st_v4": len(re.findall(r"\bst\.global(?:\.\w+)*\.v4\.", ptx)),
+            "ops": sorted(set(re.findall(r"\b(?:div|fma|cvt)(?:\.\w+)+", ptx))),
+        }
+json.dump(out, sys.stdout)
 """
 
 
-def test_kernels_compile_for_a_gpu():
+@pytest.fixture(scope="module")
+def compiled():
+    """Facts about the PTX of every kernel variant for sm_80 and sm_90."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9's default, stated to silence its warning
     run = subprocess.run(
-        [sys.executable, "-c", COMPILE_FOR_SM90], env=env, cwd=Path(__file__).parents[1],
+        [sys.executable, "-c", COMPILE_PTX], env=env, cwd=Path(__file__).parents[1],
         capture_output=True, text=True,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    # EMA keeps torch's fused multiply-add; both averages divide IEEE-correctly, never approximately.
-    assert run.stdout.split() == ["True", "True", "False"]
+    return json.loads(run.stdout)
+
+
+def vectors(*dtypes: str) -> int:
+    """128-bit accesses one thread makes to move its 8 elements of each stream."""
+    return sum(8 * (4 if d == "float32" else 2) // 16 for d in dtypes)
+
+
+def expected_vectors(name: str) -> tuple[int, int]:
+    """(loads, stores) of 128 bits in a kernel variant: every stream of the aligned loop
+    is vectorized, and in a misaligned parameter's loop every stream but the parameter's."""
+    op, *dtypes = name.split(":")
+    if op == "swap_in":
+        mode, p, *h = dtypes
+        avg = ["float32"] if mode in ("ema", "mean") else h  # total, or the ring's slots
+        return vectors(p, *avg) + vectors(*avg), vectors(p, p) + vectors(p)
+    p = dtypes[0]
+    if op == "push":
+        h = dtypes[1]  # parameter, old slot, sum, the other slots at a refresh
+        return vectors(p, h, "float32", h) + vectors(h, "float32", h), 2 * vectors(h, "float32")
+    if op == "ema":
+        return vectors(p, "float32") + vectors("float32"), 2 * vectors("float32")
+    assert op == "swap_back"
+    return 2 * vectors(p), vectors(p)
+
+
+def test_compile_ptx_names_every_variant(compiled):
+    names = {k.split(":", 1)[1] for k in compiled}
+    d = ("float32", "bfloat16", "float16")
+    expected = (
+        {f"push:{p}:{h}" for p in d for h in d} | {f"ema:{p}" for p in d}
+        | {f"swap_in:ema:{p}" for p in d} | {f"swap_in:{m}:{p}:{h}" for m in ("mean", "last") for p in d for h in d}
+        | {f"swap_back:{p}" for p in d} | {f"recompute:{h}" for h in d}
+    )
+    assert names == expected
+    assert {k.split(":", 1)[0] for k in compiled} == {"80", "90"}
+
+
+def test_every_access_of_an_aligned_parameter_is_128_bit(compiled):
+    """sm_80 and sm_90: the counts of ld/st.global.v4 are exactly those of fully vectorized
+    loops, so a stream that falls back to 32- or 16-bit accesses fails this."""
+    for key, facts in compiled.items():
+        name = key.split(":", 1)[1]
+        if name.startswith("recompute"):
+            assert facts["ld_v4"] >= vectors(name.split(":")[1]) and facts["st_v4"] >= 1, key
+            continue
+        assert (facts["ld_v4"], facts["st_v4"]) == expected_vectors(name), key
+
+
+def test_compiled_arithmetic_is_the_contract(compiled):
+    """IEEE division, torch's fused multiply-add in the EMA, and on the GPU the hardware's
+    round-to-nearest-even casts (the instruction torch's CUDA cast uses), not the
+    interpreter's hand-written rounding."""
+    for key, facts in compiled.items():
+        ops = facts["ops"]
+        assert not any(o.startswith(("div.approx", "div.full")) for o in ops), key
+        name = key.split(":", 1)[1]
+        if name.startswith(("swap_in:mean", "swap_in:last")):
+            assert "div.rn.f32" in ops, key
+        if name.startswith("ema"):
+            assert "fma.rn.f32" in ops, key
+    for name, cvt in [("push:float32:bfloat16", "cvt.rn.bf16"), ("push:float32:float16", "cvt.rn.f16"),
+                      ("swap_in:mean:bfloat16:float32", "cvt.rn.bf16")]:
+        for arch in (80, 90):
+            assert any(o.startswith(cvt) for o in compiled[f"{arch}:{name}"]["ops"]), (arch, name)

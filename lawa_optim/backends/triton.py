@@ -17,6 +17,7 @@ on the device and reproduce the reference backend bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -89,7 +90,13 @@ def _table(b: "Bucket") -> Tensor:
 def _launch(kernel, b: "Bucket", *args, **constexprs) -> None:
     table = _table(b)
     if table.shape[0]:  # a bucket of empty parameters has nothing to launch over
-        kernel[(table.shape[0],)](table, *args, PDTYPE=_k.TL_DTYPES[b.dtype], BLOCK=BLOCK, **constexprs)
+        # Triton launches on the current device's current stream: make that the bucket's.
+        with _device(b.device):
+            kernel[(table.shape[0],)](table, *args, PDTYPE=_k.TL_DTYPES[b.dtype], BLOCK=BLOCK, **constexprs)
+
+
+def _device(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _f32(x: float) -> float:
@@ -98,8 +105,10 @@ def _f32(x: float) -> float:
 
 
 def push(b: "Bucket") -> None:
-    """Write the parameters into slot ``pushes % k`` and update ``total`` by new - old."""
-    _launch(_k.push_kernel, b, b.ring, b.total, b.pushes, b.D, b.k, HDTYPE=_k.TL_DTYPES[b.history_dtype])
+    """Write the parameters into slot ``pushes % k``; update ``total`` by new - old, or
+    rebuild it from the ring at a refresh (decided in the kernel from ``pushes``)."""
+    _launch(_k.push_kernel, b, b.ring, b.total, b.pushes, b.D, b.k, b.refresh_every,
+            HDTYPE=_k.TL_DTYPES[b.history_dtype])
 
 
 def ema_update(b: "Bucket", decay: float) -> None:
@@ -121,4 +130,74 @@ def swap_back(b: "Bucket") -> None:
 def recompute(b: "Bucket") -> None:
     """Recompute ``total`` from the filled ring slots, over the whole flat buffer."""
     grid = (-(-b.D // CHUNK),)  # D >= ALIGN: every bucket has a parameter
-    _k.recompute_kernel[grid](b.ring, b.total, b.pushes, b.D, b.k, CHUNK=CHUNK, BLOCK=BLOCK)
+    with _device(b.device):
+        _k.recompute_kernel[grid](b.ring, b.total, b.pushes, b.D, b.k, CHUNK=CHUNK, BLOCK=BLOCK)
+
+
+# -- ahead-of-time compilation, to read what a GPU would run ------------------------
+
+_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_SWAP_MODES = {"ema": 0, "mean": 1, "last": 2}
+
+
+def _variants() -> dict[str, tuple]:
+    """Every kernel specialisation the backend launches, as ``name: (kernel, args, constexprs)``
+    with stand-in arguments that specialise like an aligned bucket's (16-byte aligned
+    buffers, ``D`` a multiple of 64, a small ``k``)."""
+    D, k = 64 * 1024, 6
+    table, pushes = torch.zeros(3, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    total = torch.zeros(D, dtype=torch.float32)
+    bufs = {dt: torch.zeros(64, dtype=dt) for dt in _NAMES}
+    out: dict[str, tuple] = {}
+    for p, pn in _NAMES.items():
+        P = {"PDTYPE": _k.TL_DTYPES[p], "BLOCK": BLOCK}
+        for h, hn in _NAMES.items():
+            out[f"push:{pn}:{hn}"] = (_k.push_kernel, (table, bufs[h], total, pushes, D, k, k),
+                                      {**P, "HDTYPE": _k.TL_DTYPES[h]})
+        out[f"ema:{pn}"] = (_k.ema_kernel, (table, total, pushes, _f32(0.9), _f32(0.1)), P)
+        out[f"swap_in:ema:{pn}"] = (_k.swap_in_kernel, (table, None, total, bufs[p], pushes, D, k, 0),
+                                    {**P, "MODE": 0})
+        for mode in ("mean", "last"):
+            for h, hn in _NAMES.items():
+                args = (table, bufs[h], total, bufs[p], pushes, D, k, 3 if mode == "last" else 0)
+                out[f"swap_in:{mode}:{pn}:{hn}"] = (_k.swap_in_kernel, args, {**P, "MODE": _SWAP_MODES[mode]})
+        out[f"swap_back:{pn}"] = (_k.swap_back_kernel, (table, bufs[p]), P)
+        out[f"recompute:{pn}"] = (_k.recompute_kernel, (bufs[p], total, pushes, D, k),
+                                  {"CHUNK": CHUNK, "BLOCK": BLOCK})
+    return out
+
+
+def compile_ptx(arch: int = 90) -> dict[str, str]:
+    """The PTX of every kernel variant the backend launches, compiled ahead of time for
+    ``GPUTarget("cuda", arch, 32)`` with the specialisation a launch over aligned
+    parameters gets; no GPU needed. Keys name the operation and the dtypes, e.g.
+    ``"push:float32:bfloat16"`` (parameters, then history), ``"swap_in:last:bfloat16:float32"``,
+    ``"recompute:bfloat16"`` (history).
+
+    Needs the compiled kernels, so a process where ``TRITON_INTERPRET=1`` was set
+    when this backend was imported cannot run it.
+    """
+    if _k is None:
+        raise RuntimeError(f"triton cannot be imported ({_IMPORT_ERROR})")
+    if _k.INTERPRET:
+        raise RuntimeError(
+            "compile_ptx needs Triton's compiler, but TRITON_INTERPRET=1 was set when "
+            "lawa_optim's Triton kernels were imported; run it in a process without it"
+        )
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    out = {}
+    for name, (kernel, args, constexprs) in _variants().items():
+        # The launcher's own binder (Triton 3.6 to 3.9) turns the arguments into the
+        # signature and the divisibility attributes a real launch compiles with.
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, specialization, options = binder(*args, **constexprs)
+        options, signature, consts, attrs = kernel._pack_args(backend, constexprs, bound, specialization, options)
+        src = ASTSource(kernel, signature, consts, attrs)
+        out[name] = triton.compile(src, target=target, options=options.__dict__).asm["ptx"]
+    return out

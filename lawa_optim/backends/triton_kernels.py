@@ -2,14 +2,22 @@
 
 Every kernel is one launch over a whole bucket. Program ``p`` owns row ``p`` of the
 block table built by :func:`lawa_optim.backends.triton.block_table`: the byte address
-of a chunk of one parameter, the chunk's element offset in the flat buffers and its
-element count, which the program walks ``BLOCK`` lanes at a time. ``recompute_kernel``
-reads no parameter and walks the flat buffers directly.
+of a chunk of one parameter, the chunk's element offset in the flat buffers (a
+multiple of 64) and its element count. ``recompute_kernel`` reads no parameter and
+walks the flat buffers directly.
 
-All arithmetic is float32. Conversions to and from bfloat16 work on the bit pattern,
-because Triton's interpreter truncates a float32 -> bfloat16 cast where torch and the
-GPU round to nearest even; on the GPU the explicit rounding gives the same bits as the
-hardware cast, so every backend agrees bit for bit.
+128-bit accesses need the compiler to know alignment, and the table hides it. So a
+program whose chunk starts on a 16-byte boundary casts the address to a pointer that
+it declares 16-byte aligned (``tl.multiple_of`` after the cast, in that branch only,
+so one misaligned view leaves the other rows vectorized), and walks its chunk as an
+unmasked loop over whole ``BLOCK``s plus one masked tail: a mask whose bound comes
+from the table would make every access scalar.
+
+All arithmetic is float32. On a GPU the casts are the hardware's (``cvt.rn``), the
+instruction torch's CUDA cast and the CUDA backend use, so every backend writes the
+same bits, NaN included (0x7FFF for bfloat16 and float16). Triton's interpreter
+truncates a float32 -> bfloat16 cast where torch rounds to nearest even, so there
+the rounding is done by hand on the bit pattern, with torch's CPU NaN (0x7FC0).
 """
 
 from __future__ import annotations
@@ -22,27 +30,37 @@ import triton.language as tl
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+@triton.jit
+def _row(table):
+    """This program's chunk: parameter address (int64 bytes), flat offset, count."""
+    row = table + tl.program_id(0).to(tl.int64) * 3
+    return tl.load(row), tl.multiple_of(tl.load(row + 1), 64), tl.load(row + 2)
+
+
+#: Whether ``triton.jit`` built the kernels for its CPU interpreter (TRITON_INTERPRET=1
+#: when this module was imported; it cannot change afterwards).
+INTERPRET = not isinstance(_row, triton.runtime.JITFunction)
+_ROUND_BY_HAND = tl.constexpr(INTERPRET)
+
 
 @triton.jit
-def _chunk(table, PDTYPE: tl.constexpr):
-    """This program's chunk: typed parameter pointer, flat offset, element count."""
-    row = table + tl.program_id(0).to(tl.int64) * 3
-    src = tl.load(row).to(tl.pointer_type(PDTYPE))
-    return src, tl.load(row + 1), tl.load(row + 2)
+def _param(addr, ALIGNED: tl.constexpr, PDTYPE: tl.constexpr):
+    """The typed parameter pointer; declared 16-byte aligned only where it is."""
+    if ALIGNED:
+        return tl.multiple_of(addr.to(tl.pointer_type(PDTYPE)), 16)
+    return addr.to(tl.pointer_type(PDTYPE))
 
 
 @triton.jit
 def _to_f32(x):
-    """``x`` widened to float32 exactly (bfloat16: its 16 bits become the high half)."""
-    if x.dtype == tl.bfloat16:
-        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    """``x`` widened to float32 (exact)."""
     return x.to(tl.float32)
 
 
 @triton.jit
 def _from_f32(x, DTYPE: tl.constexpr):
     """float32 ``x`` rounded to nearest even in ``DTYPE``."""
-    if DTYPE == tl.bfloat16:
+    if _ROUND_BY_HAND and DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         # Adding 0x7FFF plus the kept lowest bit, then dropping the low 16 bits, is
         # round-half-to-even; a carry into the exponent correctly gives the next
@@ -54,45 +72,137 @@ def _from_f32(x, DTYPE: tl.constexpr):
     return x.to(DTYPE)
 
 
+# -- push ---------------------------------------------------------------------------
+
+
 @triton.jit
-def push_kernel(table, ring, total, pushes, D, K, PDTYPE: tl.constexpr, HDTYPE: tl.constexpr,
+def _push_block(src, ring, slot, total, idx, cnt, s, full, refresh, filled, D,
+                HDTYPE: tl.constexpr, MASKED: tl.constexpr):
+    mask = idx < cnt if MASKED else None
+    new = tl.load(src + idx, mask=mask)
+    if new.dtype != HDTYPE:  # a same-dtype snapshot is a copy of the bits, NaN payloads included
+        new = _from_f32(_to_f32(new), HDTYPE)
+    if refresh:
+        # The sum of the filled slots in slot order, from zero, as recompute leaves it;
+        # the slot just written contributes the value in registers.
+        acc = tl.zeros(idx.shape, dtype=tl.float32)
+        row = ring
+        for j in range(0, filled):
+            if j == s:
+                acc += _to_f32(new)
+            else:
+                acc += _to_f32(tl.load(row + idx, mask=mask))
+            row += D  # a 64-bit pointer step: j * D may exceed 2**31
+        t = acc
+    else:
+        # While the ring fills (n < K) the overwritten slot counts as zero. Selected, not
+        # masked: a scalar load mask is a vector mask on the GPU but the interpreter
+        # rejects it, and the ring is read only in the first K - 1 pushes for nothing.
+        old = tl.where(full, _to_f32(tl.load(slot + idx, mask=mask)), 0.0)
+        t = tl.load(total + idx, mask=mask) + (_to_f32(new) - old)
+    tl.store(slot + idx, new, mask=mask)
+    tl.store(total + idx, t, mask=mask)
+
+
+@triton.jit
+def _push_chunk(addr, off, cnt, ring, total, n, D, K, R, ALIGNED: tl.constexpr,
+                PDTYPE: tl.constexpr, HDTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    src = _param(addr, ALIGNED, PDTYPE)
+    s = n % K
+    slot = ring + s * D + off
+    full = n >= K
+    refresh = (n + 1) % R == 0
+    filled = tl.minimum(n + 1, K)
+    whole = cnt - cnt % BLOCK
+    for start in range(0, whole, BLOCK):
+        _push_block(src, ring + off, slot, total + off, start + tl.arange(0, BLOCK), cnt, s, full,
+                    refresh, filled, D, HDTYPE, False)
+    if whole < cnt:
+        _push_block(src, ring + off, slot, total + off, whole + tl.arange(0, BLOCK), cnt, s, full,
+                    refresh, filled, D, HDTYPE, True)
+
+
+@triton.jit
+def push_kernel(table, ring, total, pushes, D, K, R, PDTYPE: tl.constexpr, HDTYPE: tl.constexpr,
                 BLOCK: tl.constexpr):
-    """Write slot ``pushes % K`` from the parameters; ``total += new - old``."""
-    src, off, cnt = _chunk(table, PDTYPE)
+    """With ``n = pushes``: write slot ``n % K`` from the parameters; ``total += new - old``,
+    or, when ``(n + 1) % R == 0``, ``total`` = the sum of the ``min(n + 1, K)`` filled slots."""
+    addr, off, cnt = _row(table)
     n = tl.load(pushes)
-    slot = ring + (n % K) * D + off
-    # While the ring fills (n < K) the overwritten slot counts as zero: read none of
-    # it. A bound, not `mask & full`: the interpreter's `&` of two int1 tensors
-    # yields int8, which it then rejects as a load mask.
-    old_cnt = tl.where(n >= K, cnt, 0)
-    for start in range(0, cnt, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        mask = idx < cnt
-        p = tl.load(src + idx, mask=mask)
-        if PDTYPE == HDTYPE:
-            new = p
-        else:
-            new = _from_f32(_to_f32(p), HDTYPE)
-        old = tl.load(slot + idx, mask=idx < old_cnt, other=0.0)
-        tl.store(slot + idx, new, mask=mask)
-        t = tl.load(total + off + idx, mask=mask)
-        tl.store(total + off + idx, t + (_to_f32(new) - _to_f32(old)), mask=mask)
+    if addr % 16 == 0:
+        _push_chunk(addr, off, cnt, ring, total, n, D, K, R, True, PDTYPE, HDTYPE, BLOCK)
+    else:
+        _push_chunk(addr, off, cnt, ring, total, n, D, K, R, False, PDTYPE, HDTYPE, BLOCK)
+
+
+# -- EMA ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _ema_block(src, total, idx, cnt, first, decay, alpha, MASKED: tl.constexpr):
+    mask = idx < cnt if MASKED else None
+    p = _to_f32(tl.load(src + idx, mask=mask))
+    t = tl.load(total + idx, mask=mask)
+    # torch rounds decay * total, then adds alpha * param with one fused multiply-add
+    # (its CPU and CUDA add-with-alpha both do), so fuse the same way.
+    tl.store(total + idx, tl.where(first, p, tl.fma(p, alpha, t * decay)), mask=mask)
+
+
+@triton.jit
+def _ema_chunk(addr, off, cnt, total, first, decay, alpha, ALIGNED: tl.constexpr,
+               PDTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    src = _param(addr, ALIGNED, PDTYPE)
+    whole = cnt - cnt % BLOCK
+    for start in range(0, whole, BLOCK):
+        _ema_block(src, total + off, start + tl.arange(0, BLOCK), cnt, first, decay, alpha, False)
+    if whole < cnt:
+        _ema_block(src, total + off, whole + tl.arange(0, BLOCK), cnt, first, decay, alpha, True)
 
 
 @triton.jit
 def ema_kernel(table, total, pushes, decay, alpha, PDTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """``total = param`` for the first update, else ``decay * total + alpha * param``."""
-    src, off, cnt = _chunk(table, PDTYPE)
+    addr, off, cnt = _row(table)
     first = tl.load(pushes) == 0
-    for start in range(0, cnt, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        mask = idx < cnt
-        p = _to_f32(tl.load(src + idx, mask=mask))
-        t = tl.load(total + off + idx, mask=mask)
-        # torch rounds decay * total, then adds alpha * param with one fused
-        # multiply-add (its CPU and CUDA add-with-alpha both do), so fuse the same way.
-        t = tl.where(first, p, tl.fma(p, alpha, t * decay))
-        tl.store(total + off + idx, t, mask=mask)
+    if addr % 16 == 0:
+        _ema_chunk(addr, off, cnt, total, first, decay, alpha, True, PDTYPE, BLOCK)
+    else:
+        _ema_chunk(addr, off, cnt, total, first, decay, alpha, False, PDTYPE, BLOCK)
+
+
+# -- swap-in ------------------------------------------------------------------------
+
+
+@triton.jit
+def _swap_in_block(src, ring, off, total, backup, idx, cnt, n, D, K, last, PDTYPE: tl.constexpr,
+                   MODE: tl.constexpr, MASKED: tl.constexpr):
+    mask = idx < cnt if MASKED else None
+    p = tl.load(src + idx, mask=mask)
+    tl.store(backup + idx, p, mask=mask)
+    if MODE == 0:
+        avg = tl.load(total + idx, mask=mask)
+    elif MODE == 1:
+        # div_rn: plain `/` may lower to an approximate division on the GPU.
+        avg = tl.math.div_rn(tl.load(total + idx, mask=mask), tl.zeros(idx.shape, tl.float32) + tl.minimum(n, K))
+    else:
+        acc = tl.zeros(idx.shape, dtype=tl.float32)
+        for i in range(0, last):
+            acc += _to_f32(tl.load(ring + ((n - 1 - i) % K) * D + off + idx, mask=mask))
+        avg = tl.math.div_rn(acc, tl.zeros(idx.shape, tl.float32) + last)
+    tl.store(src + idx, _from_f32(avg, PDTYPE), mask=mask)
+
+
+@triton.jit
+def _swap_in_chunk(addr, off, cnt, ring, total, backup, n, D, K, last, ALIGNED: tl.constexpr,
+                   PDTYPE: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr):
+    src = _param(addr, ALIGNED, PDTYPE)
+    whole = cnt - cnt % BLOCK
+    for start in range(0, whole, BLOCK):
+        _swap_in_block(src, ring, off, total + off, backup + off, start + tl.arange(0, BLOCK), cnt, n,
+                       D, K, last, PDTYPE, MODE, False)
+    if whole < cnt:
+        _swap_in_block(src, ring, off, total + off, backup + off, whole + tl.arange(0, BLOCK), cnt, n,
+                       D, K, last, PDTYPE, MODE, True)
 
 
 @triton.jit
@@ -100,35 +210,41 @@ def swap_in_kernel(table, ring, total, backup, pushes, D, K, last, PDTYPE: tl.co
                    MODE: tl.constexpr, BLOCK: tl.constexpr):
     """``backup = param``; ``param = avg``. MODE 0: avg = total (EMA); 1: total / min(n, K);
     2: the ``last`` newest slots summed newest first from zero, divided by ``last``."""
-    src, off, cnt = _chunk(table, PDTYPE)
+    addr, off, cnt = _row(table)
     n = tl.load(pushes)
-    for start in range(0, cnt, BLOCK):
+    if addr % 16 == 0:
+        _swap_in_chunk(addr, off, cnt, ring, total, backup, n, D, K, last, True, PDTYPE, MODE, BLOCK)
+    else:
+        _swap_in_chunk(addr, off, cnt, ring, total, backup, n, D, K, last, False, PDTYPE, MODE, BLOCK)
+
+
+# -- swap-back ----------------------------------------------------------------------
+
+
+@triton.jit
+def _swap_back_chunk(addr, off, cnt, backup, ALIGNED: tl.constexpr, PDTYPE: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    src = _param(addr, ALIGNED, PDTYPE)
+    whole = cnt - cnt % BLOCK
+    for start in range(0, whole, BLOCK):
         idx = start + tl.arange(0, BLOCK)
-        mask = idx < cnt
-        tl.store(backup + off + idx, tl.load(src + idx, mask=mask), mask=mask)
-        zero = tl.zeros([BLOCK], dtype=tl.float32)
-        if MODE == 0:
-            avg = tl.load(total + off + idx, mask=mask)
-        elif MODE == 1:
-            # div_rn: plain `/` may lower to an approximate division on the GPU.
-            avg = tl.math.div_rn(tl.load(total + off + idx, mask=mask), zero + tl.minimum(n, K))
-        else:
-            acc = zero
-            for i in range(0, last):
-                row = ring + ((n - 1 - i) % K) * D + off
-                acc += _to_f32(tl.load(row + idx, mask=mask))
-            avg = tl.math.div_rn(acc, zero + last)
-        tl.store(src + idx, _from_f32(avg, PDTYPE), mask=mask)
+        tl.store(src + idx, tl.load(backup + off + idx))
+    if whole < cnt:
+        idx = whole + tl.arange(0, BLOCK)
+        tl.store(src + idx, tl.load(backup + off + idx, mask=idx < cnt), mask=idx < cnt)
 
 
 @triton.jit
 def swap_back_kernel(table, backup, PDTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """``param = backup``, bit for bit."""
-    src, off, cnt = _chunk(table, PDTYPE)
-    for start in range(0, cnt, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        mask = idx < cnt
-        tl.store(src + idx, tl.load(backup + off + idx, mask=mask), mask=mask)
+    addr, off, cnt = _row(table)
+    if addr % 16 == 0:
+        _swap_back_chunk(addr, off, cnt, backup, True, PDTYPE, BLOCK)
+    else:
+        _swap_back_chunk(addr, off, cnt, backup, False, PDTYPE, BLOCK)
+
+
+# -- recompute ----------------------------------------------------------------------
 
 
 @triton.jit
@@ -148,8 +264,3 @@ def recompute_kernel(ring, total, pushes, D, K, CHUNK: tl.constexpr, BLOCK: tl.c
             acc += _to_f32(tl.load(row + idx, mask=mask))
             row += D  # slot s: a 64-bit pointer step, as s * D may exceed 2**31
         tl.store(total + off + idx, acc, mask=mask)
-
-
-#: Whether ``triton.jit`` built the kernels above for its CPU interpreter
-#: (TRITON_INTERPRET=1 when this module was imported; it cannot change afterwards).
-INTERPRET = not isinstance(push_kernel, triton.runtime.JITFunction)
