@@ -74,6 +74,7 @@ LawaLaunch launch_of(const at::Tensor& table, int64_t num_tiles) {
   launch.segments = reinterpret_cast<const LawaSegment*>(table.data_ptr<int64_t>());
   launch.num_segments = static_cast<int>(table.size(0));
   launch.num_tiles = num_tiles;
+  launch.device = device;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&launch.sm_count, cudaDevAttrMultiProcessorCount, device));
   launch.stream = c10::cuda::getCurrentCUDAStream(device).stream();
   return launch;
@@ -121,7 +122,8 @@ std::tuple<at::Tensor, int64_t> make_table(const std::vector<at::Tensor>& params
 }
 
 void push(const at::Tensor& table, int64_t num_tiles, at::ScalarType param_dtype,
-          const at::Tensor& ring, const at::Tensor& total, const at::Tensor& pushes) {
+          const at::Tensor& ring, const at::Tensor& total, const at::Tensor& pushes,
+          int64_t refresh_every) {
   const c10::cuda::CUDAGuard guard(table.device());
   const LawaLaunch launch = launch_of(table, num_tiles);
   check_buffer(total, "total", table.device(), at::kFloat);
@@ -129,9 +131,11 @@ void push(const at::Tensor& table, int64_t num_tiles, at::ScalarType param_dtype
   check_flat(total, "total", D);
   check_ring(ring, table.device(), D);
   check_pushes(pushes, table.device());
+  TORCH_CHECK(refresh_every >= 1, "refresh_every must be >= 1, got ", refresh_every);
   check_launch(lawa_push(launch, lawa_dtype(param_dtype, "the parameters"),
                          lawa_dtype(ring.scalar_type(), "ring"), ring.data_ptr(),
-                         total.data_ptr<float>(), pushes.data_ptr<int64_t>(), D, ring.size(0)),
+                         total.data_ptr<float>(), pushes.data_ptr<int64_t>(), D, ring.size(0),
+                         refresh_every),
                "push");
 }
 
@@ -215,9 +219,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CUDA kernels of the LAWA history (Kaddour 2022, arXiv:2209.14981)";
   m.def("make_table", &make_table, "Device pointer table of a bucket and its number of tiles",
         py::arg("params"), py::arg("offsets"), py::arg("D"));
-  m.def("push", &push, "Snapshot into the ring and update the running sum", py::arg("table"),
-        py::arg("num_tiles"), py::arg("param_dtype"), py::arg("ring"), py::arg("total"),
-        py::arg("pushes"));
+  m.def("push", &push, "Snapshot into the ring and update or refresh the running sum",
+        py::arg("table"), py::arg("num_tiles"), py::arg("param_dtype"), py::arg("ring"),
+        py::arg("total"), py::arg("pushes"), py::arg("refresh_every"));
   m.def("ema_update", &ema_update, "Fold the weights into the exponential average",
         py::arg("table"), py::arg("num_tiles"), py::arg("param_dtype"), py::arg("total"),
         py::arg("pushes"), py::arg("decay"));

@@ -40,14 +40,18 @@ struct LawaLaunch {
   const LawaSegment* segments;  // device pointer, num_segments rows
   int num_segments;
   int64_t num_tiles;            // tile_begin of the last segment plus its tiles
+  int device;                   // CUDA device ordinal of the buffers and the stream
   int sm_count;                 // multiprocessors of the device, to size the grid
   cudaStream_t stream;
 };
 
-// ring[pushes % k] = cast(param); total += float(new) - float(old) (old = 0 while
-// pushes < k), the difference rounded first. `ring` is (k, D), `total` is (D,).
+// With n = pushes: ring[n % k] = cast(param), and total += float(new) - float(old) (old = 0
+// while n < k), the difference rounded first; or, when (n + 1) % refresh_every == 0,
+// total = 0 + ring[0] + ... + ring[min(n + 1, k) - 1] in slot order (the new slot
+// included). `ring` is (k, D), `total` is (D,).
 cudaError_t lawa_push(const LawaLaunch& launch, LawaDtype param_dtype, LawaDtype history_dtype,
-                      void* ring, float* total, const int64_t* pushes, int64_t D, int64_t k);
+                      void* ring, float* total, const int64_t* pushes, int64_t D, int64_t k,
+                      int64_t refresh_every);
 
 // total = float(param) when pushes == 0, else decay * total + one_minus_decay * param.
 cudaError_t lawa_ema_update(const LawaLaunch& launch, LawaDtype param_dtype, float* total,

@@ -4,6 +4,7 @@
 // of a parameter are 16-byte aligned and a scalar path for the rest.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -13,9 +14,13 @@
 #include "lawa_elem.cuh"
 
 constexpr int kLawaThreads = 256;
-// Resident blocks per multiprocessor at kLawaThreads (2048 threads): the grid is at
-// most this many blocks per SM and strides over the remaining tiles.
-constexpr int kLawaBlocksPerSm = 2048 / kLawaThreads;
+// Blocks per SM the register budget must allow (at most 85 registers a thread): 768
+// threads keep 48-72 KB of loads in flight per SM, over 3x what an H100 needs at full
+// bandwidth (3.35 TB/s x ~600 ns / 132 SMs = 15 KB). With no bound, or 4 to 6 blocks,
+// ptxas spilled 4-16 bytes in some kernels on sm_80 or sm_90.
+constexpr int kLawaMinBlocks = 3;
+// Devices whose occupancy is remembered per kernel; others ask for it at every launch.
+constexpr int kLawaMaxDevices = 64;
 static_assert(kLawaTile % (kLawaThreads * kLawaVec) == 0, "a tile is whole vector rounds");
 
 // Index of the segment holding `tile`: the last one with tile_begin <= tile (segments
@@ -36,11 +41,12 @@ __device__ __forceinline__ int lawa_find_segment(const LawaSegment* segments, in
 }
 
 // Op provides `pushes` (device counter, or null when the op does not need it),
-// `View view(const LawaSegment&, int64_t pushes)` (the segment's pointers and whether
-// they allow the vector path) and `template <int W> step(const View&, int64_t e)`
-// (elements e .. e + W - 1 of the segment).
+// `View view(const LawaSegment&, int64_t pushes, int64_t lo)` (the segment's pointers
+// advanced to its element lo, and whether they allow the vector path) and
+// `template <int W> step(const View&, int e)` (elements lo + e .. lo + e + W - 1).
+// Offsets within a tile are 32-bit: fewer live 64-bit registers, and no spills.
 template <class Op>
-__global__ void __launch_bounds__(kLawaThreads)
+__global__ void __launch_bounds__(kLawaThreads, kLawaMinBlocks)
     lawa_apply_kernel(const LawaSegment* __restrict__ segments, int num_segments, int64_t num_tiles,
                       Op op) {
   // Read on the device so that the host never syncs on the snapshot counter.
@@ -48,29 +54,63 @@ __global__ void __launch_bounds__(kLawaThreads)
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const LawaSegment seg = segments[lawa_find_segment(segments, num_segments, tile)];
     const int64_t lo = (tile - seg.tile_begin) * kLawaTile;
-    const int64_t hi = lo + kLawaTile < seg.numel ? lo + kLawaTile : seg.numel;
-    const typename Op::View view = op.view(seg, pushes);
-    int64_t scalar_lo = lo;
+    const int count = int(seg.numel - lo < kLawaTile ? seg.numel - lo : kLawaTile);
+    // lo is a multiple of kLawaTile elements: the tile is aligned like its parameter.
+    const typename Op::View view = op.view(seg, pushes, lo);
+    int scalar_lo = 0;
+    // Not unrolled: the compiler cannot move loads past stores that may alias, so
+    // unrolling buys no memory parallelism, only live registers (and spills).
     if (view.vec) {
-      scalar_lo = hi - (hi - lo) % kLawaVec;
-      for (int64_t e = lo + int64_t(threadIdx.x) * kLawaVec; e < scalar_lo;
-           e += int64_t(kLawaThreads) * kLawaVec) {
+      scalar_lo = count - count % kLawaVec;
+#pragma unroll 1
+      for (int e = int(threadIdx.x) * kLawaVec; e < scalar_lo; e += kLawaThreads * kLawaVec) {
         op.template step<kLawaVec>(view, e);
       }
     }
-    for (int64_t e = scalar_lo + threadIdx.x; e < hi; e += kLawaThreads) {
+#pragma unroll 1
+    for (int e = scalar_lo + int(threadIdx.x); e < count; e += kLawaThreads) {
       op.template step<1>(view, e);
     }
   }
 }
 
-// Launch op over the table on the caller's stream, the grid sized from the SM count.
+// Blocks of lawa_apply_kernel<Op> resident per multiprocessor of `device`, from the
+// occupancy API (registers differ per Op: 5 blocks of 256 threads fit at 42-48 registers,
+// not 2048 / 256 = 8), asked once per kernel and device.
+template <class Op>
+cudaError_t lawa_blocks_per_sm(int device, int* blocks) {
+  static std::atomic<int> known[kLawaMaxDevices];  // 0: not asked yet
+  const bool cached = device >= 0 && device < kLawaMaxDevices;
+  if (cached && (*blocks = known[device].load(std::memory_order_relaxed)) > 0) {
+    return cudaSuccess;
+  }
+  const cudaError_t err =
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, lawa_apply_kernel<Op>, kLawaThreads, 0);
+  if (err != cudaSuccess) {
+    return err;
+  }
+  if (*blocks < 1) {
+    *blocks = 1;
+  }
+  if (cached) {
+    known[device].store(*blocks, std::memory_order_relaxed);
+  }
+  return cudaSuccess;
+}
+
+// Launch op over the table on the caller's stream: one wave of resident blocks at most,
+// striding over the remaining tiles.
 template <class Op>
 cudaError_t lawa_apply(const LawaLaunch& launch, const Op& op) {
   if (launch.num_tiles <= 0 || launch.num_segments <= 0) {
     return cudaSuccess;
   }
-  const int64_t cap = int64_t(launch.sm_count > 0 ? launch.sm_count : 1) * kLawaBlocksPerSm;
+  int per_sm = 0;
+  const cudaError_t err = lawa_blocks_per_sm<Op>(launch.device, &per_sm);
+  if (err != cudaSuccess) {
+    return err;
+  }
+  const int64_t cap = int64_t(launch.sm_count > 0 ? launch.sm_count : 1) * per_sm;
   const unsigned blocks = unsigned(launch.num_tiles < cap ? launch.num_tiles : cap);
   lawa_apply_kernel<Op><<<blocks, kLawaThreads, 0, launch.stream>>>(
       launch.segments, launch.num_segments, launch.num_tiles, op);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -68,12 +69,36 @@ __device__ __forceinline__ bool lawa_aligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
+// Every access goes through the global-memory intrinsics (ld.global.ca / st.global.wb,
+// the default cache policies): parameter addresses come from the pointer table, so
+// plain C++ accesses compile to generic LD.E/ST.E (an address-space check each), and
+// the compiler split some 16-byte struct stores into 32-bit ones. A full vector moves
+// as 16-byte pieces.
 template <LawaDtype D, int W>
 __device__ __forceinline__ LawaChunk<D, W> lawa_load(const typename LawaElem<D>::Raw* p) {
-  return *reinterpret_cast<const LawaChunk<D, W>*>(p);
+  LawaChunk<D, W> x;
+  if constexpr (W == kLawaVec) {
+#pragma unroll
+    for (int i = 0; i < int(sizeof(x) / 16); ++i) {
+      const uint4 piece = __ldca(reinterpret_cast<const uint4*>(p) + i);
+      memcpy(reinterpret_cast<char*>(&x) + 16 * i, &piece, 16);
+    }
+  } else {
+    x.v[0] = __ldca(p);
+  }
+  return x;
 }
 
 template <LawaDtype D, int W>
 __device__ __forceinline__ void lawa_store(typename LawaElem<D>::Raw* p, const LawaChunk<D, W>& x) {
-  *reinterpret_cast<LawaChunk<D, W>*>(p) = x;
+  if constexpr (W == kLawaVec) {
+#pragma unroll
+    for (int i = 0; i < int(sizeof(x) / 16); ++i) {
+      uint4 piece;
+      memcpy(&piece, reinterpret_cast<const char*>(&x) + 16 * i, 16);
+      __stwb(reinterpret_cast<uint4*>(p) + i, piece);
+    }
+  } else {
+    __stwb(p, x.v[0]);
+  }
 }

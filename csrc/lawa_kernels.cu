@@ -15,7 +15,8 @@ namespace {
 template <LawaDtype D>
 using Raw = typename LawaElem<D>::Raw;
 
-// ring[n % k] = cast(param); total += float(new) - float(old), old = 0 while n < k.
+// ring[n % k] = cast(param); total += float(new) - float(old), old = 0 while n < k; at a
+// refresh ((n + 1) % refresh_every == 0) total is rebuilt from the filled slots instead.
 template <LawaDtype P, LawaDtype H>
 struct PushOp {
   Raw<H>* ring;
@@ -23,45 +24,73 @@ struct PushOp {
   const int64_t* pushes;
   int64_t D;
   int64_t k;
+  int64_t refresh_every;
 
   struct View {
     const Raw<P>* param;
     Raw<H>* slot;
+    const Raw<H>* ring;  // slot 0 of the segment's slice
     float* total;
+    int64_t s;           // the slot written
+    int64_t filled;      // slots summed at a refresh, the new one included
     bool full;
+    bool refresh;
     bool vec;
   };
 
-  __device__ View view(const LawaSegment& seg, int64_t n) const {
+  __device__ View view(const LawaSegment& seg, int64_t n, int64_t lo) const {
     View v;
-    v.param = static_cast<const Raw<P>*>(seg.param);
-    v.slot = ring + (n % k) * D + seg.offset;
-    v.total = total + seg.offset;
+    v.param = static_cast<const Raw<P>*>(seg.param) + lo;
+    v.s = n % k;
+    v.slot = ring + v.s * D + seg.offset + lo;
+    v.ring = ring + seg.offset + lo;
+    v.total = total + seg.offset + lo;
     v.full = n >= k;
-    v.vec = lawa_aligned(v.param) && lawa_aligned(v.slot) && lawa_aligned(v.total);
+    v.refresh = (n + 1) % refresh_every == 0;
+    v.filled = n + 1 < k ? n + 1 : k;
+    v.vec = lawa_aligned(v.param) && lawa_aligned(v.slot) && lawa_aligned(v.total) &&
+            (D * int64_t(sizeof(Raw<H>))) % 16 == 0;
     return v;
   }
 
   template <int W>
-  __device__ void step(const View& v, int64_t e) const {
+  __device__ void step(const View& v, int e) const {
     const LawaChunk<P, W> p = lawa_load<P, W>(v.param + e);
-    LawaChunk<kLawaFloat32, W> t = lawa_load<kLawaFloat32, W>(v.total + e);
     LawaChunk<H, W> h;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
       h.v[j] = lawa_cast<P, H>(p.v[j]);
     }
-    if (v.full) {
-      const LawaChunk<H, W> old = lawa_load<H, W>(v.slot + e);
+    LawaChunk<kLawaFloat32, W> t;
+    if (v.refresh) {
+      // The sum of the filled slots in slot order, from zero, as recompute leaves it; the
+      // slot being written contributes the new value.
 #pragma unroll
       for (int j = 0; j < W; ++j) {
-        const float diff = __fsub_rn(LawaElem<H>::to_float(h.v[j]), LawaElem<H>::to_float(old.v[j]));
-        t.v[j] = __fadd_rn(t.v[j], diff);
+        t.v[j] = 0.0f;
+      }
+      const Raw<H>* row = v.ring + e;
+      for (int64_t s = 0; s < v.filled; ++s, row += D) {
+        const LawaChunk<H, W> r = s == v.s ? h : lawa_load<H, W>(row);
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          t.v[j] = __fadd_rn(t.v[j], LawaElem<H>::to_float(r.v[j]));
+        }
       }
     } else {
+      t = lawa_load<kLawaFloat32, W>(v.total + e);
+      if (v.full) {
+        const LawaChunk<H, W> old = lawa_load<H, W>(v.slot + e);
 #pragma unroll
-      for (int j = 0; j < W; ++j) {
-        t.v[j] = __fadd_rn(t.v[j], LawaElem<H>::to_float(h.v[j]));
+        for (int j = 0; j < W; ++j) {
+          const float diff = __fsub_rn(LawaElem<H>::to_float(h.v[j]), LawaElem<H>::to_float(old.v[j]));
+          t.v[j] = __fadd_rn(t.v[j], diff);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          t.v[j] = __fadd_rn(t.v[j], LawaElem<H>::to_float(h.v[j]));
+        }
       }
     }
     lawa_store<H, W>(v.slot + e, h);
@@ -86,17 +115,17 @@ struct EmaOp {
     bool vec;
   };
 
-  __device__ View view(const LawaSegment& seg, int64_t n) const {
+  __device__ View view(const LawaSegment& seg, int64_t n, int64_t lo) const {
     View v;
-    v.param = static_cast<const Raw<P>*>(seg.param);
-    v.total = total + seg.offset;
+    v.param = static_cast<const Raw<P>*>(seg.param) + lo;
+    v.total = total + seg.offset + lo;
     v.first = n == 0;
     v.vec = lawa_aligned(v.param) && lawa_aligned(v.total);
     return v;
   }
 
   template <int W>
-  __device__ void step(const View& v, int64_t e) const {
+  __device__ void step(const View& v, int e) const {
     const LawaChunk<P, W> p = lawa_load<P, W>(v.param + e);
     LawaChunk<kLawaFloat32, W> t;
     if (v.first) {
@@ -115,8 +144,10 @@ struct EmaOp {
   }
 };
 
-// backup = param, then param = cast(average), the division an IEEE one.
-template <LawaDtype P, LawaDtype H>
+// backup = param, then param = cast(average), the division an IEEE one. One kernel per
+// kind of average keeps each small: with all three in one, bfloat16 and float16
+// parameters spilled 12-16 bytes on sm_90.
+template <LawaDtype P, LawaDtype H, LawaAverage A>
 struct SwapInOp {
   Raw<P>* backup;
   const float* total;
@@ -125,28 +156,27 @@ struct SwapInOp {
   int64_t D;
   int64_t k;
   int64_t last;
-  LawaAverage average;
 
   struct View {
     Raw<P>* param;
     Raw<P>* backup;
     const float* total;
     const Raw<H>* ring;  // slot 0 of the segment's slice (kLawaLast only)
-    int64_t n;
+    int64_t newest;      // slot of the newest snapshot (kLawaLast only)
     float count;         // divisor of the mean
     bool vec;
   };
 
-  __device__ View view(const LawaSegment& seg, int64_t n) const {
+  __device__ View view(const LawaSegment& seg, int64_t n, int64_t lo) const {
     View v;
-    v.param = static_cast<Raw<P>*>(seg.param);
-    v.backup = backup + seg.offset;
-    v.total = total + seg.offset;
-    v.ring = average == kLawaLast ? ring + seg.offset : nullptr;
-    v.n = n;
-    v.count = float(average == kLawaLast ? last : (n < k ? n : k));
+    v.param = static_cast<Raw<P>*>(seg.param) + lo;
+    v.backup = backup + seg.offset + lo;
+    v.total = total + seg.offset + lo;
+    v.ring = A == kLawaLast ? ring + seg.offset + lo : nullptr;
+    v.newest = A == kLawaLast ? (n - 1) % k : 0;
+    v.count = float(A == kLawaLast ? last : (n < k ? n : k));
     v.vec = lawa_aligned(v.param) && lawa_aligned(v.backup);
-    if (average == kLawaLast) {
+    if (A == kLawaLast) {
       v.vec = v.vec && lawa_aligned(v.ring) && (D * int64_t(sizeof(Raw<H>))) % 16 == 0;
     } else {
       v.vec = v.vec && lawa_aligned(v.total);
@@ -155,23 +185,25 @@ struct SwapInOp {
   }
 
   template <int W>
-  __device__ void step(const View& v, int64_t e) const {
+  __device__ void step(const View& v, int e) const {
     const LawaChunk<P, W> p = lawa_load<P, W>(v.param + e);
     lawa_store<P, W>(v.backup + e, p);
     float avg[W];
-    if (average == kLawaLast) {
+    if constexpr (A == kLawaLast) {
 #pragma unroll
       for (int j = 0; j < W; ++j) {
         avg[j] = 0.0f;
       }
-      // The newest slot first, as the contract accumulates them.
+      // The newest slot first, as the contract accumulates them; stepping back through
+      // the ring wraps with a compare, not a 64-bit % k per slot.
+      int64_t s = v.newest;
       for (int64_t i = 0; i < last; ++i) {
-        const int64_t s = (v.n - 1 - i) % k;
         const LawaChunk<H, W> r = lawa_load<H, W>(v.ring + s * D + e);
 #pragma unroll
         for (int j = 0; j < W; ++j) {
           avg[j] = __fadd_rn(avg[j], LawaElem<H>::to_float(r.v[j]));
         }
+        s = (s == 0 ? k : s) - 1;
       }
 #pragma unroll
       for (int j = 0; j < W; ++j) {
@@ -181,7 +213,7 @@ struct SwapInOp {
       const LawaChunk<kLawaFloat32, W> t = lawa_load<kLawaFloat32, W>(v.total + e);
 #pragma unroll
       for (int j = 0; j < W; ++j) {
-        avg[j] = average == kLawaMean ? __fdiv_rn(t.v[j], v.count) : t.v[j];
+        avg[j] = A == kLawaMean ? __fdiv_rn(t.v[j], v.count) : t.v[j];
       }
     }
     LawaChunk<P, W> out;
@@ -205,16 +237,16 @@ struct SwapBackOp {
     bool vec;
   };
 
-  __device__ View view(const LawaSegment& seg, int64_t) const {
+  __device__ View view(const LawaSegment& seg, int64_t, int64_t lo) const {
     View v;
-    v.param = static_cast<Raw<P>*>(seg.param);
-    v.backup = backup + seg.offset;
+    v.param = static_cast<Raw<P>*>(seg.param) + lo;
+    v.backup = backup + seg.offset + lo;
     v.vec = lawa_aligned(v.param) && lawa_aligned(v.backup);
     return v;
   }
 
   template <int W>
-  __device__ void step(const View& v, int64_t e) const {
+  __device__ void step(const View& v, int e) const {
     lawa_store<P, W>(v.param + e, lawa_load<P, W>(v.backup + e));
   }
 };
@@ -235,17 +267,17 @@ struct RecomputeOp {
     bool vec;
   };
 
-  __device__ View view(const LawaSegment& seg, int64_t n) const {
+  __device__ View view(const LawaSegment& seg, int64_t n, int64_t lo) const {
     View v;
-    v.ring = ring + seg.offset;
-    v.total = total + seg.offset;
+    v.ring = ring + seg.offset + lo;
+    v.total = total + seg.offset + lo;
     v.filled = n < k ? n : k;
     v.vec = lawa_aligned(v.ring) && lawa_aligned(v.total) && (D * int64_t(sizeof(Raw<H>))) % 16 == 0;
     return v;
   }
 
   template <int W>
-  __device__ void step(const View& v, int64_t e) const {
+  __device__ void step(const View& v, int e) const {
     LawaChunk<kLawaFloat32, W> t;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
@@ -265,12 +297,16 @@ struct RecomputeOp {
 }  // namespace
 
 cudaError_t lawa_push(const LawaLaunch& launch, LawaDtype param_dtype, LawaDtype history_dtype,
-                      void* ring, float* total, const int64_t* pushes, int64_t D, int64_t k) {
+                      void* ring, float* total, const int64_t* pushes, int64_t D, int64_t k,
+                      int64_t refresh_every) {
+  if (k < 1 || refresh_every < 1) {
+    return cudaErrorInvalidValue;
+  }
   return lawa_dispatch(param_dtype, [&](auto p) {
     return lawa_dispatch(history_dtype, [&](auto h) {
       constexpr LawaDtype P = decltype(p)::value;
       constexpr LawaDtype H = decltype(h)::value;
-      return lawa_apply(launch, PushOp<P, H>{static_cast<Raw<H>*>(ring), total, pushes, D, k});
+      return lawa_apply(launch, PushOp<P, H>{static_cast<Raw<H>*>(ring), total, pushes, D, k, refresh_every});
     });
   });
 }
@@ -293,9 +329,21 @@ cudaError_t lawa_swap_in(const LawaLaunch& launch, LawaDtype param_dtype, LawaDt
     return lawa_dispatch(history_dtype, [&](auto h) {
       constexpr LawaDtype P = decltype(p)::value;
       constexpr LawaDtype H = decltype(h)::value;
-      return lawa_apply(launch, SwapInOp<P, H>{static_cast<Raw<P>*>(backup), total,
-                                               static_cast<const Raw<H>*>(ring), pushes, D, k, last,
-                                               average});
+      const auto launch_as = [&](auto a) {
+        constexpr LawaAverage A = decltype(a)::value;
+        return lawa_apply(launch, SwapInOp<P, H, A>{static_cast<Raw<P>*>(backup), total,
+                                                    static_cast<const Raw<H>*>(ring), pushes, D, k,
+                                                    last});
+      };
+      switch (average) {
+        case kLawaMean:
+          return launch_as(std::integral_constant<LawaAverage, kLawaMean>{});
+        case kLawaEma:
+          return launch_as(std::integral_constant<LawaAverage, kLawaEma>{});
+        case kLawaLast:
+          return launch_as(std::integral_constant<LawaAverage, kLawaLast>{});
+      }
+      return cudaErrorInvalidValue;
     });
   });
 }

@@ -7,6 +7,7 @@ the reciprocal, while the contract (and the kernels) divide.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -41,20 +42,63 @@ def probe(device="cuda", param_device=None, dtype=torch.float32, history_dtype=N
 # -- compile checks (no GPU needed) --------------------------------------------------
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("arch", ["80", "90"])
-def test_kernels_compile_without_warnings(arch, tmp_path):
+def ptx_functions(ptx: str) -> dict[str, str]:
+    """The body of every kernel entry in ``ptx``, by mangled name."""
+    parts = re.split(r"^(?:\.visible )?\.entry (\w+)\(", ptx, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+@pytest.fixture(scope="module", params=["80", "90"])
+def nvcc_build(request, tmp_path_factory):
+    """Each .cu compiled for sm_{arch} as the extension is (-O3, no fast math), warnings as
+    errors: ptxas's resource report and the PTX of every kernel."""
+    if NVCC is None:
+        pytest.skip("nvcc is not installed")
+    arch, keep = request.param, tmp_path_factory.mktemp(f"sm{request.param}")
     sources = sorted(CSRC.glob("*.cu"))
     assert sources, f"no .cu files in {CSRC}"
+    report, ptx = "", {}
     for src in sources:
         cmd = [
-            NVCC, "-c", "-std=c++17", "-O3", f"-I{CSRC}",
-            f"-gencode=arch=compute_{arch},code=sm_{arch}",
-            "-Werror", "all-warnings", "-Xcompiler=-Wall,-Wextra,-Werror",
-            str(src), "-o", str(tmp_path / f"{src.stem}.o"),
+            NVCC, "-c", "-std=c++17", "-O3", f"-I{CSRC}", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+            "-Werror", "all-warnings", "-Xcompiler=-Wall,-Wextra,-Werror", "-Xptxas", "-v",
+            "--keep", "--keep-dir", str(keep), str(src), "-o", str(keep / f"{src.stem}.o"),
         ]
         run = subprocess.run(cmd, capture_output=True, text=True)
         assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stdout}{run.stderr}"
+        report += run.stderr
+        ptx.update(ptx_functions((keep / f"{src.stem}.ptx").read_text()))
+    return arch, report, ptx
+
+
+def test_kernels_compile_without_warnings_or_spills(nvcc_build):
+    arch, report, ptx = nvcc_build
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert len(frames) == len(ptx) > 0, report[-2000:]
+    assert all(f == ("0", "0", "0") for f in frames), f"sm_{arch}: spills or local memory\n{report}"
+
+
+def test_every_kernel_moves_data_with_128_bit_global_accesses(nvcc_build):
+    """Parameter addresses come from the table: without the address-space assumption they
+    compile to generic ld/st. Every access must be global, and every kernel must have its
+    vector path."""
+    arch, _, ptx = nvcc_build
+    for name, body in ptx.items():
+        accesses = re.findall(r"^\s*(ld|st)((?:\.\w+)*)\s", body, flags=re.M)
+        generic = [op + q for op, q in accesses if not q.startswith((".global", ".param"))]
+        assert not generic, f"sm_{arch} {name}: generic accesses {generic[:5]}"
+        assert re.search(r"\bld\.global(\.\w+)*\.v4\.", body), f"sm_{arch} {name}: no 128-bit load"
+        assert re.search(r"\bst\.global(\.\w+)*\.v4\.", body), f"sm_{arch} {name}: no 128-bit store"
+
+
+def test_last_j_steps_through_the_ring_without_a_remainder(nvcc_build):
+    """swap_in(last=j) walks the ring newest first: one 64-bit % k for the newest slot,
+    never one per slot per vector step."""
+    arch, _, ptx = nvcc_build
+    last = {n: b for n, b in ptx.items() if "SwapInOp" in n and "LawaAverage2E" in n}
+    assert len(last) == 9, sorted(ptx)
+    for name, body in last.items():
+        assert len(re.findall(r"\brem\.[su]64\b", body)) <= 1, f"sm_{arch} {name}"
 
 
 def test_sources_are_found():

@@ -157,9 +157,10 @@ def _table(b: "Bucket") -> tuple[Tensor, int]:
 
 
 def push(b: "Bucket") -> None:
-    """Write the weights into ring slot ``pushes % k`` and update the running sum."""
+    """Write the weights into ring slot ``pushes % k``; update the running sum, or rebuild it
+    from the ring at a refresh (decided in the kernel from ``pushes``)."""
     table, tiles = _table(b)
-    _kernels().push(table, tiles, b.dtype, b.ring, b.total, b.pushes)
+    _kernels().push(table, tiles, b.dtype, b.ring, b.total, b.pushes, b.refresh_every)
 
 
 def ema_update(b: "Bucket", decay: float) -> None:
