@@ -2,10 +2,11 @@
 
 LAWA (Kaddour 2022, arXiv:2209.14981) keeps the k latest snapshots. Without a GPU the
 kernels run on CPU tensors in Triton's interpreter (tests/conftest.py sets
-TRITON_INTERPRET=1), one Python call per program, so sizes stay small. Every
-comparison is on bit patterns: the kernels do the reference's arithmetic (float32
-sums, round-to-nearest-even casts, IEEE division, torch's fused multiply-add in the
-EMA), so no tolerance is needed.
+TRITON_INTERPRET=1), one Python call per program, so sizes stay small; on a GPU the
+same tests run the compiled kernels. Every comparison is on bit patterns: the kernels
+do the reference's arithmetic (float32 sums, round-to-nearest-even casts, IEEE
+division, torch's fused multiply-add in the EMA), so no tolerance is needed. What a
+GPU would run is also compiled here ahead of time and its PTX checked.
 """
 
 import json
@@ -18,63 +19,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import DEVICE, backend_skip_reason
+from kernel_cases import (
+    COMBOS, DTYPES, assert_same_bits, bits, check_ema, check_uniform, dtype_id, make_params,
+    set_values, swap_in, twins,
+)
 
 from lawa_optim import LAWA, ops
 from lawa_optim.backends import triton as tb
 from lawa_optim.history import ALIGN, Bucket
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-COMBOS = [(p, h) for p in DTYPES for h in DTYPES]
-BITS = {4: torch.int32, 2: torch.int16}
-
 needs_triton = pytest.mark.skipif(
     backend_skip_reason("triton") is not None, reason=f"triton backend: {backend_skip_reason('triton')}"
 )
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s bit pattern, so that -0.0 != 0.0 and NaNs compare by payload."""
-    return t.contiguous().view(BITS[t.element_size()])
-
-
-def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert torch.equal(bits(a), bits(b))
-
-
-def make_params(dtype, seed=0):
-    """1 element, odd sizes, exactly ALIGN, a parameter spanning three table rows,
-    an empty one and a channels_last conv weight."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(1,), (3,), (ALIGN - 1,), (ALIGN,), (5, 13), (2 * tb.CHUNK + 5,), (0,)]
-    ps = [torch.randn(s, generator=g).to(DEVICE, dtype) for s in shapes]
-    conv = torch.randn(4, 3, 3, 3, generator=g).to(DEVICE, dtype)
-    ps.append(conv.contiguous(memory_format=torch.channels_last))
-    return ps
-
-
-def twins(dtype, seed=0):
-    """Two identical parameter lists (same layouts) for the reference and Triton."""
-    ps = make_params(dtype, seed)
-    return ps, [p.clone() for p in ps]  # clone keeps channels_last
-
-
-def perturb(pairs, seed):
-    g = torch.Generator().manual_seed(seed)
-    for a, b in pairs:
-        r = (torch.randn(a.shape, generator=g) * 3).to(DEVICE, a.dtype)
-        a.copy_(r)
-        b.copy_(r)
-
-
-def swap_in(b: Bucket, last):
-    b.backup = torch.empty(b.D, dtype=b.dtype, device=b.device)
-    ops.swap_in(b, last)
-
-
-def assert_params_match(ref: Bucket, tri: Bucket):
-    for a, b in zip(ref.params, tri.params):
-        assert a.stride() == b.stride()
-        assert_same_bits(a, b)
 
 
 # -- block table (no kernels) ----------------------------------------------------
@@ -153,54 +109,27 @@ def test_unavailable_names_the_reason():
 
 
 @needs_triton
-@pytest.mark.parametrize("pdtype,hdtype", COMBOS, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("pdtype,hdtype", COMBOS, ids=dtype_id)
 def test_uniform_matches_reference_bit_for_bit(pdtype, hdtype):
-    pa, pb = twins(pdtype)
-    k = 3
-    ref = Bucket(pa, k, "uniform", hdtype, "device", "torch")
-    tri = Bucket(pb, k, "uniform", hdtype, "device", "triton")
-    assert tri.backend == "triton"
-    for step in range(k + 2):  # fill the ring, then overwrite the oldest slots
-        perturb(zip(pa, pb), seed=step)
-        ops.push(ref)
-        ops.push(tri)
-        assert_same_bits(ref.ring, tri.ring)
-        assert_same_bits(ref.total, tri.total)
-    ops.recompute(ref)
-    ops.recompute(tri)
-    assert_same_bits(ref.total, tri.total)
-    originals = [p.clone() for p in pb]
-    for last in (None, 1, 2, 3):
-        swap_in(ref, last)
-        swap_in(tri, last)
-        assert_params_match(ref, tri)
-        for i in range(len(pb)):
-            assert_same_bits(tri.view(tri.backup, i), originals[i])
-        ops.swap_back(tri)
-        ops.swap_back(ref)
-        for p, o in zip(pb, originals):
-            assert_same_bits(p, o)
+    """k = 3 over 7 pushes: filling, refreshes at pushes 3 and 6, incremental updates
+    between; swaps on a partly filled ring and at the end."""
+    check_uniform(*twins(make_params(DEVICE, pdtype), 3, "uniform", hdtype, "triton"), pushes=7)
 
 
 @needs_triton
-@pytest.mark.parametrize("pdtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("k,refresh_every", [(2, 1), (2, 5), (3, 2)])
+@pytest.mark.parametrize("hdtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_refresh_period_matches_reference(k, refresh_every, hdtype):
+    """Refreshes while the ring fills, rarer than every k, and out of step with k."""
+    params = make_params(DEVICE, torch.float32, seed=5)[:6]
+    check_uniform(*twins(params, k, "uniform", hdtype, "triton", refresh_every), pushes=7)
+
+
+@needs_triton
+@pytest.mark.parametrize("pdtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("decay", [0.9, 0.37])
 def test_ema_matches_reference_bit_for_bit(pdtype, decay):
-    pa, pb = twins(pdtype, seed=1)
-    ref = Bucket(pa, 3, "ema", None, "device", "torch")
-    tri = Bucket(pb, 3, "ema", None, "device", "triton")
-    for step in range(3):  # the first update copies, the others fold in
-        perturb(zip(pa, pb), seed=10 + step)
-        ops.ema_update(ref, decay)
-        ops.ema_update(tri, decay)
-        assert_same_bits(ref.total, tri.total)
-    originals = [p.clone() for p in pb]
-    swap_in(ref, None)
-    swap_in(tri, None)
-    assert_params_match(ref, tri)
-    ops.swap_back(tri)
-    for p, o in zip(pb, originals):
-        assert_same_bits(p, o)
+    check_ema(*twins(make_params(DEVICE, pdtype, seed=1), 3, "ema", None, "triton"), decay)
 
 
 @needs_triton
@@ -246,45 +175,41 @@ class CountingKernel:
 
 @needs_triton
 def test_many_small_parameters_in_one_launch_and_a_cached_table(monkeypatch):
+    """One launch over 200 table rows (the interpreter pays per row: 1000 cost 13 s)."""
     g = torch.Generator().manual_seed(3)
-    sizes = torch.randint(1, 8, (1000,), generator=g).tolist()
-    pa = [torch.randn(n, generator=g).to(DEVICE) for n in sizes]
-    pb = [p.clone() for p in pa]
-    # k = 1: the second snapshot already overwrites a filled slot.
-    ref = Bucket(pa, 1, "uniform", torch.bfloat16, "device", "torch")
-    tri = Bucket(pb, 1, "uniform", torch.bfloat16, "device", "triton")
+    params = [torch.randn(n, generator=g).to(DEVICE) for n in torch.randint(1, 8, (200,), generator=g).tolist()]
+    # k = 1: the second snapshot already overwrites a filled slot, and refreshes.
+    tri, ref = twins(params, 1, "uniform", torch.bfloat16, "triton")
     counter = CountingKernel(tb._k.push_kernel)
     monkeypatch.setattr(tb._k, "push_kernel", counter)
     for step in range(2):
-        perturb(zip(pa, pb), seed=20 + step)
+        set_values((tri, ref), seed=20 + step)
         ops.push(ref)
         ops.push(tri)
-        assert_same_bits(ref.ring, tri.ring)
-        assert_same_bits(ref.total, tri.total)
+        assert_same_bits(ref.ring, tri.ring, f"ring after push {step + 1}")
+        assert_same_bits(ref.total, tri.total, f"sum after push {step + 1}")
         if step == 0:
             table = tri.cache["triton"]
         assert tri.cache["triton"] is table  # built once, not per snapshot
     assert counter.launches == 2
-    assert table.shape == (1000, 3)
+    assert table.shape == (200, 3)
 
 
 @needs_triton
 def test_table_is_rebuilt_when_a_parameter_moves():
-    pa, pb = twins(torch.float32, seed=4)
-    ref = Bucket(pa, 2, "uniform", None, "device", "torch")
-    tri = Bucket(pb, 2, "uniform", None, "device", "triton")
+    tri, ref = twins(make_params(DEVICE, torch.float32, seed=4), 2, "uniform", None, "triton")
     ops.push(ref)
     ops.push(tri)
     old = tri.cache["triton"]
-    for a, b in zip(pa, pb):
+    for a, b in zip(tri.params, ref.params):
         fresh = (a * 2).contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a * 2
         a.data, b.data = fresh, fresh.clone()
     for b in (ref, tri):
         b.check_params()
         ops.push(b)
     assert tri.cache["triton"] is not old
-    assert_same_bits(ref.ring, tri.ring)
-    assert_same_bits(ref.total, tri.total)
+    assert_same_bits(ref.ring, tri.ring, "ring")
+    assert_same_bits(ref.total, tri.total, "sum")
 
 
 # -- through the wrapper -----------------------------------------------------------
