@@ -105,10 +105,11 @@ def assert_params_match(fused: Bucket, ref: Bucket, what: str) -> None:
         assert_same_bits(a, b, f"{what}, parameter {i}")
 
 
-def check_uniform(fused: Bucket, ref: Bucket, pushes: int, seed: int = 0) -> None:
-    """``pushes`` snapshots into both buckets, ring and sum compared after each; then every
-    swap the fill allows (the mean, and ``last = 1 .. min(n, k)``), each compared and
-    swapped back bit for bit, on a partly filled ring (after 2 pushes) and at the end."""
+def check_uniform(fused: Bucket, ref: Bucket, pushes: int, seed: int = 0, fill=set_values) -> None:
+    """``pushes`` snapshots into both buckets (values from ``fill(pair, seed)``), ring and
+    sum compared after each; then every swap the fill allows (the mean, and
+    ``last = 1 .. min(n, k)``), each compared and swapped back bit for bit, on a partly
+    filled ring (after 2 pushes) and at the end."""
     def swaps(n: int) -> None:
         originals = [p.clone() for p in fused.params]
         for last in (None, *range(1, min(n, fused.k) + 1)):
@@ -123,7 +124,7 @@ def check_uniform(fused: Bucket, ref: Bucket, pushes: int, seed: int = 0) -> Non
                 assert_same_bits(p, o, f"swap_back, parameter {i}")
 
     for n in range(1, pushes + 1):
-        set_values((fused, ref), seed + n)
+        fill((fused, ref), seed + n)
         ops.push(fused)
         ops.push(ref)
         assert_same_bits(fused.ring, ref.ring, f"ring after push {n}")
@@ -137,10 +138,11 @@ def check_uniform(fused: Bucket, ref: Bucket, pushes: int, seed: int = 0) -> Non
     assert_same_bits(fused.total, ref.total, "recompute")
 
 
-def check_ema(fused: Bucket, ref: Bucket, decay: float, updates: int = 3, seed: int = 10) -> None:
+def check_ema(fused: Bucket, ref: Bucket, decay: float, updates: int = 3, seed: int = 10,
+              fill=set_values) -> None:
     """EMA updates (the first copies, the others fold in) and a swap, bit for bit."""
     for n in range(updates):
-        set_values((fused, ref), seed + n)
+        fill((fused, ref), seed + n)
         ops.ema_update(fused, decay)
         ops.ema_update(ref, decay)
         assert_same_bits(fused.total, ref.total, f"EMA after update {n + 1}")

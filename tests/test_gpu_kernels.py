@@ -1,0 +1,174 @@
+"""The fused kernels (Triton and CUDA) on a GPU against the pure-torch reference on the
+same device, bit for bit: the layouts of tests/kernel_cases.py (misaligned views,
+empty parameters between others, several rows and tiles, channels_last), every dtype
+pair, the refresh at its period, every swap on partly filled and wrapped rings, the
+EMA, NaN and infinity bit patterns, a bucket beyond 2**31 elements and a bucket on a
+device that is not the current one. Skipped without a GPU; the interpreter runs the
+same Triton checks on the CPU (tests/test_triton.py).
+
+The bucket beyond 2**31 elements needs about 27 GiB of GPU memory and is marked
+``gpu_large`` (select it with ``-m gpu_large``, leave it out with ``-m "not gpu_large"``).
+"""
+
+import pytest
+import torch
+from conftest import backend_skip_reason
+from kernel_cases import (
+    COMBOS, DTYPES, assert_same_bits, check_ema, check_uniform, dtype_id, make_params, set_values,
+    swap_in, twins,
+)
+
+import lawa_optim
+from lawa_optim import ops
+from lawa_optim.history import Bucket
+
+GPU = torch.cuda.is_available()
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def fused(request) -> str:
+    """A fused backend that runs on this machine's GPU."""
+    if not GPU:
+        pytest.skip("needs a CUDA GPU")
+    reason = backend_skip_reason(request.param)
+    if reason is not None:
+        pytest.skip(f"backend {request.param!r} unavailable: {reason}")
+    return request.param
+
+
+@pytest.mark.parametrize("pdtype,hdtype", COMBOS, ids=dtype_id)
+def test_uniform_matches_reference_bit_for_bit(fused, pdtype, hdtype):
+    """k = 3 over 7 pushes (refreshes at 3 and 6), 3 table rows and 5 CUDA tiles in the
+    largest parameter; swaps on a partly filled ring and at the end."""
+    check_uniform(*twins(make_params(CUDA, pdtype, rows=3), 3, "uniform", hdtype, fused), pushes=7)
+
+
+@pytest.mark.parametrize("k,refresh_every", [(1, 1), (2, 5), (3, 2), (4, None)])
+def test_refresh_period_matches_reference(fused, k, refresh_every):
+    check_uniform(*twins(make_params(CUDA, torch.bfloat16, seed=2), k, "uniform", torch.float32, fused,
+                         refresh_every), pushes=9)
+
+
+def test_runs_of_empty_parameters(fused):
+    """Empty parameters first, last and in a row share their tile with the next one:
+    the CUDA segment search must land on the parameter that owns the tile."""
+    g = torch.Generator().manual_seed(3)
+    empty = lambda: torch.empty(0, device=CUDA)  # noqa: E731
+    params = [empty(), torch.randn(9, generator=g).to(CUDA), empty(), empty(),
+              torch.randn(3 * 8192 + 1, generator=g).to(CUDA), empty(), torch.randn(70, generator=g).to(CUDA), empty()]
+    check_uniform(*twins(params, 2, "uniform", None, fused), pushes=3)
+
+
+# torch's CUDA add-with-alpha compiles ``self + alpha * other`` to one fused multiply-add
+# (nvcc contracts it by default), after rounding ``decay * total`` in its own multiply:
+# the kernels compute exactly that, so the EMA is checked bit for bit, no tolerance.
+@pytest.mark.parametrize("pdtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("decay", [0.9, 0.37])
+def test_ema_matches_reference_bit_for_bit(fused, pdtype, decay):
+    check_ema(*twins(make_params(CUDA, pdtype, seed=1), 3, "ema", None, fused), decay, updates=4)
+
+
+# Bit patterns that every cast and sum must treat as torch's CUDA kernels do: quiet and
+# signalling NaNs with payloads and either sign, infinities, -0.0 and the largest finite.
+SPECIAL = {
+    torch.float32: [0x7FC00000, 0xFFC00001, 0x7F800001, 0x7F800000, 0xFF800000, 0x80000000, 0x7F7FFFFF],
+    torch.bfloat16: [0x7FC0, 0xFFC1, 0x7F81, 0x7F80, 0xFF80, 0x8000, 0x7F7F],
+    torch.float16: [0x7E00, 0xFE01, 0x7C01, 0x7C00, 0xFC00, 0x8000, 0x7BFF],
+}
+
+
+def special_values(pair, seed):
+    """Random values, then the special patterns in the first elements of every parameter,
+    rotated by ``seed`` so that they enter the window and leave it."""
+    set_values(pair, seed)
+    for a, b in zip(*(x.params for x in pair)):
+        pattern = SPECIAL[a.dtype]
+        n = min(a.numel(), len(pattern))
+        if n == 0:
+            continue
+        raw = [pattern[(seed + i) % len(pattern)] for i in range(n)]
+        width = {4: torch.int32, 2: torch.int16}[a.element_size()]
+        signed = [r - (1 << 8 * a.element_size()) if r >= 1 << (8 * a.element_size() - 1) else r for r in raw]
+        values = torch.tensor(signed, dtype=width).view(a.dtype).to(a.device)
+        for t in (a, b):  # the first elements in memory order (channels_last included)
+            t.as_strided((n,), (1,), t.storage_offset()).copy_(values)
+
+
+@pytest.mark.parametrize("pdtype,hdtype", COMBOS, ids=dtype_id)
+def test_nan_and_infinity_bits_match_reference(fused, pdtype, hdtype):
+    """Every backend on one GPU writes the same bits: NaN payloads kept by same-dtype
+    copies, the hardware's canonical NaN (0x7FFF) from casts and arithmetic."""
+    params = make_params(CUDA, pdtype, seed=6)
+    check_uniform(*twins(params, 2, "uniform", hdtype, fused), pushes=5, fill=special_values)
+    check_ema(*twins(make_params(CUDA, pdtype, seed=7), 2, "ema", None, fused), 0.75, fill=special_values)
+
+
+@pytest.mark.gpu_large
+def test_bucket_beyond_2_31_elements(fused):
+    """A bfloat16 parameter of 2**31 + 2**16 + 3 elements between small ones, k = 2."""
+    need = 32 * 2**30  # parameters 4.3 GB, ring 8.6, sum 8.6, backup 4.3, with headroom
+    if torch.cuda.mem_get_info()[0] < need:
+        pytest.skip(f"needs {need / 2**30:.0f} GiB of free GPU memory")
+    check_windows_of_a_big_bucket(fused, CUDA, 2**31 + 2**16 + 3, around=2**31)
+
+
+def check_windows_of_a_big_bucket(backend, device, big, around):
+    """Windows of a bucket holding a bfloat16 parameter of ``big`` elements (its start, the
+    elements around ``around``, its end, and the parameters before and after it, the last
+    at a flat offset beyond ``around``) match the reference run on copies of the windows,
+    through refreshes, an incremental update and swaps."""
+    params = [torch.empty(n, dtype=torch.bfloat16, device=device) for n in (5, big, 0, 7)]
+    windows = [(0, 0, 5), (1, 0, 4096), (1, around - 2048, around + 2048), (1, big - 4096, big), (3, 0, 7)]
+    b = Bucket(params, 2, "uniform", None, "device", backend)
+    ref = Bucket([torch.empty(hi - lo, dtype=torch.bfloat16, device=device) for _, lo, hi in windows],
+                 2, "uniform", None, "device", "torch")
+    assert b.offsets[3] > around
+
+    def check(what):
+        for j, (i, lo, hi) in enumerate(windows):
+            at = slice(b.offsets[i] + lo, b.offsets[i] + hi)
+            for s in range(2):
+                assert_same_bits(b.ring[s, at], ref.view(ref.ring[s], j), f"{what}: slot {s}, window {j}")
+            assert_same_bits(b.total[at], ref.view(ref.total, j), f"{what}: sum, window {j}")
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    for n in range(1, 5):  # refreshes at pushes 2 and 4, an incremental update at 3
+        for p in params:
+            p.normal_(generator=gen)
+        for rp, (i, lo, hi) in zip(ref.params, windows):
+            rp.copy_(params[i][lo:hi])
+        ops.push(b)
+        ops.push(ref)
+        check(f"push {n}")
+    for last in (None, 1):
+        kept = [params[i][lo:hi].clone() for i, lo, hi in windows]
+        for x in (b, ref):
+            swap_in(x, last)
+        for j, (i, lo, hi) in enumerate(windows):
+            assert_same_bits(params[i][lo:hi], ref.params[j], f"swap_in(last={last}), window {j}")
+        for x in (b, ref):
+            ops.swap_back(x)
+            x.backup = None
+        for j, (i, lo, hi) in enumerate(windows):
+            assert_same_bits(params[i][lo:hi], kept[j], f"swap_back, window {j}")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_runs_on_the_buckets_device_while_another_is_current(fused):
+    """A bucket on cuda:1 while cuda:0 is current: the kernels launch on cuda:1 and its
+    current stream."""
+    dev = torch.device("cuda:1")
+    pair = twins(make_params(dev, torch.float32, seed=8), 3, "uniform", torch.bfloat16, fused)
+    with torch.cuda.device(0):
+        check_uniform(*pair, pushes=4)
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_wrapper_picks_cuda_for_auto():
+    if backend_skip_reason("cuda") is not None:
+        pytest.skip(f"the CUDA extension is unavailable: {backend_skip_reason('cuda')}")
+    model = torch.nn.Linear(4, 3).cuda()
+    opt = lawa_optim.LAWA(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt.snapshot()
+    assert opt.backend == "cuda"
