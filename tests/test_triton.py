@@ -125,10 +125,31 @@ def test_refresh_period_matches_reference(k, refresh_every, hdtype):
     check_uniform(*twins(params, k, "uniform", hdtype, "triton", refresh_every), pushes=7)
 
 
+def fma_rounds_once() -> bool:
+    """Whether this Triton's ``tl.fma`` rounds once where the kernels run. Compiled, it is
+    ``fma.rn.f32`` (checked in the PTX below); the interpreters of Triton 3.6 and 3.8
+    multiply and add in two roundings, so the EMA cannot match torch there."""
+    if not tb._k.INTERPRET:
+        return True
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(x):
+        v = tl.load(x)
+        tl.store(x, tl.fma(v, 2.0 - v, -1.0))  # exactly -2**-46 when fused, 0.0 when not
+
+    x = torch.tensor([1.0 + 2.0**-23])
+    probe[(1,)](x)
+    return x.item() != 0.0
+
+
 @needs_triton
 @pytest.mark.parametrize("pdtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("decay", [0.9, 0.37])
 def test_ema_matches_reference_bit_for_bit(pdtype, decay):
+    if not fma_rounds_once():
+        pytest.skip("this Triton's interpreter rounds tl.fma twice (Triton < 3.9)")
     check_ema(*twins(make_params(DEVICE, pdtype, seed=1), 3, "ema", None, "triton"), decay)
 
 
