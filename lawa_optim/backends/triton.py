@@ -195,7 +195,7 @@ def compile_ptx(arch: int = 90) -> dict[str, str]:
     backend = make_backend(target)
     out = {}
     for name, (kernel, args, constexprs) in _variants().items():
-        # The launcher's own binder (Triton 3.6 to 3.9) turns the arguments into the
+        # The launcher's own binder (the same in Triton 3.6 and 3.9) turns the arguments into the
         # signature and the divisibility attributes a real launch compiles with.
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
         bound, specialization, options = binder(*args, **constexprs)
