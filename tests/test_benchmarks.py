@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks import baselines, report, suite
-from benchmarks.workloads import MODELS, flat_params
+from benchmarks.workloads import MODELS, Workload
 from lawa_optim import ops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,12 +20,77 @@ ROOT = Path(__file__).resolve().parents[1]
 K = 3
 
 
+SHAPES = [(5,), (64, 3), (2, 3, 4)]
+
+
+def distinct_setup(dtype: torch.dtype = torch.float32) -> tuple[suite.Setup, list[list[torch.Tensor]]]:
+    """A full ring of K different snapshots, and float64 copies of them kept aside
+    (``suite.prepare`` pushes the same weights K times, under which a mean or a slot
+    mix-up would not show)."""
+    g = torch.Generator().manual_seed(0)
+    w = Workload("three", [torch.randn(shape, generator=g).to(dtype) for shape in SHAPES])
+    s = suite.prepare(w, "torch", K)
+    kept = []
+    for n in range(K):
+        for p in w.params:
+            p.mul_(-1.5).add_(n)
+        ops.push(s.uniform)
+        ops.ema_update(s.ema, suite.DECAY)
+        kept.append([p.double() for p in w.params])
+    return s, kept
+
+
 @pytest.fixture
 def setup():
-    g = torch.Generator().manual_seed(0)
-    w = flat_params(8, torch.float32, torch.device("cpu"))
-    w.params = [torch.randn(s, generator=g) for s in [(5,), (64, 3), (2, 3, 4)]]
-    return suite.prepare(w, "torch", K)
+    return distinct_setup()[0]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit pattern of ``t`` (NaN payloads and signed zeros included)."""
+    return t.contiguous().view(torch.uint8)
+
+
+#: What each baseline may write, by field of ``baselines.Lists`` (push number K goes into
+#: slot K % K = 0); everything else it is handed must keep its bits.
+WRITES = {
+    ("snapshot", "foreach"): ("slots[0]", "total"),
+    ("snapshot", "loop"): ("slots[0]", "total"),
+    ("snapshot", "authors"): ("slots[0]", "avg"),
+    ("ema", "foreach"): ("total",),
+    ("ema", "loop"): ("total",),
+    ("swap_in", "foreach"): ("backup", "params"),
+    ("swap_in", "loop"): ("backup", "params"),
+    ("swap_in", "authors"): ("backup", "params", "avg"),
+    ("swap_back", "foreach"): ("params",),
+    ("swap_back", "loop"): ("params",),
+    ("recompute", "foreach"): ("total",),
+    ("recompute", "loop"): ("total",),
+}
+ARGS = {"snapshot": K, "ema": suite.DECAY, "swap_in": K, "swap_back": K, "recompute": K}
+
+
+def named_tensors(x: baselines.Lists) -> dict[str, torch.Tensor]:
+    """Every tensor a baseline is handed, by field (``slots[s]`` for ring slot s)."""
+    named = {f"slots[{s}] {i}": t for s, slot in enumerate(x.slots) for i, t in enumerate(slot)}
+    for name in ("params", "total", "backup", "avg"):
+        named.update({f"{name} {i}": t for i, t in enumerate(getattr(x, name))})
+    return named
+
+
+def test_every_baseline_declares_what_it_writes():
+    assert set(WRITES) == {(op, name) for op, impls in baselines.BASELINES.items() for name in impls}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op,name", sorted(WRITES))
+def test_no_baseline_modifies_what_it_only_reads(op, name, dtype):
+    s, _ = distinct_setup(dtype)
+    x = s.ema_lists if op == "ema" else s.lists
+    before = {key: bits(t).clone() for key, t in named_tensors(x).items()}
+    baselines.BASELINES[op][name](x, ARGS[op])
+    changed = [key for key, t in named_tensors(x).items()
+               if not key.startswith(WRITES[op, name]) and not torch.equal(bits(t), before[key])]
+    assert changed == []
 
 
 def test_model_parameter_lists_have_the_real_shapes():
@@ -50,25 +115,31 @@ def test_push_baselines_write_the_same_ring_and_sum(setup, name):
     torch.testing.assert_close(b.total, lawa_total, rtol=1e-6, atol=1e-6)  # two roundings, not one
 
 
-def test_authors_mean_is_the_mean_of_the_stored_copies(setup):
-    b, x = setup.uniform, setup.lists
-    baselines.authors_push(x, K)
-    held = b.ring.double().mean(0)
-    for i in range(len(b.params)):
-        torch.testing.assert_close(x.avg[i].double(), b.view(held, i), rtol=1e-6, atol=1e-7)
+def test_authors_push_stores_the_weights_and_means_the_k_latest():
+    s, kept = distinct_setup()
+    x = s.lists
+    for p in x.params:
+        p.add_(0.25)
+    baselines.authors_push(x, K)  # snapshot number K replaces snapshot 0
+    latest = kept[1:] + [[p.double() for p in x.params]]
+    for i, p in enumerate(x.params):
+        assert torch.equal(x.slots[0][i], p)
+        mean = sum(snap[i] for snap in latest) / K
+        torch.testing.assert_close(x.avg[i].double(), mean, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["foreach", "loop", "authors"])
-def test_swap_in_baselines_write_the_average_and_keep_the_weights(setup, name):
-    b, x = setup.uniform, setup.lists
-    weights = [p.clone() for p in b.params]
+def test_swap_in_baselines_write_the_average_and_keep_the_weights(name):
+    s, kept = distinct_setup()
+    x = s.lists
+    weights = [p.clone() for p in x.params]
     baselines.BASELINES["swap_in"][name](x, K)
-    mean = b.ring.double().mean(0)
-    for i, p in enumerate(b.params):
-        torch.testing.assert_close(p.double(), b.view(mean, i), rtol=1e-6, atol=1e-7)
+    for i, p in enumerate(x.params):
+        mean = sum(snap[i] for snap in kept) / K
+        torch.testing.assert_close(p.double(), mean, rtol=1e-6, atol=1e-7)
         assert torch.equal(x.backup[i], weights[i])
     baselines.BASELINES["swap_back"][name if name != "authors" else "foreach"](x, K)
-    assert all(torch.equal(p, w) for p, w in zip(b.params, weights))
+    assert all(torch.equal(p, w) for p, w in zip(x.params, weights))
 
 
 @pytest.mark.parametrize("name", ["foreach", "loop"])
