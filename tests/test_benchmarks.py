@@ -1,21 +1,27 @@
-"""The benchmark code (benchmarks/): its baselines compute what the LAWA ops compute, and
-a tiny report and pytest-benchmark run go through end to end, so the code cannot rot.
-Speed itself is measured by hand (benchmarks/README.md), never asserted here."""
+"""The benchmark code (benchmarks/): its baselines compute what the LAWA ops compute and
+write nothing they only read, the targets and the proof's summary follow hand-made
+records, a hung stage is killed alone, and a tiny report, pytest-benchmark run and GPU
+proof go through end to end, so the code cannot rot. Speed itself is measured by hand
+(benchmarks/README.md), never asserted here."""
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import baselines, report, suite
+from benchmarks import baselines, device_checks, gpu_proof, report, suite, targets
+from benchmarks.stages import Context, Stage, run_stages
 from benchmarks.workloads import MODELS, Workload
 from lawa_optim import ops
 
 ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
 
 K = 3
 
@@ -173,21 +179,168 @@ def test_bytes_moved_follow_the_design_formula():
 
 
 def test_quick_report_runs_end_to_end(tmp_path, capsys):
-    records = report.run([4096], suite.OPS, [], repeats=1, k=K, device=torch.device("cpu"), out=tmp_path)
+    records = report.run([4096], suite.OPS, [], repeats=1, k=K, device=CPU, out=tmp_path,
+                         dtypes=(torch.float32, torch.bfloat16), min_seconds=0.0)
     out = capsys.readouterr().out
-    assert "snapshot" in out and "x foreach" in out
+    assert "x foreach" in out and "targets on cpu" in out
     (path,) = tmp_path.glob("*.json")
-    saved = json.loads(path.read_text())
-    assert saved == json.loads(json.dumps(records))
-    keys = {"op", "backend", "device_name", "param_dtype", "history_dtype", "numel", "tensors", "median_s",
-            "bytes", "gbps", "roofline_gbps", "roofline_fraction", "speedup"}
-    assert {r["op"] for r in saved} == set(suite.OPS)
-    for r in saved:
-        assert keys <= r.keys()
-        assert r["gbps"] == pytest.approx(r["bytes"] / r["median_s"] / 1e9)
+    assert path.name == f"{report.machine_slug(CPU)}.json"
+    assert json.loads(path.read_text()) == json.loads(json.dumps(records))
+    impls = suite.backends_here(CPU, torch.float32)[0]["torch"]
+    assert sorted((r["op"], r["param_dtype"], r["impl"]) for r in records) == sorted(
+        (op, d, impl) for op in suite.OPS for d in ("float32", "bfloat16") for impl in impls)
+    # Bytes per element by hand: a float32 snapshot reads the weight and the old slot,
+    # writes the slot and updates the float32 sum: 4 + 4 + 4 + 8; bfloat16: 2 + 2 + 2 + 8.
+    per_element = {("snapshot", "float32"): 20, ("snapshot", "bfloat16"): 14, ("swap_back", "bfloat16"): 4,
+                   ("recompute", "float32"): 4 * K + 4}
+    for r in records:
         assert set(r["speedup"]) == set(baselines.BASELINES[r["op"]])
+        assert r["calls"] == (K if r["op"] == "snapshot" else 1)
+        if (r["op"], r["param_dtype"]) in per_element:
+            assert r["bytes"] == 4096 * per_element[r["op"], r["param_dtype"]]
     pytest.importorskip("matplotlib")
     assert path.with_suffix(".png").stat().st_size > 0
+
+
+def test_times_are_per_operation(monkeypatch):
+    # Every timed call takes 6 s by this clock; a snapshot call is K pushes in a row.
+    monkeypatch.setattr(report, "interleaved", lambda calls, *args: {name: 6.0 for name in calls})
+    records = report.measure(Workload("w", [torch.ones(100)]), CPU, K, suite.OPS, 1, 0.0)
+    for r in records:
+        assert r["median_s"] == (6.0 / K if r["op"] == "snapshot" else 6.0)
+        assert r["roofline_fraction"] == 1.0 and set(r["speedup"].values()) == {1.0}
+
+
+@pytest.mark.parametrize("name", ["lawa", *baselines.BASELINES["snapshot"]])
+def test_a_timed_snapshot_is_k_pushes_in_a_row(name):
+    s, _ = distinct_setup()
+    op = suite.operations(s, ("snapshot",))["snapshot"]
+    for p in s.workload.params:
+        p.add_(10.0)
+    pushes = int(s.uniform.pushes)
+    (op.lawa if name == "lawa" else op.baselines[name])()
+    assert int(s.uniform.pushes) == pushes + (K if name == "lawa" else 0)
+    for slot in s.lists.slots:  # one pass over the whole ring: every slot holds the new weights
+        assert all(torch.equal(t, p) for t, p in zip(slot, s.workload.params))
+
+
+def test_sizes_parse_with_binary_suffixes():
+    assert [report.parse_size(t) for t in ("4096", "64M", "2k", "1G")] == [4096, 1 << 26, 2048, 1 << 30]
+    for bad in ("0", "-3M", "lots", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive element count"):
+            report.parse_size(bad)
+
+
+def find(results: list[dict], **where) -> dict:
+    (hit,) = [r for r in results if all(r["where"].get(k) == v for k, v in where.items())]
+    return hit
+
+
+def test_targets_compare_the_matching_record_with_its_bound():
+    run = {"device": "cuda", "op": "snapshot", "param_dtype": "float32", "k": 6}
+    records = [
+        {**run, "backend": "cuda", "workload": "flat-64M", "roofline_fraction": 0.93},
+        {**run, "backend": "triton", "workload": "flat-64M", "roofline_fraction": 0.84},
+        {**run, "backend": "cuda", "workload": "gpt2-small", "speedup": {"foreach": 2.5, "authors": 5.9}},
+        {**run, "backend": "cuda", "workload": "resnet50", "speedup": {"foreach": 2.0, "authors": 6.1},
+         "device": "cpu"},  # another device's figure proves nothing here
+        {"device": "cuda", "op": "unavailable", "backend": "triton", "reason": "triton cannot be imported"},
+        {"device": "cuda", "op": "pinned_snapshot", "mode": "pinned-overlap", "numel": 1 << 30,
+         "extra_steps_per_snapshot": 0.06},
+    ]
+    results = targets.evaluate(targets.GPU, records, absent="stage report timeout")
+    assert len({r["target"] for r in results}) == len(targets.GPU)
+    cuda_flat = find(results, op="snapshot", backend="cuda", workload="flat-64M")
+    assert (cuda_flat["status"], cuda_flat["value"], cuda_flat["threshold"]) == ("pass", 0.93, 0.90)
+    assert find(results, op="snapshot", backend="triton", workload="flat-64M")["status"] == "fail"  # < 0.85
+    gpt2 = [r for r in results if r["where"].get("workload") == "gpt2-small" and r["where"]["backend"] == "cuda"]
+    assert [(r["metric"], r["status"], r["threshold"]) for r in gpt2] == [
+        ("speedup:foreach", "pass", 2.0), ("speedup:authors", "fail", 6)]  # >= k, k = 6
+    assert all(r["status"] == "skipped" and "triton cannot be imported" in r["reason"]
+               for r in results if r["where"].get("backend") == "triton" and r["where"].get("workload") in MODELS)
+    resnet = [r for r in results if r["where"].get("workload") == "resnet50" and r["where"]["backend"] == "cuda"]
+    assert [(r["status"], r["reason"]) for r in resnet] == [("skipped", "stage report timeout")] * 2
+    assert find(results, op="pinned_snapshot")["status"] == "fail"  # 6 % of a step > 5 %
+
+
+def test_device_checks_exercise_every_op_and_notice_a_swap_that_does_not_restore(monkeypatch):
+    assert device_checks.exercise(CPU, ["torch"]) == 2 * len(device_checks.DTYPE_PAIRS)
+    monkeypatch.setattr(ops, "swap_back", lambda bucket: None)
+    with pytest.raises(RuntimeError, match="did not restore the weights"):
+        device_checks.exercise(CPU, ["torch"])
+
+
+def test_a_stage_that_hangs_is_killed_with_its_children_and_the_next_ones_run(tmp_path):
+    pid = tmp_path / "grandchild.pid"
+    hang = [sys.executable, "-c", "import subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+            f"open({str(pid)!r}, 'w').write(str(p.pid))\ntime.sleep(600)"]
+    ctx = Context(tmp_path, True, tmp_path)
+    results = run_stages([
+        Stage("hang", 2, 1, lambda c: hang),
+        Stage("fail", 60, 1, lambda c: [sys.executable, "-c", "raise SystemExit(3)"]),
+        Stage("fine", 60, 1, lambda c: [sys.executable, "-c", "print('fine')"]),
+        Stage("unwanted", 60, 1, lambda c: "not wanted here"),
+    ], ctx, budget_s=120)
+    assert [(r["stage"], r["status"], r["returncode"]) for r in results] == [
+        ("hang", "timeout", None), ("fail", "failed", 3), ("fine", "ok", 0), ("unwanted", "skipped", None)]
+    assert results[0]["reason"] == "killed at its limit of 2 s" and results[3]["reason"] == "not wanted here"
+    assert (tmp_path / "fine.log").read_text().endswith("fine\n")
+    assert not alive(int(pid.read_text()))
+    (late,) = run_stages([Stage("late", 60, 100, lambda c: [sys.executable, "-c", ""])], ctx, budget_s=5)
+    assert late["status"] == "skipped" and late["reason"].startswith("out of time")
+
+
+def alive(pid: int, wait_s: float = 10.0) -> bool:
+    """Whether process ``pid`` still runs after up to ``wait_s`` seconds (a zombie does not)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        if state == "Z":
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_the_summary_marks_each_target_from_what_the_stages_measured(tmp_path):
+    ctx = Context(tmp_path, False, tmp_path, env={"device": "cuda", "device_name": "GPU", "slug": "gpu"})
+    run = {"device": "cuda", "op": "snapshot", "param_dtype": "float32", "k": 6, "workload": "flat-64M"}
+    (tmp_path / "gpu.json").write_text(json.dumps([{**run, "backend": "cuda", "roofline_fraction": 0.95}]))
+    stages = [{"stage": "report", "status": "ok", "reason": None},
+              {"stage": "overlap", "status": "timeout", "reason": "killed at its limit of 120 s"}]
+    summary = gpu_proof.summarize(ctx, stages, ["python", "-m", "benchmarks.gpu_proof"], 1.0)
+    results = summary["targets"]
+    assert [r["target"] for r in results] == [t.name for t in targets.GPU]
+    assert find(results, op="snapshot", backend="cuda", workload="flat-64M")["status"] == "pass"
+    assert find(results, op="swap_in", backend="cuda")["reason"] == "not measured in this run"
+    assert find(results, op="pinned_snapshot")["reason"] == "stage overlap timeout: killed at its limit of 120 s"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU every stage runs for minutes: run it by hand")
+def test_gpu_proof_without_a_gpu_runs_what_it_can_and_says_what_it_skipped(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_proof", "--out", str(tmp_path), "--tiny"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    slug = report.machine_slug(CPU)
+    summary = json.loads((tmp_path / f"{slug}-gpu-proof.json").read_text())
+    stages = {s["stage"]: s for s in summary["stages"]}
+    assert list(stages) == ["env", "build", "tests", "memcheck", "report", "overlap"]
+    assert stages["env"]["status"] == stages["report"]["status"] == "ok"
+    for name in ("build", "tests", "memcheck", "overlap"):
+        assert stages[name]["status"] == "skipped" and stages[name]["reason"].startswith("no CUDA device here")
+    assert [t["target"] for t in summary["targets"]] == [t.name for t in targets.GPU]
+    assert all(t["status"] == "skipped" and t["reason"].startswith("no CUDA device here") for t in summary["targets"])
+    measured = json.loads((tmp_path / f"{slug}.json").read_text())
+    assert {(r["op"], r["param_dtype"]) for r in measured if "median_s" in r} == {
+        (op, d) for op in suite.OPS for d in ("float32", "bfloat16")}
+    logs = tmp_path / f"{slug}-gpu-proof-logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["env.json", "env.log", "report.log"]
+    assert "skipped" in (tmp_path / f"{slug}-gpu-proof.txt").read_text()
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / f"{slug}.png").stat().st_size > 0
 
 
 def test_pytest_benchmark_suite_collects_and_runs():
