@@ -327,7 +327,7 @@ def test_gpu_proof_without_a_gpu_runs_what_it_can_and_says_what_it_skipped(tmp_p
     slug = report.machine_slug(CPU)
     summary = json.loads((tmp_path / f"{slug}-gpu-proof.json").read_text())
     stages = {s["stage"]: s for s in summary["stages"]}
-    assert list(stages) == ["env", "build", "tests", "memcheck", "report", "overlap"]
+    assert list(stages) == ["env", "build", "tests", "report", "overlap", "memcheck"]
     assert stages["env"]["status"] == stages["report"]["status"] == "ok"
     for name in ("build", "tests", "memcheck", "overlap"):
         assert stages[name]["status"] == "skipped" and stages[name]["reason"].startswith("no CUDA device here")
