@@ -1,6 +1,6 @@
 """Time the LAWA history (Kaddour 2022, arXiv:2209.14981) against its baselines.
 
-    python benchmarks/report.py            # quick set, a few minutes on 2 CPU cores
+    python benchmarks/report.py            # quick set: ~10 minutes on 2 busy CPU cores, 1 thread
     python benchmarks/report.py --full     # 1M..256M elements (as memory allows), all ops
     python benchmarks/report.py --full --sizes 64M 256M --dtypes float32 bfloat16
 
