@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -60,18 +61,39 @@ def env(path: Path) -> dict:
 
 
 def build(path: Path) -> dict:
-    """Build (or load) the CUDA extension, timed; written to ``path``. Exits 1 on failure."""
+    """Build (or load) the CUDA extension, timed, and count the Triton kernels' global
+    accesses for this GPU; written to ``path``. Exits 1 when the extension fails."""
     from lawa_optim.backends import cuda
 
     t0 = time.perf_counter()
     error = cuda.extension_error()
+    major, minor = torch.cuda.get_device_capability()
     result = {"seconds": time.perf_counter() - t0, "error": error,
-              "build_dir": None if error else str(cuda.build_dir())}
+              "build_dir": None if error else str(cuda.build_dir()),
+              "triton_global_accesses": triton_accesses(10 * major + minor)}
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     if error is not None:
         raise SystemExit(1)
     return result
+
+
+def triton_accesses(arch: int) -> dict[str, dict[str, int]] | str:
+    """Global loads and stores, and how many of them are 128 bits wide, in the PTX of each
+    Triton kernel variant for ``arch`` (from ``lawa_optim.backends.triton.compile_ptx``):
+    beside the measured Triton figures, it says whether a miss of the roofline comes from
+    narrow accesses (issue 12, section 1). A string says why there are no counts."""
+    try:
+        from lawa_optim.backends import triton as backend
+
+        compile_ptx = backend.compile_ptx
+    except (ImportError, AttributeError) as exc:
+        return f"no compile_ptx in this version ({type(exc).__name__}: {exc})"
+    counts = {}
+    for name, ptx in compile_ptx(arch).items():
+        counts[name] = {f"{op}{width}": len(re.findall(rf"\b{op}\.global[^\s;]*{re.escape(width)}\b", ptx))
+                        for op in ("ld", "st") for width in ("", ".v4")}
+    return counts
 
 
 def awkward_params(device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:

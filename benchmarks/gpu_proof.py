@@ -7,7 +7,8 @@ Stages, each a child process with a hard time limit (its whole process group is 
 at the limit, so a hang costs that stage only, and what the others wrote stays):
 
 - ``env``: versions, the device, the tools (``benchmarks.device_checks env``);
-- ``build``: the CUDA extension compiled from scratch into a fresh build directory, timed;
+- ``build``: the CUDA extension compiled from scratch into a fresh build directory, timed,
+  and the global accesses in the PTX of the Triton kernels counted (128-bit or narrower);
 - ``tests``: the files of :data:`GPU_TESTS` under pytest, counted from its JUnit XML;
 - ``report``: ``benchmarks/report.py``: flat 64M and 256M elements in float32 and bfloat16
   and the ResNet-50 and GPT-2 small parameter lists, every operation and backend;
@@ -84,9 +85,15 @@ def _collect_env(ctx: Context, result: dict) -> None:
 
 def _collect_build(ctx: Context, result: dict) -> None:
     info = _read_json(ctx.logs / "build.json")
-    if isinstance(info, dict):
-        result["details"] = info
-        result["note"] = f"CUDA extension built in {info['seconds']:.1f} s" if info["error"] is None else info["error"]
+    if not isinstance(info, dict):
+        return
+    result["details"] = info
+    result["note"] = f"CUDA extension built in {info['seconds']:.1f} s" if info["error"] is None else info["error"]
+    ptx = info["triton_global_accesses"]
+    if isinstance(ptx, dict):
+        total = {key: sum(c[key] for c in ptx.values()) for key in ("ld", "ld.v4", "st", "st.v4")}
+        result["note"] += (f"; Triton PTX: {total['ld.v4']} of {total['ld']} global loads and {total['st.v4']} "
+                           f"of {total['st']} stores 128-bit, over {len(ptx)} kernel variants")
 
 
 def _tests(ctx: Context) -> list[str] | str:

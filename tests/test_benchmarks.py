@@ -270,6 +270,23 @@ def test_device_checks_exercise_every_op_and_notice_a_swap_that_does_not_restore
         device_checks.exercise(CPU, ["torch"])
 
 
+def test_triton_accesses_are_counted_by_width_from_the_ptx(monkeypatch):
+    from lawa_optim.backends import triton as backend
+
+    ptx = """
+    @%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+    ld.global.b32 %r5, [%rd2];
+    ld.global.L1::evict_last.v4.b32 { %r6, %r7, %r8, %r9 }, [%rd3];
+    ld.param.u64 %rd4, [table];
+    st.global.v4.b32 [ %rd4 + 0 ], { %r1, %r2, %r3, %r4 };
+    @%p2 st.global.b16 [%rd5], %rs1;
+    """
+    monkeypatch.setattr(backend, "compile_ptx", lambda arch: {f"push:sm{arch}": ptx}, raising=False)
+    assert device_checks.triton_accesses(90) == {"push:sm90": {"ld": 3, "ld.v4": 2, "st": 2, "st.v4": 1}}
+    monkeypatch.delattr(backend, "compile_ptx")
+    assert device_checks.triton_accesses(90).startswith("no compile_ptx in this version")
+
+
 def test_a_stage_that_hangs_is_killed_with_its_children_and_the_next_ones_run(tmp_path):
     pid = tmp_path / "grandchild.pid"
     hang = [sys.executable, "-c", "import subprocess, sys, time\n"
