@@ -81,6 +81,10 @@ def run_command(argv: list[str], log: Path, timeout_s: float, env: dict) -> tupl
         except BaseException:
             kill_group(proc)
             raise
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # nothing a stage started outlives it
+    except ProcessLookupError:
+        pass
     return ("ok" if rc == 0 else "failed"), rc, time.monotonic() - t0
 
 

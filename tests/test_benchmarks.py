@@ -288,22 +288,25 @@ def test_triton_accesses_are_counted_by_width_from_the_ptx(monkeypatch):
 
 
 def test_a_stage_that_hangs_is_killed_with_its_children_and_the_next_ones_run(tmp_path):
-    pid = tmp_path / "grandchild.pid"
-    hang = [sys.executable, "-c", "import subprocess, sys, time\n"
-            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
-            f"open({str(pid)!r}, 'w').write(str(p.pid))\ntime.sleep(600)"]
+    def spawn(pid: Path, then: str) -> list[str]:
+        """A stage that starts a sleeping child, writes its pid to ``pid``, then runs ``then``."""
+        return [sys.executable, "-c", "import subprocess, sys, time\n"
+                "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+                f"open({str(pid)!r}, 'w').write(str(p.pid))\n{then}"]
+
+    hung, left = tmp_path / "hung.pid", tmp_path / "left.pid"
     ctx = Context(tmp_path, True, tmp_path)
     results = run_stages([
-        Stage("hang", 2, 1, lambda c: hang),
+        Stage("hang", 2, 1, lambda c: spawn(hung, "time.sleep(600)")),
         Stage("fail", 60, 1, lambda c: [sys.executable, "-c", "raise SystemExit(3)"]),
-        Stage("fine", 60, 1, lambda c: [sys.executable, "-c", "print('fine')"]),
+        Stage("fine", 60, 1, lambda c: spawn(left, "print('fine')")),
         Stage("unwanted", 60, 1, lambda c: "not wanted here"),
     ], ctx, budget_s=120)
     assert [(r["stage"], r["status"], r["returncode"]) for r in results] == [
         ("hang", "timeout", None), ("fail", "failed", 3), ("fine", "ok", 0), ("unwanted", "skipped", None)]
     assert results[0]["reason"] == "killed at its limit of 2 s" and results[3]["reason"] == "not wanted here"
     assert (tmp_path / "fine.log").read_text().endswith("fine\n")
-    assert not alive(int(pid.read_text()))
+    assert not alive(int(hung.read_text())) and not alive(int(left.read_text()))
     (late,) = run_stages([Stage("late", 60, 100, lambda c: [sys.executable, "-c", ""])], ctx, budget_s=5)
     assert late["status"] == "skipped" and late["reason"].startswith("out of time")
 
