@@ -165,8 +165,9 @@ def table(records: list[dict]) -> str:
 
 
 def free_bytes(device: torch.device) -> int:
-    """Memory free on ``device`` now."""
+    """Memory free on ``device`` now (on a GPU, after handing cached blocks back)."""
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         return torch.cuda.mem_get_info(device)[0]
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
