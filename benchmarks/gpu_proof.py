@@ -51,6 +51,8 @@ GPU_TESTS = ("tests/test_cuda.py", "tests/test_triton.py", "tests/test_pinned.py
 BUDGET_S = 450.0
 #: Seconds a single test may run when pytest-timeout is installed (else the stage's limit).
 TEST_TIMEOUT_S = 90
+#: pytest-xdist workers for the GPU tests, where it is installed.
+TEST_WORKERS = 4
 
 
 # -- the stages -------------------------------------------------------------------------
@@ -104,6 +106,10 @@ def _tests(ctx: Context) -> list[str] | str:
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={ctx.logs / 'tests.xml'}"]
     if importlib.util.find_spec("pytest_timeout") is not None:
         argv.append(f"--timeout={TEST_TIMEOUT_S}")  # a hung test fails alone, the others still report
+    if importlib.util.find_spec("xdist") is not None:
+        # The Triton tests compile some fifty kernel variants at about a second each, on one
+        # core per process: four workers bring the stage well under its limit.
+        argv += ["-n", str(TEST_WORKERS)]
     return argv + present
 
 
