@@ -107,8 +107,8 @@ def _tests(ctx: Context) -> list[str] | str:
     if importlib.util.find_spec("pytest_timeout") is not None:
         argv.append(f"--timeout={TEST_TIMEOUT_S}")  # a hung test fails alone, the others still report
     if importlib.util.find_spec("xdist") is not None:
-        # The Triton tests compile some fifty kernel variants at about a second each, on one
-        # core per process: four workers bring the stage well under its limit.
+        # The Triton tests compile a kernel for each operation and dtype pair at first use,
+        # on one core per process: four workers compile four at a time.
         argv += ["-n", str(TEST_WORKERS)]
     return argv + present
 
