@@ -130,6 +130,8 @@ def _collect_tests(ctx: Context, result: dict) -> None:
     result["details"] = {**counts, "passed": passed, "failed": failed[:50], "missing_files": missing}
     result["note"] = (f"{passed} passed, {counts['failures']} failed, {counts['errors']} errors, "
                       f"{counts['skipped']} skipped")
+    if missing:
+        result["note"] += f"; not in the checkout: {', '.join(missing)}"
 
 
 def _memcheck(ctx: Context) -> list[str] | str:

@@ -339,6 +339,21 @@ def test_the_summary_marks_each_target_from_what_the_stages_measured(tmp_path):
     assert find(results, op="pinned_snapshot")["reason"] == "stage overlap timeout: killed at its limit of 120 s"
 
 
+def test_test_counts_come_from_the_junit_xml(tmp_path):
+    (tmp_path / "tests.xml").write_text(
+        '<testsuites><testsuite tests="7" failures="1" errors="1" skipped="2">'
+        '<testcase classname="tests.test_cuda" name="test_a"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_triton" name="test_b"><error message="y"/></testcase>'
+        '<testcase classname="tests.test_triton" name="test_c"/></testsuite></testsuites>')
+    result = {}
+    gpu_proof._collect_tests(Context(tmp_path, False, tmp_path), result)
+    missing = [t for t in gpu_proof.GPU_TESTS if not (ROOT / t).is_file()]
+    assert result["details"] == {"tests": 7, "failures": 1, "errors": 1, "skipped": 2, "passed": 3,
+                                 "failed": ["tests.test_cuda::test_a", "tests.test_triton::test_b"],
+                                 "missing_files": missing}
+    assert result["note"].startswith("3 passed, 1 failed, 1 errors, 2 skipped")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU every stage runs for minutes: run it by hand")
 def test_gpu_proof_without_a_gpu_runs_what_it_can_and_says_what_it_skipped(tmp_path):
     done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_proof", "--out", str(tmp_path), "--tiny"],
