@@ -354,6 +354,23 @@ def test_test_counts_come_from_the_junit_xml(tmp_path):
     assert result["note"].startswith("3 passed, 1 failed, 1 errors, 2 skipped")
 
 
+def test_build_and_memcheck_notes_come_from_what_the_stages_wrote(tmp_path):
+    ctx = Context(tmp_path, False, tmp_path)
+    accesses = {"push:float32:float32": {"ld": 10, "ld.v4": 6, "st": 4, "st.v4": 2},
+                "swap_back:float32": {"ld": 3, "ld.v4": 1, "st": 3, "st.v4": 1}}
+    (tmp_path / "build.json").write_text(json.dumps({"seconds": 71.04, "error": None, "build_dir": "/b",
+                                                     "triton_global_accesses": accesses}))
+    build = {}
+    gpu_proof._collect_build(ctx, build)
+    assert build["note"] == ("CUDA extension built in 71.0 s; Triton PTX: 7 of 13 global loads and 3 of 7 "
+                             "stores 128-bit, over 2 kernel variants")
+    (tmp_path / "memcheck.log").write_text("========= Invalid __global__ read of size 4\n"
+                                           "========= ERROR SUMMARY: 2 errors\n")
+    memcheck = {}
+    gpu_proof._collect_memcheck(ctx, memcheck)
+    assert memcheck == {"details": {"errors": 2}, "note": "memcheck: 2 errors"}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU every stage runs for minutes: run it by hand")
 def test_gpu_proof_without_a_gpu_runs_what_it_can_and_says_what_it_skipped(tmp_path):
     done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_proof", "--out", str(tmp_path), "--tiny"],
