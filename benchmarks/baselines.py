@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lawa_optim.history import Bucket
+from lawa_optim.history import Bucket, accumulation_dtype
 
 
 @dataclass
@@ -77,7 +77,9 @@ def authors_push(x: Lists, n: int) -> None:
 
 def authors_mean(x: Lists, filled: int) -> None:
     """The mean of the ``filled`` stored copies, summed from scratch into ``x.avg``."""
-    acc = [t.float() if t.dtype != torch.float64 else t.clone() for t in x.slots[0]]
+    # A copy, always: ``Tensor.float()`` of a float32 slot is the slot itself, and the sum
+    # would then be accumulated into the ring.
+    acc = [t.to(accumulation_dtype(t.dtype), copy=True) for t in x.slots[0]]
     for s in range(1, filled):
         torch._foreach_add_(acc, x.slots[s])
     torch._foreach_div_(acc, filled)

@@ -3,7 +3,8 @@
     python -m pytest benchmarks/bench_lawa.py --benchmark-only --benchmark-json=out.json
 
 Each operation of each backend that runs here is timed beside the copy roofline and
-the baselines of :mod:`benchmarks.baselines`, on the same tensors. Workloads come from
+the baselines of :mod:`benchmarks.baselines`, on the same tensors. A snapshot is timed
+as k in a row (:mod:`benchmarks.suite`): divide its times by ``extra_info["calls"]``. Workloads come from
 ``LAWA_BENCH_NUMEL`` (comma-separated flat sizes, default 1M,16M,64M) and
 ``LAWA_BENCH_MODELS`` (default resnet50,gpt2-small; empty for none). The test suite
 runs it at a tiny size with ``--benchmark-disable`` so it cannot rot.
@@ -21,7 +22,7 @@ from benchmarks.workloads import flat_params, model_params
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 K = 6
-BACKENDS = suite.backends_here(DEVICE, torch.float32)
+BACKENDS = suite.backends_here(DEVICE, torch.float32)[0]
 
 
 def _workloads() -> list[tuple[str, int | str]]:
@@ -60,11 +61,11 @@ def _run(benchmark, fn, nbytes: int, **info) -> None:
 @pytest.mark.parametrize("impl", sorted({i for impls in BACKENDS.values() for i in impls}))
 def test_lawa(benchmark, setup, op, impl):
     """The operation through lawa_optim.ops."""
-    if impl not in suite.impls_for(BACKENDS[setup.backend], op):
-        pytest.skip(f"the {setup.backend} backend has no {impl} implementation of {op}")
+    if impl not in BACKENDS[setup.backend]:
+        pytest.skip(f"the {setup.backend} backend has no {impl} implementation")
     o = suite.operations(setup, (op,))[op]
     fn = suite.plain(o.lawa) if impl == "plain" else o.lawa
-    _run(benchmark, fn, o.nbytes, backend=setup.backend, impl=impl, numel=setup.workload.numel,
+    _run(benchmark, fn, o.nbytes, calls=o.calls, backend=setup.backend, impl=impl, numel=setup.workload.numel,
          tensors=len(setup.workload.params))
 
 
@@ -76,10 +77,10 @@ def test_baseline(benchmark, setup, op, baseline):
     if baseline == "roofline":
         src = torch.ones(o.nbytes // 2, dtype=torch.uint8, device=DEVICE)
         dst = torch.empty_like(src)
-        fn = lambda: baselines.roofline(dst, src)  # noqa: E731
+        fn = suite.in_a_row(lambda i: baselines.roofline(dst, src), o.calls)
     elif baseline in o.baselines:
         fn = o.baselines[baseline]
     else:
         pytest.skip(f"no {baseline} baseline for {op}")
-    _run(benchmark, fn, o.nbytes, baseline=baseline, numel=setup.workload.numel,
+    _run(benchmark, fn, o.nbytes, calls=o.calls, baseline=baseline, numel=setup.workload.numel,
          tensors=len(setup.workload.params))

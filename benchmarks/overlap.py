@@ -1,5 +1,8 @@
 """Extra time per training step of a LAWA snapshot into host memory (GPU only).
 
+    python -m benchmarks.overlap                     # 1B float32 weights, k=6
+    python -m benchmarks.overlap --numel 16M --out /tmp/pinned
+
 LAWA (Kaddour 2022, arXiv:2209.14981) on a model whose k snapshots do not fit on its
 GPU keeps them in host memory. This times a fixed stand-in training step (matrix
 products, then an in-place update of every weight) over ``steps`` steps with one
@@ -11,11 +14,14 @@ snapshot after the first, against the same steps without one, for:
 * ``pinned-overlap``: ``storage="pinned"`` as used: the copy runs on a side stream and
   the host update on a worker thread while training goes on.
 
-The window ends when the snapshot is in the ring, so nothing is left uncounted.
+The window ends when the snapshot is in the ring, so nothing is left uncounted. The
+snapshot timed is the one that completes a pass over the ring, the dearest of k (it
+may also refresh the running sum from the ring).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections.abc import Callable
@@ -23,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import RESULTS, machine_slug, parse_size
 from lawa_optim.history import History
 
 #: 2^30 float32 weights: a 1B-parameter model (4 GiB), in tensors of 64M elements.
@@ -59,18 +66,19 @@ def measure(numel: int = NUMEL, k: int = 6, steps: int = 30) -> list[dict]:
     _window(step, 2, None, lambda: None)  # warm-up: kernels, allocator
     plain = _window(step, steps, None, lambda: None)
     records = []
-    for mode, storage, overlap in (("cpu", "cpu", False), ("pinned-sync", "pinned", False),
-                                   ("pinned-overlap", "pinned", True)):
-        records.append(_snapshot_record(mode, storage, overlap, params, k, steps, step, plain))
+    for storage, modes in (("cpu", [("cpu", False)]), ("pinned", [("pinned-sync", False), ("pinned-overlap", True)])):
+        hist = History(k, "uniform", None, storage, "auto", None)  # pinning 28 GiB takes a while: once
+        hist.extend([{"params": params}])
+        for mode, overlap in modes:
+            records.append(_snapshot_record(mode, overlap, hist, params, k, steps, step, plain))
+        del hist
     return records
 
 
-def _snapshot_record(mode: str, storage: str, overlap: bool, params: list[torch.Tensor], k: int,
+def _snapshot_record(mode: str, overlap: bool, hist: History, params: list[torch.Tensor], k: int,
                      steps: int, step: Callable[..., None], plain: float) -> dict:
-    hist = History(k, "uniform", None, storage, "auto", None)
-    hist.extend([{"params": params}])
     for b in hist.buckets:
-        b.pushes.fill_(k)  # time a push into a full ring without filling it first
+        b.pushes.fill_(2 * k - 1)  # a full ring, and the push that completes a pass over it
 
     def finish() -> None:
         for b in hist.buckets:
@@ -82,19 +90,35 @@ def _snapshot_record(mode: str, storage: str, overlap: bool, params: list[torch.
             finish()
 
     extra = _window(lambda: step(hist), steps, snapshot, finish) - plain
-    return {"op": "pinned_snapshot", "mode": mode, "device_name": torch.cuda.get_device_name(params[0].device),
+    return {"op": "pinned_snapshot", "mode": mode, "device": "cuda",
+            "device_name": torch.cuda.get_device_name(params[0].device),
             "numel": sum(p.numel() for p in params), "tensors": len(params), "k": k, "steps": steps,
             "step_s": plain / steps, "extra_s_per_snapshot": extra,
             "extra_steps_per_snapshot": extra / (plain / steps)}
 
 
-def main(path: Path) -> list[dict]:
-    """Measure, print and write the records to ``path``."""
-    records = measure()
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Command line: measure, print, and write ``<machine>-pinned.json`` under ``--out``."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--numel", type=parse_size, default=NUMEL, help="float32 weights (default 1G, 4 GiB)")
+    ap.add_argument("--k", type=int, default=6, help="snapshots in the ring (default 6)")
+    ap.add_argument("--steps", type=int, default=30, help="training steps per timed window (default 30)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"output folder (default {RESULTS})")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks.overlap needs a CUDA GPU: it times copies from the GPU to pinned host memory")
+    records = measure(args.numel, args.k, args.steps)
     print(f"\nsnapshot of {records[0]['numel'] / 1e9:.2f}B float32 weights into host memory, "
           f"k={records[0]['k']}; plain step {1e3 * records[0]['step_s']:.1f} ms")
     for r in records:
         print(f"  {r['mode']:<16}extra {1e3 * r['extra_s_per_snapshot']:>9.1f} ms per snapshot "
               f"({r['extra_steps_per_snapshot']:.2f} steps)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{machine_slug(torch.device('cuda'))}-pinned.json"
     path.write_text(json.dumps(records, indent=1) + "\n")
+    print(f"wrote {path}")
     return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,13 +1,16 @@
 """Time the LAWA history (Kaddour 2022, arXiv:2209.14981) against its baselines.
 
-    python benchmarks/report.py            # quick set, a couple of minutes on 2 CPU cores
+    python benchmarks/report.py            # quick set: ~10 minutes on 2 busy CPU cores, 1 thread
     python benchmarks/report.py --full     # 1M..256M elements (as memory allows), all ops
+    python benchmarks/report.py --full --sizes 64M 256M --dtypes float32 bfloat16
 
 For every backend that can run here, each operation is timed beside, in the same
 run and on the same tensors, a plain copy of the bytes it must move (the roofline)
-and the baselines of :mod:`benchmarks.baselines`. Prints a table, writes one JSON
-record per measurement to ``benchmarks/results/<machine>.json`` and, with matplotlib,
-a plot of GB/s against size to ``<machine>.png``.
+and the baselines of :mod:`benchmarks.baselines`; a snapshot is timed as k in a row
+(:mod:`benchmarks.suite`). Prints a table and the targets of
+:mod:`benchmarks.targets`, writes one JSON record per measurement to
+``benchmarks/results/<machine>.json`` (after every workload, so an interrupted run
+keeps what it measured) and, with matplotlib, a plot to ``<machine>.png``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ if not __package__:  # run as a script: make `benchmarks` and `lawa_optim` impor
 
 import torch  # noqa: E402
 
-from benchmarks import baselines, suite  # noqa: E402
+from benchmarks import baselines, suite, targets  # noqa: E402
+from benchmarks.plot import plot  # noqa: E402
 from benchmarks.workloads import flat_params, model_params  # noqa: E402
 
 QUICK = {"sizes": [1 << 20, 1 << 22, 1 << 24, 1 << 26], "size_ops": ("snapshot",),
@@ -38,6 +42,7 @@ QUICK = {"sizes": [1 << 20, 1 << 22, 1 << 24, 1 << 26], "size_ops": ("snapshot",
 FULL = {"sizes": [1 << s for s in range(20, 29, 2)], "size_ops": suite.OPS,
         "models": ["resnet50", "gpt2-small"], "repeats": 7}
 RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def device_name(device: torch.device) -> str:
@@ -53,61 +58,73 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``float32`` for ``torch.float32``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def machine_slug(device: torch.device) -> str:
+    """A file name for this machine: the device name, lower case, dashes."""
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
 def interleaved(calls: dict[str, Callable[[], None]], repeats: int, device: torch.device,
                 min_seconds: float = 1.0, max_rounds: int = 50) -> dict[str, float]:
     """Median wall time of each call, timed round-robin so that load from other processes
-    on the machine falls on all of them alike: one warm-up round, then ``repeats``
-    rounds, or more (up to ``max_rounds``) until the timed rounds take ``min_seconds``."""
+    on the machine falls on all of them alike: one warm-up round (compilation, caches),
+    then rounds until there are ``repeats`` and they took ``min_seconds``, or
+    ``max_rounds`` of them."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in calls}
 
-    def one_round() -> float:
-        start = time.perf_counter()
+    def one_round() -> None:
         for name, fn in calls.items():
             t0 = time.perf_counter()
             fn()
             sync()
             times[name].append(time.perf_counter() - t0)
-        return time.perf_counter() - start
 
-    warm = one_round()
+    one_round()
     for t in times.values():
         t.clear()
-    for _ in range(max(repeats, min(max_rounds, int(min_seconds / max(warm, 1e-9))))):
+    start = time.perf_counter()
+    for rounds in range(1, max(max_rounds, repeats) + 1):
         one_round()
+        if rounds >= repeats and time.perf_counter() - start >= min_seconds:
+            break
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def measure(workload, device: torch.device, k: int, op_names, repeats: int) -> list[dict]:
+def measure(workload, device: torch.device, k: int, op_names, repeats: int, min_seconds: float) -> list[dict]:
     """Records for every backend and operation on one workload; the roofline and the
-    baselines are timed in the same rounds as the first backend."""
+    baselines are timed in the same rounds as the first backend. Times are per
+    operation: a row of ``calls`` operations, divided by ``calls``."""
     dtype = workload.params[0].dtype
     most = max(suite.nbytes(op, workload.numel, dtype, dtype, k) for op in op_names)
     src = torch.ones(most // 2 // dtype.itemsize, dtype=dtype, device=device)
     dst = torch.empty_like(src)
     common = {"device": device.type, "device_name": device_name(device), "workload": workload.name,
-              "param_dtype": str(dtype).removeprefix("torch."), "history_dtype": str(dtype).removeprefix("torch."),
-              "numel": workload.numel, "tensors": len(workload.params), "k": k, "torch": torch.__version__,
+              "param_dtype": dtype_name(dtype), "history_dtype": dtype_name(dtype), "numel": workload.numel,
+              "tensors": len(workload.params), "k": k, "torch": torch.__version__,
               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     base: dict[str, dict[str, float]] = {}
     records = []
-    for backend, impls in suite.backends_here(device, dtype).items():
+    for backend, impls in suite.backends_here(device, dtype)[0].items():
         setup = suite.prepare(workload, backend, k)
         for name, op in suite.operations(setup, op_names).items():
-            op_impls = suite.impls_for(impls, name)
-            calls = {f"lawa:{impl}": suite.plain(op.lawa) if impl == "plain" else op.lawa for impl in op_impls}
+            calls = {f"lawa:{impl}": suite.plain(op.lawa) if impl == "plain" else op.lawa for impl in impls}
             if name not in base:
                 half = op.nbytes // 2 // dtype.itemsize
-                calls["roofline"] = lambda: baselines.roofline(dst[:half], src[:half])
+                calls["roofline"] = suite.in_a_row(lambda i: baselines.roofline(dst[:half], src[:half]), op.calls)
                 calls.update(op.baselines)
-            t = interleaved(calls, repeats, device)
+            t = {key: s / op.calls for key, s in interleaved(calls, repeats, device, min_seconds).items()}
             base.setdefault(name, {b: t[b] for b in ["roofline", *op.baselines]})
             roof = op.nbytes / base[name]["roofline"] / 1e9
-            for impl in op_impls:
+            for impl in impls:
                 seconds = t[f"lawa:{impl}"]
                 gbps = op.nbytes / seconds / 1e9
-                records.append({**common, "op": name, "backend": backend, "impl": impl, "median_s": seconds,
-                                "bytes": op.nbytes, "gbps": gbps, "roofline_gbps": roof,
+                records.append({**common, "op": name, "backend": backend, "impl": impl, "calls": op.calls,
+                                "median_s": seconds, "bytes": op.nbytes, "gbps": gbps, "roofline_gbps": roof,
                                 "roofline_fraction": gbps / roof,
                                 "baseline_s": {b: base[name][b] for b in op.baselines},
                                 "speedup": {b: base[name][b] / seconds for b in op.baselines}})
@@ -127,17 +144,18 @@ def memory_records(workload, k: int) -> list[dict]:
 
 def table(records: list[dict]) -> str:
     """A fixed-width table of the timing records."""
-    head = f"{'workload':<12}{'op':<11}{'backend':<16}{'ms':>9}{'GB/s':>8}{'roof GB/s':>10}{'% roof':>8}" \
-           f"{'x foreach':>10}{'x loop':>8}{'x authors':>10}"
+    head = f"{'workload':<12}{'dtype':<10}{'op':<11}{'backend':<16}{'ms':>9}{'GB/s':>8}{'roof GB/s':>10}" \
+           f"{'% roof':>8}{'x foreach':>10}{'x loop':>8}{'x authors':>10}"
     lines = [head, "-" * len(head)]
     for r in records:
-        if r["op"] == "memory":
+        if "median_s" not in r:
             continue
         sp = r["speedup"]
         cell = lambda b: f"{sp[b]:.2f}" if b in sp else "-"  # noqa: E731
-        lines.append(f"{r['workload']:<12}{r['op']:<11}{r['backend'] + '/' + r['impl']:<16}"
+        lines.append(f"{r['workload']:<12}{r['param_dtype']:<10}{r['op']:<11}{r['backend'] + '/' + r['impl']:<16}"
                      f"{r['median_s'] * 1e3:>9.2f}{r['gbps']:>8.2f}{r['roofline_gbps']:>10.2f}"
-                     f"{100 * r['roofline_fraction']:>7.0f}%{cell('foreach'):>10}{cell('loop'):>8}{cell('authors'):>10}")
+                     f"{100 * r['roofline_fraction']:>7.0f}%"
+                     f"{cell('foreach'):>10}{cell('loop'):>8}{cell('authors'):>10}")
     mem = [r for r in records if r["op"] == "memory"]
     if mem:
         lines += ["", f"extra memory held for k={mem[0]['k']} (MB):"]
@@ -146,103 +164,89 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(records: list[dict], path: Path) -> bool:
-    """GB/s of the snapshot against size per backend (flat sizes as lines, model parameter
-    lists as labelled points), with the roofline and the foreach push; False without
-    matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    snaps = [r for r in records if r["op"] == "snapshot"]
-    by_size = lambda rs: sorted(rs, key=lambda r: r["numel"])  # noqa: E731
-    flat = lambda rs: by_size(r for r in rs if r["workload"].startswith("flat"))  # noqa: E731
-    model = lambda rs: by_size(r for r in rs if not r["workload"].startswith("flat"))  # noqa: E731
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in dict.fromkeys(f"{r['backend']}/{r['impl']}" for r in snaps):
-        rs = [r for r in snaps if f"{r['backend']}/{r['impl']}" == label]
-        line = ax.plot([r["numel"] for r in flat(rs)], [r["gbps"] for r in flat(rs)], "o-", label=f"LAWA {label}")
-        ax.plot([r["numel"] for r in model(rs)], [r["gbps"] for r in model(rs)], "s", ms=8, color=line[0].get_color())
-    first = list({r["workload"]: r for r in snaps}.values())
-    ax.plot([r["numel"] for r in flat(first)], [r["roofline_gbps"] for r in flat(first)], "k--", label="copy roofline")
-    ax.plot([r["numel"] for r in model(first)], [r["roofline_gbps"] for r in model(first)], "k_", ms=14)
-    ax.plot([r["numel"] for r in by_size(first)],
-            [r["bytes"] / r["baseline_s"]["foreach"] / 1e9 for r in by_size(first)], "x", color="gray",
-            label="torch._foreach_* push")
-    for r in model(first):
-        ax.annotate(r["workload"], (r["numel"], r["roofline_gbps"]), textcoords="offset points",
-                    xytext=(6, 4), fontsize=8)
-    ax.set(xscale="log", xlabel="elements (float32); squares: real models' parameter lists",
-           ylabel="GB/s (bytes the snapshot must move)",
-           title=f"LAWA snapshot, k={snaps[0]['k']}: {snaps[0]['device_name']}")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def machine_slug(device: torch.device) -> str:
-    """A file name for this machine: the device name, lower case, dashes."""
-    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-
-
 def free_bytes(device: torch.device) -> int:
-    """Memory free on ``device`` now."""
+    """Memory free on ``device`` now (on a GPU, after handing cached blocks back)."""
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         return torch.cuda.mem_get_info(device)[0]
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def run(sizes, size_ops, models, repeats: int, k: int, device: torch.device, out: Path | None) -> list[dict]:
-    """Measure, print the table, and write JSON and PNG under ``out`` (None: print only)."""
-    records = []
-    for numel in sizes:
-        # Weights, ring, sums, backup, the mean of k copies, and the roofline's two buffers.
-        need = numel * (4 + 4 * k + 20 + max(suite.nbytes(op, 1, torch.float32, torch.float32, k) for op in size_ops))
-        if need > 0.8 * free_bytes(device):
-            print(f"skipping {numel} elements: needs ~{need / 1e9:.1f} GB, {free_bytes(device) / 1e9:.1f} GB free")
-            continue
-        records += measure(flat_params(numel, torch.float32, device), device, k, size_ops, repeats)
-        gc.collect()
-    for name in models:
-        w = model_params(name, torch.float32, device)
-        records += measure(w, device, k, suite.OPS, repeats) + memory_records(w, k)
+def run(sizes, size_ops, models, repeats: int, k: int, device: torch.device, out: Path | None,
+        dtypes=(torch.float32,), min_seconds: float = 1.0) -> list[dict]:
+    """Measure flat ``sizes`` in each of ``dtypes`` (operations ``size_ops``) and the float32
+    parameter lists of ``models`` (every operation); print the table and the targets;
+    write JSON and PNG under ``out`` (None: print only)."""
+    path = None if out is None else out / f"{machine_slug(device)}.json"
+    records = [{"op": "unavailable", "device": device.type, "backend": name, "param_dtype": dtype_name(d),
+                "reason": why}
+               for d in dtypes for name, why in suite.backends_here(device, d)[1].items()]
+    for r in records:
+        print(f"not timed: the {r['backend']} backend with {r['param_dtype']}: {r['reason']}")
+    workloads = [(lambda n=n, d=d: flat_params(n, d, device), n, d, size_ops) for n in sizes for d in dtypes]
+    workloads += [(lambda m=m: model_params(m, torch.float32, device), None, torch.float32, suite.OPS)
+                  for m in models]
+    if path is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    for build, numel, dtype, op_names in workloads:
+        if numel is not None:
+            # Weights, ring, sums, backup, the mean of k copies, and the roofline's two buffers.
+            most = max(suite.nbytes(op, 1, dtype, dtype, k) for op in op_names)
+            need = numel * (dtype.itemsize * (k + 3) + 12 + most)
+            if need > 0.8 * free_bytes(device):
+                print(f"skipping {numel} elements of {dtype}: needs ~{need / 1e9:.1f} GB, "
+                      f"{free_bytes(device) / 1e9:.1f} GB free")
+                continue
+        t0 = time.perf_counter()
+        w = build()
+        records += measure(w, device, k, op_names, repeats, min_seconds)
+        if numel is None:
+            records += memory_records(w, k)
+        print(f"measured {w.name} {dtype_name(dtype)} in {time.perf_counter() - t0:.0f} s", flush=True)
         del w
         gc.collect()
+        if path is not None:
+            path.write_text(json.dumps(records, indent=1) + "\n")
     print(table(records))
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        stem = out / machine_slug(device)
-        stem.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
-        print(f"\nwrote {stem.with_suffix('.json')}")
-        if plot(records, stem.with_suffix(".png")):
-            print(f"wrote {stem.with_suffix('.png')}")
+    print(f"\ntargets on {device.type} (ratios measured in this run):")
+    print(targets.table(targets.evaluate(targets.TARGETS[device.type], records)))
+    if path is not None:
+        print(f"\nwrote {path}")
+        if plot(records, path.with_suffix(".png")):
+            print(f"wrote {path.with_suffix('.png')}")
     return records
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_size(text: str) -> int:
+    """An element count: an int, or one with a K, M or G suffix (powers of 1024)."""
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    try:
+        n = int(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be a positive element count such as 4096 or 64M, got {text!r}")
+    return n
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     """Command line: see the module docstring."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="1M..256M elements, all operations, 7 repeats")
+    ap.add_argument("--sizes", nargs="*", type=parse_size, help="flat sizes in elements, e.g. 64M (default: by --full)")
+    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32"],
+                    help="dtypes of the flat sizes (weights and history; default float32)")
     ap.add_argument("--k", type=int, default=6, help="snapshots in the ring (default 6, the paper's)")
     ap.add_argument("--models", nargs="*", help="model parameter lists (default: resnet50 gpt2-small)")
-    ap.add_argument("--repeats", type=int, help="timed calls per measurement (median reported)")
+    ap.add_argument("--repeats", type=int, help="least timed rounds per measurement (median reported)")
+    ap.add_argument("--seconds", type=float, default=1.0, help="least seconds of timed rounds per measurement")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"output folder (default {RESULTS})")
     args = ap.parse_args(argv)
     cfg = FULL if args.full else QUICK
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run(cfg["sizes"], cfg["size_ops"], cfg["models"] if args.models is None else args.models,
-        args.repeats or cfg["repeats"], args.k, device, args.out)
-    if device.type == "cuda":
-        from benchmarks import overlap
-
-        overlap.main(args.out / f"{machine_slug(device)}-pinned.json")
+    return run(cfg["sizes"] if args.sizes is None else args.sizes, cfg["size_ops"],
+               cfg["models"] if args.models is None else args.models, args.repeats or cfg["repeats"], args.k,
+               device, args.out, [DTYPES[d] for d in args.dtypes], args.seconds)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@
 :func:`operations` returns, for each operation, the call through ``lawa_optim.ops``,
 its baselines on the same tensors (:mod:`benchmarks.baselines`) and the bytes the
 operation must move at least, which is what GB/s and the roofline are computed from.
+
+A snapshot is timed as k snapshots in a row: the push that completes a pass over the
+ring may also refresh the running sum exactly from the ring, so the cost of a snapshot
+is its cost amortised over k consecutive ones. Its baselines run k pushes in a row too.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ DECAY = 0.9
 
 @dataclass
 class Op:
-    """One operation: the LAWA call, its baselines (name -> call) and its bytes moved."""
+    """One operation: the LAWA call and its baselines (name -> call), each running the
+    operation ``calls`` times in a row, and the bytes one operation moves."""
 
     lawa: Callable[[], None]
     baselines: dict[str, Callable[[], None]]
     nbytes: int
+    calls: int
 
 
 @dataclass
@@ -78,23 +84,34 @@ def nbytes(op: str, numel: int, param: torch.dtype, history: torch.dtype, k: int
 def operations(s: Setup, names: tuple[str, ...] = OPS) -> dict[str, Op]:
     """The calls to time for each operation in ``names``."""
     uni, ema, k = s.uniform, s.ema, s.k
-    calls = {
-        "snapshot": (partial(ops.push, uni), s.lists, k),
-        "ema": (partial(ops.ema_update, ema, DECAY), s.ema_lists, DECAY),
-        "swap_in": (partial(ops.swap_in, uni, None), s.lists, k),
-        "swap_back": (partial(ops.swap_back, uni), s.lists, k),
-        "recompute": (partial(ops.recompute, uni), s.lists, k),
+    # name -> (LAWA call, the lists its baselines work on, their argument at call i of a row)
+    table = {
+        "snapshot": (partial(ops.push, uni), s.lists, lambda i: k + i),  # push numbers k .. 2k-1
+        "ema": (partial(ops.ema_update, ema, DECAY), s.ema_lists, lambda i: DECAY),
+        "swap_in": (partial(ops.swap_in, uni, None), s.lists, lambda i: k),
+        "swap_back": (partial(ops.swap_back, uni), s.lists, lambda i: k),
+        "recompute": (partial(ops.recompute, uni), s.lists, lambda i: k),
     }
     out = {}
     for name in names:
-        lawa, lists, arg = calls[name]
-        baselines = {b: partial(fn, lists, arg) for b, fn in BASELINES[name].items()}
-        out[name] = Op(lawa, baselines, nbytes(name, s.workload.numel, uni.dtype, uni.history_dtype, k))
+        lawa, lists, arg = table[name]
+        n = k if name == "snapshot" else 1
+        baselines = {b: in_a_row(lambda i, fn=fn: fn(lists, arg(i)), n) for b, fn in BASELINES[name].items()}
+        out[name] = Op(in_a_row(lambda i, fn=lawa: fn(), n), baselines,
+                       nbytes(name, s.workload.numel, uni.dtype, uni.history_dtype, k), n)
     return out
 
 
+def in_a_row(fn: Callable[[int], None], n: int) -> Callable[[], None]:
+    """A call that runs ``fn(0)``, ..., ``fn(n - 1)``."""
+    def call() -> None:
+        for i in range(n):
+            fn(i)
+    return call
+
+
 def plain(fn: Callable[[], None]) -> Callable[[], None]:
-    """``fn`` with the fused CPU push switched off: the torch backend's plain code."""
+    """``fn`` with the C kernels of the CPU switched off: the torch backend's plain code."""
     def call() -> None:
         prior, cpu_kernels.enabled = cpu_kernels.enabled, False
         try:
@@ -104,19 +121,17 @@ def plain(fn: Callable[[], None]) -> Callable[[], None]:
     return call
 
 
-def backends_here(device: torch.device, dtype: torch.dtype) -> dict[str, list[str]]:
-    """Backends that can run on ``device``, each with the implementations of its snapshot
-    to time, the one the other operations run last: on the CPU the torch backend's fused
-    C push and, for comparison, its plain code."""
+def backends_here(device: torch.device, dtype: torch.dtype) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Backends that can run ``dtype`` on ``device``, each with the implementations to
+    time, and why each other fused backend cannot. On the CPU the torch backend runs with
+    its C kernels (``fused-c``, the default) and, for comparison, without them (``plain``,
+    ``LAWA_OPTIM_CPU_KERNELS=0``), for every operation: which operations the C kernels
+    cover is theirs to decide, the two rows show it."""
     probe = SimpleNamespace(device=history_device(device, "device"), param_device=device,
                             dtype=dtype, history_dtype=dtype)
     if device.type == "cpu":
         # Triton on the CPU runs in its interpreter: a correctness tool, not a speed one.
-        return {"torch": (["fused-c"] if cpu_kernels.runs(probe) else []) + ["plain"]}
-    return {name: [name] for name in ("cuda", "triton", "torch") if ops.unavailable(name, probe) is None}
-
-
-def impls_for(impls: list[str], op: str) -> list[str]:
-    """The implementations of ``op`` among a backend's ``impls``: only the snapshot has a
-    fused CPU path, the other operations run the last one."""
-    return impls if op == "snapshot" else impls[-1:]
+        return {"torch": (["fused-c"] if cpu_kernels.runs(probe) else []) + ["plain"]}, {}
+    why = {name: ops.unavailable(name, probe) for name in ("cuda", "triton", "torch")}
+    return ({name: [name] for name, reason in why.items() if reason is None},
+            {name: reason for name, reason in why.items() if reason is not None})

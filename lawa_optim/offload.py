@@ -21,6 +21,7 @@ staging buffer holds one copy of the weights (``D`` elements of the parameters' 
 
 from __future__ import annotations
 
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
@@ -60,7 +61,9 @@ class CudaTransfer:
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
             torch._foreach_copy_(dst, src, non_blocking=True)
-            done = torch.cuda.Event()
+            # Blocking: the worker thread sleeps in synchronize() for the whole copy (4 GiB
+            # take 0.1-0.2 s over PCIe) instead of spinning a core the data loader could use.
+            done = torch.cuda.Event(blocking=True)
             done.record(self.stream)
         return done
 
@@ -74,10 +77,15 @@ class Offload:
     ``transfer`` (default: :class:`CudaTransfer` on the parameters' device) moves the
     weights into the staging buffer; ``pin_memory`` page-locks that buffer, which the
     asynchronous copy needs.
+
+    The bucket is held weakly: it holds this offload, and a reference back would make a
+    cycle that keeps gigabytes of page-locked ring alive after the optimizer is gone,
+    until the next cycle collection. A snapshot still on its way when the bucket goes
+    is dropped.
     """
 
     def __init__(self, bucket: "Bucket", transfer: Transfer | None = None, pin_memory: bool = True) -> None:
-        self.bucket = bucket
+        self._bucket = weakref.ref(bucket)
         self.transfer = transfer if transfer is not None else CudaTransfer(bucket.param_device)
         self.staging = torch.empty(bucket.D, dtype=bucket.dtype, pin_memory=pin_memory)
         self._views = [bucket.view(self.staging, i) for i in range(len(bucket.params))]
@@ -87,8 +95,11 @@ class Offload:
 
     def push(self) -> None:
         """Start a snapshot of the current weights and return; it lands in order."""
+        bucket = self._bucket()
+        if bucket is None:
+            raise RuntimeError("the bucket of this offload no longer exists")
         self.wait()  # the staging buffer is reused: the previous update must have read it
-        done = self.transfer.copy(self._views, self.bucket.params)
+        done = self.transfer.copy(self._views, bucket.params)
         self._unordered = done
         self._pending = self._worker.submit(self._update, done)
 
@@ -100,8 +111,11 @@ class Offload:
 
     def _update(self, done: Done) -> None:
         done.synchronize()
-        reference.push(self.bucket, self._views)
-        self.bucket.pushes.add_(1)
+        bucket = self._bucket()
+        if bucket is None:  # the optimizer went away: nobody can read this snapshot
+            return
+        reference.push(bucket, self._views)
+        bucket.pushes.add_(1)
 
     def pending(self) -> bool:
         """Whether a snapshot is still on its way into the ring."""

@@ -1,31 +1,102 @@
-"""The benchmark code (benchmarks/): its baselines compute what the LAWA ops compute, and
-a tiny report and pytest-benchmark run go through end to end, so the code cannot rot.
-Speed itself is measured by hand (benchmarks/README.md), never asserted here."""
+"""The benchmark code (benchmarks/): its baselines compute what the LAWA ops compute and
+write nothing they only read, the targets and the proof's summary follow hand-made
+records, a hung stage is killed alone, and a tiny report, pytest-benchmark run and GPU
+proof go through end to end, so the code cannot rot. Speed itself is measured by hand
+(benchmarks/README.md), never asserted here."""
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import baselines, report, suite
-from benchmarks.workloads import MODELS, flat_params
+from benchmarks import baselines, device_checks, gpu_proof, report, suite, targets
+from benchmarks.stages import Context, Stage, run_stages
+from benchmarks.workloads import MODELS, Workload
 from lawa_optim import ops
 
 ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
 
 K = 3
 
 
+SHAPES = [(5,), (64, 3), (2, 3, 4)]
+
+
+def distinct_setup(dtype: torch.dtype = torch.float32) -> tuple[suite.Setup, list[list[torch.Tensor]]]:
+    """A full ring of K different snapshots, and float64 copies of them kept aside
+    (``suite.prepare`` pushes the same weights K times, under which a mean or a slot
+    mix-up would not show)."""
+    g = torch.Generator().manual_seed(0)
+    w = Workload("three", [torch.randn(shape, generator=g).to(dtype) for shape in SHAPES])
+    s = suite.prepare(w, "torch", K)
+    kept = []
+    for n in range(K):
+        for p in w.params:
+            p.mul_(-1.5).add_(n)
+        ops.push(s.uniform)
+        ops.ema_update(s.ema, suite.DECAY)
+        kept.append([p.double() for p in w.params])
+    return s, kept
+
+
 @pytest.fixture
 def setup():
-    g = torch.Generator().manual_seed(0)
-    w = flat_params(8, torch.float32, torch.device("cpu"))
-    w.params = [torch.randn(s, generator=g) for s in [(5,), (64, 3), (2, 3, 4)]]
-    return suite.prepare(w, "torch", K)
+    return distinct_setup()[0]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit pattern of ``t`` (NaN payloads and signed zeros included)."""
+    return t.contiguous().view(torch.uint8)
+
+
+#: What each baseline may write, by field of ``baselines.Lists`` (push number K goes into
+#: slot K % K = 0); everything else it is handed must keep its bits.
+WRITES = {
+    ("snapshot", "foreach"): ("slots[0]", "total"),
+    ("snapshot", "loop"): ("slots[0]", "total"),
+    ("snapshot", "authors"): ("slots[0]", "avg"),
+    ("ema", "foreach"): ("total",),
+    ("ema", "loop"): ("total",),
+    ("swap_in", "foreach"): ("backup", "params"),
+    ("swap_in", "loop"): ("backup", "params"),
+    ("swap_in", "authors"): ("backup", "params", "avg"),
+    ("swap_back", "foreach"): ("params",),
+    ("swap_back", "loop"): ("params",),
+    ("recompute", "foreach"): ("total",),
+    ("recompute", "loop"): ("total",),
+}
+ARGS = {"snapshot": K, "ema": suite.DECAY, "swap_in": K, "swap_back": K, "recompute": K}
+
+
+def named_tensors(x: baselines.Lists) -> dict[str, torch.Tensor]:
+    """Every tensor a baseline is handed, by field (``slots[s]`` for ring slot s)."""
+    named = {f"slots[{s}] {i}": t for s, slot in enumerate(x.slots) for i, t in enumerate(slot)}
+    for name in ("params", "total", "backup", "avg"):
+        named.update({f"{name} {i}": t for i, t in enumerate(getattr(x, name))})
+    return named
+
+
+def test_every_baseline_declares_what_it_writes():
+    assert set(WRITES) == {(op, name) for op, impls in baselines.BASELINES.items() for name in impls}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op,name", sorted(WRITES))
+def test_no_baseline_modifies_what_it_only_reads(op, name, dtype):
+    s, _ = distinct_setup(dtype)
+    x = s.ema_lists if op == "ema" else s.lists
+    before = {key: bits(t).clone() for key, t in named_tensors(x).items()}
+    baselines.BASELINES[op][name](x, ARGS[op])
+    changed = [key for key, t in named_tensors(x).items()
+               if not key.startswith(WRITES[op, name]) and not torch.equal(bits(t), before[key])]
+    assert changed == []
 
 
 def test_model_parameter_lists_have_the_real_shapes():
@@ -50,25 +121,31 @@ def test_push_baselines_write_the_same_ring_and_sum(setup, name):
     torch.testing.assert_close(b.total, lawa_total, rtol=1e-6, atol=1e-6)  # two roundings, not one
 
 
-def test_authors_mean_is_the_mean_of_the_stored_copies(setup):
-    b, x = setup.uniform, setup.lists
-    baselines.authors_push(x, K)
-    held = b.ring.double().mean(0)
-    for i in range(len(b.params)):
-        torch.testing.assert_close(x.avg[i].double(), b.view(held, i), rtol=1e-6, atol=1e-7)
+def test_authors_push_stores_the_weights_and_means_the_k_latest():
+    s, kept = distinct_setup()
+    x = s.lists
+    for p in x.params:
+        p.add_(0.25)
+    baselines.authors_push(x, K)  # snapshot number K replaces snapshot 0
+    latest = kept[1:] + [[p.double() for p in x.params]]
+    for i, p in enumerate(x.params):
+        assert torch.equal(x.slots[0][i], p)
+        mean = sum(snap[i] for snap in latest) / K
+        torch.testing.assert_close(x.avg[i].double(), mean, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["foreach", "loop", "authors"])
-def test_swap_in_baselines_write_the_average_and_keep_the_weights(setup, name):
-    b, x = setup.uniform, setup.lists
-    weights = [p.clone() for p in b.params]
+def test_swap_in_baselines_write_the_average_and_keep_the_weights(name):
+    s, kept = distinct_setup()
+    x = s.lists
+    weights = [p.clone() for p in x.params]
     baselines.BASELINES["swap_in"][name](x, K)
-    mean = b.ring.double().mean(0)
-    for i, p in enumerate(b.params):
-        torch.testing.assert_close(p.double(), b.view(mean, i), rtol=1e-6, atol=1e-7)
+    for i, p in enumerate(x.params):
+        mean = sum(snap[i] for snap in kept) / K
+        torch.testing.assert_close(p.double(), mean, rtol=1e-6, atol=1e-7)
         assert torch.equal(x.backup[i], weights[i])
     baselines.BASELINES["swap_back"][name if name != "authors" else "foreach"](x, K)
-    assert all(torch.equal(p, w) for p, w in zip(b.params, weights))
+    assert all(torch.equal(p, w) for p, w in zip(x.params, weights))
 
 
 @pytest.mark.parametrize("name", ["foreach", "loop"])
@@ -102,21 +179,220 @@ def test_bytes_moved_follow_the_design_formula():
 
 
 def test_quick_report_runs_end_to_end(tmp_path, capsys):
-    records = report.run([4096], suite.OPS, [], repeats=1, k=K, device=torch.device("cpu"), out=tmp_path)
+    records = report.run([4096], suite.OPS, [], repeats=1, k=K, device=CPU, out=tmp_path,
+                         dtypes=(torch.float32, torch.bfloat16), min_seconds=0.0)
     out = capsys.readouterr().out
-    assert "snapshot" in out and "x foreach" in out
+    assert "x foreach" in out and "targets on cpu" in out
     (path,) = tmp_path.glob("*.json")
-    saved = json.loads(path.read_text())
-    assert saved == json.loads(json.dumps(records))
-    keys = {"op", "backend", "device_name", "param_dtype", "history_dtype", "numel", "tensors", "median_s",
-            "bytes", "gbps", "roofline_gbps", "roofline_fraction", "speedup"}
-    assert {r["op"] for r in saved} == set(suite.OPS)
-    for r in saved:
-        assert keys <= r.keys()
-        assert r["gbps"] == pytest.approx(r["bytes"] / r["median_s"] / 1e9)
+    assert path.name == f"{report.machine_slug(CPU)}.json"
+    assert json.loads(path.read_text()) == json.loads(json.dumps(records))
+    impls = suite.backends_here(CPU, torch.float32)[0]["torch"]
+    assert sorted((r["op"], r["param_dtype"], r["impl"]) for r in records) == sorted(
+        (op, d, impl) for op in suite.OPS for d in ("float32", "bfloat16") for impl in impls)
+    # Bytes per element by hand: a float32 snapshot reads the weight and the old slot,
+    # writes the slot and updates the float32 sum: 4 + 4 + 4 + 8; bfloat16: 2 + 2 + 2 + 8.
+    per_element = {("snapshot", "float32"): 20, ("snapshot", "bfloat16"): 14, ("swap_back", "bfloat16"): 4,
+                   ("recompute", "float32"): 4 * K + 4}
+    for r in records:
         assert set(r["speedup"]) == set(baselines.BASELINES[r["op"]])
+        assert r["calls"] == (K if r["op"] == "snapshot" else 1)
+        if (r["op"], r["param_dtype"]) in per_element:
+            assert r["bytes"] == 4096 * per_element[r["op"], r["param_dtype"]]
     pytest.importorskip("matplotlib")
     assert path.with_suffix(".png").stat().st_size > 0
+
+
+def test_times_are_per_operation(monkeypatch):
+    # Every timed call takes 6 s by this clock; a snapshot call is K pushes in a row.
+    monkeypatch.setattr(report, "interleaved", lambda calls, *args: {name: 6.0 for name in calls})
+    records = report.measure(Workload("w", [torch.ones(100)]), CPU, K, suite.OPS, 1, 0.0)
+    for r in records:
+        assert r["median_s"] == (6.0 / K if r["op"] == "snapshot" else 6.0)
+        assert r["roofline_fraction"] == 1.0 and set(r["speedup"].values()) == {1.0}
+
+
+@pytest.mark.parametrize("name", ["lawa", *baselines.BASELINES["snapshot"]])
+def test_a_timed_snapshot_is_k_pushes_in_a_row(name):
+    s, _ = distinct_setup()
+    op = suite.operations(s, ("snapshot",))["snapshot"]
+    for p in s.workload.params:
+        p.add_(10.0)
+    pushes = int(s.uniform.pushes)
+    (op.lawa if name == "lawa" else op.baselines[name])()
+    assert int(s.uniform.pushes) == pushes + (K if name == "lawa" else 0)
+    for slot in s.lists.slots:  # one pass over the whole ring: every slot holds the new weights
+        assert all(torch.equal(t, p) for t, p in zip(slot, s.workload.params))
+
+
+def test_sizes_parse_with_binary_suffixes():
+    assert [report.parse_size(t) for t in ("4096", "64M", "2k", "1G")] == [4096, 1 << 26, 2048, 1 << 30]
+    for bad in ("0", "-3M", "lots", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive element count"):
+            report.parse_size(bad)
+
+
+def find(results: list[dict], **where) -> dict:
+    (hit,) = [r for r in results if all(r["where"].get(k) == v for k, v in where.items())]
+    return hit
+
+
+def test_targets_compare_the_matching_record_with_its_bound():
+    run = {"device": "cuda", "op": "snapshot", "param_dtype": "float32", "k": 6}
+    records = [
+        {**run, "backend": "cuda", "workload": "flat-64M", "roofline_fraction": 0.93},
+        {**run, "backend": "triton", "workload": "flat-64M", "roofline_fraction": 0.84},
+        {**run, "backend": "cuda", "workload": "gpt2-small", "speedup": {"foreach": 2.5, "authors": 5.9}},
+        {**run, "backend": "cuda", "workload": "resnet50", "speedup": {"foreach": 2.0, "authors": 6.1},
+         "device": "cpu"},  # another device's figure proves nothing here
+        {"device": "cuda", "op": "unavailable", "backend": "triton", "reason": "triton cannot be imported"},
+        {"device": "cuda", "op": "pinned_snapshot", "mode": "pinned-overlap", "numel": 1 << 30,
+         "extra_steps_per_snapshot": 0.06},
+    ]
+    results = targets.evaluate(targets.GPU, records, absent="stage report timeout")
+    assert len({r["target"] for r in results}) == len(targets.GPU)
+    cuda_flat = find(results, op="snapshot", backend="cuda", workload="flat-64M")
+    assert (cuda_flat["status"], cuda_flat["value"], cuda_flat["threshold"]) == ("pass", 0.93, 0.90)
+    assert find(results, op="snapshot", backend="triton", workload="flat-64M")["status"] == "fail"  # < 0.85
+    gpt2 = [r for r in results if r["where"].get("workload") == "gpt2-small" and r["where"]["backend"] == "cuda"]
+    assert [(r["metric"], r["status"], r["threshold"]) for r in gpt2] == [
+        ("speedup:foreach", "pass", 2.0), ("speedup:authors", "fail", 6)]  # >= k, k = 6
+    assert all(r["status"] == "skipped" and "triton cannot be imported" in r["reason"]
+               for r in results if r["where"].get("backend") == "triton" and r["where"].get("workload") in MODELS)
+    resnet = [r for r in results if r["where"].get("workload") == "resnet50" and r["where"]["backend"] == "cuda"]
+    assert [(r["status"], r["reason"]) for r in resnet] == [("skipped", "stage report timeout")] * 2
+    assert find(results, op="pinned_snapshot")["status"] == "fail"  # 6 % of a step > 5 %
+
+
+def test_device_checks_exercise_every_op_and_notice_a_swap_that_does_not_restore(monkeypatch):
+    assert device_checks.exercise(CPU, ["torch"]) == 2 * len(device_checks.DTYPE_PAIRS)
+    monkeypatch.setattr(ops, "swap_back", lambda bucket: None)
+    with pytest.raises(RuntimeError, match="did not restore the weights"):
+        device_checks.exercise(CPU, ["torch"])
+
+
+def test_triton_accesses_are_counted_by_width_from_the_ptx(monkeypatch):
+    from lawa_optim.backends import triton as backend
+
+    ptx = """
+    @%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+    ld.global.b32 %r5, [%rd2];
+    ld.global.L1::evict_last.v4.b32 { %r6, %r7, %r8, %r9 }, [%rd3];
+    ld.param.u64 %rd4, [table];
+    st.global.v4.b32 [ %rd4 + 0 ], { %r1, %r2, %r3, %r4 };
+    @%p2 st.global.b16 [%rd5], %rs1;
+    """
+    monkeypatch.setattr(backend, "compile_ptx", lambda arch: {f"push:sm{arch}": ptx}, raising=False)
+    assert device_checks.triton_accesses(90) == {"push:sm90": {"ld": 3, "ld.v4": 2, "st": 2, "st.v4": 1}}
+    monkeypatch.delattr(backend, "compile_ptx")
+    assert device_checks.triton_accesses(90).startswith("no compile_ptx in this version")
+
+
+def test_a_stage_that_hangs_is_killed_with_its_children_and_the_next_ones_run(tmp_path):
+    def spawn(pid: Path, then: str) -> list[str]:
+        """A stage that starts a sleeping child, writes its pid to ``pid``, then runs ``then``."""
+        return [sys.executable, "-c", "import subprocess, sys, time\n"
+                "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+                f"open({str(pid)!r}, 'w').write(str(p.pid))\n{then}"]
+
+    hung, left = tmp_path / "hung.pid", tmp_path / "left.pid"
+    ctx = Context(tmp_path, True, tmp_path)
+    results = run_stages([
+        Stage("hang", 2, 1, lambda c: spawn(hung, "time.sleep(600)")),
+        Stage("fail", 60, 1, lambda c: [sys.executable, "-c", "raise SystemExit(3)"]),
+        Stage("fine", 60, 1, lambda c: spawn(left, "print('fine')")),
+        Stage("unwanted", 60, 1, lambda c: "not wanted here"),
+    ], ctx, budget_s=120)
+    assert [(r["stage"], r["status"], r["returncode"]) for r in results] == [
+        ("hang", "timeout", None), ("fail", "failed", 3), ("fine", "ok", 0), ("unwanted", "skipped", None)]
+    assert results[0]["reason"] == "killed at its limit of 2 s" and results[3]["reason"] == "not wanted here"
+    assert (tmp_path / "fine.log").read_text().endswith("fine\n")
+    assert not alive(int(hung.read_text())) and not alive(int(left.read_text()))
+    (late,) = run_stages([Stage("late", 60, 100, lambda c: [sys.executable, "-c", ""])], ctx, budget_s=5)
+    assert late["status"] == "skipped" and late["reason"].startswith("out of time")
+
+
+def alive(pid: int, wait_s: float = 10.0) -> bool:
+    """Whether process ``pid`` still runs after up to ``wait_s`` seconds (a zombie does not)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        if state == "Z":
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_the_summary_marks_each_target_from_what_the_stages_measured(tmp_path):
+    ctx = Context(tmp_path, False, tmp_path, env={"device": "cuda", "device_name": "GPU", "slug": "gpu"})
+    run = {"device": "cuda", "op": "snapshot", "param_dtype": "float32", "k": 6, "workload": "flat-64M"}
+    (tmp_path / "gpu.json").write_text(json.dumps([{**run, "backend": "cuda", "roofline_fraction": 0.95}]))
+    stages = [{"stage": "report", "status": "ok", "reason": None},
+              {"stage": "overlap", "status": "timeout", "reason": "killed at its limit of 120 s"}]
+    summary = gpu_proof.summarize(ctx, stages, ["python", "-m", "benchmarks.gpu_proof"], 1.0)
+    results = summary["targets"]
+    assert [r["target"] for r in results] == [t.name for t in targets.GPU]
+    assert find(results, op="snapshot", backend="cuda", workload="flat-64M")["status"] == "pass"
+    assert find(results, op="swap_in", backend="cuda")["reason"] == "not measured in this run"
+    assert find(results, op="pinned_snapshot")["reason"] == "stage overlap timeout: killed at its limit of 120 s"
+
+
+def test_test_counts_come_from_the_junit_xml(tmp_path):
+    (tmp_path / "tests.xml").write_text(
+        '<testsuites><testsuite tests="7" failures="1" errors="1" skipped="2">'
+        '<testcase classname="tests.test_cuda" name="test_a"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_triton" name="test_b"><error message="y"/></testcase>'
+        '<testcase classname="tests.test_triton" name="test_c"/></testsuite></testsuites>')
+    result = {}
+    gpu_proof._collect_tests(Context(tmp_path, False, tmp_path), result)
+    missing = [t for t in gpu_proof.GPU_TESTS if not (ROOT / t).is_file()]
+    assert result["details"] == {"tests": 7, "failures": 1, "errors": 1, "skipped": 2, "passed": 3,
+                                 "failed": ["tests.test_cuda::test_a", "tests.test_triton::test_b"],
+                                 "missing_files": missing}
+    assert result["note"].startswith("3 passed, 1 failed, 1 errors, 2 skipped")
+
+
+def test_build_and_memcheck_notes_come_from_what_the_stages_wrote(tmp_path):
+    ctx = Context(tmp_path, False, tmp_path)
+    accesses = {"push:float32:float32": {"ld": 10, "ld.v4": 6, "st": 4, "st.v4": 2},
+                "swap_back:float32": {"ld": 3, "ld.v4": 1, "st": 3, "st.v4": 1}}
+    (tmp_path / "build.json").write_text(json.dumps({"seconds": 71.04, "error": None, "build_dir": "/b",
+                                                     "triton_global_accesses": accesses}))
+    build = {}
+    gpu_proof._collect_build(ctx, build)
+    assert build["note"] == ("CUDA extension built in 71.0 s; Triton PTX: 7 of 13 global loads and 3 of 7 "
+                             "stores 128-bit, over 2 kernel variants")
+    (tmp_path / "memcheck.log").write_text("========= Invalid __global__ read of size 4\n"
+                                           "========= ERROR SUMMARY: 2 errors\n")
+    memcheck = {}
+    gpu_proof._collect_memcheck(ctx, memcheck)
+    assert memcheck == {"details": {"errors": 2}, "note": "memcheck: 2 errors"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU every stage runs for minutes: run it by hand")
+def test_gpu_proof_without_a_gpu_runs_what_it_can_and_says_what_it_skipped(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_proof", "--out", str(tmp_path), "--tiny"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    slug = report.machine_slug(CPU)
+    summary = json.loads((tmp_path / f"{slug}-gpu-proof.json").read_text())
+    stages = {s["stage"]: s for s in summary["stages"]}
+    assert list(stages) == ["env", "build", "tests", "report", "overlap", "memcheck"]
+    assert stages["env"]["status"] == stages["report"]["status"] == "ok"
+    for name in ("build", "tests", "memcheck", "overlap"):
+        assert stages[name]["status"] == "skipped" and stages[name]["reason"].startswith("no CUDA device here")
+    assert [t["target"] for t in summary["targets"]] == [t.name for t in targets.GPU]
+    assert all(t["status"] == "skipped" and t["reason"].startswith("no CUDA device here") for t in summary["targets"])
+    measured = json.loads((tmp_path / f"{slug}.json").read_text())
+    assert {(r["op"], r["param_dtype"]) for r in measured if "median_s" in r} == {
+        (op, d) for op in suite.OPS for d in ("float32", "bfloat16")}
+    logs = tmp_path / f"{slug}-gpu-proof-logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["env.json", "env.log", "report.log"]
+    assert "skipped" in (tmp_path / f"{slug}-gpu-proof.txt").read_text()
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / f"{slug}.png").stat().st_size > 0
 
 
 def test_pytest_benchmark_suite_collects_and_runs():

@@ -1,0 +1,160 @@
+"""The small programs ``benchmarks.gpu_proof`` runs in their own processes.
+
+    python -m benchmarks.device_checks env PATH       # versions, device, tools -> JSON
+    python -m benchmarks.device_checks build PATH     # build the CUDA extension, timed -> JSON
+    python -m benchmarks.device_checks exercise       # every fused op once (for compute-sanitizer)
+
+``exercise`` runs each operation of the LAWA history (Kaddour 2022, arXiv:2209.14981)
+on every fused backend of the GPU over parameters chosen to reach the edges of the
+kernels' index arithmetic: one element, sizes around the 64-element alignment and a
+vector width, a view that starts 12 bytes past an aligned address, an empty parameter
+between others, a ``channels_last`` weight; float32 and bfloat16; a ring partly filled,
+full, and wrapped; swaps of the whole average and of the ``last=j`` newest snapshots.
+Without a GPU it runs the torch backend on the CPU, so the script cannot rot.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import suite
+from benchmarks.report import device_name, machine_slug
+from lawa_optim import ops
+from lawa_optim.history import Bucket
+
+#: (parameter dtype, history dtype) pairs exercised.
+DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16))
+
+
+def env(path: Path) -> dict:
+    """Versions, the device and the tools the proof needs, written to ``path``."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        triton_version = importlib.metadata.version("triton")  # without importing it: seconds
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = None
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": triton_version, "device": device.type, "device_name": device_name(device),
+            "slug": machine_slug(device),
+            "tools": {t: shutil.which(t) for t in ("nvcc", "ninja", "compute-sanitizer", "nvidia-smi")}}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
+                    memory_gib=round(props.total_memory / 2**30, 1))
+    if info["tools"]["nvidia-smi"]:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem",
+                               "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+        info["nvidia_smi"] = done.stdout.strip() or done.stderr.strip()
+    path.write_text(json.dumps(info, indent=1) + "\n")
+    print(json.dumps(info, indent=1))
+    return info
+
+
+def build(path: Path) -> dict:
+    """Build (or load) the CUDA extension, timed, and count the Triton kernels' global
+    accesses for this GPU; written to ``path``. Exits 1 when the extension fails."""
+    from lawa_optim.backends import cuda
+
+    t0 = time.perf_counter()
+    error = cuda.extension_error()
+    major, minor = torch.cuda.get_device_capability()
+    result = {"seconds": time.perf_counter() - t0, "error": error,
+              "build_dir": None if error else str(cuda.build_dir()),
+              "triton_global_accesses": triton_accesses(10 * major + minor)}
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    if error is not None:
+        raise SystemExit(1)
+    return result
+
+
+def triton_accesses(arch: int) -> dict[str, dict[str, int]] | str:
+    """Global loads and stores, and how many of them are 128 bits wide, in the PTX of each
+    Triton kernel variant for ``arch`` (from ``lawa_optim.backends.triton.compile_ptx``):
+    beside the measured Triton figures, it says whether a miss of the roofline comes from
+    narrow accesses (issue 12, section 1). A string says why there are no counts."""
+    try:
+        from lawa_optim.backends import triton as backend
+
+        compile_ptx = backend.compile_ptx
+    except (ImportError, AttributeError) as exc:
+        return f"no compile_ptx in this version ({type(exc).__name__}: {exc})"
+    counts = {}
+    for name, ptx in compile_ptx(arch).items():
+        counts[name] = {f"{op}{width}": len(re.findall(rf"\b{op}\.global[^\s;]*{re.escape(width)}\b", ptx))
+                        for op in ("ld", "st") for width in ("", ".v4")}
+    return counts
+
+
+def awkward_params(device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Parameters that reach the edges of the kernels' index arithmetic (module docstring)."""
+    g = torch.Generator().manual_seed(0)
+    storage = torch.randn(3 + 4097, generator=g).to(device, dtype)
+    conv = torch.randn(8, 5, 3, 3, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    sizes = (1, 63, 64, 65, 1023, 1025, 3 * 8192 + 5)
+    return [storage[3:], torch.empty(0, device=device, dtype=dtype), conv,
+            *(torch.randn(n, generator=g).to(device, dtype) for n in sizes)]
+
+
+def exercise(device: torch.device, backends: list[str], k: int = 3) -> int:
+    """Run every operation of every backend in ``backends``; return the number of buckets."""
+    buckets = 0
+    for backend in backends:
+        for pdtype, hdtype in DTYPE_PAIRS:
+            params = awkward_params(device, pdtype)
+            b = Bucket(params, k, "uniform", hdtype, "device", backend)
+            for n in range(2 * k + 1):  # partial, full, then wrapped
+                for p in params:
+                    p.add_(1.0)
+                ops.push(b)
+                if n in (0, k - 1, 2 * k):
+                    for last in (None, 1, min(n + 1, k)):
+                        _swap_and_back(b, last)
+            ops.recompute(b)
+            e = Bucket(params, k, "ema", None, "device", backend)
+            for _ in range(3):
+                ops.ema_update(e, 0.9)
+            _swap_and_back(e, None)
+            buckets += 2
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return buckets
+
+
+def _swap_and_back(b: Bucket, last: int | None) -> None:
+    weights = [p.clone() for p in b.params]
+    b.backup = torch.empty(b.D, dtype=b.dtype, device=b.device)
+    ops.swap_in(b, last)
+    ops.swap_back(b)
+    if not all(torch.equal(p, w) for p, w in zip(b.params, weights)):
+        raise RuntimeError(f"{b.backend}: swap_back(last={last}) did not restore the weights bit for bit")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: see the module docstring."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["env"] and len(args) == 2:
+        env(Path(args[1]))
+    elif args[:1] == ["build"] and len(args) == 2:
+        build(Path(args[1]))
+    elif args == ["exercise"]:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        here = suite.backends_here(device, torch.float32)[0]
+        backends = [name for name in here if device.type == "cpu" or name != "torch"]  # the fused ones on a GPU
+        print(f"exercised {exercise(device, backends)} buckets on {device_name(device)} with {backends}")
+    else:
+        raise SystemExit(f"usage: python -m benchmarks.device_checks env PATH | build PATH | exercise; got {args}")
+
+
+if __name__ == "__main__":
+    main()
