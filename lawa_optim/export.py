@@ -37,7 +37,8 @@ def export_average(
             ``model.named_parameters()``, and the Lightning and Hugging Face integrations
             of this package), otherwise by ``model.parameters()`` order.
         bn_loader: if given, BatchNorm running statistics are recomputed for the averaged
-            weights with :func:`lawa_optim.update_bn` over this loader, on a copy of the
+            weights with :func:`lawa_optim.update_bn` over this loader (batches that are
+            the model's input, or lists/tuples whose first item is), on a copy of the
             model (which must be deep-copyable); the random number generators are left as
             they were.
 

@@ -147,6 +147,17 @@ def test_checkpoint_file_exports_what_the_live_lawa_does(case, tmp_path):
             assert torch.equal(value, live[name]), name
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_export_of_a_live_state_dict_shares_no_storage_with_it(case):
+    model, opt = make(**CASES[case])
+    train(model, opt, range(4))
+    sd = opt.state_dict()  # its history entries are views of the LAWA's own buffers
+    out = export_average(model, sd)
+    held = {t.untyped_storage().data_ptr() for e in sd["state"].values() for t in e.values() if torch.is_tensor(t)}
+    held |= set(storages(model.state_dict().values()))
+    assert not held & set(storages(out.values()))
+
+
 def steps(model, opt, seed):
     for idx in batches(seed):
         model(idx).logsumexp(-1).mean().backward()

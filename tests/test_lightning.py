@@ -290,3 +290,13 @@ def test_manual_optimization_steps_the_lawa(name, tmp_path):
     assert_same(recorder.seen[-1][1], recorder.exports[-1])
     assert not callback.lawa.is_swapped
     assert_same(weights(module), recorder.snapshots[-1])
+
+
+def test_every_n_steps_replaces_the_epoch_snapshots(tmp_path):
+    pl = next(iter(LIGHTNING.values()))
+    from lawa_optim.integrations.lightning import LAWACallback
+
+    callback = LAWACallback(k=K, every=2)
+    fit(pl, tmp_path, 2, callback=callback, checkpoints=0, enable_checkpointing=False)
+    meta = callback.lawa.state_dict()["param_groups"][0]["lawa"]
+    assert callback.lawa.steps == 6 and meta["pushes"] == 3  # steps 2, 4, 6; none at the epochs' ends
