@@ -282,6 +282,13 @@ def test_refusals_change_nothing(tmp_path):
             use_lawa(trainer, **kwargs)
         assert trainer.optimizer is None and trainer.callback_handler.callbacks == callbacks
         assert "evaluate" not in vars(trainer) and "_save_checkpoint" not in vars(trainer)
+    strided = Blocks()
+    strided.proj = nn.Parameter(torch.randn(4, 8)[:, ::2])  # not a dense block of memory
+    other = transformers.Trainer(model=strided, args=arguments(tmp_path, eval_strategy="no"))
+    with pytest.raises(ValueError, match="does not cover a dense block"):
+        use_lawa(other)
+    assert other.optimizer is None and "evaluate" not in vars(other)
+
     use_lawa(trainer, k=2)
     with pytest.raises(RuntimeError, match="already steps a LAWA"):
         use_lawa(trainer, k=2)

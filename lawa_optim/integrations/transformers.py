@@ -75,9 +75,14 @@ def use_lawa(trainer: transformers.Trainer, k: int = 6, **lawa_kwargs: Any) -> L
             "use_lawa does not support model_init: each train() builds a new model and optimizer"
         )
     check_lawa_arguments(k, lawa_kwargs)
-    if trainer.optimizer is None:
-        trainer.create_optimizer()
-    lawa = LAWA(trainer.optimizer, k, **lawa_kwargs)
+    created = trainer.optimizer is None
+    optimizer = trainer.create_optimizer() if created else trainer.optimizer
+    try:
+        lawa = LAWA(optimizer, k, **lawa_kwargs)
+    except (TypeError, ValueError):
+        if created:  # leave the trainer as it was: it builds its optimizer in train()
+            trainer.optimizer = None
+        raise
     record_names(lawa, trainer.model)
     trainer.optimizer = lawa
     trainer._lawa = lawa
