@@ -300,3 +300,29 @@ def test_every_n_steps_replaces_the_epoch_snapshots(tmp_path):
     fit(pl, tmp_path, 2, callback=callback, checkpoints=0, enable_checkpointing=False)
     meta = callback.lawa.state_dict()["param_groups"][0]["lawa"]
     assert callback.lawa.steps == 6 and meta["pushes"] == 3  # steps 2, 4, 6; none at the epochs' ends
+
+
+def test_optimizers_it_cannot_wrap_are_refused(tmp_path):
+    pl = next(iter(LIGHTNING.values()))
+    from lawa_optim.integrations.lightning import LAWACallback
+
+    class Two(module_class(pl)):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[2].parameters(), lr=0.1)
+
+    class Wrapped(module_class(pl)):
+        def configure_optimizers(self):
+            return LAWA(super().configure_optimizers(), k=2)
+
+    for module, error, message in (
+        (Two(), ValueError, "exactly one optimizer; configure_optimizers returned 2"),
+        (Wrapped(), TypeError, "already returns a LAWA"),
+    ):
+        before = weights(module)
+        with pytest.raises(error, match=message):
+            fit(pl, tmp_path, 1, module=module, checkpoints=0, enable_checkpointing=False, accumulate_grad_batches=1)
+        assert_same(weights(module), before)

@@ -38,9 +38,10 @@ class LAWACallback(*_bases):
 
     Example::
 
-        trainer = pl.Trainer(max_epochs=30, callbacks=[LAWACallback(k=6)])
+        lawa_cb = LAWACallback(k=6)
+        trainer = pl.Trainer(max_epochs=30, callbacks=[lawa_cb])
         trainer.fit(module)                      # configure_optimizers returns a plain optimizer
-        average = export_average(module, trainer_callback.lawa)
+        average = export_average(module, lawa_cb.lawa)
 
     What it does, at which hook:
 
