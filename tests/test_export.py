@@ -27,16 +27,16 @@ class Net(nn.Module):
         return self.head(self.drop(self.bn(torch.tanh(self.body(self.emb(idx))))))
 
 
-def batches(seed, n=3):
+def batches(seed, n=3, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 6, (8,), generator=g) for _ in range(n)]
+    return [torch.randint(0, 6, (8,), generator=g).to(device) for _ in range(n)]
 
 
 def train(model, opt, epochs, kept=None):
     """Epochs of three steps and a snapshot each; ``kept`` collects float64 copies of the
     weights at every snapshot that was taken."""
     for e in epochs:
-        for idx in batches(e):
+        for idx in batches(e, device=model.emb.weight.device):
             model(idx).logsumexp(-1).mean().backward()
             opt.step()
             opt.zero_grad()
@@ -44,9 +44,9 @@ def train(model, opt, epochs, kept=None):
             kept.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
 
 
-def make(seed=0, backend="torch", **kwargs):
+def make(seed=0, backend="torch", device="cpu", **kwargs):
     torch.manual_seed(seed)
-    model = Net()
+    model = Net().to(device)
     return model, LAWA(torch.optim.AdamW(model.parameters(), lr=5e-2), backend=backend, **kwargs)
 
 
@@ -94,8 +94,8 @@ def roundtrip(obj):
     return torch.load(buf, weights_only=True)
 
 
-def test_live_export_is_the_average_in_fresh_tensors(backend):
-    model, opt = make(backend=backend, k=3)
+def test_live_export_is_the_average_in_fresh_tensors(backend, device):
+    model, opt = make(backend=backend, device=device, k=3)
     kept = []
     train(model, opt, range(5), kept)
     before = fingerprint(model, opt)
@@ -326,18 +326,22 @@ def test_misuse_of_a_live_lawa_is_refused_and_changes_nothing():
     opt.swap_back()
 
 
-def test_bn_loader_recomputes_statistics_on_a_copy(backend):
-    model, opt = make(backend=backend, k=3)
+def rng_states():
+    return [torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])]
+
+
+def test_bn_loader_recomputes_statistics_on_a_copy(backend, device):
+    model, opt = make(backend=backend, device=device, k=3)
     train(model, opt, range(4))
     model.eval()
-    loader = batches(100, n=4)
+    loader = batches(100, n=4, device=device)
     plain = export_average(model, opt)
     before = fingerprint(model, opt)
 
     torch.manual_seed(7)
-    rng = torch.get_rng_state()
+    rng = rng_states()
     out = export_average(model, opt, bn_loader=loader)
-    assert torch.equal(torch.get_rng_state(), rng)  # dropout in the BN pass drew from a fork
+    assert_same(rng_states(), rng)  # dropout in the BN pass drew from a fork
     assert_same(fingerprint(model, opt), before)
 
     oracle = copy.deepcopy(model)
