@@ -45,6 +45,7 @@ SCRIPT = textwrap.dedent("""
     fallback = [w for w in caught if "could not be built" in str(w.message)]
     for w in fallback:
         print("WARNING", w.message, file=sys.stderr)
+    assert opt.backend == "torch", opt.backend  # the C kernels or the plain code: the torch backend
     print("fused" if cpu_kernels.library() is not None else "plain", ok, len(fallback))
 """)
 

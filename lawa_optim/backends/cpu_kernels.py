@@ -4,8 +4,11 @@ LAWA (Kaddour 2022, arXiv:2209.14981) updates its history with ``slot = new;
 total += new - old``. In plain torch that takes five passes over memory (48 bytes per
 float32 element); ``csrc/cpu_kernels.c`` does it in one (20 bytes), and folds the exact
 refresh of the sum into the push that completes a pass over the ring, reading the
-other slots block by block in the same pass. The EMA update, the swap-in (mean, EMA,
-``last=j``) and the swap-back are fused the same way.
+other slots block by block in the same pass, so the guarantee of
+:mod:`lawa_optim.history` holds as it does for the plain code: at most
+``refresh_every`` pushes after a value (NaN and inf included) has left the window, it
+no longer affects the sum. The EMA update, the swap-in (mean, EMA, ``last=j``) and the
+swap-back are fused the same way.
 
 Every result is bit for bit what the plain torch code of
 :mod:`lawa_optim.backends.reference` leaves, as :mod:`lawa_optim.ops` specifies, for
