@@ -26,6 +26,7 @@
 #include <stdint.h>
 #include <string.h>
 
+/* Dtype codes, the indices of the dispatch tables below. */
 enum { LAWA_F32 = 0, LAWA_BF16 = 1, LAWA_F16 = 2 };
 
 typedef float f32_t;
@@ -207,9 +208,9 @@ static const swap_in_fn SWAP_IN[3][3] = {ROW_OF(swap_in, f32), ROW_OF(swap_in, b
                                          ROW_OF(swap_in, f16)};
 static const ema_fn EMA[3] = {ema_f32, ema_bf16, ema_f16};
 
-static const int64_t ELEMENT_SIZE[3] = {4, 2, 2};
+static const int64_t ELEMENT_SIZE[3] = {[LAWA_F32] = 4, [LAWA_BF16] = 2, [LAWA_F16] = 2};
 
-static int bad_dtype(int code) { return code < 0 || code > 2; }
+static int bad_dtype(int code) { return code < LAWA_F32 || code > LAWA_F16; }
 
 /* rows: nrows triples (parameter address, offset into the flat buffers, count).
  * Push number n (0-based) of a ring of k slots of D elements each. */

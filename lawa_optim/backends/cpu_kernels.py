@@ -19,7 +19,7 @@ multiply-add, as torch's CPU add-with-alpha does; where the torch build at hand 
 not (``ATEN_CPU_CAPABILITY=default``), the kernel rounds twice to match it.
 
 The library is compiled with the system C compiler (``$CC``) at first use, in about
-1.5 s, into the build cache of :mod:`lawa_optim.backends.native`, which verifies it
+2 s, into the build cache of :mod:`lawa_optim.backends.native`, which verifies it
 before loading it, so CI needs no build step and a damaged cache cannot crash a
 process. Without a compiler, or with ``LAWA_OPTIM_CPU_KERNELS=0``, the torch backend
 runs its plain code instead, after one warning saying why.
@@ -48,8 +48,8 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #: model needs ~1,950 rows, a table built in about a millisecond.
 ROW = 1 << 16
 #: No -ffast-math and no contraction: the sums must round exactly as torch's do.
-#: -march=native vectorises the float16 conversions (F16C) where the CPU has them; the
-#: cache key holds the CPU's flags, so a shared home directory never loads a foreign build.
+#: -march=native uses the CPU's widest vectors; the cache key holds the CPU's flags, so a
+#: shared home directory never loads a build for another CPU.
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-fPIC", "-shared")
 SOURCE = "cpu_kernels.c"
 

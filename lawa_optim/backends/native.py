@@ -26,7 +26,7 @@ from pathlib import Path
 
 #: Environment variable overriding the root of the build cache.
 BUILD_DIR_ENV = "LAWA_OPTIM_BUILD_DIR"
-#: Seconds the C compiler may take (a cold build of the CPU kernels takes about 1.5 s).
+#: Seconds the C compiler may take (a cold build of the CPU kernels takes about 2 s of CPU time).
 COMPILE_TIMEOUT_S = 120.0
 
 
