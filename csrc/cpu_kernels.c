@@ -25,6 +25,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 /* Dtype codes, the indices of the dispatch tables below. */
 enum { LAWA_F32 = 0, LAWA_BF16 = 1, LAWA_F16 = 2 };
@@ -94,6 +97,31 @@ static inline f16_t cast_f16_f16(f16_t x) { return x; }
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+/* dst = src with non-temporal stores where the CPU has them: the destination (a backup,
+ * or weights restored from one) is not read into the cache first, which saves a third of
+ * the traffic (2x measured on GPT-2 small's swap-back, one thread). */
+static void copy_streaming(char *restrict dst, const char *restrict src, size_t n) {
+#if defined(__SSE2__)
+    size_t i = (16 - ((uintptr_t)dst & 15)) & 15;
+    if (i > n) i = n;
+    memcpy(dst, src, i);
+    for (; i + 64 <= n; i += 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
+        __m128i b = _mm_loadu_si128((const __m128i *)(src + i + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 32));
+        __m128i d = _mm_loadu_si128((const __m128i *)(src + i + 48));
+        _mm_stream_si128((__m128i *)(dst + i), a);
+        _mm_stream_si128((__m128i *)(dst + i + 16), b);
+        _mm_stream_si128((__m128i *)(dst + i + 32), c);
+        _mm_stream_si128((__m128i *)(dst + i + 48), d);
+    }
+    memcpy(dst + i, src + i, n - i);
+    _mm_sfence();
+#else
+    memcpy(dst, src, n);
+#endif
+}
+
 /* mode: 0 while the ring fills (total += new), 1 on a full ring (total += new - old),
  * 2 at a refresh (total = sum of the first `filled` slots, slot s holding new). The
  * restrict pointers of the refresh live in separate blocks: slot s is one of the slots
@@ -143,19 +171,13 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
     static void swap_in_##P##_##H(void *param_, void *backup_, const float *restrict total, \
                                   const void *ring_, int64_t D, int64_t k, int64_t pushes,  \
                                   int mode, int64_t count, int64_t n) {                     \
+        copy_streaming(backup_, param_, (size_t)n * sizeof(P##_t));                         \
         P##_t *restrict param = param_;                                                     \
-        P##_t *restrict backup = backup_;                                                   \
         float divisor = (float)count;                                                       \
         if (mode == 0) {                                                                    \
-            for (int64_t i = 0; i < n; i++) {                                               \
-                backup[i] = param[i];                                                       \
-                param[i] = cast_f32_##P(total[i]);                                          \
-            }                                                                               \
+            for (int64_t i = 0; i < n; i++) param[i] = cast_f32_##P(total[i]);              \
         } else if (mode == 1) {                                                             \
-            for (int64_t i = 0; i < n; i++) {                                               \
-                backup[i] = param[i];                                                       \
-                param[i] = cast_f32_##P(total[i] / divisor);                                \
-            }                                                                               \
+            for (int64_t i = 0; i < n; i++) param[i] = cast_f32_##P(total[i] / divisor);    \
         } else {                                                                            \
             const H##_t *ring = ring_;                                                      \
             float acc[BLOCK];                                                               \
@@ -166,10 +188,7 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
                     const H##_t *restrict r = ring + ((pushes - 1 - j) % k) * D + b;        \
                     for (int64_t i = 0; i < m; i++) acc[i] = acc[i] + H##_to_f(r[i]);       \
                 }                                                                           \
-                for (int64_t i = 0; i < m; i++) {                                           \
-                    backup[b + i] = param[b + i];                                           \
-                    param[b + i] = cast_f32_##P(acc[i] / divisor);                          \
-                }                                                                           \
+                for (int64_t i = 0; i < m; i++) param[b + i] = cast_f32_##P(acc[i] / divisor); \
             }                                                                               \
         }                                                                                   \
     }
@@ -279,7 +298,7 @@ int lawa_cpu_swap_back(const int64_t *rows, int64_t nrows, int pdtype, const voi
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t r = 0; r < nrows; r++) {
         const int64_t *row = rows + 3 * r;
-        memcpy((void *)(intptr_t)row[0], backup_bytes + row[1] * psize, (size_t)(row[2] * psize));
+        copy_streaming((char *)(intptr_t)row[0], backup_bytes + row[1] * psize, (size_t)(row[2] * psize));
     }
     return 0;
 }
