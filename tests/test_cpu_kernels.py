@@ -1,6 +1,15 @@
-"""The fused CPU push (csrc/cpu_push.c) against an element-wise torch oracle, bit for bit."""
+"""The fused CPU kernels (csrc/cpu_kernels.c) against the plain torch code and
+element-wise oracles, bit for bit, for every pair of float32/bfloat16/float16
+parameters and history. The build's failure modes are in test_native_build.py."""
 
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
+from fractions import Fraction
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,85 +19,339 @@ from lawa_optim.backends import cpu_kernels
 from lawa_optim.history import Bucket
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PAIRS = [(p, h) for p in DTYPES for h in DTYPES]
+ROOT = Path(__file__).resolve().parents[1]
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+# Work rows of an odd length above two of the kernels' blocks (2048 elements), so rows
+# start unaligned and cross block boundaries; the 10,000-element parameter spans three.
+ROW = 4099
+# Empty, single, vector-tail and prime sizes, and a channels_last weight.
+SHAPES = [(0,), (1,), (7,), (33,), (10_000,), (67, 3), (4, 3, 3, 3)]
 
-pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler for the fused CPU push")
+pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler for the fused CPU kernels")
+
+
+
+@pytest.fixture(autouse=True)
+def short_rows(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "ROW", ROW)
+
+
+pair_ids = lambda pair: "-".join(str(d).removeprefix("torch.") for d in pair)  # noqa: E731
+
+
+def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Equal bit patterns, except that two NaNs match whatever their payloads (torch
+    widens a float16 NaN to different bits in its vector and scalar loops)."""
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    same = (got.view(BITS[got.dtype]) == want.view(BITS[want.dtype])) | (got.isnan() & want.isnan())
+    if not same.all():
+        i = (~same).nonzero()[0].tolist()
+        raise AssertionError(
+            f"{what}: {int((~same).sum())} elements differ, first at {i}: "
+            f"got {got[tuple(i)].item()!r}, expected {want[tuple(i)].item()!r}"
+        )
 
 
 def special_values(n: int, seed: int) -> torch.Tensor:
     """Random values over many scales plus the edge cases of the casts: signed zeros,
-    infinities, NaN, float32 subnormals, bfloat16 rounding ties, float16 overflow."""
+    infinities, NaNs, float32 subnormals, bfloat16 and float16 rounding ties, float16
+    overflow, its largest value and its subnormals."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g) * 10 ** torch.randint(-8, 8, (n,), generator=g).float()
-    edge = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -3e-39,
-                         1.0 + 2**-8, 1.0 + 3 * 2**-8, 65520.0, 7e4, 2**-25])
-    x[: len(edge)] = edge
+    edge = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), -float("nan"), 1e-40,
+                         -3e-39, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 65520.0, 7e4, 2**-25, 65504.0,
+                         65519.0, -(2**-14), 2**-24, -3 * 2**-25, 1.0 + 2**-11, 1.0 + 3 * 2**-11,
+                         2**-15 + 2**-25, 3e38, -2**-126])
+    m = min(n, len(edge))
+    x[:m] = edge[:m]
     return x
 
 
-def oracle_push(ring, total, params, n, k):
-    """One snapshot by the contract in lawa_optim.ops, element-wise torch ops only."""
+def make_params(pdtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(s, generator=g).to(pdtype) for s in SHAPES]
+    ps[-1] = ps[-1].contiguous(memory_format=torch.channels_last)
+    return ps
+
+
+def fill(params, seed, special=True):
+    """Special values, or (``special=False``) finite normal ones."""
+    g = torch.Generator().manual_seed(seed)
+    for i, p in enumerate(params):
+        values = special_values(p.numel(), seed=100 * seed + i) if special else torch.randn(p.numel(), generator=g)
+        p.copy_(values.view(p.shape))
+
+
+def state(b: Bucket, params):
+    return [t.clone() for t in (b.ring, b.total, b.backup, *params) if t is not None]
+
+
+def after_push(b: Bucket):
+    """What a push writes: the slot it filled and the sum."""
+    n = int(b.pushes.item()) - 1
+    return [b.ring[n % b.k].clone(), b.total.clone()]
+
+
+def both_ways(monkeypatch, run):
+    """``run()`` with the fused kernels and with the plain torch code; each returns the
+    tensors to compare, which must agree bit for bit (NaN payloads aside)."""
+    monkeypatch.setattr(cpu_kernels, "enabled", False)
+    plain = run()
+    monkeypatch.setattr(cpu_kernels, "enabled", True)
+    fused = run()
+    assert len(plain) == len(fused)
+    for i, (f, p) in enumerate(zip(fused, plain)):
+        assert_same_bits(f, p, f"tensor {i}")
+
+
+def oracle_push(ring, total, new, n, k, refresh_every):
+    """One push by the contract of lawa_optim.ops, element-wise torch ops on flat tensors."""
     s = n % k
-    new = torch.cat([p.reshape(-1) for p in params]).to(ring.dtype)
     old = ring[s].clone()
-    ring[s] = new
-    if (n + 1) % k == 0:  # the refresh: the filled slots summed in slot order
+    ring[s] = new.to(ring.dtype)
+    if (n + 1) % refresh_every == 0:  # the refresh: the filled slots summed in slot order
         total.zero_()
         for slot in ring[: min(n + 1, k)]:
             total += slot.float()
     else:
-        total += new.float() - old.float() if n >= k else new.float()
+        total += ring[s].float() - old.float() if n >= k else ring[s].float()
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_ids)
+@pytest.mark.parametrize("k,refresh_every", [(1, None), (3, None), (3, 2), (3, 5), (4, 1)])
+def test_push_follows_the_contract(pair, k, refresh_every):
+    pdtype, hdtype = pair
+    params = make_params(pdtype)
+    b = Bucket(params, k, "uniform", hdtype, "device", "torch", refresh_every)
+    assert cpu_kernels.runs(b)
+    R = refresh_every or k
+    ring = [torch.zeros(k, p.numel(), dtype=hdtype) for p in params]
+    total = [torch.zeros(p.numel()) for p in params]
+    for n in range(2 * k + 3):
+        fill(params, seed=n)
+        ops.push(b)
+        for i, p in enumerate(params):
+            flat = p.permute(0, 2, 3, 1).reshape(-1) if p.dim() == 4 else p.reshape(-1)  # memory order
+            oracle_push(ring[i], total[i], flat, n, k, R)
+            for s in range(k):
+                assert_same_bits(b.ring[s, b.offsets[i]:b.offsets[i] + p.numel()], ring[i][s], f"push {n}, slot {s} of param {i}")
+            assert_same_bits(b.total[b.offsets[i]:b.offsets[i] + p.numel()], total[i], f"push {n}, sum of param {i}")
+
+
+def every_float16() -> torch.Tensor:
+    return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+
+
+def float32_around_float16() -> torch.Tensor:
+    """Every finite float16 value, the float32 ties halfway to its neighbour and one
+    float32 ulp either side of them, and values beyond the float16 range."""
+    h = every_float16().float()
+    h = h[h.isfinite()].unique()
+    mid = (h[1:].double() + h[:-1].double()) / 2
+    mid = mid.float()
+    up, down = (torch.nextafter(mid, torch.tensor(d)) for d in (float("inf"), -float("inf")))
+    return torch.cat([h, mid, up, down, torch.tensor([65520.0, -65520.0, 1e5, 3e38])])
+
+
+@pytest.mark.parametrize("pdtype,hdtype,values", [
+    (torch.float16, torch.float32, every_float16),
+    (torch.float16, torch.bfloat16, every_float16),
+    (torch.float32, torch.float16, float32_around_float16),
+    (torch.bfloat16, torch.float16, lambda: torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)),
+], ids=["f16-to-f32", "f16-to-bf16", "f32-to-f16", "bf16-to-f16"])
+def test_float16_conversions_match_torch_for_every_value(pdtype, hdtype, values):
+    """The kernels convert float16 in vectorised integer arithmetic: each float16 value,
+    and each float32 or bfloat16 value that rounds to one (ties included), converts as
+    torch converts it, and the sum widens the stored value exactly."""
+    x = values().to(pdtype)
+    b = Bucket([x.clone()], 2, "uniform", hdtype, "device", "torch")
+    ops.push(b)
+    want = x.to(hdtype)
+    assert_same_bits(b.ring[0, : x.numel()], want, "the stored snapshot")
+    assert_same_bits(b.total[: x.numel()], torch.zeros(x.numel()) + want.float(), "the sum, 0 + new")
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_ids)
+def test_every_operation_matches_the_plain_code(monkeypatch, pair):
+    """Pushes with refreshes, the swap-in in every mode, the swap-back: the same bits as
+    the plain torch code, on one and on two threads (a parameter spans three rows)."""
+    pdtype, hdtype = pair
+    k = 3
+
+    def run():
+        params = make_params(pdtype)
+        b = Bucket(params, k, "uniform", hdtype, "device", "torch")
+        out = []
+        for n in range(2 * k + 2):
+            torch.set_num_threads(1 + n % 2)
+            fill(params, seed=n)
+            if n in (1, 2 * k + 1):  # part of the ring filled, then wrapped
+                live = [p.clone() for p in params]
+                for last in (None, *range(1, min(n, k) + 1)):
+                    b.backup = torch.zeros(b.D, dtype=pdtype)  # padding included: compared below
+                    ops.swap_in(b, last)
+                    out += [b.backup.clone(), *(p.clone() for p in params)]
+                    ops.swap_back(b)
+                    assert all(torch.equal(p.view(BITS[pdtype]), x.view(BITS[pdtype])) for p, x in zip(params, live))
+            ops.push(b)
+            out += after_push(b)
+        return out + state(b, params)
+
+    threads = torch.get_num_threads()
+    try:
+        both_ways(monkeypatch, run)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("pdtype", DTYPES, ids=str)
-@pytest.mark.parametrize("hdtype", DTYPES, ids=str)
-def test_fused_push_is_bit_identical_to_the_contract(pdtype, hdtype):
-    # Sizes multiple of ALIGN so the oracle's flat buffers line up with the ring; one
-    # parameter spans three work rows (ROW = 65536).
-    shapes = [(64,), (3 * cpu_kernels.ROW + 64,), (128, 3)]
-    params = [torch.zeros(s, dtype=pdtype) for s in shapes]
-    k = 3
-    b = Bucket(params, k, "uniform", hdtype, "device", "torch")
-    D = sum(p.numel() for p in params)
-    ring, total = torch.zeros(k, D, dtype=hdtype), torch.zeros(D)
-    for n in range(2 * k + 1):
-        for i, p in enumerate(params):
-            p.copy_(special_values(p.numel(), seed=10 * n + i).view(p.shape))
-        ops.push(b)
-        oracle_push(ring, total, params, n, k)
-    assert torch.equal(b.ring.view(torch.int16 if hdtype != torch.float32 else torch.int32),
-                       ring.view(torch.int16 if hdtype != torch.float32 else torch.int32))
-    assert torch.equal(b.total.view(torch.int32), total.view(torch.int32))
+@pytest.mark.parametrize("decay", [0.9, 0.999, 1 / 3, 0.5])
+def test_ema_matches_the_plain_code(monkeypatch, pdtype, decay):
+    def run():
+        params = make_params(pdtype)
+        b = Bucket(params, 3, "ema", None, "device", "torch")
+        out = []
+        for n in range(4):
+            fill(params, seed=n, special=n != 2)  # a NaN poisons the EMA for good
+            ops.ema_update(b, decay)
+            out.append(b.total.clone())
+        b.backup = torch.zeros(b.D, dtype=pdtype)  # padding included: compared below
+        ops.swap_in(b, 2)  # last is ignored in EMA mode
+        out += state(b, params)
+        ops.swap_back(b)
+        return out + [p.clone() for p in params]
+
+    both_ways(monkeypatch, run)
 
 
-def test_fused_and_plain_push_agree_bit_for_bit(monkeypatch):
+def round_to_float32(x: Fraction) -> float:
+    """``x`` rounded once to float32, to nearest, ties to even."""
+    f = torch.tensor(float(x), dtype=torch.float32)
+    candidates = [torch.nextafter(f, torch.tensor(d)).item() for d in (-float("inf"), float("inf"))]
+    best = min([f.item(), *candidates], key=lambda c: (abs(Fraction(c) - x), torch.tensor(c).view(torch.int32).item() & 1))
+    return best
+
+
+def test_ema_rounds_the_product_then_one_fused_multiply_add():
+    """An oracle in exact rational arithmetic: total = fma(param, 1 - decay, decay * total),
+    the product rounded to float32 first, on 67 elements (vectors and a scalar tail)."""
+    assert cpu_kernels.ema_rounding() is True, "this torch build fuses add-with-alpha on x86-64 with AVX2"
     g = torch.Generator().manual_seed(0)
-    params = [torch.randn(s, generator=g) for s in [(1,), (7,), (70_001,), (33, 65)]]
-    runs = {}
-    for fused in (True, False):
-        monkeypatch.setattr(cpu_kernels, "enabled", fused)
-        ps = [p.clone() for p in params]
-        b = Bucket(ps, 4, "uniform", torch.bfloat16, "device", "torch")
-        for step in range(9):
-            for p in ps:
-                p.mul_(0.9).add_(1e-3 * step)
-            ops.push(b)
-        runs[fused] = (b.ring.clone(), b.total.clone())
-    assert torch.equal(runs[True][0].view(torch.int16), runs[False][0].view(torch.int16))
-    assert torch.equal(runs[True][1].view(torch.int32), runs[False][1].view(torch.int32))
+    decay = 0.9
+    d32, a32 = torch.tensor(decay).float().item(), torch.tensor(1.0 - decay).float().item()
+    p = torch.randn(67, generator=g)
+    b = Bucket([p], 2, "ema", None, "device", "torch")
+    ops.ema_update(b, decay)
+    before = b.total[:67].clone()
+    p.copy_(torch.randn(67, generator=g) * 3)
+    ops.ema_update(b, decay)
+    fused = 0
+    for i in range(67):
+        prod = round_to_float32(Fraction(before[i].item()) * Fraction(d32))
+        want = round_to_float32(Fraction(p[i].item()) * Fraction(a32) + Fraction(prod))
+        twice = round_to_float32(Fraction(round_to_float32(Fraction(p[i].item()) * Fraction(a32))) + Fraction(prod))
+        assert b.total[i].item() == want, f"element {i}"
+        fused += want != twice
+    assert fused > 5  # the data tells one rounding from two
 
 
-def test_float64_and_disabled_use_the_plain_code(monkeypatch):
-    p64 = [torch.ones(5, dtype=torch.float64)]
-    assert not cpu_kernels.runs(Bucket(p64, 2, "uniform", None, "device", "torch"))
-    b = Bucket([torch.ones(5)], 2, "uniform", None, "device", "torch")
-    assert cpu_kernels.runs(b)
+def test_ema_follows_torch_where_it_rounds_twice(monkeypatch):
+    """With the rounding probe answering "twice" (torch built without FMA, or
+    ATEN_CPU_CAPABILITY=default), the kernel rounds the second product too; with no
+    consistent answer the EMA runs the plain code."""
+    g = torch.Generator().manual_seed(1)
+    p = torch.randn(67, generator=g)
+    b = Bucket([p], 2, "ema", None, "device", "torch")
+    monkeypatch.setattr(cpu_kernels, "_ema_rounding", False)
+    ops.ema_update(b, 0.9)
+    start = b.total.clone()
+    p.copy_(torch.randn(67, generator=g))
+    ops.ema_update(b, 0.9)
+    want = start[:67] * torch.tensor(0.9).float() + p * torch.tensor(1.0 - 0.9).float()
+    assert torch.equal(b.total[:67], want)
+    monkeypatch.setattr(cpu_kernels, "_ema_rounding", None)
+    assert cpu_kernels.runs(b) and not cpu_kernels.runs(b, "ema")
+
+
+def test_ema_matches_a_torch_that_rounds_twice():
+    """Under ATEN_CPU_CAPABILITY=default torch's add-with-alpha is not fused: the probe
+    sees it and the fused EMA still leaves the plain code's bits (in a fresh process)."""
+    script = textwrap.dedent("""
+        import torch
+        from lawa_optim import ops
+        from lawa_optim.backends import cpu_kernels
+        from lawa_optim.history import Bucket
+        g = torch.Generator().manual_seed(0)
+        values = [torch.randn(1000, generator=g) for _ in range(3)]
+        totals = []
+        for fused in (True, False):
+            cpu_kernels.enabled = fused
+            p = torch.zeros(1000)
+            b = Bucket([p], 2, "ema", None, "device", "torch")
+            for v in values:
+                p.copy_(v)
+                ops.ema_update(b, 0.9)
+            totals.append(b.total)
+        print(torch.backends.cpu.get_cpu_capability(), cpu_kernels.ema_rounding(), torch.equal(*totals))
+    """)
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["DEFAULT", "False", "True"]
+
+
+def test_refusals_of_the_c_entry_points_write_nothing():
+    """Counts that would index outside the ring and unknown dtype codes are refused by the
+    kernels themselves before anything is written."""
+    params = make_params(torch.float32)
+    b = Bucket(params, 3, "uniform", None, "device", "torch")
+    for n in range(2):
+        fill(params, seed=n, special=False)
+        ops.push(b)
+    b.backup = torch.full((b.D,), 7.0)
+    table = cpu_kernels.rows(b, params)
+    before = state(b, params)
+    lib = cpu_kernels.library()
+    common = (table.data_ptr(), table.shape[0])
+    calls = {
+        "push with k=0": lib.lawa_cpu_push(*common, 0, 0, b.ring.data_ptr(), b.D, 0, 2, 3, b.total.data_ptr(), 1),
+        "push with refresh_every=0": lib.lawa_cpu_push(*common, 0, 0, b.ring.data_ptr(), b.D, 3, 2, 0, b.total.data_ptr(), 1),
+        "push of dtype code 3": lib.lawa_cpu_push(*common, 3, 0, b.ring.data_ptr(), b.D, 3, 2, 3, b.total.data_ptr(), 1),
+        "last=3 after 2 pushes": lib.lawa_cpu_swap_in(*common, 0, 0, b.backup.data_ptr(), b.total.data_ptr(), b.ring.data_ptr(), b.D, 3, 2, 2, 3, 1),
+        "last=0": lib.lawa_cpu_swap_in(*common, 0, 0, b.backup.data_ptr(), b.total.data_ptr(), b.ring.data_ptr(), b.D, 3, 2, 2, 0, 1),
+        "last without a ring": lib.lawa_cpu_swap_in(*common, 0, 0, b.backup.data_ptr(), b.total.data_ptr(), None, b.D, 3, 2, 2, 1, 1),
+        "swap-in mode 3": lib.lawa_cpu_swap_in(*common, 0, 0, b.backup.data_ptr(), b.total.data_ptr(), b.ring.data_ptr(), b.D, 3, 2, 3, 1, 1),
+        "EMA of dtype code -1": lib.lawa_cpu_ema(*common, -1, b.total.data_ptr(), 0, 0.9, 1, 1),
+        "swap-back of dtype code 5": lib.lawa_cpu_swap_back(*common, 5, b.backup.data_ptr(), 1),
+    }
+    for what, rc in calls.items():
+        assert rc in (-1, -2), what
+    for i, (x, y) in enumerate(zip(state(b, params), before)):
+        assert torch.equal(x, y), f"tensor {i} changed"
+
+
+def test_which_operations_run_fused(monkeypatch):
+    probe = SimpleNamespace(device=torch.device("cpu"), param_device=torch.device("cpu"),
+                            dtype=torch.float32, history_dtype=torch.bfloat16)
+    assert all(cpu_kernels.runs(probe, op) for op in ("push", "ema", "swap"))
+    # History in host memory, weights on a GPU: pushes and EMA updates read copies on the
+    # host, swaps write the GPU weights, which the C kernels cannot reach.
+    probe.param_device = torch.device("cuda")
+    assert cpu_kernels.runs(probe, "push") and cpu_kernels.runs(probe, "ema")
+    assert not cpu_kernels.runs(probe, "swap")
+    probe.param_device = torch.device("cpu")
+    for dtypes in ((torch.float64, torch.float64), (torch.float32, torch.float64)):
+        probe.dtype, probe.history_dtype = dtypes
+        assert not any(cpu_kernels.runs(probe, op) for op in ("push", "ema", "swap"))
+    probe.dtype = probe.history_dtype = torch.float16
     monkeypatch.setattr(cpu_kernels, "enabled", False)
-    assert not cpu_kernels.runs(b)
+    assert not any(cpu_kernels.runs(probe, op) for op in ("push", "ema", "swap"))
 
 
 def test_missing_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("LAWA_OPTIM_BUILD_DIR", str(tmp_path))
     monkeypatch.setattr(cpu_kernels, "_lib", None)
     monkeypatch.setattr(cpu_kernels, "_error", None)
     with pytest.warns(UserWarning, match="could not be built.*no-such-cc"):
@@ -96,7 +359,7 @@ def test_missing_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cpu_kernels.library() is None
-    b = Bucket([torch.ones(5)], 2, "uniform", None, "device", "torch")
-    assert not cpu_kernels.runs(b)
-    ops.push(b)
+        b = Bucket([torch.ones(5)], 2, "uniform", None, "device", "torch")
+        assert not cpu_kernels.runs(b)
+        ops.push(b)
     assert torch.equal(b.total[:5], torch.ones(5)) and not b.total[5:].any()

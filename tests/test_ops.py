@@ -204,3 +204,39 @@ def test_many_small_parameters(backend, device):
     ops.swap_in(b, None)
     for p, m in zip(params, oracle.mean64()):
         torch.testing.assert_close(p.cpu().double(), m, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-c", "plain"])
+def test_cpu_parameters_spanning_several_work_rows(monkeypatch, fused):
+    """On the CPU the torch backend's C kernels split parameters into rows of
+    ``cpu_kernels.ROW`` elements shared among threads: a parameter of two rows and a
+    tail, between small ones, through pushes with refreshes, swaps and EMA updates."""
+    from lawa_optim.backends import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "enabled", fused)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g) for s in [(3,), (2 * cpu_kernels.ROW + 5,), (7,)]]
+    k = 2
+    b = Bucket(params, k, "uniform", torch.bfloat16, "device", "torch")
+    ema = Bucket(params, k, "ema", None, "device", "torch")
+    assert cpu_kernels.runs(b) == fused
+    oracle = Oracle(params, k, torch.bfloat16)
+    avg = None
+    for step in range(5):
+        randomize(params, seed=step)
+        ops.push(b)
+        oracle.push(params)
+        ops.ema_update(ema, 0.75)
+        theta = [p.double() for p in params]
+        avg = theta if avg is None else [0.75 * a + 0.25 * t for a, t in zip(avg, theta)]
+    for i, p in enumerate(params):
+        assert torch.equal(b.view(b.total, i), oracle.total[i]), f"sum of param {i}"
+        torch.testing.assert_close(ema.view(ema.total, i).double(), avg[i], rtol=1e-6, atol=1e-6)
+    live = [p.clone() for p in params]
+    for last in (None, 1):
+        b.backup = torch.empty(b.D)
+        ops.swap_in(b, last)
+        for p, m in zip(params, oracle.mean64(last=last)):
+            torch.testing.assert_close(p.double(), m, rtol=RTOL[torch.float32], atol=1e-6)
+        ops.swap_back(b)
+        assert all(torch.equal(p, x) for p, x in zip(params, live))

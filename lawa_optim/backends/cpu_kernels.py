@@ -1,22 +1,34 @@
-"""The CPU fast path of the torch backend: a fused ring push in C, loaded through ctypes.
+"""The CPU fast path of the torch backend: every operation of the history fused in C.
 
 LAWA (Kaddour 2022, arXiv:2209.14981) updates its history with ``slot = new;
 total += new - old``. In plain torch that takes five passes over memory (48 bytes per
-float32 element); ``csrc/cpu_push.c`` does it in one (20 bytes), bit for bit as
-:mod:`lawa_optim.ops` specifies. It is compiled with the system C compiler at first
-use (under a second) into a per-user cache keyed by the source, the flags and the CPU,
-so CI needs no build step. Without a compiler, or with ``LAWA_OPTIM_CPU_KERNELS=0``,
-the torch backend runs its plain code instead, after one warning saying why.
+float32 element); ``csrc/cpu_kernels.c`` does it in one (20 bytes), and folds the exact
+refresh of the sum into the push that completes a pass over the ring, reading the
+other slots block by block in the same pass, so the guarantee of
+:mod:`lawa_optim.history` holds as it does for the plain code: at most
+``refresh_every`` pushes after a value (NaN and inf included) has left the window, it
+no longer affects the sum. The EMA update, the swap-in (mean, EMA, ``last=j``) and the
+swap-back are fused the same way.
+
+Every result is bit for bit what the plain torch code of
+:mod:`lawa_optim.backends.reference` leaves, as :mod:`lawa_optim.ops` specifies, for
+the 9 pairs of float32/bfloat16/float16 parameters and history, except the bits of a
+NaN (still a NaN): torch itself widens a float16 NaN to different bits in its vector
+and scalar loops. The EMA rounds its product and then adds with one fused
+multiply-add, as torch's CPU add-with-alpha does; where the torch build at hand does
+not (``ATEN_CPU_CAPABILITY=default``), the kernel rounds twice to match it.
+
+The library is compiled with the system C compiler (``$CC``) at first use, in about
+2 s, into the build cache of :mod:`lawa_optim.backends.native`, which verifies it
+before loading it, so CI needs no build step and a damaged cache cannot crash a
+process. Without a compiler, or with ``LAWA_OPTIM_CPU_KERNELS=0``, the torch backend
+runs its plain code instead, after one warning saying why.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import subprocess
-import tempfile
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -29,93 +41,96 @@ from lawa_optim.backends import native
 if TYPE_CHECKING:
     from lawa_optim.history import Bucket
 
-#: Dtype codes of the C entry point.
+#: Dtype codes of the C entry points.
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #: Elements per row of the work table (256 KiB of float32): GPT-2's 38.6M-element token
 #: embedding splits into 590 rows that the threads share, and the whole 124M-element
 #: model needs ~1,950 rows, a table built in about a millisecond.
 ROW = 1 << 16
 #: No -ffast-math and no contraction: the sums must round exactly as torch's do.
-#: -march=native vectorises the float16 conversions (F16C) where the CPU has them; the
-#: cache key holds the CPU's flags, so a shared home directory never loads a foreign build.
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-fPIC", "-shared"]
+#: -march=native uses the CPU's widest vectors; the cache key holds the CPU's flags, so a
+#: shared home directory never loads a build for another CPU.
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-fPIC", "-shared")
+SOURCE = "cpu_kernels.c"
+
+_p, _i64, _int, _f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+#: The entry points and their argument types (see the comments in the C source).
+SIGNATURES = {
+    "lawa_cpu_push": [_p, _i64, _int, _int, _p, _i64, _i64, _i64, _i64, _p, _int],
+    "lawa_cpu_ema": [_p, _i64, _int, _p, _int, _f64, _int, _int],
+    "lawa_cpu_swap_in": [_p, _i64, _int, _int, _p, _p, _p, _i64, _i64, _i64, _int, _i64, _int],
+    "lawa_cpu_swap_back": [_p, _i64, _int, _p, _int],
+}
+#: Modes of lawa_cpu_swap_in.
+SWAP_EMA, SWAP_MEAN, SWAP_LAST = 0, 1, 2
 
 #: Set to False to run the plain torch code (benchmarks compare the two).
 enabled = os.environ.get("LAWA_OPTIM_CPU_KERNELS", "1") != "0"
 
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
-
-
-def _cpu_id() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.processor()
-
-
-def _build() -> ctypes.CDLL:
-    src = native.source_dir() / "cpu_push.c"
-    cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256(
-        "\0".join([src.read_text(), cc, *CFLAGS, platform.machine(), _cpu_id()]).encode()
-    ).hexdigest()[:16]
-    cache = native.cache_root()
-    lib = cache / f"cpu_push_{key}.so"
-    if not lib.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        # Build under a private name and rename: processes building at once never load
-        # a half-written library.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-        os.close(fd)
-        try:
-            subprocess.run([cc, *CFLAGS, str(src), "-o", tmp], check=True, capture_output=True, text=True)
-            os.replace(tmp, lib)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    dll = ctypes.CDLL(str(lib))
-    fn = dll.lawa_cpu_push
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-    return dll
+_UNKNOWN = object()
+_ema_rounding: bool | None | object = _UNKNOWN
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, building it on first call; ``None`` (after one warning) when
-    it cannot be built."""
+    """The compiled kernels, building them on first call; ``None`` (after one warning)
+    when they cannot be built."""
     global _lib, _error
     if _lib is None and _error is None:
         try:
-            _lib = _build()
-        except (OSError, subprocess.CalledProcessError) as exc:
-            detail = getattr(exc, "stderr", None) or str(exc)
-            _error = f"{type(exc).__name__}: {detail.strip()[-500:]}"
+            lib = native.load_c_library(native.source_dir() / SOURCE, CFLAGS, tuple(SIGNATURES))
+        except native.BuildError as exc:
+            _error = str(exc)
             warnings.warn(
-                f"the fused CPU push of lawa_optim could not be built ({_error}); "
+                f"the fused CPU kernels of lawa_optim could not be built ({_error}); "
                 "the torch backend runs its plain code instead (same results, slower)",
                 stacklevel=2,
             )
+        else:
+            for name, argtypes in SIGNATURES.items():
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = ctypes.c_int, argtypes
+            _lib = lib
     return _lib
 
 
-def runs(b: "Bucket") -> bool:
-    """Whether the fused push can run ``b``: history and sum on the CPU, float32/bfloat16/
-    float16 parameters and history, and a compiled kernel."""
+def ema_rounding() -> bool | None:
+    """Whether torch's CPU add-with-alpha rounds ``a + alpha * b`` once (a fused
+    multiply-add: ``True``) or twice (``False``), probed once on values where the two
+    differ, in its vector loop and its scalar tail alike; ``None`` when it mixes both,
+    which no kernel could match (the EMA then runs the plain torch code)."""
+    global _ema_rounding
+    if _ema_rounding is _UNKNOWN:
+        # (1 + 2**-12) ** 2 - 1 = 2**-11 + 2**-24: exact only when the product is not
+        # rounded to float32 first. 67 elements: whole vectors and a tail at any width.
+        one = 1.0 + 2.0**-12
+        t = torch.full((67,), -1.0)
+        torch._foreach_add_([t], [torch.full((67,), one)], alpha=one)
+        once, twice = bool((t == 2.0**-11 + 2.0**-24).all()), bool((t == 2.0**-11).all())
+        _ema_rounding = True if once else False if twice else None
+    return _ema_rounding
+
+
+def runs(b: "Bucket", op: str = "push") -> bool:
+    """Whether the fused kernel of ``op`` (``"push"``, ``"ema"``, ``"swap"``) can run
+    ``b``: history and sum on the CPU (and, for swaps, the parameters too),
+    float32/bfloat16/float16 parameters and history, a compiled library and, for the
+    EMA, a torch whose rounding it can match (:func:`ema_rounding`)."""
     return (
         enabled
         and b.device.type == "cpu"
+        and (op != "swap" or b.param_device.type == "cpu")
         and b.dtype in DTYPE_CODES
         and b.history_dtype in DTYPE_CODES
         and library() is not None
+        and (op != "ema" or ema_rounding() is not None)
     )
 
 
 def rows(b: "Bucket", sources: Sequence[Tensor]) -> Tensor:
-    """The work table for copying ``sources`` (one CPU tensor per parameter, in memory
-    order) into ``b``'s flat slots: ``(address, flat offset, count)`` per row."""
+    """The work table for ``sources`` (one dense CPU tensor per parameter of ``b``):
+    ``(address, flat offset, count)`` per row of at most ``ROW`` elements."""
     table = []
     for src, off, n in zip(sources, b.offsets, b.numels):
         addr, size = src.data_ptr(), src.element_size()
@@ -123,18 +138,63 @@ def rows(b: "Bucket", sources: Sequence[Tensor]) -> Tensor:
     return torch.tensor(table, dtype=torch.int64).reshape(-1, 3)
 
 
-def push(b: "Bucket", n: int, sources: Sequence[Tensor]) -> None:
-    """Snapshot number ``n`` of ``sources`` (CPU tensors of ``b.dtype``, one per parameter,
-    dense) into ``b`` with the fused loop; call only when :func:`runs` says it can."""
-    # The table is rebuilt only when a source moves (~1 ms for 148 tensors, 124M elements).
+def _table(b: "Bucket", sources: Sequence[Tensor]) -> Tensor:
+    # Rebuilt only when a source moves (~1 ms for 148 tensors, 124M elements).
     ptrs = [t.data_ptr() for t in sources]
     cached = b.cache.get("cpu")
     if cached is None or cached[0] != ptrs:
         cached = b.cache["cpu"] = (ptrs, rows(b, sources))
-    table = cached[1]
-    rc = _lib.lawa_cpu_push(
-        table.data_ptr(), table.shape[0], DTYPE_CODES[b.dtype], DTYPE_CODES[b.history_dtype],
-        b.ring[n % b.k].data_ptr(), b.total.data_ptr(), int(n >= b.k), torch.get_num_threads(),
-    )
+    return cached[1]
+
+
+def _check(rc: int, op: str, b: "Bucket") -> None:
     if rc != 0:
-        raise RuntimeError(f"lawa_cpu_push failed with code {rc} for dtypes {b.dtype}, {b.history_dtype}")
+        raise RuntimeError(
+            f"the fused CPU {op} failed with code {rc} (dtypes {b.dtype}, {b.history_dtype}, "
+            f"k={b.k}, {int(b.pushes.item())} pushes)"
+        )
+
+
+def push(b: "Bucket", n: int, sources: Sequence[Tensor]) -> None:
+    """Push number ``n`` of ``sources`` (CPU tensors of ``b.dtype``, one per parameter,
+    dense) into ``b``, refreshing the sum when ``n + 1`` is a multiple of
+    ``b.refresh_every``; call only when :func:`runs` says it can."""
+    table = _table(b, sources)
+    _check(_lib.lawa_cpu_push(
+        table.data_ptr(), table.shape[0], DTYPE_CODES[b.dtype], DTYPE_CODES[b.history_dtype],
+        b.ring.data_ptr(), b.D, b.k, n, b.refresh_every, b.total.data_ptr(), torch.get_num_threads(),
+    ), "push", b)
+
+
+def ema_update(b: "Bucket", n: int, decay: float, sources: Sequence[Tensor]) -> None:
+    """EMA update number ``n`` of ``b.total`` with ``sources``: a copy when ``n == 0``."""
+    table = _table(b, sources)
+    _check(_lib.lawa_cpu_ema(
+        table.data_ptr(), table.shape[0], DTYPE_CODES[b.dtype], b.total.data_ptr(), int(n == 0),
+        decay, int(ema_rounding()), torch.get_num_threads(),
+    ), "EMA update", b)
+
+
+def swap_in(b: "Bucket", n: int, last: int | None) -> None:
+    """Back up ``b.params`` into ``b.backup`` and write the average after ``n`` pushes
+    into them (of the ``last`` newest snapshots when given; ignored in EMA mode)."""
+    table = _table(b, b.params)
+    if b.mode == "ema":
+        mode, count = SWAP_EMA, 0
+    elif last is None:
+        mode, count = SWAP_MEAN, min(n, b.k)
+    else:
+        mode, count = SWAP_LAST, last
+    _check(_lib.lawa_cpu_swap_in(
+        table.data_ptr(), table.shape[0], DTYPE_CODES[b.dtype], DTYPE_CODES[b.history_dtype],
+        b.backup.data_ptr(), b.total.data_ptr(), None if b.ring is None else b.ring.data_ptr(),
+        b.D, b.k, n, mode, count, torch.get_num_threads(),
+    ), "swap-in", b)
+
+
+def swap_back(b: "Bucket") -> None:
+    """Copy ``b.backup`` back into ``b.params``."""
+    table = _table(b, b.params)
+    _check(_lib.lawa_cpu_swap_back(
+        table.data_ptr(), table.shape[0], DTYPE_CODES[b.dtype], b.backup.data_ptr(), torch.get_num_threads(),
+    ), "swap-back", b)

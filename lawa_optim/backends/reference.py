@@ -5,8 +5,10 @@ written for clarity, with no Python loop over elements and bounded temporaries (
 flat buffer is walked in chunks of whole parameters, so a snapshot of a full ring
 needs one float32 chunk of scratch, not a second copy of the model). It reads the
 snapshot counter with ``.item()``, a host sync on a GPU: the fused backends don't.
-On the CPU its push runs the one-pass C loop of :mod:`lawa_optim.backends.cpu_kernels`
-when that can be built (same bits; the code below stays the readable fallback).
+On the CPU every operation runs the one-pass C kernels of
+:mod:`lawa_optim.backends.cpu_kernels` when they can be built: the same bits (a NaN's
+payload aside), with the refresh of the sum fused into the push; the code below stays
+the readable fallback and the definition they are tested against.
 """
 
 from __future__ import annotations
@@ -62,12 +64,10 @@ def push(b: "Bucket", sources: Sequence[Tensor] | None = None) -> None:
     """Uniform snapshot of ``sources`` (default: the parameters), one tensor per parameter."""
     n = int(b.pushes.item())
     params = _params(b) if sources is None else list(sources)
-    refresh = (n + 1) % b.refresh_every == 0
     if cpu_kernels.runs(b):
-        cpu_kernels.push(b, n, params)  # one fused pass instead of the five below
-        if refresh:
-            _sum_slots(b, min(n + 1, b.k))
+        cpu_kernels.push(b, n, params)  # one fused pass, the refresh included
         return
+    refresh = (n + 1) % b.refresh_every == 0
     c = _cache(b)
     s = n % b.k
     slot, views = b.ring[s], c["slots"][s]
@@ -87,8 +87,12 @@ def push(b: "Bucket", sources: Sequence[Tensor] | None = None) -> None:
 
 
 def ema_update(b: "Bucket", decay: float) -> None:
-    views, params = _cache(b)["total"], _params(b)
-    if int(b.pushes.item()) == 0:
+    n, params = int(b.pushes.item()), _params(b)
+    if cpu_kernels.runs(b, "ema"):
+        cpu_kernels.ema_update(b, n, decay, params)
+        return
+    views = _cache(b)["total"]
+    if n == 0:
         torch._foreach_copy_(views, params)
         return
     torch._foreach_mul_(views, decay)
@@ -102,9 +106,12 @@ def _scalar(x: int, b: "Bucket") -> Tensor:
 
 
 def swap_in(b: "Bucket", last: int | None) -> None:
+    n = int(b.pushes.item())
+    if cpu_kernels.runs(b, "swap"):
+        cpu_kernels.swap_in(b, n, last)
+        return
     c = _cache(b)
     torch._foreach_copy_([b.view(b.backup, i) for i in range(len(b.params))], b.params)
-    n = int(b.pushes.item())
     for lo, hi, i0, i1 in c["chunks"]:
         if b.mode == "ema":
             avg = b.total[lo:hi]
@@ -119,6 +126,9 @@ def swap_in(b: "Bucket", last: int | None) -> None:
 
 
 def swap_back(b: "Bucket") -> None:
+    if cpu_kernels.runs(b, "swap"):
+        cpu_kernels.swap_back(b)
+        return
     torch._foreach_copy_(b.params, [b.view(b.backup, i) for i in range(len(b.params))])
 
 
