@@ -96,18 +96,29 @@ CASES = {
 }
 
 
+def now(model, opt):
+    """The weights, the average and copies of the history buffers at this point."""
+    live = [p.detach().clone() for p in model.parameters()]
+    with opt.averaged():
+        avg = [p.detach().clone() for p in model.parameters()]
+    bufs = [[None if t is None else t.clone() for t in bs] for bs in history_buffers(opt)]
+    return live, avg, bufs
+
+
 @pytest.mark.parametrize("swapped", [False, True], ids=["live", "saved-while-swapped"])
 @pytest.mark.parametrize("case", CASES)
 def test_resume_is_bit_identical(backend, device, case, swapped):
     """Three runs of the same recipe: one never saves, one saves after 5 snapshots (k=3:
     between the refreshes at pushes 3 and 6) and goes on, one resumes from that save in
-    a fresh model with other initial weights. Over the next 4 snapshots (two more
-    refreshes) the weights, the averages and every history buffer agree bit for bit."""
+    a fresh model with other initial weights. At the save point and over the next 4
+    snapshots (two more refreshes) the weights, the averages and every history buffer
+    agree bit for bit."""
     kwargs = CASES[case]
     never_model, never = make(device, 0, backend, **kwargs)
     for e in range(5):
         epoch(never_model, never, e)
-    expected = trace(never_model, never, range(5, 9))
+    expected = [now(never_model, never), *trace(never_model, never, range(5, 9))]
+    expected_bufs = now(never_model, never)[2]
 
     model, opt = make(device, 0, backend, **kwargs)
     for e in range(5):
@@ -118,7 +129,7 @@ def test_resume_is_bit_identical(backend, device, case, swapped):
     held = opt.num_snapshots
     if swapped:
         opt.swap_back()
-    went_on = trace(model, opt, range(5, 9))
+    went_on = [now(model, opt), *trace(model, opt, range(5, 9))]
 
     model2, opt2 = make(device, 1, backend, **kwargs)
     model2.load_state_dict(saved["model"])
@@ -126,14 +137,13 @@ def test_resume_is_bit_identical(backend, device, case, swapped):
     assert opt2.is_swapped == swapped and opt2.num_snapshots == held > 0 and opt2.steps == opt.steps - 12
     if swapped:
         opt2.swap_back()
-    resumed = trace(model2, opt2, range(5, 9))
+    resumed = [now(model2, opt2), *trace(model2, opt2, range(5, 9))]
     for got in (went_on, resumed):
-        for (l0, a0), (l1, a1) in zip(expected, got):
+        assert _equal(got[0], expected[0])  # at the save point: weights, average, buffers
+        for (l0, a0), (l1, a1) in zip(expected[1:], got[1:]):
             assert all(torch.equal(x, y) for x, y in zip(l0, l1))
             assert all(torch.equal(x, y) for x, y in zip(a0, a1))
-    for other in (opt, opt2):
-        for bufs, theirs in zip(history_buffers(never), history_buffers(other)):
-            assert all(x is None and y is None or torch.equal(x, y) for x, y in zip(bufs, theirs))
+    assert _equal(now(model, opt)[2], expected_bufs) and _equal(now(model2, opt2)[2], expected_bufs)
     for p, q in zip(never_model.parameters(), model2.parameters()):  # Adam's moments came back too
         assert torch.equal(never.state[p]["exp_avg"], opt2.state[q]["exp_avg"])
         assert torch.equal(never.state[p]["exp_avg_sq"], opt2.state[q]["exp_avg_sq"])
