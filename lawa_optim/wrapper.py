@@ -244,7 +244,8 @@ class LAWA(WrappedOptimizer):
         return True
 
     def _push(self) -> None:
-        if not torch.compiler.is_compiling():  # compiled code guards on param_groups itself
+        # Eager only: traced, the loop over every parameter would become a guard per parameter.
+        if not torch.compiler.is_compiling():
             self._history.check_groups(self.param_groups)
         if self.mode == "ema":
             self._history.push_ema(self.decay)
