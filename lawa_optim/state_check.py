@@ -27,7 +27,7 @@ before the optimizer changes. What is refused:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -55,7 +55,7 @@ class Checked:
     generation_ends: list[int]  # per generation: one past its last param group
     tensors: dict[int, dict[str, Tensor]]  # id(parameter) -> key -> the saved local tensor
     has_sum: bool
-    history: History | None = field(default=None)
+    history: History | None = None  # filled by lawa_optim.state.read_history
 
 
 def dtype_name(dtype: torch.dtype | None) -> str | None:
@@ -71,11 +71,11 @@ def check(opt: "LAWA", sd: Any) -> Checked:
     """Raise ``ValueError`` naming the first way ``sd`` does not fit ``opt``."""
     groups = _groups(opt, sd)
     metas = _metas(opt, groups)
-    steps = _same(metas, "steps", [_counter(m, "steps", g) for g, m in enumerate(metas)])
+    steps = _same("steps", [_counter(m, "steps", g) for g, m in enumerate(metas)])
     for g, m in enumerate(metas):
         if not isinstance(m["swapped"], bool):
             raise ValueError(f"param group {g}: lawa 'swapped' must be a bool, got {_show(m['swapped'])}")
-    swapped = _same(metas, "swapped", [m["swapped"] for m in metas])
+    swapped = _same("swapped", [m["swapped"] for m in metas])
     gens = _generations(metas)
     pushes, ends = _pushes(opt, metas, gens)
     if swapped and not any(pushes):
@@ -153,7 +153,7 @@ def _counter(m: dict, key: str, g: int) -> int:
     return value
 
 
-def _same(metas: list[dict], key: str, values: list) -> Any:
+def _same(key: str, values: list) -> Any:
     if any(v != values[0] for v in values):
         raise ValueError(f"the param groups of the state_dict disagree on lawa {key!r}: {values}")
     return values[0]
