@@ -28,7 +28,8 @@ _keys = itertools.count()
 
 
 def register(bucket: "Bucket") -> int:
-    """A key for ``bucket`` that the op passes as a constant (held weakly)."""
+    """A key for ``bucket`` that the op passes as a constant (held weakly); never reused,
+    so a copied bucket registered anew cannot reach the original."""
     key = next(_keys)
     _buckets[key] = bucket
     return key
@@ -51,6 +52,7 @@ def _snapshot(
     # parameters' current values and copies of the buffers. Bring the parameters up to
     # date first (the graph writes the same values into them later), run the snapshot on
     # the bucket's own buffers, then give the copies the new contents.
+    b.check_params()
     for given, own in zip(params, b.params):
         if given.data_ptr() != own.data_ptr():
             own.copy_(given)

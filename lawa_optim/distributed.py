@@ -91,14 +91,15 @@ def as_global(view: Tensor, param: Tensor, lead: int | None = None) -> Tensor:
     )
 
 
-def local_of_saved(value: Tensor, like: Tensor, where: str) -> Tensor:
-    """The local part of a loaded state entry, checked against the history view ``like``."""
+def local_of_saved(value: Tensor, shape: tuple[int, ...], where: str) -> Tensor:
+    """The local part of a loaded state entry; ``ValueError`` unless it has ``shape``, that
+    of this rank's shard of the history."""
     if is_sharded(value):
         value = value.to_local()
-    if tuple(value.shape) != tuple(like.shape):
+    if tuple(value.shape) != tuple(shape):
         raise ValueError(
             f"{where}: the loaded tensor's local part has shape {tuple(value.shape)}, this rank's "
-            f"shard of the history needs {tuple(like.shape)}; load sharded checkpoints with "
+            f"shard of the history needs {tuple(shape)}; load sharded checkpoints with "
             "torch.distributed.checkpoint and set_optimizer_state_dict, which reshard them"
         )
     return value

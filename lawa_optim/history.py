@@ -30,9 +30,11 @@ memory and keeps the bookkeeping (which buckets exist, whether parameters moved)
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Sequence
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,6 +59,11 @@ def is_dense(t: Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def is_int(x: Any) -> bool:
+    """True for a Python int that is not a bool."""
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -116,10 +123,25 @@ class Bucket:
         self.backup: Tensor | None = None
         self.cache: dict = {}
         self._ptrs = [p.data_ptr() for p in self.params]
+        self._dtypes = [self.dtype] * len(self.params)
         self._strides = [p.stride() for p in self.params]
         self.backend = ops.resolve(backend, self)
         # Weights on a GPU, ring in pinned host memory: snapshots copy asynchronously.
         self.offload = Offload(self) if pin and mode == "uniform" and self.param_device.type == "cuda" else None
+        self.key = compiled.register(self)
+
+    # A copy (deepcopy, pickle) gets its own key: with the original's, a compiled snapshot
+    # of the copy would push the original's weights into the original's history. The
+    # pointer tables are the original's addresses: the copy builds its own.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["key"], state["cache"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.cache = {}
+        self._ptrs = []  # the first check_params looks at every parameter
         self.key = compiled.register(self)
 
     # -- views ---------------------------------------------------------------
@@ -158,23 +180,46 @@ class Bucket:
         """Notice parameters whose storage was replaced (``p.data = ...``, ``module.to``).
 
         Backends cache raw pointers, so a moved parameter must clear the cache; a
-        parameter whose shape or layout changed no longer fits the history.
+        parameter whose dtype, shape, layout or device changed no longer fits the
+        history and raises ``RuntimeError``. The dtype is compared on every call (a
+        ``bfloat16`` weight viewed as ``float16`` keeps its address).
         """
         if self.sharded:
             # FSDP2 may point a DTensor at a new local tensor (lazy init, state loading).
             self.params = [local(p) for p in self.sources]
-        ptrs = list(map(Tensor.data_ptr, self.params))
-        if ptrs == self._ptrs:
+        try:
+            ptrs = list(map(Tensor.data_ptr, self.params))
+        except RuntimeError:  # a parameter made sparse has no storage: the loop names it
+            ptrs = None
+        if ptrs == self._ptrs and list(map(_dtype_of, self.params)) == self._dtypes:
             return
         for i, p in enumerate(self.params):
-            if p.stride() != self._strides[i] or p.numel() != self.numels[i] or p.device != self.param_device:
+            fits = (
+                p.layout == torch.strided
+                and p.dtype == self.dtype
+                and p.device == self.param_device
+                and p.numel() == self.numels[i]
+                and p.stride() == self._strides[i]
+            )
+            if not fits:
                 raise RuntimeError(
-                    f"parameter {i} of a LAWA bucket changed shape, layout or device since the "
-                    f"history was built (now shape {tuple(p.shape)}, stride {p.stride()}, {p.device}); "
-                    "build a new LAWA optimizer after moving or reshaping the model"
+                    f"parameter {i} of a LAWA bucket changed dtype, shape, layout or device since the "
+                    f"history was built "
+                    f"(was {self.dtype}, stride {self._strides[i]}, {self.numels[i]} elements on "
+                    f"{self.param_device}; now {_describe(p)}); the history holds it as it was. "
+                    "Convert the model back (e.g. `model.float()`), or build a new LAWA optimizer "
+                    "after converting, moving or reshaping the model"
                 )
         self._ptrs = ptrs
         self.cache.clear()
+
+
+_dtype_of = operator.attrgetter("dtype")
+
+
+def _describe(p: Tensor) -> str:
+    layout = f"stride {p.stride()}" if p.layout == torch.strided else f"layout {p.layout}"
+    return f"{p.dtype}, {layout}, {p.numel()} elements on {p.device}"
 
 
 def history_device(param_device: torch.device, storage: str) -> torch.device:
@@ -199,6 +244,18 @@ def check_param(p: Tensor, where: str) -> None:
             f"(accepted: {', '.join(str(d) for d in FLOAT_DTYPES)})"
         )
     p = local(p)
+    if p.layout != torch.strided:
+        raise ValueError(
+            f"{where} is a sparse tensor (layout {p.layout}); LAWA averages dense (strided) "
+            "parameters only: make the parameter dense, or leave it out of the optimizer that "
+            "LAWA wraps"
+        )
+    if p.device.type == "meta":
+        raise ValueError(
+            f"{where} is on the meta device and holds no values to average; materialise the "
+            "model first (e.g. `model.to_empty(device=...)` and initialise it), then build the "
+            "optimizer"
+        )
     if not is_dense(p):
         raise ValueError(
             f"{where} (shape {tuple(p.shape)}, stride {p.stride()}) does not cover a dense block "
@@ -226,8 +283,8 @@ def resolve_storage(storage: str) -> str:
 
 def snapshot_bucket(b: Bucket, decay: float | None) -> None:
     """One bucket's snapshot: push into the ring (``decay=None``; nothing in EMA mode) or
-    fold into the exponential average with ``decay``."""
-    b.check_params()
+    fold into the exponential average with ``decay``. The caller has run
+    :meth:`Bucket.check_params`."""
     if decay is not None:
         ops.ema_update(b, decay)
     elif b.mode == "uniform":
@@ -263,6 +320,7 @@ class History:
         self.recompute_every = recompute_every  # None: every k pushes
         self.generations: list[list[Bucket]] = []
         self.group_generation: list[int] = []  # generation of each built param group
+        self.group_params: list[list[Tensor]] = []  # the parameters of each built group
 
     @property
     def buckets(self) -> list[Bucket]:
@@ -287,7 +345,34 @@ class History:
             for ps in _bucket_params(params)
         ]
         self.group_generation.extend([len(self.generations)] * len(new))
+        self.group_params.extend(list(g["params"]) for g in new)
         self.generations.append(buckets)
+
+    def check_groups(self, param_groups: Sequence[dict]) -> None:
+        """Raise ``RuntimeError`` when a parameter of the history was removed from or
+        replaced in ``param_groups``: the history would go on averaging a tensor the
+        optimizer no longer trains, and never the one that took its place."""
+        if len(param_groups) < len(self.group_params):
+            raise RuntimeError(
+                f"param groups were removed from the optimizer after the LAWA history was built "
+                f"({len(self.group_params)} groups then, {len(param_groups)} now); the history "
+                "cannot follow: build a new LAWA optimizer (groups can be added with "
+                "add_param_group)"
+            )
+        for g, (group, built) in enumerate(zip(param_groups, self.group_params)):
+            live = group["params"]
+            if len(live) == len(built) and all(map(operator.is_, live, built)):
+                continue
+            i = next(
+                (i for i, (a, b) in enumerate(zip(live, built)) if a is not b),
+                min(len(live), len(built)),
+            )
+            raise RuntimeError(
+                f"parameter {i} of param group {g} was removed from or replaced in the "
+                f"optimizer's param_groups after the LAWA history was built (the group had "
+                f"{len(built)} parameters then, {len(live)} now); the history cannot follow: "
+                "build a new LAWA optimizer (parameters can be added with add_param_group)"
+            )
 
     def push(self) -> None:
         """Record the current weights of every built parameter: one fused pass per bucket."""
@@ -299,11 +384,16 @@ class History:
 
     @torch.no_grad()
     def _snapshot(self, decay: float | None) -> None:
-        for b in self.buckets:
-            if torch.compiler.is_compiling():
+        buckets = self.buckets
+        if torch.compiler.is_compiling():
+            for b in buckets:
                 compiled.snapshot(b, decay)
-            else:
-                snapshot_bucket(b, decay)
+            return
+        # Every bucket is checked before any is pushed: a refusal leaves all counts equal.
+        for b in buckets:
+            b.check_params()
+        for b in buckets:
+            snapshot_bucket(b, decay)
 
     @staticmethod
     @torch.no_grad()
@@ -328,29 +418,40 @@ class History:
         return names
 
     def counts(self) -> list[int]:
-        """Snapshot count of every generation (0 for none)."""
+        """Snapshot count of every generation (0 for none, and for a generation of empty
+        param groups)."""
         return [gen[0].count() if gen else 0 for gen in self.generations]
+
+    def held(self) -> int:
+        """Snapshots the oldest generation holding parameters has: later ones joined later
+        and hold no more."""
+        return max(self.counts(), default=0)
 
     @torch.no_grad()
     def swap_in(self, last: int | None) -> None:
-        """Back up the weights and write the average into the parameters in place."""
+        """Back up the weights and write the average into the parameters in place.
+
+        Every bucket is checked and every backup allocated before the first weight is
+        written, so a refusal or an allocation failure leaves the training weights in place.
+        """
         self.reshard()
-        for b in self.buckets:
-            n = b.count()
-            if n == 0:
-                continue
+        held = [(b, b.count()) for b in self.buckets]
+        held = [(b, n) for b, n in held if n > 0]
+        for b, _ in held:
             b.check_params()
-            b.backup = torch.empty(b.D, dtype=b.dtype, device=b.device, pin_memory=b.pinned)
+        backups = [torch.empty(b.D, dtype=b.dtype, device=b.device, pin_memory=b.pinned) for b, _ in held]
+        for (b, n), backup in zip(held, backups):
+            b.backup = backup
             ops.swap_in(b, None if last is None else min(last, n))
 
     @torch.no_grad()
     def swap_back(self) -> None:
         """Restore the backed-up training weights bit for bit and free the backups."""
         self.reshard()
-        for b in self.buckets:
-            if b.backup is None:
-                continue
+        swapped = [b for b in self.buckets if b.backup is not None]
+        for b in swapped:
             b.check_params()  # fused backends write through cached addresses
+        for b in swapped:
             ops.swap_back(b)
             b.backup = None
 

@@ -1,11 +1,21 @@
 """Saving and loading the LAWA history inside the wrapped optimizer's state dict.
 
 The layout is chosen so that ``torch.distributed.checkpoint`` handles it: per-parameter
-tensors under ``state[i]`` (``lawa_history``: a ``(k, *shape)`` view of the ring;
-``lawa_ema``: the float32 average in EMA mode; ``lawa_backup``: the training weights
-while swapped) and small counters and settings under ``param_groups[g]["lawa"]``, with
-no extra top-level keys. The running sum is not saved (``Optimizer.load_state_dict``
-would cast it to the parameters' dtype); it is recomputed exactly from the ring.
+tensors under ``state[i]`` (``lawa_history``: a ``(k, *shape)`` view of the ring and
+``lawa_sum``: the running sum, in uniform mode; ``lawa_ema``: the average in EMA mode;
+``lawa_backup``: the training weights while swapped) and small counters and settings
+under ``param_groups[g]["lawa"]``, with no extra top-level keys. DTensor parameters get
+DTensor views of their local history (see :mod:`lawa_optim.distributed`).
+
+Saving only reads. The running sum is saved as it is (a view in the accumulation
+dtype, which the wrapped optimizer's loader never sees, so nothing casts it), so a
+resumed run continues bit for bit. Version 0.1.0 saved no ``lawa_sum``: its
+``state_dict()`` rebuilt the sum from the ring in place, so rebuilding it from the ring
+on load gives exactly what that run held after saving.
+
+Loading checks everything (:mod:`lawa_optim.state_check`) before it changes anything,
+builds and fills a new history, loads the wrapped optimizer and only then installs the
+history, so a refused dict or a failed allocation leaves the optimizer as it was.
 """
 
 from __future__ import annotations
@@ -14,18 +24,14 @@ from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
-from lawa_optim.distributed import as_global, local_of_saved
+from lawa_optim.distributed import as_global
 from lawa_optim.history import History
+from lawa_optim.state_check import KEYS, Checked, check, dtype_name
 
 if TYPE_CHECKING:
     from lawa_optim.wrapper import LAWA
-
-_KEYS = ("lawa_history", "lawa_ema", "lawa_backup")
-
-
-def _dtype_name(dtype: torch.dtype | None) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _param_ids(opt: "LAWA", sd: dict[str, Any]) -> dict[int, Any]:
@@ -35,19 +41,19 @@ def _param_ids(opt: "LAWA", sd: dict[str, Any]) -> dict[int, Any]:
 
 
 def save_history(opt: "LAWA", sd: dict[str, Any]) -> None:
-    """Add the history of ``opt`` to ``sd``, a state dict of the wrapped optimizer."""
+    """Add the history of ``opt`` to ``sd``, a state dict of the wrapped optimizer taken
+    after :meth:`History.check_groups`; reads only."""
     hist = opt._history
     for b in hist.buckets:
-        # The loader rebuilds the sum from the ring; doing the same here keeps the
-        # saved and the continuing run bit-identical.
-        History.recompute(b)
+        b.check_params()
+        b.wait()
     pushes = [int(gen[0].pushes.item()) if gen else 0 for gen in hist.generations]
     for g, group in enumerate(sd["param_groups"]):
         gen = hist.group_generation[g] if g < len(hist.group_generation) else None
         group["lawa"] = {
             "k": hist.k,
             "mode": hist.mode,
-            "history_dtype": _dtype_name(hist.history_dtype),
+            "history_dtype": dtype_name(hist.history_dtype),
             "decay": opt.decay,
             "every": opt.every,
             "start": opt.start,
@@ -63,9 +69,9 @@ def save_history(opt: "LAWA", sd: dict[str, Any]) -> None:
         for i, p in enumerate(b.sources):
             # A fresh dict: the packed entries are the live optimizer's state dicts.
             entry = dict(state.get(ids[id(p)], {}))
-            # DTensor parameters get DTensor views of their local history (see distributed.py).
             if hist.mode == "uniform":
                 entry["lawa_history"] = as_global(b.history_view(i), p, lead=hist.k)
+                entry["lawa_sum"] = as_global(b.view(b.total, i), p)
             else:
                 entry["lawa_ema"] = as_global(b.view(b.total, i), p)
             if b.backup is not None:
@@ -73,110 +79,74 @@ def save_history(opt: "LAWA", sd: dict[str, Any]) -> None:
             state[ids[id(p)]] = entry
 
 
-def strip_lawa(sd: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``sd`` without the history, for the wrapped optimizer's loader.
+def _copied(value: Any) -> Any:
+    """``value`` with every tensor in it copied (dicts, lists and tuples walked)."""
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(map(_copied, value))
+    return value
 
-    Parameters left with no state get no entry, so optimizers that initialise on an
-    empty state (Adam) still do.
+
+def strip_lawa(sd: dict[str, Any]) -> dict[str, Any]:
+    """The wrapped optimizer's part of ``sd``: no history, and every tensor a copy.
+
+    ``torch.optim``'s loader keeps the dict's tensors that are already on the right
+    device and dtype; copies make the loaded optimizer independent of the dict (and of
+    the optimizer it came from). Parameters left with no state get no entry, so
+    optimizers that initialise on an empty state (Adam) still do.
     """
     out = dict(sd)
     out["param_groups"] = [{k: v for k, v in g.items() if k != "lawa"} for g in sd["param_groups"]]
     state = {}
     for pid, entry in sd["state"].items():
-        kept = {k: v for k, v in entry.items() if k not in _KEYS}
+        kept = {k: _copied(v) for k, v in entry.items() if k not in KEYS}
         if kept:
             state[pid] = kept
     out["state"] = state
     return out
 
 
-def _check_shape(name: str, value: Any, shape: tuple, where: str) -> None:
-    if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
-        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ValueError(f"{where}: {name} has shape {got}, this optimizer needs {shape}")
-
-
-def validate_lawa(opt: "LAWA", sd: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first way ``sd`` does not fit ``opt``."""
-    groups = sd.get("param_groups")
-    if not isinstance(groups, list) or not isinstance(sd.get("state"), dict):
-        raise ValueError("state_dict must have 'state' (a dict) and 'param_groups' (a list)")
-    if len(groups) != len(opt.param_groups):
-        raise ValueError(
-            f"state_dict has {len(groups)} param groups, this optimizer has {len(opt.param_groups)}"
-        )
-    hist = opt._history
-    metas = [g.get("lawa") for g in groups]
-    if any(m is None for m in metas):
-        raise ValueError(
-            "state_dict has no LAWA history ('lawa' missing from its param groups): it was saved "
-            "from a plain optimizer. Load it into the wrapped one with "
-            "opt.optimizer.load_state_dict(sd) to start with an empty history."
-        )
-    want = {"k": hist.k, "mode": hist.mode, "history_dtype": _dtype_name(hist.history_dtype)}
-    for g, (m, live) in enumerate(zip(metas, opt.param_groups)):
-        for key, value in want.items():
-            if m.get(key) != value:
-                raise ValueError(f"state_dict was saved with {key}={m.get(key)!r}, this LAWA has {key}={value!r}")
-        if len(groups[g]["params"]) != len(live["params"]):
-            raise ValueError(
-                f"param group {g} of the state_dict has {len(groups[g]['params'])} parameters, "
-                f"this optimizer's has {len(live['params'])}"
-            )
-    gens = [m["generation"] for m in metas]
-    built = [x for x in gens if x is not None]
-    if gens[: len(built)] != built or built != sorted(built) or (built and built[0] != 0):
-        raise ValueError(f"state_dict has an inconsistent LAWA generation list {gens}")
-    swapped = metas[0]["swapped"]
-    ids = _param_ids(opt, sd)
-    for g, (m, live) in enumerate(zip(metas, opt.param_groups)):
-        if m["generation"] is None:
-            continue
-        for i, p in enumerate(live["params"]):
-            where = f"parameter {i} of param group {g}"
-            entry = sd["state"].get(ids[id(p)], {})
-            if hist.mode == "uniform":
-                _check_shape("lawa_history", entry.get("lawa_history"), (hist.k, *p.shape), where)
-            else:
-                _check_shape("lawa_ema", entry.get("lawa_ema"), tuple(p.shape), where)
-            if swapped and m["pushes"] > 0:
-                if "lawa_backup" not in entry:
-                    raise ValueError(
-                        f"{where}: the state_dict was saved while the average was swapped in, "
-                        "but holds no training weights ('lawa_backup'); "
-                        "torch.distributed.checkpoint loads only the keys that the state dict it "
-                        "loads into already has, and an optimizer that is not swapped has none. "
-                        "Save distributed checkpoints outside `with opt.averaged():`."
-                    )
-                _check_shape("lawa_backup", entry["lawa_backup"], tuple(p.shape), where)
-
-
 @torch.no_grad()
-def load_history(opt: "LAWA", sd: dict[str, Any]) -> None:
-    """Rebuild ``opt``'s history from a validated ``sd``."""
+def read_history(opt: "LAWA", sd: dict[str, Any]) -> Checked:
+    """Check ``sd`` and build a new history filled from it; ``opt`` is not changed.
+
+    Raises ``ValueError`` naming the first field of ``sd`` that does not fit ``opt``.
+    The new history's buffers are fresh: nothing in it is a view of ``sd``.
+    """
+    checked = check(opt, sd)
     old = opt._history
     hist = History(old.k, old.mode, old.history_dtype, old.storage, old.requested_backend, old.recompute_every)
-    metas = [g["lawa"] for g in sd["param_groups"]]
-    gens = [m["generation"] for m in metas]
-    for gen in sorted(set(x for x in gens if x is not None)):
-        end = max(g for g, x in enumerate(gens) if x == gen) + 1
+    for end in checked.generation_ends:
         hist.extend(opt.param_groups[:end])
-    ids = _param_ids(opt, sd)
-    swapped = metas[0]["swapped"]
     for gen, buckets in enumerate(hist.generations):
-        pushes = next(m["pushes"] for m in metas if m["generation"] == gen)
         for b in buckets:
-            b.pushes.fill_(pushes)
+            b.pushes.fill_(checked.pushes[gen])
             for i, p in enumerate(b.sources):
-                entry, where = sd["state"][ids[id(p)]], f"parameter {ids[id(p)]}"
-                dst = b.history_view(i) if hist.mode == "uniform" else b.view(b.total, i)
-                key = "lawa_history" if hist.mode == "uniform" else "lawa_ema"
-                dst.copy_(local_of_saved(entry[key], dst, where))
-            History.recompute(b)
-            if swapped and pushes > 0:
+                got = checked.tensors[id(p)]
+                if hist.mode == "uniform":
+                    b.history_view(i).copy_(got["lawa_history"])
+                    if "lawa_sum" in got:
+                        b.view(b.total, i).copy_(got["lawa_sum"])
+                else:
+                    b.view(b.total, i).copy_(got["lawa_ema"])
+            if hist.mode == "uniform" and not checked.has_sum:
+                History.recompute(b)  # a 0.1.0 checkpoint: see the module docstring
+            if any("lawa_backup" in checked.tensors[id(p)] for p in b.sources):
                 b.backup = torch.empty(b.D, dtype=b.dtype, device=b.device, pin_memory=b.pinned)
                 for i, p in enumerate(b.sources):
-                    dst, saved = b.view(b.backup, i), sd["state"][ids[id(p)]]["lawa_backup"]
-                    dst.copy_(local_of_saved(saved, dst, f"parameter {ids[id(p)]}"))
+                    b.view(b.backup, i).copy_(checked.tensors[id(p)]["lawa_backup"])
+    checked.history = hist
+    return checked
+
+
+def install(opt: "LAWA", loaded: Checked) -> None:
+    """Make the history read by :func:`read_history` the one ``opt`` runs."""
+    for b in opt._history.buckets:
+        b.wait()  # copies into the old pinned ring finish before it goes
     run = opt._run
-    run.history, run.steps, run.swapped = hist, metas[0]["steps"], swapped
+    run.history, run.steps, run.swapped = loaded.history, loaded.steps, loaded.swapped
+    run.started = run.steps >= opt.start
+

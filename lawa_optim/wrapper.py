@@ -20,16 +20,12 @@ import torch
 from torch.optim import Optimizer
 
 from lawa_optim import compiled, ops
-from lawa_optim.history import FLOAT_DTYPES, History, check_param, resolve_storage
-from lawa_optim.state import load_history, save_history, strip_lawa, validate_lawa
+from lawa_optim.history import FLOAT_DTYPES, History, check_param, is_int, resolve_storage
+from lawa_optim.state import install, read_history, save_history, strip_lawa
 from lawa_optim.wrapping import WrappedOptimizer
 
 MODES = ("uniform", "ema")
 STORAGES = ("device", "pinned", "cpu")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass
@@ -122,11 +118,11 @@ class LAWA(WrappedOptimizer):
             )
         if isinstance(optimizer, LAWA):
             raise TypeError("optimizer is already a LAWA; wrap the inner optimizer once")
-        if not _is_int(k) or k < 1:
+        if not is_int(k) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
-        if every is not None and (not _is_int(every) or every < 1):
+        if every is not None and (not is_int(every) or every < 1):
             raise ValueError(f"every must be None or an int >= 1, got {every!r}")
-        if not _is_int(start) or start < 0:
+        if not is_int(start) or start < 0:
             raise ValueError(f"start must be an int >= 0, got {start!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -140,7 +136,7 @@ class LAWA(WrappedOptimizer):
             )
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-        if recompute_every is not None and (not _is_int(recompute_every) or recompute_every < 1):
+        if recompute_every is not None and (not is_int(recompute_every) or recompute_every < 1):
             raise ValueError(f"recompute_every must be None or an int >= 1, got {recompute_every!r}")
         for g, group in enumerate(optimizer.param_groups):
             for i, p in enumerate(group["params"]):
@@ -167,9 +163,8 @@ class LAWA(WrappedOptimizer):
     @property
     def num_snapshots(self) -> int:
         """Snapshots the average holds now: ``min(taken, k)`` in uniform mode, all taken
-        in EMA mode (for the parameters present when the history was first built)."""
-        counts = self._history.counts()
-        return counts[0] if counts else 0
+        in EMA mode (for the oldest parameters: those added later may hold fewer)."""
+        return self._history.held()
 
     @property
     def is_swapped(self) -> bool:
@@ -249,6 +244,9 @@ class LAWA(WrappedOptimizer):
         return True
 
     def _push(self) -> None:
+        # Eager only: traced, the loop over every parameter would become a guard per parameter.
+        if not torch.compiler.is_compiling():
+            self._history.check_groups(self.param_groups)
         if self.mode == "ema":
             self._history.push_ema(self.decay)
         else:
@@ -259,9 +257,12 @@ class LAWA(WrappedOptimizer):
         """Write the average into the parameters in place (``data_ptr`` unchanged).
 
         ``last=j`` (uniform mode, ``1 <= j <= num_snapshots``) averages only the ``j``
-        newest snapshots. The training weights are kept and :meth:`swap_back`
-        restores them bit for bit.
+        newest snapshots: another type raises ``TypeError``, another value
+        ``ValueError``. The training weights are kept and :meth:`swap_back` restores
+        them bit for bit.
         """
+        if last is not None and not is_int(last):
+            raise TypeError(f"last must be None or an int, got {type(last).__name__} {last!r}")
         self._require_not_swapped("swap_to_average()")
         count = self.num_snapshots
         if count == 0:
@@ -272,10 +273,9 @@ class LAWA(WrappedOptimizer):
         if last is not None:
             if self.mode != "uniform":
                 raise RuntimeError(f"last= needs mode='uniform'; this LAWA has mode={self.mode!r}")
-            if not _is_int(last) or not 1 <= last <= count:
-                raise RuntimeError(
-                    f"last must be an int in [1, {count}] (the snapshots held now), got {last!r}"
-                )
+            if not 1 <= last <= count:
+                raise ValueError(f"last must be in [1, {count}] (the snapshots held now), got {last!r}")
+        self._history.check_groups(self.param_groups)
         compiled.warn_if_frozen()
         self._history.swap_in(last)
         self._run.swapped = True
@@ -300,16 +300,19 @@ class LAWA(WrappedOptimizer):
     # -- checkpoints ------------------------------------------------------------
     @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state dict plus the history.
+        """The wrapped optimizer's state dict plus the history; reads only.
 
         Each parameter's history is a ``(k, *shape)`` view into the ring under
-        ``state[i]["lawa_history"]`` (``"lawa_ema"`` in EMA mode, ``"lawa_backup"`` for
-        the training weights while swapped); counters and settings are under
-        ``param_groups[g]["lawa"]``. The running sum is not saved: it is recomputed
-        exactly from the ring here and on load, so a resumed run continues bit for bit.
+        ``state[i]["lawa_history"]`` and its slice of the running sum under
+        ``"lawa_sum"`` (``"lawa_ema"`` in EMA mode; ``"lawa_backup"`` for the training
+        weights while swapped); counters and settings are under
+        ``param_groups[g]["lawa"]``. The tensors are views of the live history: save or
+        copy them before the next snapshot. Saving changes nothing, and a run resumed
+        from the dict continues bit for bit like the run that saved it.
         """
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
+        self._history.check_groups(self.param_groups)  # before torch's own KeyError
         sd = self.optimizer.state_dict()
         save_history(self, sd)
         for hook in self._optimizer_state_dict_post_hooks.values():
@@ -320,20 +323,25 @@ class LAWA(WrappedOptimizer):
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict`: the wrapped optimizer, the history
-        and the swap state. A state dict with another ``k``, mode, history dtype or
-        parameter layout raises ``ValueError`` and leaves this optimizer unchanged.
-        ``every``, ``start``, ``decay`` and ``recompute_every`` keep the values given to
-        the constructor."""
+        """Load a state dict from :meth:`state_dict`: the wrapped optimizer, the history,
+        the counters and the swap state.
+
+        Everything is checked before anything changes: a dict that does not fit (another
+        ``k``, mode, history dtype or parameter layout; a missing, mistyped or impossible
+        counter; a tensor of another dtype, shape or layout: nothing is cast) raises
+        ``ValueError`` naming the field and leaves this optimizer as it was (see
+        :mod:`lawa_optim.state_check`). Every tensor is copied, the wrapped optimizer's
+        state included: editing the dict afterwards changes nothing here. ``every``,
+        ``start``, ``decay`` and ``recompute_every`` keep the values given to the
+        constructor."""
         self._require_not_swapped("load_state_dict()")
         state_dict = state_dict.copy()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        validate_lawa(self, state_dict)
+        loaded = read_history(self, state_dict)  # checks, allocates and copies; changes nothing
         self.optimizer.load_state_dict(strip_lawa(state_dict))
-        load_history(self, state_dict)
-        self._run.started = self._run.steps >= self.start
+        install(self, loaded)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

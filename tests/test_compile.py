@@ -9,6 +9,8 @@ run in eager mode. ``aot_eager`` runs the functionalization that Inductor also r
 from __future__ import annotations
 
 import copy
+import gc
+import pickle
 import warnings
 
 import pytest
@@ -18,6 +20,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 from lawa_optim import LAWA, compiled
+
+from test_state_dict import assert_same, fingerprint
 
 K = 3
 
@@ -179,6 +183,52 @@ def test_history_built_inside_a_compiled_region():
     assert opt.num_snapshots == K and cnt.frame_count <= 3
     with opt.averaged():
         for p, w in zip(params, mean_of_last(snaps, K)):
+            torch.testing.assert_close(p, w)
+
+
+def from_state_dict(pair):
+    model, opt = pair
+    model2 = make(seed=1)
+    model2.load_state_dict(model.state_dict())
+    opt2 = LAWA(torch.optim.SGD(model2.parameters(), lr=0.1), k=K)
+    opt2.load_state_dict(opt.state_dict())
+    return model2, opt2
+
+
+COPIES = {
+    "deepcopy": copy.deepcopy,
+    "pickle": lambda pair: pickle.loads(pickle.dumps(pair)),
+    "state_dict": from_state_dict,
+}
+
+
+@pytest.mark.parametrize("how", COPIES)
+def test_compiled_snapshot_of_a_copy_leaves_the_original(how):
+    """A copy shared the compiled op's key with the original: its compiled snapshots
+    wrote its weights into the original model and pushed into the original's history
+    (and raised KeyError once the original was gone)."""
+    model = make()
+    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1), k=K)
+    opt.snapshot()
+    fn = torch.compile(sgd_and_snapshot, fullgraph=True, backend="aot_eager")
+    fn(list(model.parameters()), opt, torch.tensor(0.0))  # a graph exists for the original
+    model2, opt2 = COPIES[how]((model, opt))
+    params2 = list(model2.parameters())
+    before = fingerprint(opt)
+    snaps = []
+    for t in range(1, 4):
+        fn(params2, opt2, torch.tensor(float(t)))
+        snaps.append(weights(model2))
+    assert_same(before, fingerprint(opt))
+    (b2,) = opt2._history.buckets
+    for n, w in zip(range(2, 5), snaps):  # snapshot number n sits in slot n % K
+        assert all(torch.equal(b2.view(b2.ring[n % K], i), x) for i, x in enumerate(w))
+    del model, opt, before
+    gc.collect()
+    fn(params2, opt2, torch.tensor(4.0))
+    snaps.append(weights(model2))
+    with opt2.averaged():
+        for p, w in zip(params2, mean_of_last(snaps, K)):
             torch.testing.assert_close(p, w)
 
 

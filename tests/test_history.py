@@ -112,7 +112,7 @@ def test_moved_parameter_storage_is_followed():
     with opt.averaged():
         assert torch.equal(p.detach(), torch.ones(5))
     p.data = torch.zeros(6)
-    with pytest.raises(RuntimeError, match="changed shape"):
+    with pytest.raises(RuntimeError, match="changed dtype, shape, layout or device"):
         opt.snapshot()
 
 
@@ -126,3 +126,138 @@ def test_buckets_split_by_dtype():
     assert [b.dtype for b in buckets] == [torch.float32, torch.bfloat16, torch.float64]
     assert buckets[2].total.dtype == torch.float64
     assert buckets[1].total.dtype == torch.float32
+
+
+# -- the model changes after the history is built --------------------------------------------
+def buffers(opt):
+    return [[None if t is None else t.clone() for t in (b.ring, b.total, b.pushes, b.backup)] for b in opt._history.buckets]
+
+
+def assert_buffers(before, opt):
+    for old, new in zip(before, buffers(opt)):
+        assert all(x is None and y is None or torch.equal(x, y) for x, y in zip(old, new))
+
+
+CONVERSIONS = {
+    "half": (lambda m: m.half(), "now torch.float16"),
+    "double": (lambda m: m.double(), "now torch.float64"),
+    "data-to-bfloat16": (lambda m: setattr(m.weight, "data", m.weight.data.to(torch.bfloat16)), "now torch.bfloat16"),
+}
+
+
+@pytest.mark.parametrize("name", CONVERSIONS)
+def test_parameter_dtype_change_is_refused(backend, device, name):
+    """model.half() after the first snapshot made the fused CPU push read float16 storage
+    as float32 (a slot of 3667 for randn weights); the plain path cast silently."""
+    convert, now = CONVERSIONS[name]
+    model = torch.nn.Linear(6, 4).to(device)
+    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1), k=3, backend=backend)
+    opt.snapshot()
+    convert(model)
+    before, weights = buffers(opt), [p.detach().clone() for p in model.parameters()]
+    for call in (opt.snapshot, opt.swap_to_average, opt.state_dict):
+        with pytest.raises(RuntimeError, match=f"since the history was built.*{now}.*Convert the model back"):
+            call()
+        assert_buffers(before, opt)
+        assert not opt.is_swapped and opt.num_snapshots == 1
+        assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+
+
+def test_dtype_change_at_the_same_address_is_refused():
+    """A bfloat16 weight viewed as float16 keeps its data_ptr: the dtype is still checked."""
+    p = torch.nn.Parameter(torch.randn(8).to(torch.bfloat16))
+    opt = LAWA(torch.optim.SGD([p], lr=0.1), k=2)
+    opt.snapshot()
+    ptr = p.data_ptr()
+    p.data = p.data.view(torch.float16)
+    assert p.data_ptr() == ptr
+    before = buffers(opt)
+    with pytest.raises(RuntimeError, match="was torch.bfloat16.*now torch.float16"):
+        opt.snapshot()
+    assert_buffers(before, opt)
+
+
+def test_swap_back_refused_after_a_conversion_then_restores_after_converting_back():
+    model = torch.nn.Linear(6, 4)
+    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1), k=2)
+    opt.snapshot()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    training = [p.detach().clone() for p in model.parameters()]
+    opt.snapshot()
+    opt.swap_to_average()
+    model.double()
+    with pytest.raises(RuntimeError, match="now torch.float64"):
+        opt.swap_back()
+    assert opt.is_swapped
+    model.float()  # new float32 storage, same layout: the backup goes there
+    opt.swap_back()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), training))
+
+
+def test_a_refused_bucket_stops_the_snapshot_and_the_swap_of_every_bucket():
+    """Two buckets (float32, bfloat16); the second one's parameter changed dtype: neither
+    bucket is pushed or swapped, so the counts stay equal and no weight moves."""
+    a = torch.nn.Parameter(torch.randn(5))
+    h = torch.nn.Parameter(torch.randn(3).to(torch.bfloat16))
+    opt = LAWA(torch.optim.SGD([a, h], lr=0.1), k=3)
+    opt.snapshot()
+    with torch.no_grad():
+        a.add_(1.0)
+    h.data = h.data.half()
+    before, weights = buffers(opt), [a.detach().clone(), h.detach().clone()]
+    for call in (opt.snapshot, opt.swap_to_average):
+        with pytest.raises(RuntimeError, match="parameter 0 of a LAWA bucket changed"):
+            call()
+        assert_buffers(before, opt)
+        assert torch.equal(a, weights[0]) and torch.equal(h, weights[1]) and not opt.is_swapped
+
+
+REMOVALS = {
+    "param-popped": (lambda opt: opt.param_groups[0]["params"].pop(), r"parameter 1 of param group 0 was removed from or replaced"),
+    "param-replaced": (
+        lambda opt: opt.param_groups[0]["params"].__setitem__(0, torch.nn.Parameter(torch.zeros(4, 6))),
+        r"parameter 0 of param group 0 was removed from or replaced",
+    ),
+    "group-deleted": (lambda opt: opt.param_groups.pop(), r"param groups were removed .* \(2 groups then, 1 now\)"),
+}
+
+
+@pytest.mark.parametrize("name", REMOVALS)
+def test_parameter_removed_from_param_groups_is_refused(name):
+    """The history would go on averaging a tensor the optimizer no longer trains (and,
+    for a replaced one, never the new tensor); state_dict() gave a bare KeyError."""
+    model = torch.nn.Linear(6, 4)
+    extra = torch.nn.Parameter(torch.ones(3))
+    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1), k=2)
+    opt.add_param_group({"params": [extra]})
+    opt.step()
+    opt.snapshot()
+    remove, match = REMOVALS[name]
+    remove(opt)
+    before = buffers(opt)
+    for call in (opt.snapshot, opt.swap_to_average, opt.state_dict):
+        with pytest.raises(RuntimeError, match=match):
+            call()
+        assert_buffers(before, opt)
+        assert not opt.is_swapped
+
+
+PARAMETERS_REFUSED = {
+    "sparse-coo": (lambda: torch.randn(4, 3).to_sparse(), r"is a sparse tensor \(layout torch.sparse_coo\)"),
+    "sparse-csr": (lambda: torch.randn(4, 3).to_sparse_csr(), r"is a sparse tensor \(layout torch.sparse_csr\)"),
+    "meta": (lambda: torch.empty(4, 3, device="meta"), "is on the meta device and holds no values"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("name", PARAMETERS_REFUSED)
+def test_sparse_and_meta_parameters_are_refused_at_construction(name):
+    make, match = PARAMETERS_REFUSED[name]
+    p = torch.nn.Parameter(make())
+    with pytest.raises(ValueError, match=f"parameter 0 of param group 0 {match}"):
+        LAWA(torch.optim.SGD([p], lr=0.1))
+    opt = LAWA(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1))
+    with pytest.raises(ValueError, match=f"parameter 0 of the added param group {match}"):
+        opt.add_param_group({"params": [p]})
+    assert len(opt.param_groups) == 1

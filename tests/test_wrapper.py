@@ -1,6 +1,7 @@
 """The LAWA wrapper: averages against hand-kept snapshots, cadence, swaps, errors, hooks."""
 
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -8,6 +9,8 @@ import torch
 from torch import nn
 
 from lawa_optim import LAWA
+
+from test_state_dict import assert_same, fingerprint
 
 
 def make_model(device, seed=0):
@@ -212,6 +215,84 @@ def test_added_param_group_joins_from_the_next_snapshot():
     assert opt.num_snapshots == 3
 
 
+def test_num_snapshots_with_an_empty_first_group():
+    """The first build held only an empty group: its count (0) must not hide the count of
+    the group added later, or every swap refused "before any snapshot"."""
+    p = nn.Parameter(torch.zeros(3))
+    opt = LAWA(torch.optim.SGD([{"params": []}], lr=0.1), k=3)
+    opt.snapshot()
+    opt.add_param_group({"params": [p]})
+    for v in (1.0, 2.0):
+        p.data.fill_(v)
+        opt.snapshot()
+    assert opt.num_snapshots == 2
+    with opt.averaged(last=2):
+        assert torch.equal(p.detach(), torch.full((3,), 1.5))
+    with opt.averaged(last=1):
+        assert torch.equal(p.detach(), torch.full((3,), 2.0))
+
+
+def shallow_copy(opt):
+    """What trainer frameworks do: an object of the wrapper's class holding a copy of its
+    ``__dict__`` (older Lightning's ``LightningOptimizer``)."""
+    proxy = object.__new__(type(opt))
+    proxy.__dict__.update(opt.__dict__)
+    return proxy
+
+
+@pytest.mark.parametrize("back_through", ["copy", "real"])
+def test_shallow_copy_of_the_wrapper_shares_its_state(back_through):
+    model = make_model("cpu")
+    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1), k=2)
+    proxy = shallow_copy(opt)
+    train_step(model, proxy, 0)
+    proxy.snapshot()
+    train_step(model, opt, 1)
+    opt.snapshot()
+    assert opt.steps == proxy.steps == 2 and opt.num_snapshots == 2
+    training = weights(model)
+    proxy.swap_to_average()
+    assert opt.is_swapped
+    average = weights(model)
+    for call in (opt.swap_to_average, proxy.swap_to_average, opt.snapshot, opt.step):
+        with pytest.raises(RuntimeError, match="swap_back"):
+            call()
+    with pytest.raises(RuntimeError, match="swap_back"):
+        with opt.averaged():
+            pass
+    assert all(torch.equal(p, a) for p, a in zip(model.parameters(), average))  # nothing swapped twice
+    (proxy if back_through == "copy" else opt).swap_back()
+    assert not opt.is_swapped and not proxy.is_swapped
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), training))
+
+
+@pytest.mark.parametrize("package", ["lightning.pytorch", "pytorch_lightning"])
+def test_lightning_optimizer_acts_on_the_real_lawa(package):
+    """Lightning's LightningOptimizer takes on the LAWA's class and forwards attribute
+    reads to it, but attribute writes land on itself."""
+    core = pytest.importorskip(f"{package}.core.optimizer")
+    model = make_model("cpu")
+    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1), k=2)
+    wrapped = core.LightningOptimizer(opt)
+    assert isinstance(wrapped, LAWA)
+    train_step(model, opt, 0)
+    wrapped.snapshot()
+    train_step(model, opt, 1)
+    wrapped.snapshot()
+    assert opt.num_snapshots == 2
+    training = weights(model)
+    wrapped.swap_to_average()
+    assert opt.is_swapped and wrapped.is_swapped
+    with pytest.raises(RuntimeError, match="swap_back"):
+        with opt.averaged():
+            pass
+    with pytest.raises(RuntimeError, match="swap_back"):
+        wrapped.swap_to_average()
+    wrapped.swap_back()
+    assert not opt.is_swapped
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), training))
+
+
 def test_hooks_run_on_the_wrapper():
     model = make_model("cpu")
     opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1))
@@ -232,13 +313,40 @@ def test_repr_names_settings_and_the_wrapped_optimizer():
     assert text.startswith("LAWA(k=5, mode='uniform', every=10") and "AdamW" in text and "lr: 0.001" in text
 
 
-def test_deepcopy_of_the_wrapper_is_independent():
+COPIES = {
+    "deepcopy": copy.deepcopy,
+    "pickle": lambda obj: pickle.loads(pickle.dumps(obj)),
+}
+
+
+@pytest.mark.parametrize("how", COPIES)
+def test_copy_of_model_and_wrapper_is_independent(how):
+    """A copy's history is its own: snapshots and swaps of either leave the other's
+    weights, ring, sum, counters and wrapped optimizer state bit-identical."""
     model = make_model("cpu")
-    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1), k=2)
+    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=2)
+    train_step(model, opt, 0)
     opt.snapshot()
-    clone = copy.deepcopy(opt)
-    assert clone.k == 2 and clone.num_snapshots == 1
-    assert clone.param_groups[0]["params"][0] is not model[0].weight
+    first = weights(model)
+    model2, opt2 = COPIES[how]((model, opt))
+    assert opt2.k == 2 and opt2.num_snapshots == 1 and opt2.steps == 1
+    assert opt2.param_groups[0]["params"][0] is model2[0].weight is not model[0].weight
+    (b,), (b2,) = opt._history.buckets, opt2._history.buckets
+    assert b2.key != b.key and b2.ring.data_ptr() != b.ring.data_ptr() and b2.total.data_ptr() != b.total.data_ptr()
+    assert torch.equal(b2.ring, b.ring) and torch.equal(b2.total, b.total)
+    before = fingerprint(opt)
+    train_step(model2, opt2, 1)
+    opt2.snapshot()
+    second = weights(model2)
+    with opt2.averaged():
+        assert_mean(model2, [first, second])
+    assert_same(before, fingerprint(opt))
+    before = fingerprint(opt2)
+    train_step(model, opt, 2)
+    opt.snapshot()
+    with opt.averaged():
+        pass
+    assert_same(before, fingerprint(opt2))
 
 
 def test_zero_grad_reaches_the_parameters():
@@ -287,22 +395,6 @@ def test_non_optimizer_and_non_float_parameters_are_refused():
     assert len(opt.param_groups) == 1
 
 
-def snapshot_of_everything(model, opt):
-    hist = [(b.ring.clone() if b.ring is not None else None, b.total.clone(), b.pushes.clone()) for b in opt._history.buckets]
-    state = {id(p): {n: v.clone() for n, v in st.items()} for p, st in opt.state.items()}
-    return weights(model), hist, state, opt.is_swapped
-
-
-def assert_unchanged(before, after):
-    (w0, h0, s0, sw0), (w1, h1, s1, sw1) = before, after
-    assert all(torch.equal(a, b) for a, b in zip(w0, w1))
-    for (r0, t0, n0), (r1, t1, n1) in zip(h0, h1):
-        assert (r0 is None or torch.equal(r0, r1)) and torch.equal(t0, t1) and torch.equal(n0, n1)
-    assert s0.keys() == s1.keys() and sw0 == sw1
-    for k in s0:
-        assert all(torch.equal(s0[k][n], s1[k][n]) for n in s0[k])
-
-
 def test_misuse_raises_and_changes_nothing():
     model = make_model("cpu")
     opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=3)
@@ -315,18 +407,29 @@ def test_misuse_raises_and_changes_nothing():
     train_step(model, opt, 1)
     opt.snapshot()
     saved = opt.state_dict()
-    for bad in (0, 3, 1.5):
-        before = snapshot_of_everything(model, opt)
-        with pytest.raises(RuntimeError, match=r"last must be an int in \[1, 2\]"):
+    for bad, exc, match in [
+        (0, ValueError, r"last must be in \[1, 2\] \(the snapshots held now\), got 0"),
+        (3, ValueError, r"last must be in \[1, 2\]"),
+        (-1, ValueError, r"last must be in \[1, 2\]"),
+        ("1", TypeError, "last must be None or an int, got str '1'"),
+        (3.0, TypeError, "last must be None or an int, got float 3.0"),
+        (1.5, TypeError, "got float 1.5"),
+        (True, TypeError, "last must be None or an int, got bool True"),
+    ]:
+        before = fingerprint(opt)
+        with pytest.raises(exc, match=match):
             opt.swap_to_average(last=bad)
-        assert_unchanged(before, snapshot_of_everything(model, opt))
+        with pytest.raises(exc, match=match):
+            with opt.averaged(last=bad):
+                pass
+        assert_same(before, fingerprint(opt))
     opt.swap_to_average()
     model(torch.ones(2, 6)).sum().backward()
-    before = snapshot_of_everything(model, opt)
+    before = fingerprint(opt)
     for call in (opt.step, opt.swap_to_average, opt.snapshot, lambda: opt.load_state_dict(saved)):
         with pytest.raises(RuntimeError, match="swap_back"):
             call()
-        assert_unchanged(before, snapshot_of_everything(model, opt))
+        assert_same(before, fingerprint(opt))
     opt.swap_back()
 
 

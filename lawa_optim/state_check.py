@@ -1,0 +1,271 @@
+"""Checking a LAWA state dict before any of it is loaded.
+
+Everything that :func:`lawa_optim.state.read_history` reads is checked here first, so a
+dict that does not fit raises ``ValueError`` naming the field (and the parameter)
+before the optimizer changes. What is refused:
+
+* the structure: ``state`` a dict, ``param_groups`` a list of dicts with a ``params``
+  list each, as many groups and parameters as the optimizer has, a ``lawa`` dict in
+  every group holding ``k``, ``mode``, ``history_dtype`` (equal to this LAWA's),
+  ``steps``, ``pushes``, ``generation`` and ``swapped``; ``decay``, ``every``,
+  ``start`` and ``recompute_every`` are saved for reference only, never loaded;
+* counters: ``steps`` and ``pushes`` Python ints (not bools) in ``[0, 2**63 - 1]``
+  (``pushes`` is an int64 on the device), ``steps`` and ``swapped`` (a bool) the same
+  in every group. ``pushes`` must be what a run can reach: equal within a generation,
+  0 for groups not built and for generations without parameters, never larger in a
+  later generation than in an earlier one (every snapshot pushes every generation, and
+  later ones are built later), and above 0 somewhere when ``swapped``. ``steps`` and
+  ``pushes`` bound each other in no way: explicit snapshots need no step;
+* generations: ``None`` (not built) or ints, the built groups first, numbered from 0
+  without gaps;
+* tensors: exactly the keys the mode saves (``lawa_backup`` exactly where a swap
+  changed the weights; ``lawa_sum`` for every parameter or for none), each a dense
+  (strided), non-meta tensor of exactly the dtype the history holds (history: the
+  history dtype; sum and EMA: the accumulation dtype; backup: the parameter's dtype;
+  nothing is cast) and of the parameter's shape (with ``k`` in front for the history).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from lawa_optim.distributed import is_sharded, local, local_of_saved
+from lawa_optim.history import History, accumulation_dtype, is_int
+
+if TYPE_CHECKING:
+    from lawa_optim.wrapper import LAWA
+
+#: The per-parameter keys of the history in ``state[i]``.
+KEYS = ("lawa_history", "lawa_sum", "lawa_ema", "lawa_backup")
+_REQUIRED = ("k", "mode", "history_dtype", "steps", "pushes", "generation", "swapped")
+_INT64_MAX = 2**63 - 1
+
+
+@dataclass
+class Checked:
+    """What a checked state dict holds, ready to be copied into a new history."""
+
+    steps: int
+    swapped: bool
+    pushes: list[int]  # per generation
+    generation_ends: list[int]  # per generation: one past its last param group
+    tensors: dict[int, dict[str, Tensor]]  # id(parameter) -> key -> the saved local tensor
+    has_sum: bool
+    history: History | None = None  # filled by lawa_optim.state.read_history
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    """How a history dtype is written into a state dict."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _show(value: Any) -> str:
+    return repr(value) if value is None or isinstance(value, (bool, int, float, str)) else type(value).__name__
+
+
+def check(opt: "LAWA", sd: Any) -> Checked:
+    """Raise ``ValueError`` naming the first way ``sd`` does not fit ``opt``."""
+    groups = _groups(opt, sd)
+    metas = _metas(opt, groups)
+    steps = _same("steps", [_counter(m, "steps", g) for g, m in enumerate(metas)])
+    for g, m in enumerate(metas):
+        if not isinstance(m["swapped"], bool):
+            raise ValueError(f"param group {g}: lawa 'swapped' must be a bool, got {_show(m['swapped'])}")
+    swapped = _same("swapped", [m["swapped"] for m in metas])
+    gens = _generations(metas)
+    pushes, ends = _pushes(opt, metas, gens)
+    if swapped and not any(pushes):
+        raise ValueError(
+            "the state_dict says the average was swapped in (lawa 'swapped' is True), but no "
+            "param group has a snapshot (every lawa 'pushes' is 0)"
+        )
+    tensors, sums = {}, set()
+    for g, (group, live) in enumerate(zip(groups, opt.param_groups)):
+        gen = gens[g]
+        for i, (p, pid) in enumerate(zip(live["params"], group["params"])):
+            where = f"parameter {i} of param group {g}"
+            entry = sd["state"].get(pid, {})
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where}: its state must be a dict, got {_show(entry)}")
+            got = _param_tensors(opt, p, entry, where, gen, swapped and gen is not None and pushes[gen] > 0)
+            if gen is not None:
+                tensors[id(p)] = got
+                sums.add("lawa_sum" in got)
+    if opt.mode == "uniform" and len(sums) > 1:
+        raise ValueError(
+            "the state_dict holds lawa_sum for some parameters and not for others; a state dict "
+            "from state_dict() holds it for every parameter (version 0.1.0's for none)"
+        )
+    return Checked(steps, swapped, pushes, ends, tensors, has_sum=sums == {True})
+
+
+def _groups(opt: "LAWA", sd: Any) -> list[dict]:
+    groups = sd.get("param_groups") if isinstance(sd, dict) else None
+    if not isinstance(groups, list) or not isinstance(sd.get("state"), dict):
+        raise ValueError("state_dict must have 'state' (a dict) and 'param_groups' (a list)")
+    if len(groups) != len(opt.param_groups):
+        raise ValueError(
+            f"state_dict has {len(groups)} param groups, this optimizer has {len(opt.param_groups)}"
+        )
+    for g, (group, live) in enumerate(zip(groups, opt.param_groups)):
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+            raise ValueError(f"param group {g} of the state_dict must be a dict with a 'params' list")
+        if len(group["params"]) != len(live["params"]):
+            raise ValueError(
+                f"param group {g} of the state_dict has {len(group['params'])} parameters, "
+                f"this optimizer's has {len(live['params'])}"
+            )
+    return groups
+
+
+def _metas(opt: "LAWA", groups: list[dict]) -> list[dict]:
+    metas = [g.get("lawa") for g in groups]
+    if all(m is None for m in metas):
+        raise ValueError(
+            "state_dict has no LAWA history ('lawa' missing from its param groups): it was saved "
+            "from a plain optimizer. Load it into the wrapped one with "
+            "opt.optimizer.load_state_dict(sd) to start with an empty history."
+        )
+    hist = opt._history
+    want = {"k": hist.k, "mode": hist.mode, "history_dtype": dtype_name(hist.history_dtype)}
+    for g, m in enumerate(metas):
+        if not isinstance(m, dict):
+            raise ValueError(
+                f"param group {g}: 'lawa' must be a dict of LAWA settings and counters, got {_show(m)}"
+            )
+        missing = [key for key in _REQUIRED if key not in m]
+        if missing:
+            raise ValueError(f"param group {g}: 'lawa' lacks {', '.join(map(repr, missing))}")
+        for key, value in want.items():
+            if type(m[key]) is not type(value) or m[key] != value:
+                raise ValueError(f"state_dict was saved with {key}={_show(m[key])}, this LAWA has {key}={value!r}")
+    return metas
+
+
+def _counter(m: dict, key: str, g: int) -> int:
+    value = m[key]
+    if not is_int(value) or not 0 <= value <= _INT64_MAX:
+        raise ValueError(f"param group {g}: lawa {key!r} must be an int in [0, 2**63 - 1], got {_show(value)}")
+    return value
+
+
+def _same(key: str, values: list) -> Any:
+    if any(v != values[0] for v in values):
+        raise ValueError(f"the param groups of the state_dict disagree on lawa {key!r}: {values}")
+    return values[0]
+
+
+def _generations(metas: list[dict]) -> list[int | None]:
+    gens = [m["generation"] for m in metas]
+    for g, x in enumerate(gens):
+        if x is not None and (not is_int(x) or x < 0):
+            raise ValueError(f"param group {g}: lawa 'generation' must be None or an int >= 0, got {_show(x)}")
+    built = [x for x in gens if x is not None]
+    steps = [b - a for a, b in zip(built, built[1:])]
+    if gens[: len(built)] != built or (built and built[0] != 0) or any(s not in (0, 1) for s in steps):
+        raise ValueError(
+            f"state_dict has an inconsistent LAWA generation list {gens}: the groups with a "
+            "history come first, numbered 0, 1, ... in order"
+        )
+    return gens
+
+
+def _pushes(opt: "LAWA", metas: list[dict], gens: list[int | None]) -> tuple[list[int], list[int]]:
+    """Each generation's snapshot count, and one past its last param group."""
+    pushes: list[int] = []
+    ends: list[int] = []
+    sizes: list[int] = []
+    for g, (m, gen, live) in enumerate(zip(metas, gens, opt.param_groups)):
+        n = _counter(m, "pushes", g)
+        if gen is None:
+            if n != 0:
+                raise ValueError(f"param group {g}: lawa 'pushes' is {n}, but the group has no history (generation None)")
+            continue
+        if gen == len(pushes):
+            pushes.append(n)
+            ends.append(g + 1)
+            sizes.append(0)
+        elif n != pushes[gen]:
+            raise ValueError(f"param group {g}: lawa 'pushes' is {n}, other groups of generation {gen} have {pushes[gen]}")
+        ends[gen] = g + 1
+        sizes[gen] += len(live["params"])
+    held = [n for n, size in zip(pushes, sizes) if size]
+    for gen, (n, size) in enumerate(zip(pushes, sizes)):
+        if not size and n:
+            raise ValueError(f"generation {gen} holds no parameters, but its lawa 'pushes' is {n}, not 0")
+    if any(b > a for a, b in zip(held, held[1:])):
+        raise ValueError(
+            f"lawa 'pushes' grows from one generation to the next ({pushes}); every snapshot "
+            "pushes all generations and later ones are built later, so no run reaches this"
+        )
+    return pushes, ends
+
+
+def _param_tensors(
+    opt: "LAWA", p: Tensor, entry: dict, where: str, gen: int | None, backed_up: bool
+) -> dict[str, Tensor]:
+    """The checked local tensors of one parameter's history in ``entry``."""
+    present = [key for key in KEYS if key in entry]
+    if gen is None:
+        if present:
+            raise ValueError(f"{where}: the state_dict holds {present[0]}, but its param group has no history (generation None)")
+        return {}
+    uniform = opt.mode == "uniform"
+    needed = ["lawa_history"] if uniform else ["lawa_ema"]
+    allowed = {"lawa_history", "lawa_sum"} if uniform else {"lawa_ema"}
+    if backed_up:
+        needed.append("lawa_backup")
+        allowed.add("lawa_backup")
+    for key in present:
+        if key == "lawa_backup" and key not in allowed:
+            raise ValueError(
+                f"{where}: the state_dict holds lawa_backup, but no swap changed this parameter "
+                "(not saved while swapped, or its group had no snapshot then)"
+            )
+        if key not in allowed:
+            raise ValueError(f"{where}: the state_dict holds {key}, which a LAWA with mode={opt.mode!r} does not save")
+    for key in needed:
+        if key in entry:
+            continue
+        if key == "lawa_backup":
+            raise ValueError(
+                f"{where}: the state_dict was saved while the average was swapped in, "
+                "but holds no training weights ('lawa_backup'); "
+                "torch.distributed.checkpoint loads only the keys that the state dict it "
+                "loads into already has, and an optimizer that is not swapped has none. "
+                "Save distributed checkpoints outside `with opt.averaged():`."
+            )
+        raise ValueError(f"{where}: the state_dict holds no {key}")
+    shape, local_shape = tuple(p.shape), tuple(local(p).shape)
+    acc = accumulation_dtype(p.dtype)
+    hdtype = opt._history.history_dtype or p.dtype
+    specs = {
+        "lawa_history": (hdtype, "the history dtype", (opt.k, *shape), (opt.k, *local_shape)),
+        "lawa_sum": (acc, "the running sum's dtype", shape, local_shape),
+        "lawa_ema": (acc, "the running average's dtype", shape, local_shape),
+        "lawa_backup": (p.dtype, "the parameter's dtype", shape, local_shape),
+    }
+    return {key: _tensor(entry[key], key, where, *specs[key]) for key in present}
+
+
+def _tensor(value: Any, key: str, where: str, dtype: torch.dtype, what: str, shape: tuple, local_shape: tuple) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{where}: {key} must be a tensor, got {_show(value)}")
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}, this optimizer needs {shape}")
+    if is_sharded(value):
+        value = value.to_local()
+    if value.layout != torch.strided:
+        raise ValueError(f"{where}: {key} is a sparse tensor (layout {value.layout}); the history is dense")
+    if value.device.type == "meta":
+        raise ValueError(f"{where}: {key} is on the meta device and holds no values")
+    if value.dtype != dtype:
+        raise ValueError(
+            f"{where}: {key} has dtype {value.dtype}, this optimizer needs {dtype} ({what}); "
+            "nothing is cast"
+        )
+    return local_of_saved(value, local_shape, where)
