@@ -242,7 +242,7 @@ int lawa_cpu_push(const int64_t *rows, int64_t nrows, int pdtype, int hdtype, vo
     int mode = (n + 1) % refresh_every == 0 ? 2 : n >= k;
     int64_t filled = min64(n + 1, k), hsize = ELEMENT_SIZE[hdtype];
     char *base = (char *)ring;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
     for (int64_t r = 0; r < nrows; r++) {
         const int64_t *row = rows + 3 * r;
         fn((const void *)(intptr_t)row[0], base + row[1] * hsize, D, n % k, filled, mode,
@@ -259,7 +259,7 @@ int lawa_cpu_ema(const int64_t *rows, int64_t nrows, int pdtype, float *total, i
     /* torch rounds a Python scalar to the tensor's dtype; 1 - decay is taken in double,
      * as Python computes it. */
     float d = (float)decay, a = (float)(1.0 - decay);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
     for (int64_t r = 0; r < nrows; r++) {
         const int64_t *row = rows + 3 * r;
         fn((const void *)(intptr_t)row[0], total + row[1], first, fused, d, a, row[2]);
@@ -280,7 +280,7 @@ int lawa_cpu_swap_in(const int64_t *rows, int64_t nrows, int pdtype, int hdtype,
     int64_t psize = ELEMENT_SIZE[pdtype], hsize = ELEMENT_SIZE[hdtype];
     const char *ring_bytes = (const char *)ring;
     char *backup_bytes = (char *)backup;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
     for (int64_t r = 0; r < nrows; r++) {
         const int64_t *row = rows + 3 * r;
         fn((void *)(intptr_t)row[0], backup_bytes + row[1] * psize, total + row[1],
@@ -295,7 +295,7 @@ int lawa_cpu_swap_back(const int64_t *rows, int64_t nrows, int pdtype, const voi
     if (bad_dtype(pdtype)) return -1;
     int64_t psize = ELEMENT_SIZE[pdtype];
     const char *backup_bytes = (const char *)backup;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
     for (int64_t r = 0; r < nrows; r++) {
         const int64_t *row = rows + 3 * r;
         copy_streaming((char *)(intptr_t)row[0], backup_bytes + row[1] * psize, (size_t)(row[2] * psize));

@@ -213,7 +213,7 @@ class TWA(WrappedOptimizer):
             with torch.enable_grad():
                 loss = closure()
         self.project_()
-        self.optimizer.step()
+        self._inner.step()
         return loss
 
     @torch.no_grad()

@@ -206,7 +206,7 @@ class LAWA(WrappedOptimizer):
         self._require_not_swapped("step()")
         self._build()
         self._history.before_step()
-        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        loss = self._inner.step() if closure is None else self._inner.step(closure)
         if self._count_step():
             self._push()
         return loss
@@ -226,10 +226,13 @@ class LAWA(WrappedOptimizer):
         """Add a parameter group to the wrapped optimizer; its parameters join the history
         from the next snapshot on, with a count of their own."""
         params = param_group["params"]
+        # A list, so that a generator (model.parameters()) is read once, by both checks.
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         for i, p in enumerate(params):
-            check_param(p, f"parameter {i} of the added param group")
-        self.optimizer.add_param_group(param_group)
+            # torch accepts (name, parameter) pairs, as named_parameters() yields them.
+            tensor = p[1] if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) else p
+            check_param(tensor, f"parameter {i} of the added param group")
+        self._inner.add_param_group({**param_group, "params": params})
 
     def snapshot(self) -> bool:
         """Push the current weights into the history: O(1) in k, one pass per bucket.
@@ -313,7 +316,7 @@ class LAWA(WrappedOptimizer):
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         self._history.check_groups(self.param_groups)  # before torch's own KeyError
-        sd = self.optimizer.state_dict()
+        sd = self._inner.state_dict()
         save_history(self, sd)
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, sd)
@@ -341,7 +344,7 @@ class LAWA(WrappedOptimizer):
             if result is not None:
                 state_dict = result
         loaded = read_history(self, state_dict)  # checks, allocates and copies; changes nothing
-        self.optimizer.load_state_dict(strip_lawa(state_dict))
+        self._inner.load_state_dict(strip_lawa(state_dict))
         install(self, loaded)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

@@ -20,7 +20,7 @@ class WrappedOptimizer(Optimizer):
     """Base class: an optimizer that shares its state with ``optimizer``."""
 
     def __init__(self, optimizer: Optimizer) -> None:  # no Optimizer.__init__: nothing to own
-        self.optimizer = optimizer
+        self._inner = optimizer
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -30,37 +30,46 @@ class WrappedOptimizer(Optimizer):
         self._warned_capturable_if_run_uncaptured = True
         self._patch_step_function()
 
+    # The wrapper's own code reads `_inner`, never `optimizer`: Lightning's
+    # LightningOptimizer copies the wrapper's __dict__ and takes on its class, but its own
+    # `optimizer` property (which returns the wrapper) comes first, so a method running on
+    # it would find the wrapper where it expects the wrapped optimizer.
+    @property
+    def optimizer(self) -> Optimizer:
+        """The wrapped optimizer."""
+        return self._inner
+
     @property
     def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
+        return self._inner.param_groups
 
     @param_groups.setter
     def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
+        self._inner.param_groups = value
 
     @property
     def state(self) -> Any:
-        return self.optimizer.state
+        return self._inner.state
 
     @state.setter
     def state(self, value: Any) -> None:
-        self.optimizer.state = value
+        self._inner.state = value
 
     @property
     def defaults(self) -> dict[str, Any]:
-        return self.optimizer.defaults
+        return self._inner.defaults
 
     @defaults.setter
     def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
+        self._inner.defaults = value
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__.copy()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients through the wrapped optimizer."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._inner.zero_grad(set_to_none=set_to_none)
 
     def _repr(self, head: str) -> str:
-        inner = "\n".join("  " + line for line in repr(self.optimizer).splitlines())
+        inner = "\n".join("  " + line for line in repr(self._inner).splitlines())
         return f"{head} wrapping\n{inner}"

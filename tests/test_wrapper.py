@@ -215,6 +215,25 @@ def test_added_param_group_joins_from_the_next_snapshot():
     assert opt.num_snapshots == 3
 
 
+@pytest.mark.parametrize("named", [False, True], ids=["parameters", "named_parameters"])
+def test_add_param_group_takes_a_generator_once(named):
+    """model.parameters() (or named_parameters(), which torch accepts when the first groups
+    were named too) passed as a generator: every parameter reaches the wrapped optimizer
+    and the history, none is lost to the wrapper's own check."""
+    first, extra = nn.Linear(2, 2), nn.Linear(3, 1)
+    opt = LAWA(torch.optim.SGD(first.named_parameters() if named else first.parameters(), lr=0.1), k=2)
+    opt.add_param_group({"params": extra.named_parameters() if named else extra.parameters()})
+    assert [list(g["params"]) for g in opt.param_groups][1] == list(extra.parameters())
+    with torch.no_grad():
+        extra.weight.fill_(4.0)
+    opt.snapshot()
+    with torch.no_grad():
+        extra.weight.fill_(2.0)
+    opt.snapshot()
+    with opt.averaged():
+        assert torch.equal(extra.weight.detach(), torch.full((1, 3), 3.0))
+
+
 def test_num_snapshots_with_an_empty_first_group():
     """The first build held only an empty group: its count (0) must not hide the count of
     the group added later, or every swap refused "before any snapshot"."""
@@ -283,6 +302,7 @@ def test_lightning_optimizer_acts_on_the_real_lawa(package):
     training = weights(model)
     wrapped.swap_to_average()
     assert opt.is_swapped and wrapped.is_swapped
+    average = weights(model)
     with pytest.raises(RuntimeError, match="swap_back"):
         with opt.averaged():
             pass
@@ -291,6 +311,16 @@ def test_lightning_optimizer_acts_on_the_real_lawa(package):
     wrapped.swap_back()
     assert not opt.is_swapped
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), training))
+    # Saving and loading through it reach the real LAWA and the optimizer it wraps (its
+    # own `optimizer` property returns the LAWA, not the optimizer the LAWA wraps).
+    sd = copy.deepcopy(wrapped.state_dict())
+    assert sd["param_groups"][0]["lawa"]["pushes"] == 2 and "momentum_buffer" not in sd["state"][0]
+    train_step(model, opt, 2)
+    opt.snapshot()
+    wrapped.load_state_dict(sd)
+    assert opt.steps == 2 and opt.num_snapshots == 2
+    with opt.averaged():
+        assert all(torch.equal(p, a) for p, a in zip(model.parameters(), average))
 
 
 def test_hooks_run_on_the_wrapper():

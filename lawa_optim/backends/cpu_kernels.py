@@ -147,6 +147,12 @@ def _table(b: "Bucket", sources: Sequence[Tensor]) -> Tensor:
     return cached[1]
 
 
+def _threads(table: Tensor) -> int:
+    # No more threads than rows: a team of idle threads costs a wake-up each, and on a
+    # busy machine a push of 64 elements then waits 2-6 ms for a descheduled one.
+    return min(torch.get_num_threads(), table.shape[0])
+
+
 def _check(rc: int, op: str, b: "Bucket") -> None:
     if rc != 0:
         raise RuntimeError(
@@ -162,7 +168,7 @@ def push(b: "Bucket", n: int, sources: Sequence[Tensor]) -> None:
     table = _table(b, sources)
     _check(_lib.lawa_cpu_push(
         table.data_ptr(), table.shape[0], DTYPE_CODES[b.dtype], DTYPE_CODES[b.history_dtype],
-        b.ring.data_ptr(), b.D, b.k, n, b.refresh_every, b.total.data_ptr(), torch.get_num_threads(),
+        b.ring.data_ptr(), b.D, b.k, n, b.refresh_every, b.total.data_ptr(), _threads(table),
     ), "push", b)
 
 
@@ -171,7 +177,7 @@ def ema_update(b: "Bucket", n: int, decay: float, sources: Sequence[Tensor]) -> 
     table = _table(b, sources)
     _check(_lib.lawa_cpu_ema(
         table.data_ptr(), table.shape[0], DTYPE_CODES[b.dtype], b.total.data_ptr(), int(n == 0),
-        decay, int(ema_rounding()), torch.get_num_threads(),
+        decay, int(ema_rounding()), _threads(table),
     ), "EMA update", b)
 
 
@@ -188,7 +194,7 @@ def swap_in(b: "Bucket", n: int, last: int | None) -> None:
     _check(_lib.lawa_cpu_swap_in(
         table.data_ptr(), table.shape[0], DTYPE_CODES[b.dtype], DTYPE_CODES[b.history_dtype],
         b.backup.data_ptr(), b.total.data_ptr(), None if b.ring is None else b.ring.data_ptr(),
-        b.D, b.k, n, mode, count, torch.get_num_threads(),
+        b.D, b.k, n, mode, count, _threads(table),
     ), "swap-in", b)
 
 
@@ -196,5 +202,5 @@ def swap_back(b: "Bucket") -> None:
     """Copy ``b.backup`` back into ``b.params``."""
     table = _table(b, b.params)
     _check(_lib.lawa_cpu_swap_back(
-        table.data_ptr(), table.shape[0], DTYPE_CODES[b.dtype], b.backup.data_ptr(), torch.get_num_threads(),
+        table.data_ptr(), table.shape[0], DTYPE_CODES[b.dtype], b.backup.data_ptr(), _threads(table),
     ), "swap-back", b)
