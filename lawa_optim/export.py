@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from lawa_optim.bn import update_bn
-from lawa_optim.history import accumulation_dtype
-from lawa_optim.wrapper import LAWA
+from lawa_optim.history import FLOAT_DTYPES, accumulation_dtype, is_int
+from lawa_optim.state_check import Layout, check, dtype_name
+from lawa_optim.wrapper import LAWA, MODES
 
 
 def export_average(
@@ -101,8 +102,8 @@ def _from_lawa(model: nn.Module, opt: LAWA) -> dict[int, Tensor]:
 
 def _from_state_dict(model: nn.Module, sd: Mapping[str, Any]) -> dict[int, Tensor]:
     groups, state = sd.get("param_groups"), sd.get("state")
-    if not isinstance(groups, list) or not isinstance(state, Mapping):
-        raise ValueError("source must have 'state' (a dict) and 'param_groups' (a list), as LAWA.state_dict() saves")
+    if not isinstance(groups, list) or not isinstance(state, Mapping) or not groups:
+        raise ValueError("source must have 'state' (a dict) and 'param_groups' (a non-empty list), as LAWA.state_dict() saves")
     for g, group in enumerate(groups):
         if not isinstance(group, Mapping) or not isinstance(group.get("lawa"), Mapping):
             raise ValueError(
@@ -110,21 +111,39 @@ def _from_state_dict(model: nn.Module, sd: Mapping[str, Any]) -> dict[int, Tenso
                 "saved by LAWA.state_dict()"
             )
     targets = iter(_match(model, groups))
+    matched = [[next(targets) for _ in group["params"]] for group in groups]
+    live = [{"params": [p for _, p in group]} for group in matched]
+    names = [[name for name, _ in group] for group in matched]
+    meta = groups[0]["lawa"]
+    # The same check as LAWA.load_state_dict, against the model's parameters and the
+    # settings the checkpoint names (every group must agree with the first).
+    checked = check(Layout(live, *_settings(meta), target="model", names=names), dict(sd))
     averages = {}
-    for g, group in enumerate(groups):
-        meta = group["lawa"]
-        # A group whose history was never built (generation None) holds no snapshot.
-        pushes = meta.get("pushes") if meta.get("generation") is not None else 0
-        if isinstance(pushes, bool) or not isinstance(pushes, int) or pushes < 0:
-            raise ValueError(f"param group {g} of source has an invalid snapshot count {pushes!r}")
-        for i, pid in enumerate(group["params"]):
-            name, p = next(targets)
-            if pushes > 0:
-                where = f"parameter {i} of param group {g} of source (model parameter {name!r})"
-                averages[id(p)] = _average(p, state.get(pid, {}), meta, pushes, where)
+    for group, saved in zip(live, groups):
+        gen = saved["lawa"]["generation"]
+        count = 0 if gen is None else checked.pushes[gen]
+        for p in group["params"]:
+            if count > 0:
+                averages[id(p)] = _average(p, checked.tensors[id(p)], min(count, meta["k"]), meta["mode"])
     if not averages:
         raise RuntimeError("export_average(): source holds no snapshot yet (saved before the first snapshot)")
     return averages
+
+
+def _settings(meta: Mapping[str, Any]) -> tuple[int, str, torch.dtype | None]:
+    """``k``, ``mode`` and the history dtype a saved param group names, checked."""
+    k, mode, name = meta.get("k"), meta.get("mode"), meta.get("history_dtype")
+    if not is_int(k) or k < 1:
+        raise ValueError(f"source's LAWA settings have k={k!r}; a LAWA state dict has an int >= 1")
+    if mode not in MODES:
+        raise ValueError(f"source's LAWA settings have mode={mode!r}; accepted: {MODES}")
+    dtype = None if name is None else getattr(torch, name, None) if isinstance(name, str) else None
+    if name is not None and dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"source's LAWA settings have history_dtype={name!r}; accepted: None or one of "
+            f"{[dtype_name(d) for d in FLOAT_DTYPES]}"
+        )
+    return k, mode, dtype
 
 
 def _match(model: nn.Module, groups: list) -> list[tuple[str, Tensor]]:
@@ -133,7 +152,7 @@ def _match(model: nn.Module, groups: list) -> list[tuple[str, Tensor]]:
     named = [("param_names" in group) for group in groups]
     if any(named) and not all(named):
         raise ValueError("source has param_names in some param groups but not in all")
-    if all(named) and groups:
+    if all(named):
         lookup = dict(model.named_parameters(remove_duplicate=False))
         out, seen = [], {}
         for g, group in enumerate(groups):
@@ -170,46 +189,23 @@ def _some(named: Mapping[str, Tensor]) -> str:
     return ", ".join(map(repr, names[:5])) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def _saved_tensor(entry: Mapping, key: str, shape: tuple, dtype: torch.dtype, where: str) -> Tensor:
-    t = entry.get(key)
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{where}: {key} is missing from the saved state")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{where}: {key} has shape {tuple(t.shape)}, model needs {shape}")
-    if t.dtype != dtype:
-        raise ValueError(f"{where}: {key} has dtype {t.dtype}, model needs {dtype}")
-    return t
-
-
 @torch.no_grad()
-def _average(p: Tensor, entry: Mapping, meta: Mapping, pushes: int, where: str) -> Tensor:
-    """One parameter's average from its saved history, with the arithmetic of a swap
-    (``lawa_optim.ops``): the slots summed in slot order in the accumulation dtype,
-    divided by the count, rounded to the parameter's dtype."""
-    acc = accumulation_dtype(p.dtype)
-    shape = tuple(p.shape)
-    mode = meta.get("mode")
+def _average(p: Tensor, saved: Mapping[str, Tensor], count: int, mode: str) -> Tensor:
+    """One parameter's average from its checked saved history, with the arithmetic of a
+    swap (``lawa_optim.ops``): the running sum (or, where a 0.1.0 checkpoint saved none,
+    the slots summed in slot order in the accumulation dtype) divided by the count,
+    rounded to the parameter's dtype."""
     if mode == "ema":
-        avg = _saved_tensor(entry, "lawa_ema", shape, acc, where)
-    elif mode == "uniform":
-        k, named = meta.get("k"), meta.get("history_dtype")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"{where}: the saved settings have an invalid k={k!r}")
-        hdtype = p.dtype if named is None else getattr(torch, str(named), None)
-        if not isinstance(hdtype, torch.dtype):
-            raise ValueError(f"{where}: the saved settings have an unknown history_dtype={named!r}")
-        history = _saved_tensor(entry, "lawa_history", (k, *shape), hdtype, where)
-        count = min(pushes, k)
-        if "lawa_sum" in entry:  # the running sum itself, where the saver keeps it
-            total = _saved_tensor(entry, "lawa_sum", shape, acc, where)
-        else:
-            total = torch.zeros(shape, dtype=acc, device=history.device)
+        avg = saved["lawa_ema"]
+    else:
+        total = saved.get("lawa_sum")
+        if total is None:
+            history = saved["lawa_history"]
+            total = torch.zeros(history.shape[1:], dtype=accumulation_dtype(p.dtype), device=history.device)
             for s in range(count):
                 total.add_(history[s])
         # A 0-dim tensor divides exactly as the kernels do (a Python float may not on CUDA).
-        avg = total / torch.tensor(float(count), dtype=acc, device=total.device)
-    else:
-        raise ValueError(f"{where}: unknown LAWA mode {mode!r} in the saved settings")
+        avg = total / torch.tensor(float(count), dtype=total.dtype, device=total.device)
     return avg.to(device=p.device, dtype=p.dtype, memory_format=torch.contiguous_format, copy=True)
 
 

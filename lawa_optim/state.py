@@ -28,7 +28,7 @@ from torch import Tensor
 
 from lawa_optim.distributed import as_global
 from lawa_optim.history import History
-from lawa_optim.state_check import KEYS, Checked, check, dtype_name
+from lawa_optim.state_check import KEYS, Checked, Layout, check, dtype_name
 
 if TYPE_CHECKING:
     from lawa_optim.wrapper import LAWA
@@ -116,7 +116,7 @@ def read_history(opt: "LAWA", sd: dict[str, Any]) -> Checked:
     Raises ``ValueError`` naming the first field of ``sd`` that does not fit ``opt``.
     The new history's buffers are fresh: nothing in it is a view of ``sd``.
     """
-    checked = check(opt, sd)
+    checked = check(Layout.of(opt), sd)
     old = opt._history
     hist = History(old.k, old.mode, old.history_dtype, old.storage, old.requested_backend, old.recompute_every)
     for end in checked.generation_ends:

@@ -27,6 +27,7 @@ before the optimizer changes. What is refused:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,26 @@ if TYPE_CHECKING:
 KEYS = ("lawa_history", "lawa_sum", "lawa_ema", "lawa_backup")
 _REQUIRED = ("k", "mode", "history_dtype", "steps", "pushes", "generation", "swapped")
 _INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a state dict is checked against: the live parameters of each param group
+    (dicts with a ``params`` list, as ``Optimizer.param_groups`` holds them) and the
+    history's settings. A LAWA checks against its own (:meth:`of`); an export from a
+    checkpoint against a model's parameters and the settings the checkpoint names."""
+
+    param_groups: Sequence[dict]
+    k: int
+    mode: str
+    history_dtype: torch.dtype | None
+    #: How errors name what the state dict must fit, and optionally each parameter.
+    target: str = "this optimizer"
+    names: Sequence[Sequence[str]] | None = None
+
+    @classmethod
+    def of(cls, opt: "LAWA") -> "Layout":
+        return cls(opt.param_groups, opt.k, opt.mode, opt._history.history_dtype)
 
 
 @dataclass
@@ -67,7 +88,7 @@ def _show(value: Any) -> str:
     return repr(value) if value is None or isinstance(value, (bool, int, float, str)) else type(value).__name__
 
 
-def check(opt: "LAWA", sd: Any) -> Checked:
+def check(opt: Layout, sd: Any) -> Checked:
     """Raise ``ValueError`` naming the first way ``sd`` does not fit ``opt``."""
     groups = _groups(opt, sd)
     metas = _metas(opt, groups)
@@ -88,6 +109,8 @@ def check(opt: "LAWA", sd: Any) -> Checked:
         gen = gens[g]
         for i, (p, pid) in enumerate(zip(live["params"], group["params"])):
             where = f"parameter {i} of param group {g}"
+            if opt.names is not None:
+                where += f" ({opt.target} parameter {opt.names[g][i]!r})"
             entry = sd["state"].get(pid, {})
             if not isinstance(entry, dict):
                 raise ValueError(f"{where}: its state must be a dict, got {_show(entry)}")
@@ -103,7 +126,7 @@ def check(opt: "LAWA", sd: Any) -> Checked:
     return Checked(steps, swapped, pushes, ends, tensors, has_sum=sums == {True})
 
 
-def _groups(opt: "LAWA", sd: Any) -> list[dict]:
+def _groups(opt: Layout, sd: Any) -> list[dict]:
     groups = sd.get("param_groups") if isinstance(sd, dict) else None
     if not isinstance(groups, list) or not isinstance(sd.get("state"), dict):
         raise ValueError("state_dict must have 'state' (a dict) and 'param_groups' (a list)")
@@ -122,7 +145,7 @@ def _groups(opt: "LAWA", sd: Any) -> list[dict]:
     return groups
 
 
-def _metas(opt: "LAWA", groups: list[dict]) -> list[dict]:
+def _metas(opt: Layout, groups: list[dict]) -> list[dict]:
     metas = [g.get("lawa") for g in groups]
     if all(m is None for m in metas):
         raise ValueError(
@@ -130,8 +153,7 @@ def _metas(opt: "LAWA", groups: list[dict]) -> list[dict]:
             "from a plain optimizer. Load it into the wrapped one with "
             "opt.optimizer.load_state_dict(sd) to start with an empty history."
         )
-    hist = opt._history
-    want = {"k": hist.k, "mode": hist.mode, "history_dtype": dtype_name(hist.history_dtype)}
+    want = {"k": opt.k, "mode": opt.mode, "history_dtype": dtype_name(opt.history_dtype)}
     for g, m in enumerate(metas):
         if not isinstance(m, dict):
             raise ValueError(
@@ -174,7 +196,7 @@ def _generations(metas: list[dict]) -> list[int | None]:
     return gens
 
 
-def _pushes(opt: "LAWA", metas: list[dict], gens: list[int | None]) -> tuple[list[int], list[int]]:
+def _pushes(opt: Layout, metas: list[dict], gens: list[int | None]) -> tuple[list[int], list[int]]:
     """Each generation's snapshot count, and one past its last param group."""
     pushes: list[int] = []
     ends: list[int] = []
@@ -206,7 +228,7 @@ def _pushes(opt: "LAWA", metas: list[dict], gens: list[int | None]) -> tuple[lis
 
 
 def _param_tensors(
-    opt: "LAWA", p: Tensor, entry: dict, where: str, gen: int | None, backed_up: bool
+    opt: Layout, p: Tensor, entry: dict, where: str, gen: int | None, backed_up: bool
 ) -> dict[str, Tensor]:
     """The checked local tensors of one parameter's history in ``entry``."""
     present = [key for key in KEYS if key in entry]
@@ -242,21 +264,23 @@ def _param_tensors(
         raise ValueError(f"{where}: the state_dict holds no {key}")
     shape, local_shape = tuple(p.shape), tuple(local(p).shape)
     acc = accumulation_dtype(p.dtype)
-    hdtype = opt._history.history_dtype or p.dtype
+    hdtype = opt.history_dtype or p.dtype
     specs = {
         "lawa_history": (hdtype, "the history dtype", (opt.k, *shape), (opt.k, *local_shape)),
         "lawa_sum": (acc, "the running sum's dtype", shape, local_shape),
         "lawa_ema": (acc, "the running average's dtype", shape, local_shape),
         "lawa_backup": (p.dtype, "the parameter's dtype", shape, local_shape),
     }
-    return {key: _tensor(entry[key], key, where, *specs[key]) for key in present}
+    return {key: _tensor(entry[key], key, where, opt.target, *specs[key]) for key in present}
 
 
-def _tensor(value: Any, key: str, where: str, dtype: torch.dtype, what: str, shape: tuple, local_shape: tuple) -> Tensor:
+def _tensor(
+    value: Any, key: str, where: str, target: str, dtype: torch.dtype, what: str, shape: tuple, local_shape: tuple
+) -> Tensor:
     if not isinstance(value, Tensor):
         raise ValueError(f"{where}: {key} must be a tensor, got {_show(value)}")
     if tuple(value.shape) != shape:
-        raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}, this optimizer needs {shape}")
+        raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}, {target} needs {shape}")
     if is_sharded(value):
         value = value.to_local()
     if value.layout != torch.strided:
@@ -265,7 +289,7 @@ def _tensor(value: Any, key: str, where: str, dtype: torch.dtype, what: str, sha
         raise ValueError(f"{where}: {key} is on the meta device and holds no values")
     if value.dtype != dtype:
         raise ValueError(
-            f"{where}: {key} has dtype {value.dtype}, this optimizer needs {dtype} ({what}); "
+            f"{where}: {key} has dtype {value.dtype}, {target} needs {dtype} ({what}); "
             "nothing is cast"
         )
     return local_of_saved(value, local_shape, where)

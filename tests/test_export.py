@@ -270,6 +270,9 @@ def mismatches():
         for entry in sd["state"].values():
             del entry["lawa_history"]
 
+    def bad_counter(model, sd):
+        sd["param_groups"][0]["lawa"]["pushes"] = -1
+
     return {
         "count": (extra_param, False, "source holds 5 parameters .* but model has 6"),
         "shape": (other_shape, False, "shape"),
@@ -277,7 +280,8 @@ def mismatches():
         "name": (other_name, True, "'trunk.weight'"),
         "some-names": (some_names, True, "param_names in some param groups"),
         "plain-optimizer": (plain_optimizer, False, "not saved by LAWA.state_dict()"),
-        "no-history": (no_history, False, "lawa_history is missing"),
+        "no-history": (no_history, False, r"model parameter .emb.weight.\): the state_dict holds no lawa_history"),
+        "bad-counter": (bad_counter, False, r"lawa 'pushes' must be an int in \[0, 2\*\*63 - 1\], got -1"),
     }
 
 
