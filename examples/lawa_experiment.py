@@ -41,7 +41,7 @@ import torch
 from examples import lawa_runs as runs
 from examples.lawa_plots import plot_all
 from lawa_optim.demo import ACC_TARGET_GAP, LOSS_TARGET_RATIO, MARGINS, conclusion, phases, targets
-from lawa_optim.paired import Paired, paired, reach
+from lawa_optim.paired import Paired, Reach, paired, reach
 
 FULL = runs.Config(seeds=10, epochs=30, short=15, train=10_000, holdout=2_000, val=2_000, bn=1_000, batch=128,
                    twa_starts=(10, 20), twa_epochs=2)
@@ -198,9 +198,7 @@ def per_epoch_rows(s: dict) -> list[list]:
 
 
 def _jsonable(x):
-    if isinstance(x, Paired):
-        return x.asdict()
-    if hasattr(x, "asdict"):
+    if isinstance(x, (Paired, Reach)):
         return x.asdict()
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -248,16 +246,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     seconds = time.perf_counter() - t0
     s = summarise(results, cfg)
     command = "python -m examples.lawa_experiment " + " ".join(sys.argv[1:] if argv is None else argv)
+    cpu = sum(r["cost"]["cpu_s"] for r in results)
     head = [f"command: {command.strip()}",
-            f"{cfg.seeds} seeds, {seconds:.0f} s wall on {args.jobs} process(es) x 1 thread, torch {torch.__version__}, "
-            f"load average before {load[0]:.2f}, after {os.getloadavg()[0]:.2f}",
+            f"{cfg.seeds} seeds, {seconds:.0f} s wall on {args.jobs} process(es) x 1 thread (load average before "
+            f"{load[0]:.2f}, after {os.getloadavg()[0]:.2f}); {cpu:.0f} CPU seconds in all, {cpu / 2:.0f} s on 2 "
+            f"otherwise idle cores; torch {torch.__version__}",
             "differences: mean [95% bootstrap interval over seeds]; 'equal within' = the whole interval inside the margin "
             f"({', '.join(f'{k} {v:g}' for k, v in MARGINS.items())})", ""]
     lines = head + report(s, cfg, results)
     print("\n".join(lines))
     (out / "lawa_experiment.txt").write_text("\n".join(lines) + "\n")
     (out / "lawa_experiment.json").write_text(json.dumps(_jsonable({
-        "command": command.strip(), "config": cfg.__dict__, "seconds": seconds, "load_before": load,
+        "command": command.strip(), "config": cfg.__dict__, "seconds": seconds, "cpu_seconds": cpu, "load_before": load,
         "load_after": os.getloadavg(), "machine": machine(args.jobs), "margins": MARGINS,
         "summary": s, "runs": results}), indent=1))
     with open(out / "lawa_experiment.csv", "w", newline="") as f:
