@@ -284,11 +284,12 @@ class TWA(WrappedOptimizer):
         Multiplies every group's learning rate by ``lr_scale`` now and returns a
         ``MultiStepLR`` that divides it by 10 after 50 % and after 75 % of
         ``total_steps``; call its ``step()`` after every :meth:`step`. The authors'
-        scripts (github.com/nblt/TWA) train TWA with SGD at a larger learning rate than
-        regular training (2 on CIFAR and 0.3 on ImageNet, where regular training uses
-        0.1; i.e. ``lr_scale`` 20 and 3) and decay it by 10 at 50 % and 75 % of the TWA
-        epochs, the shape of their regular step schedule (decays at epochs 100 and 150
-        of 200) compressed into the TWA budget.
+        scripts (github.com/nblt/TWA, ``run.sh`` and ``train_twa.py``) train TWA with SGD
+        at a larger learning rate than regular training (2 on CIFAR and 0.3 on ImageNet,
+        where regular training starts at 0.1: ``lr_scale`` 20 and 3) and divide it by 10
+        at epochs ``int(0.5 E)`` and ``int(0.75 E + 0.9)`` of ``E`` TWA epochs (5 and 8 of
+        10 on CIFAR): the shape of their regular schedule (decays at epochs 100 and 150
+        of 200) compressed into the TWA budget, here counted in steps.
         """
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 4:
             raise ValueError(f"total_steps must be an int >= 4 (decays at 50% and 75% of it), got {total_steps!r}")
