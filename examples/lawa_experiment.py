@@ -79,14 +79,17 @@ def summarise(results: Sequence[dict], cfg: runs.Config) -> dict:
 
     for sched in SCHEDULES:
         add(f"{sched}: LAWA k=6 - live", sched, "lawa6", sched, "live")
+        add(f"{sched}: LAWA k=6 - live, both refreshed", sched, "lawa6", sched, "live_bn")
     for k in runs.WINDOWS:
         if k != 6:
-            add(f"cosine: LAWA k={k} - live", "cosine", f"lawa{k}", "cosine", "live")
+            add(f"cosine: LAWA k={k} - live, both refreshed", "cosine", f"lawa{k}", "cosine", "live_bn")
             add(f"cosine: LAWA k={k} - LAWA k=6", "cosine", f"lawa{k}", "cosine", "lawa6")
     add("cosine: EMA - LAWA k=10", "cosine", "ema", "cosine", "lawa10")
-    add("cosine: Lookahead - live", "lookahead", "lookahead", "cosine", "live")
+    add("cosine: Lookahead - live, both refreshed", "lookahead", "lookahead", "cosine", "live_bn")
     add("cosine: LAWA k=10 - Lookahead", "cosine", "lawa10", "lookahead", "lookahead")
     add("cosine: LAWA k=6 without - with BatchNorm refresh", "cosine", "lawa6_nobn", "cosine", "lawa6")
+    add("cosine: live refreshed - live", "cosine", "live_bn", "cosine", "live")
+    add("cosine: LAWA k=6 - live, neither refreshed", "cosine", "lawa6_nobn", "cosine", "live")
 
     cost = [r["cost"] for r in results]
     counted = cfg.bn / (3 * cfg.train)  # a refresh is bn forwards; an epoch is train forwards + backwards (2x)
@@ -94,20 +97,22 @@ def summarise(results: Sequence[dict], cfg: runs.Config) -> dict:
     s["refresh_cost"] = {"counted_epochs": counted, "measured_epochs": statistics.median(measured)}
     c = s["refresh_cost"]["measured_epochs"]
     for sched in SCHEDULES:
-        for m in METRICS:
-            live, lawa = _curves(results, sched, f"live_{m}"), _curves(results, sched, f"lawa6_{m}")
-            t = [targets(c, m) for c in live]
-            r = reach(live, lawa, t, higher_is_better=m == "acc")
-            # watching LAWA at every epoch costs one refresh per epoch: epoch e costs e * (1 + c)
-            costed = paired(r.a_hits, [h * (1 + c) for h in r.b_hits])
-            s["reach"][f"{sched}/{m}"] = {"epochs": r, "refresh_counted": costed}
+        for live_key in ("live", "live_bn"):
+            for m in METRICS:
+                live, lawa = _curves(results, sched, f"{live_key}_{m}"), _curves(results, sched, f"lawa6_{m}")
+                t = [targets(curve, m) for curve in live]
+                r = reach(live, lawa, t, higher_is_better=m == "acc")
+                # watching LAWA at every epoch costs one refresh per epoch: epoch e costs e * (1 + c)
+                costed = paired(r.a_hits, [h * (1 + c) for h in r.b_hits])
+                s["reach"][f"{sched}/{live_key}/{m}"] = {"epochs": r, "refresh_counted": costed}
 
     T, Ts = cfg.epochs, cfg.short
-    for m in METRICS:
-        short = [c[-1] for c in _curves(results, "short", f"live_{m}")]
+    for m in METRICS:  # every side with refreshed BatchNorm statistics
+        short = [c[-1] for c in _curves(results, "short", f"live_bn_{m}")]
         for label, run_key, epoch in ((f"LAWA k=6 at epoch {Ts} of the {T}-epoch cosine", "lawa6", Ts),
-                                      (f"live at epoch {Ts} of the {T}-epoch cosine", "live", Ts),
-                                      (f"LAWA k=6 at epoch {T} of the {T}-epoch cosine", "lawa6", T)):
+                                      (f"live at epoch {Ts} of the {T}-epoch cosine", "live_bn", Ts),
+                                      (f"LAWA k=6 at epoch {T} of the {T}-epoch cosine", "lawa6", T),
+                                      (f"live at epoch {T} of the {T}-epoch cosine", "live_bn", T)):
             a = [c[epoch - 1] for c in _curves(results, "cosine", f"{run_key}_{m}")]
             s["equal_compute"][f"{label} - cosine over {Ts} epochs/{m}"] = paired(a, short)
 
@@ -119,23 +124,26 @@ def summarise(results: Sequence[dict], cfg: runs.Config) -> dict:
             rows = {
                 f"TWA-t - LAWA k={min(start, max(runs.WINDOWS))} at epoch {start} (its start)": (fit["t"], at(f"lawa{min(start, max(runs.WINDOWS))}", start)),
                 f"TWA-t - LAWA k=6 at epoch {end}": (fit["t"], at("lawa6", end)),
-                f"TWA-t - live at epoch {end}": (fit["t"], at("live", end)),
-                f"TWA-t - live at epoch {T} (the full run)": (fit["t"], at("live", T)),
+                f"TWA-t - live at epoch {end}": (fit["t"], at("live_bn", end)),
+                f"TWA-t - live at epoch {T} (the full run)": (fit["t"], at("live_bn", T)),
                 "TWA-v - TWA-t": (fit["v"], fit["t"]),
-                f"TWA-v - live at epoch {T} (the full run)": (fit["v"], at("live", T)),
+                f"TWA-v - live at epoch {T} (the full run)": (fit["v"], at("live_bn", T)),
             }
             s["twa"][f"start {start}/{m}"] = {k: paired(a, b) for k, (a, b) in rows.items()}
     return s
 
 
 SECTIONS = (
-    ("LAWA k=6 - live weights, per schedule", ("cosine: LAWA k=6 - live", "step: LAWA k=6 - live",
-                                                "constant: LAWA k=6 - live")),
+    ("LAWA k=6 - live weights, per schedule (LAWA with refreshed BatchNorm statistics, as in the paper; live with "
+     "its running ones, and as a control also refreshed)",
+     tuple(f"{sched}: LAWA k=6 - live{ctl}" for sched in SCHEDULES for ctl in ("", ", both refreshed"))),
     ("k sweep (cosine)", tuple(f"cosine: LAWA k={k} - {ref}" for k in runs.WINDOWS if k != 6
-                               for ref in ("live", "LAWA k=6"))),
+                               for ref in ("live, both refreshed", "LAWA k=6"))),
     ("EMA vs uniform (paper's Appendix C: alpha 0.9 on the newest checkpoint, k = 10)", ("cosine: EMA - LAWA k=10",)),
-    ("Lookahead (paper's Appendix B: alpha 0.8, k 5)", ("cosine: Lookahead - live", "cosine: LAWA k=10 - Lookahead")),
-    ("BatchNorm statistics for LAWA", ("cosine: LAWA k=6 without - with BatchNorm refresh",)),
+    ("Lookahead (paper's Appendix B: alpha 0.8, k 5; slow weights refreshed)",
+     ("cosine: Lookahead - live, both refreshed", "cosine: LAWA k=10 - Lookahead")),
+    ("BatchNorm statistics", ("cosine: LAWA k=6 without - with BatchNorm refresh", "cosine: live refreshed - live",
+                              "cosine: LAWA k=6 - live, neither refreshed")),
 )
 
 
@@ -156,30 +164,33 @@ def report(s: dict, cfg: runs.Config, results: Sequence[dict]) -> list[str]:
             L.append(f"epochs to reach a target set from the live weights' final value (LAWA's saving; then counting one "
                      f"BatchNorm refresh, {c['measured_epochs']:.3f} epochs of compute as measured, per evaluated epoch):")
             for key, r in s["reach"].items():
-                sched, m = key.split("/")
+                sched, live_key, m = key.split("/")
                 e = r["epochs"]
                 target = f"{LOSS_TARGET_RATIO:g} x final loss" if m == "loss" else f"final accuracy - {ACC_TARGET_GAP:g}"
                 missed = f" ({e.b_missed} of {n} seeds never: counted as epoch {cfg.epochs + 1})" if e.b_missed else ""
-                L.append(f"  {sched}, {target}: live median {e.a_median:g}, LAWA median {e.b_median:g}{missed}; saved "
+                live = "live" if live_key == "live" else "live refreshed"
+                L.append(f"  {sched}, {target} of {live}: {live} median {e.a_median:g}, LAWA median {e.b_median:g}{missed}; saved "
                          f"{e.saved.text('+.1f')} epochs ({conclusion(e.saved, MARGINS['epochs'], 'LAWA later', 'LAWA earlier')}); "
                          f"with refreshes {r['refresh_counted'].text('+.1f')}")
     L += ["", "== per epoch, cosine: means over seeds; LAWA - live: mean [95% interval], seeds where LAWA is lower =="]
-    L.append(f"{'epoch':>5} {'live loss':>9} {'LAWA-6':>7} {'LAWA-6 - live loss':>27} {'lower':>5} {'LAWA-20 - live loss':>27} "
+    L.append(f"{'epoch':>5} {'live loss':>9} {'LAWA-6':>7} {'LAWA-6 - live loss':>27} {'lower':>5} "
+             f"{'same, both refreshed':>27} {'LAWA-20 - live, both refr.':>27} "
              f"{'live acc':>8} {'LAWA-6':>7} {'LAWA-6 - live acc':>27}")
-    d6, d20, a6 = (s["compare"][k]["per_epoch"] for k in ("cosine: LAWA k=6 - live/loss", "cosine: LAWA k=20 - live/loss",
-                                                         "cosine: LAWA k=6 - live/acc"))
+    d6, c6, c20, a6 = (s["compare"][k]["per_epoch"] for k in (
+        "cosine: LAWA k=6 - live/loss", "cosine: LAWA k=6 - live, both refreshed/loss",
+        "cosine: LAWA k=20 - live, both refreshed/loss", "cosine: LAWA k=6 - live/acc"))
     for e in range(cfg.epochs):
         mean = lambda key: sum(r["cosine"][key][e] for r in results) / n  # noqa: E731
         L.append(f"{e + 1:>5} {mean('live_loss'):>9.4f} {mean('lawa6_loss'):>7.4f} {d6[e].text():>27} {d6[e].below:>2}/{n:<2} "
-                 f"{d20[e].text():>27} {mean('live_acc'):>8.4f} {mean('lawa6_acc'):>7.4f} {a6[e].text():>27}")
+                 f"{c6[e].text():>27} {c20[e].text():>27} {mean('live_acc'):>8.4f} {mean('lawa6_acc'):>7.4f} {a6[e].text():>27}")
     L += ["", f"== equal compute: a cosine schedule shortened to {cfg.short} epochs (its final weights) against the "
-          f"{cfg.epochs}-epoch run (LAWA's side costs one refresh more, {c['measured_epochs']:.3f} epochs) =="]
+          f"{cfg.epochs}-epoch run, BatchNorm refreshed on both sides ({c['measured_epochs']:.3f} epochs each) =="]
     for key, p in s["equal_compute"].items():
         label, m = key.rsplit("/", 1)
         L.append(f"{label}, {m}: {p.text()} ({say(p, m)})")
     L += ["", f"== TWA from all snapshots held at epoch E, {cfg.twa_epochs} epochs' worth of steps with the papers' "
           f"schedule (lr {runs.TWA_LR_SCALE:g} x {runs.LR:g}, /10 at 50 % and 75 %), BatchNorm refreshed; "
-          "compared at epoch E + 2 with training on =="]
+          "compared with training on (live weights refreshed too) =="]
     for key, rows in s["twa"].items():
         start, m = key.split("/")
         for label, p in rows.items():
@@ -242,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results = [work(seed) for seed in range(cfg.seeds)]
     else:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-            results = pool.map(work, range(cfg.seeds))
+            results = pool.map(work, range(cfg.seeds), chunksize=1)  # seeds take equally long
     seconds = time.perf_counter() - t0
     s = summarise(results, cfg)
     command = "python -m examples.lawa_experiment " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -29,7 +29,8 @@ def plot_all(results: Sequence[dict], s: dict, cfg: runs.Config, out: Path) -> b
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    curves = [("cosine", "live", "live (cosine)"), *(("cosine", f"lawa{k}", f"LAWA k={k}") for k in runs.WINDOWS),
+    curves = [("cosine", "live", "live (cosine)"), ("cosine", "live_bn", "live, BatchNorm refreshed"),
+              *(("cosine", f"lawa{k}", f"LAWA k={k}") for k in runs.WINDOWS),
               ("cosine", "ema", "EMA (alpha 0.9)"), ("lookahead", "lookahead", "Lookahead"),
               ("short", "live", f"live, cosine over {cfg.short}")]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
@@ -46,6 +47,8 @@ def plot_all(results: Sequence[dict], s: dict, cfg: runs.Config, out: Path) -> b
         ax = axes[1, col]
         for i, sched in enumerate(("cosine", "step", "constant")):
             _band(ax, s["compare"][f"{sched}: LAWA k=6 - live/{m}"]["per_epoch"], sched, f"C{i}")
+            ax.plot(range(1, cfg.epochs + 1), [p.mean for p in s["compare"][f"{sched}: LAWA k=6 - live, both refreshed/{m}"]["per_epoch"]],
+                    color=f"C{i}", ls=":", label=f"{sched}, live refreshed too")
         ax.axhline(0, color="k", lw=0.8)
         ax.set_ylabel(f"LAWA k=6 - live, {ylabel} (95% band)")
     axes[0, 1].legend(fontsize=8)
@@ -59,11 +62,13 @@ def plot_all(results: Sequence[dict], s: dict, cfg: runs.Config, out: Path) -> b
     plt.close(fig)
 
     panels = [
-        ("k sweep (cosine): LAWA - live", [f"cosine: LAWA k={k} - live" if k != 6 else "cosine: LAWA k=6 - live"
-                                           for k in runs.WINDOWS], [f"k={k}" for k in runs.WINDOWS]),
-        ("EMA and Lookahead (cosine)", ["cosine: EMA - LAWA k=10", "cosine: LAWA k=10 - Lookahead", "cosine: Lookahead - live"],
+        ("k sweep (cosine): LAWA - live, both refreshed", [f"cosine: LAWA k={k} - live, both refreshed" for k in runs.WINDOWS],
+         [f"k={k}" for k in runs.WINDOWS]),
+        ("EMA and Lookahead (cosine)", ["cosine: EMA - LAWA k=10", "cosine: LAWA k=10 - Lookahead",
+                                        "cosine: Lookahead - live, both refreshed"],
          ["EMA - LAWA k=10", "LAWA k=10 - Lookahead", "Lookahead - live"]),
-        ("BatchNorm (cosine)", ["cosine: LAWA k=6 without - with BatchNorm refresh"], ["LAWA k=6: live stats - refreshed"]),
+        ("BatchNorm (cosine)", ["cosine: LAWA k=6 without - with BatchNorm refresh", "cosine: live refreshed - live"],
+         ["LAWA k=6: running - refreshed stats", "live: refreshed - running stats"]),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, (title, names, labels) in zip(axes, panels):

@@ -150,8 +150,9 @@ class Seed:
         return result
 
     def run(self, name: str, epochs: int) -> dict:
-        """Live weights and LAWA k=6 under schedule ``name`` (the cosine run also keeps
-        the other windows, EMA, LAWA without refresh and the TWA fits)."""
+        """Live weights (with their running BatchNorm statistics, and refreshed) and
+        LAWA k=6 under schedule ``name``; the cosine run also keeps the other windows,
+        EMA, LAWA without refresh and the TWA fits."""
         model, gen = self._start()
         sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
         main = name == "cosine"
@@ -166,6 +167,7 @@ class Seed:
                 ema.snapshot()
             sched.step()
             record(out, "live", self._eval(model))
+            record(out, "live_bn", self._refreshed_eval(model))  # the refresh alone, as a control
             for k in WINDOWS if main else (6,):
                 with lawa.averaged(last=min(k, lawa.num_snapshots)):
                     if k == 6 and main:
@@ -188,6 +190,7 @@ class Seed:
             self._train(model, sgd, gen)
             sched.step()
             record(out, "live", self._eval(model))
+            record(out, "live_bn", self._refreshed_eval(model))
         return out
 
     def lookahead(self, epochs: int) -> dict:

@@ -59,9 +59,12 @@ def test_fast_run_summary_matches_the_curves(fast):
         assert p.mean == pytest.approx(_mean([r["constant"]["lawa6_loss"][e] - r["constant"]["live_loss"][e] for r in res]))
     # equal compute: LAWA at epoch `short` of the long cosine against the short run's end
     p = s["equal_compute"][f"LAWA k=6 at epoch {cfg.short} of the {cfg.epochs}-epoch cosine - cosine over {cfg.short} epochs/acc"]
-    assert p.mean == pytest.approx(_mean([r["cosine"]["lawa6_acc"][cfg.short - 1] - r["short"]["live_acc"][-1] for r in res]))
+    assert p.mean == pytest.approx(_mean([r["cosine"]["lawa6_acc"][cfg.short - 1] - r["short"]["live_bn_acc"][-1] for r in res]))
     twa = s["twa"]["start 2/loss"]["TWA-t - live at epoch 3"]
-    assert twa.mean == pytest.approx(_mean([r["cosine"]["twa"][2]["t"]["loss"] - r["cosine"]["live_loss"][2] for r in res]))
+    assert twa.mean == pytest.approx(_mean([r["cosine"]["twa"][2]["t"]["loss"] - r["cosine"]["live_bn_loss"][2] for r in res]))
+    reach = s["reach"]["cosine/live/loss"]["epochs"]
+    assert reach.a_hits == [next(e for e, v in enumerate(r["cosine"]["live_loss"], 1) if v <= 1.1 * r["cosine"]["live_loss"][-1])
+                            for r in res]
 
 
 def test_fast_run_curves(fast):
@@ -72,6 +75,7 @@ def test_fast_run_curves(fast):
     assert run["lawa2_loss"][3] != run["lawa6_loss"][3]
     # one snapshot: the average is the live weights, and with the live BatchNorm statistics so is its loss
     assert run["lawa6_nobn_loss"][0] == run["live_loss"][0]
+    assert run["lawa6_loss"][0] == run["live_bn_loss"][0]  # and refreshed alike, alike
     assert run["lawa6_loss"][0] != run["live_loss"][0]  # the refresh changes the statistics
     coefs = run["twa"][2]["t"]["coefficients"]
     assert len(coefs) == 2  # TWA at epoch 2 spans the 2 snapshots held
