@@ -95,6 +95,15 @@ def test_fast_run_files(fast):
         assert (out / name).stat().st_size > 1000 if HAS_MPL else not (out / name).exists()
 
 
+def test_command_line_records_kernel_environment(monkeypatch):
+    for k in exp.KERNEL_ENV:
+        monkeypatch.delenv(k, raising=False)
+    assert exp.command_line(["--out", "x"]) == "python -m examples.lawa_experiment --out x"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert exp.command_line([]) == "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m examples.lawa_experiment"
+
+
 def test_split_disjoint_and_pooled(data_dir):
     images, labels = runs.fashion_mnist.load("train", data_dir)
     d = runs.split(images, labels, exp.FAST, seed=5)
