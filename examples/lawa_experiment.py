@@ -13,7 +13,7 @@ run shortened to fewer epochs (the equal-compute baseline) and Lookahead, fits T
 from the cosine run's snapshots, and reports per-epoch paired differences with
 bootstrap 95 % intervals over the seeds.
 
-Run from the repository root: ``python -m examples.lawa_experiment`` (about 8
+Run from the repository root: ``python -m examples.lawa_experiment`` (about 9
 minutes on 2 CPU cores; ``--fast`` for a smoke run of seconds). It writes
 ``lawa_experiment.json``, ``lawa_experiment.csv``, ``lawa_experiment.txt`` and two
 plots to ``--out``.
