@@ -1,273 +1,293 @@
-"""Reproduce the shape of the LAWA paper's findings on scikit-learn's digits, and TWA.
+"""LAWA and TWA on Fashion-MNIST, as paired comparisons over seeds.
 
-Kaddour 2022 ("Stop Wasting My Time!", arXiv:2209.14981) averages the k latest
-end-of-epoch checkpoints of an SGD run post hoc. Per seed this script trains:
+Kaddour 2022 ("Stop Wasting My Time!", arXiv:2209.14981) reports that the average of
+the k latest end-of-epoch checkpoints (LAWA) reaches the live weights' loss and
+accuracy many epochs earlier under a decaying schedule, that k = 6 works well and
+much larger k hurts, that averaging early hurts, that uniform coefficients beat an
+exponential average, and that LAWA beats Lookahead. Li et al. (TWA, ICLR 2023;
+journal version arXiv:2205.13104) train the coefficients instead and report 30-40 %
+fewer epochs. This script tests each claim under one protocol: for every seed (its
+own split, initialisation and batch order; see ``examples/lawa_runs.py``) it trains
+a BatchNorm CNN with cosine (main), step-decay and constant learning rates, a cosine
+run shortened to fewer epochs (the equal-compute baseline) and Lookahead, fits TWA
+from the cosine run's snapshots, and reports per-epoch paired differences with
+bootstrap 95 % intervals over the seeds.
 
-* one plain CNN with SGD, snapshotting a ``LAWA(k=20)`` and an EMA ``LAWA`` (decay
-  0.1: the paper's Appendix C puts alpha = 0.9 on the *newest* checkpoint) at each
-  epoch end; k in {2, 6, 10, 20} are read from the one ring with ``last=k``, so all
-  share the live trajectory, as in the paper;
-* the same CNN with Lookahead (alpha 0.8, k 5, the paper's Appendix B setting);
-* a BatchNorm variant with ``LAWA(k=6)``, its average evaluated with the live
-  weights' BatchNorm statistics and with recomputed ones (``update_bn``);
-* TWA (Li et al., ICLR 2023; journal version arXiv:2205.13104) started at given
-  epochs from the 6 latest snapshots: ``--twa-epochs`` epochs on the training data
-  (TWA-t) or as many samples from the held-out split (TWA-v), then the main run
-  resumes from where it was.
-
-Run from the repository root: ``python -m examples.lawa_experiment``.
+Run from the repository root: ``python -m examples.lawa_experiment`` (about 9
+minutes on 2 CPU cores; ``--fast`` for a smoke run of seconds). It writes
+``lawa_experiment.json``, ``lawa_experiment.csv``, ``lawa_experiment.txt`` and two
+plots to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
 
-from examples.lookahead import Lookahead
-from lawa_optim import LAWA, TWA, update_bn
-from lawa_optim.demo import (
-    LR,
-    MOMENTUM,
-    TARGET_LOSS,
-    Digits,
-    aggregate,
-    epochs_to_target,
-    evaluate,
-    load_digits_splits,
-    make_model,
-    mean_std,
-    plot,
-    record,
-    train_epoch,
-    verdict,
+from examples import lawa_runs as runs
+from examples.lawa_plots import plot_all
+from lawa_optim.demo import ACC_TARGET_GAP, LOSS_TARGET_RATIO, MARGINS, conclusion, phases, targets
+from lawa_optim.paired import Paired, Reach, paired, reach
+
+FULL = runs.Config(seeds=10, epochs=30, short=15, train=10_000, holdout=2_000, val=2_000, bn=1_000, batch=128,
+                   twa_starts=(10, 20), twa_epochs=2)
+#: The smoke run the tests use (on a tiny IDX file of 200 images).
+FAST = runs.Config(seeds=2, epochs=4, short=2, train=128, holdout=32, val=32, bn=32, batch=32,
+                   twa_starts=(2,), twa_epochs=1)
+DEFAULT_OUT = "lawa_experiment_results"  # untracked (.gitignore)
+SCHEDULES = ("cosine", "step", "constant")
+METRICS = ("loss", "acc")
+
+
+def _curves(results: Sequence[dict], run: str, key: str) -> list[list[float]]:
+    return [r[run][key] for r in results]
+
+
+def compare(a: list[list[float]], b: list[list[float]], metric: str) -> dict:
+    """Paired ``a - b`` per epoch, over each third of the run and at the last epoch."""
+    epochs = len(a[0])
+    out = {"per_epoch": [paired([c[e] for c in a], [c[e] for c in b]) for e in range(epochs)], "phases": []}
+    for first, last in phases(epochs):
+        mean = lambda c: sum(c[first - 1:last]) / (last - first + 1)  # noqa: E731
+        out["phases"].append((first, last, paired([mean(c) for c in a], [mean(c) for c in b])))
+    out["last"] = out["per_epoch"][-1]
+    out["metric"] = metric
+    return out
+
+
+def summarise(results: Sequence[dict], cfg: runs.Config) -> dict:
+    """Every comparison of the experiment, from the per-seed curves."""
+    s: dict = {"compare": {}, "reach": {}, "equal_compute": {}, "twa": {}}
+
+    def add(name: str, run_a: str, a: str, run_b: str, b: str) -> None:
+        for m in METRICS:
+            s["compare"][f"{name}/{m}"] = compare(_curves(results, run_a, f"{a}_{m}"), _curves(results, run_b, f"{b}_{m}"), m)
+
+    for sched in SCHEDULES:
+        add(f"{sched}: LAWA k=6 - live", sched, "lawa6", sched, "live")
+        add(f"{sched}: LAWA k=6 - live, both refreshed", sched, "lawa6", sched, "live_bn")
+    for k in runs.WINDOWS:
+        if k != 6:
+            add(f"cosine: LAWA k={k} - live, both refreshed", "cosine", f"lawa{k}", "cosine", "live_bn")
+            add(f"cosine: LAWA k={k} - LAWA k=6", "cosine", f"lawa{k}", "cosine", "lawa6")
+    add("cosine: EMA - LAWA k=10", "cosine", "ema", "cosine", "lawa10")
+    add("cosine: Lookahead - live, both refreshed", "lookahead", "lookahead", "cosine", "live_bn")
+    add("cosine: LAWA k=10 - Lookahead", "cosine", "lawa10", "lookahead", "lookahead")
+    add("cosine: LAWA k=6 without - with BatchNorm refresh", "cosine", "lawa6_nobn", "cosine", "lawa6")
+    add("cosine: live refreshed - live", "cosine", "live_bn", "cosine", "live")
+    add("cosine: LAWA k=6 - live, neither refreshed", "cosine", "lawa6_nobn", "cosine", "live")
+
+    cost = [r["cost"] for r in results]
+    counted = cfg.bn / (3 * cfg.train)  # a refresh is bn forwards; an epoch is train forwards + backwards (2x)
+    measured = [(c["refresh_s"] / c["refreshes"]) / (c["train_s"] / c["train_epochs"]) for c in cost]
+    s["refresh_cost"] = {"counted_epochs": counted, "measured_epochs": statistics.median(measured)}
+    c = s["refresh_cost"]["measured_epochs"]
+    for sched in SCHEDULES:
+        for live_key in ("live", "live_bn"):
+            for m in METRICS:
+                live, lawa = _curves(results, sched, f"{live_key}_{m}"), _curves(results, sched, f"lawa6_{m}")
+                t = [targets(curve, m) for curve in live]
+                r = reach(live, lawa, t, higher_is_better=m == "acc")
+                # watching a refreshed curve at every epoch costs one refresh per epoch: epoch e costs
+                # e * (1 + c); the live weights' running statistics cost nothing
+                live_cost = 1 + c if live_key == "live_bn" else 1
+                costed = paired([h * live_cost for h in r.a_hits], [h * (1 + c) for h in r.b_hits])
+                s["reach"][f"{sched}/{live_key}/{m}"] = {"epochs": r, "refresh_counted": costed}
+
+    T, Ts = cfg.epochs, cfg.short
+    for m in METRICS:  # every side with refreshed BatchNorm statistics
+        short = [c[-1] for c in _curves(results, "short", f"live_bn_{m}")]
+        for label, run_key, epoch in ((f"LAWA k=6 at epoch {Ts} of the {T}-epoch cosine", "lawa6", Ts),
+                                      (f"live at epoch {Ts} of the {T}-epoch cosine", "live_bn", Ts),
+                                      (f"LAWA k=6 at epoch {T} of the {T}-epoch cosine", "lawa6", T),
+                                      (f"live at epoch {T} of the {T}-epoch cosine", "live_bn", T)):
+            a = [c[epoch - 1] for c in _curves(results, "cosine", f"{run_key}_{m}")]
+            s["equal_compute"][f"{label} - cosine over {Ts} epochs/{m}"] = paired(a, short)
+
+    for start in cfg.twa_starts:
+        end = start + cfg.twa_epochs
+        for m in METRICS:
+            fit = {v: [r["cosine"]["twa"][start][v][m] for r in results] for v in ("t", "v")}
+            at = lambda key, e: [c[e - 1] for c in _curves(results, "cosine", f"{key}_{m}")]  # noqa: E731
+            rows = {
+                f"TWA-t - LAWA k={min(start, max(runs.WINDOWS))} at epoch {start} (its start)": (fit["t"], at(f"lawa{min(start, max(runs.WINDOWS))}", start)),
+                f"TWA-t - LAWA k=6 at epoch {end}": (fit["t"], at("lawa6", end)),
+                f"TWA-t - live at epoch {end}": (fit["t"], at("live_bn", end)),
+                f"TWA-t - live at epoch {T} (the full run)": (fit["t"], at("live_bn", T)),
+                "TWA-v - TWA-t": (fit["v"], fit["t"]),
+                f"TWA-v - live at epoch {T} (the full run)": (fit["v"], at("live_bn", T)),
+            }
+            s["twa"][f"start {start}/{m}"] = {k: paired(a, b) for k, (a, b) in rows.items()}
+    return s
+
+
+SECTIONS = (
+    ("LAWA k=6 - live weights, per schedule (LAWA with refreshed BatchNorm statistics, as in the paper; live with "
+     "its running ones, and as a control also refreshed)",
+     tuple(f"{sched}: LAWA k=6 - live{ctl}" for sched in SCHEDULES for ctl in ("", ", both refreshed"))),
+    ("k sweep (cosine)", tuple(f"cosine: LAWA k={k} - {ref}" for k in runs.WINDOWS if k != 6
+                               for ref in ("live, both refreshed", "LAWA k=6"))),
+    ("EMA vs uniform (paper's Appendix C: alpha 0.9 on the newest checkpoint, k = 10)", ("cosine: EMA - LAWA k=10",)),
+    ("Lookahead (paper's Appendix B: alpha 0.8, k 5; slow weights refreshed)",
+     ("cosine: Lookahead - live, both refreshed", "cosine: LAWA k=10 - Lookahead")),
+    ("BatchNorm statistics", ("cosine: LAWA k=6 without - with BatchNorm refresh", "cosine: live refreshed - live",
+                              "cosine: LAWA k=6 - live, neither refreshed")),
 )
 
-WINDOWS = (2, 6, 10, 20)
-#: Paper's Appendix C: alpha = 0.9 on the newest checkpoint = decay 0.1 here.
-EMA_DECAY = 0.1
-#: Paper's Appendix B Lookahead setting for CIFAR-100.
-LA_K, LA_ALPHA = 5, 0.8
-TWA_SNAPSHOTS = 6
-#: Accuracy target for "epochs to reach target" (the loss target is the demo's): the
-#: live weights first reach both after about 9 epochs (mean over seeds).
-TARGET_ACC = 0.97
 
-LABELS = {
-    "live": "live weights (SGD)",
-    **{f"lawa{k}": f"LAWA k={k}" for k in WINDOWS},
-    "ema": "LAWA-EMA (alpha 0.9)",
-    "lookahead": "Lookahead (0.8, 5)",
-}
-BN_LABELS = {"bn_live": "BN: live", "bn_avg": "BN: LAWA k=6, live stats", "bn_avg_upd": "BN: LAWA k=6, update_bn"}
-
-
-def _twa(model: nn.Module, lawa: LAWA, x: Tensor, y: Tensor, samples: int, lr: float, seed: int, data: Digits) -> dict:
-    """Fit TWA on ``(x, y)`` for about ``samples`` samples from the latest snapshots,
-    evaluate, and put the model back as it was; returns loss, accuracy, coefficients."""
-    saved = copy.deepcopy(model.state_dict())
-    twa = TWA(torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM), history=lawa,
-              last=min(TWA_SNAPSHOTS, lawa.num_snapshots))
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    for _ in range(max(1, round(samples / len(y)))):
-        train_epoch(model, twa, x, y, gen)
-    loss, acc = evaluate(model, data.x_val, data.y_val)
-    coefs = twa.coefficients().tolist()
-    model.load_state_dict(saved)
-    return {"loss": loss, "acc": acc, "coefficients": coefs}
-
-
-def run_main(seed: int, epochs: int, data: Digits, twa_starts: Sequence[int], twa_epochs: int, twa_lr: float) -> dict:
-    """The shared SGD trajectory: live, LAWA k in WINDOWS, EMA, and TWA branches."""
-    torch.manual_seed(seed)
-    model = make_model()
-    sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    lawa = LAWA(sgd, k=max(WINDOWS))
-    ema = LAWA(sgd, k=1, mode="ema", decay=EMA_DECAY)  # a second view of the same SGD
-    gen = torch.Generator().manual_seed(seed)
-    out: dict = {"twa": {}}
-    for epoch in range(1, epochs + 1):
-        train_epoch(model, lawa, data.x_train, data.y_train, gen)
-        lawa.snapshot()
-        ema.snapshot()
-        record(out, "live", evaluate(model, data.x_val, data.y_val))
-        for k in WINDOWS:
-            with lawa.averaged(last=min(k, lawa.num_snapshots)):
-                record(out, f"lawa{k}", evaluate(model, data.x_val, data.y_val))
-        with ema.averaged():
-            record(out, "ema", evaluate(model, data.x_val, data.y_val))
-        if epoch in twa_starts:
-            samples = twa_epochs * len(data.y_train)
-            out["twa"][epoch] = {
-                "t": _twa(model, lawa, data.x_train, data.y_train, samples, twa_lr, seed, data),
-                "v": _twa(model, lawa, data.x_holdout, data.y_holdout, samples, twa_lr, seed, data),
-            }
-    return out
+def report(s: dict, cfg: runs.Config, results: Sequence[dict]) -> list[str]:
+    """The human-readable summary (printed and saved as text)."""
+    L: list[str] = []
+    n = cfg.seeds
+    say = lambda p, m: conclusion(p, MARGINS[m], "lower", "higher")  # noqa: E731
+    c = s["refresh_cost"]
+    for title, names in SECTIONS:
+        L += ["", f"== {title}: mean over each third of the run, and the last epoch =="]
+        for name in names:
+            for m in METRICS:
+                cmp = s["compare"][f"{name}/{m}"]
+                L.append(f"{name}, {m}: " + "; ".join(f"epochs {a}-{b} {p.text()} ({say(p, m)})" for a, b, p in cmp["phases"])
+                         + f"; epoch {cfg.epochs} {cmp['last'].text()} ({say(cmp['last'], m)})")
+        if title.startswith("LAWA k=6"):
+            L.append(f"epochs to reach a target set from the live weights' final value (LAWA's saving; then in epochs of "
+                     f"compute, counting one BatchNorm refresh, {c['measured_epochs']:.3f} epochs as measured, per "
+                     "evaluated epoch of every refreshed curve):")
+            for key, r in s["reach"].items():
+                sched, live_key, m = key.split("/")
+                e = r["epochs"]
+                target = f"{LOSS_TARGET_RATIO:g} x final loss" if m == "loss" else f"final accuracy - {ACC_TARGET_GAP:g}"
+                missed = f" ({e.b_missed} of {n} seeds never: counted as epoch {cfg.epochs + 1})" if e.b_missed else ""
+                live = "live" if live_key == "live" else "live refreshed"
+                L.append(f"  {sched}, {target} of {live}: {live} median {e.a_median:g}, LAWA median {e.b_median:g}{missed}; saved "
+                         f"{e.saved.text('+.1f')} epochs ({conclusion(e.saved, MARGINS['epochs'], 'LAWA later', 'LAWA earlier')}); "
+                         f"with refreshes {r['refresh_counted'].text('+.1f')}")
+    L += ["", "== per epoch, cosine: means over seeds; LAWA - live: mean [95% interval], seeds where LAWA is lower =="]
+    L.append(f"{'epoch':>5} {'live loss':>9} {'LAWA-6':>7} {'LAWA-6 - live loss':>27} {'lower':>5} "
+             f"{'same, both refreshed':>27} {'LAWA-20 - live, both refr.':>27} "
+             f"{'live acc':>8} {'LAWA-6':>7} {'LAWA-6 - live acc':>27}")
+    d6, c6, c20, a6 = (s["compare"][k]["per_epoch"] for k in (
+        "cosine: LAWA k=6 - live/loss", "cosine: LAWA k=6 - live, both refreshed/loss",
+        "cosine: LAWA k=20 - live, both refreshed/loss", "cosine: LAWA k=6 - live/acc"))
+    for e in range(cfg.epochs):
+        mean = lambda key: sum(r["cosine"][key][e] for r in results) / n  # noqa: E731
+        L.append(f"{e + 1:>5} {mean('live_loss'):>9.4f} {mean('lawa6_loss'):>7.4f} {d6[e].text():>27} {d6[e].below:>2}/{n:<2} "
+                 f"{c6[e].text():>27} {c20[e].text():>27} {mean('live_acc'):>8.4f} {mean('lawa6_acc'):>7.4f} {a6[e].text():>27}")
+    L += ["", f"== equal compute: a cosine schedule shortened to {cfg.short} epochs (its final weights) against the "
+          f"{cfg.epochs}-epoch run, BatchNorm refreshed on both sides ({c['measured_epochs']:.3f} epochs each) =="]
+    for key, p in s["equal_compute"].items():
+        label, m = key.rsplit("/", 1)
+        L.append(f"{label}, {m}: {p.text()} ({say(p, m)})")
+    L += ["", f"== TWA from all snapshots held at epoch E, {cfg.twa_epochs} epochs' worth of steps with the papers' "
+          f"schedule (lr {runs.TWA_LR_SCALE:g} x {runs.LR:g}, /10 at 50 % and 75 %), BatchNorm refreshed; "
+          "compared with training on (live weights refreshed too) =="]
+    for key, rows in s["twa"].items():
+        start, m = key.split("/")
+        for label, p in rows.items():
+            L.append(f"E = {start.split()[1]}, {m}: {label}: {p.text()} ({say(p, m)})")
+    return L
 
 
-def run_lookahead(seed: int, epochs: int, data: Digits) -> dict[str, list[float]]:
-    """Same seed, SGD inside Lookahead; the slow weights are evaluated."""
-    torch.manual_seed(seed)
-    model = make_model()
-    opt = Lookahead(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM), k=LA_K, alpha=LA_ALPHA)
-    gen = torch.Generator().manual_seed(seed)
-    out: dict[str, list[float]] = {}
-    for _ in range(epochs):
-        train_epoch(model, opt, data.x_train, data.y_train, gen)
-        with opt.slow_weights():
-            record(out, "lookahead", evaluate(model, data.x_val, data.y_val))
-    return out
-
-
-def run_batchnorm(seed: int, epochs: int, data: Digits) -> dict[str, list[float]]:
-    """BatchNorm CNN with LAWA k=6: the average with the live BatchNorm statistics and
-    with statistics recomputed on the training split (the live ones are restored)."""
-    torch.manual_seed(seed)
-    model = make_model(batchnorm=True)
-    lawa = LAWA(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM), k=6)
-    gen = torch.Generator().manual_seed(seed)
-    out: dict[str, list[float]] = {}
-    for _ in range(epochs):
-        train_epoch(model, lawa, data.x_train, data.y_train, gen)
-        lawa.snapshot()
-        record(out, "bn_live", evaluate(model, data.x_val, data.y_val))
-        stats = {k: v.clone() for k, v in model.state_dict().items() if k not in dict(model.named_parameters())}
-        with lawa.averaged():
-            record(out, "bn_avg", evaluate(model, data.x_val, data.y_val))
-            update_bn([(data.x_train, data.y_train)], model)
-            record(out, "bn_avg_upd", evaluate(model, data.x_val, data.y_val))
-        model.load_state_dict(stats, strict=False)
-    return out
-
-
-def reach_table(runs: Sequence[dict], names: Sequence[str]) -> list[dict]:
-    """Per curve: mean/std epochs to reach TARGET_LOSS and TARGET_ACC over the seeds
-    that reach them, and how many seeds do."""
-    rows = []
-    for name in names:
-        row = {"method": name}
-        for metric, target, higher in (("loss", TARGET_LOSS, False), ("acc", TARGET_ACC, True)):
-            hits = [epochs_to_target(r[f"{name}_{metric}"], target, higher) for r in runs]
-            got = [h for h in hits if h is not None]
-            m, s = mean_std(got) if got else (float("nan"), float("nan"))
-            row.update({f"{metric}_epochs": m, f"{metric}_std": s, f"{metric}_reached": f"{len(got)}/{len(hits)}"})
-        rows.append(row)
+def per_epoch_rows(s: dict) -> list[list]:
+    """CSV rows: one per comparison, metric and epoch."""
+    rows = [["comparison", "metric", "epoch", "mean", "lo95", "hi95", "median", "seeds_below_0", "seeds_above_0", "seeds"]]
+    for key, c in s["compare"].items():
+        name, m = key.rsplit("/", 1)
+        for e, p in enumerate(c["per_epoch"], start=1):
+            rows.append([name, m, e, f"{p.mean:.6f}", f"{p.lo:.6f}", f"{p.hi:.6f}", f"{p.median:.6f}", p.below, p.above, p.n])
     return rows
 
 
-def twa_table(curves: Sequence[dict], twa: Sequence[dict], twa_epochs: int) -> list[dict]:
-    """Per TWA start epoch E (one entry of ``twa`` per seed): LAWA k=6 at E (TWA's
-    starting point), then at E + ``twa_epochs``: TWA-t, TWA-v, LAWA k=6 and the live
-    weights. For the first three, the time saving as in the TWA papers:
-    ``1 - (E + twa_epochs) / (epoch at which the live weights first reach that
-    validation loss)``; a seed whose live weights never reach it within the run counts
-    with the last epoch, so the mean saving is then a lower bound."""
-    rows = []
-    epochs = len(curves[0]["live_loss"])
-    for start in sorted(twa[0]):
-        end = start + twa_epochs
-        at_end = min(end, epochs) - 1
-        row: dict = {"start": start, "end": end}
-        row["lawa6_at_start"], row["lawa6_at_start_std"] = mean_std([c["lawa6_loss"][start - 1] for c in curves])
-        row["live_at_end"], row["live_at_end_std"] = mean_std([c["live_loss"][at_end] for c in curves])
-        for name, losses in (
-            ("twa_t", [t[start]["t"]["loss"] for t in twa]),
-            ("twa_v", [t[start]["v"]["loss"] for t in twa]),
-            ("lawa6_at_end", [c["lawa6_loss"][at_end] for c in curves]),
-        ):
-            row[name], row[f"{name}_std"] = mean_std(losses)
-            hits = [epochs_to_target(c["live_loss"], loss) for c, loss in zip(curves, losses)]
-            row[f"{name}_saving"] = mean_std([1 - end / (h or epochs) for h in hits])[0]
-            row[f"{name}_live_reached"] = f"{sum(h is not None for h in hits)}/{len(hits)}"
-        for v in ("t", "v"):
-            row[f"twa_{v}_acc"], row[f"twa_{v}_acc_std"] = mean_std([t[start][v]["acc"] for t in twa])
-        rows.append(row)
-    return rows
+def _jsonable(x):
+    if isinstance(x, (Paired, Reach)):
+        return x.asdict()
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+#: Environment variables that choose the CPU kernels, hence the floating-point results.
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """The command as typed, with the kernel-choosing environment variables that are set."""
+    env = [f"{k}={os.environ[k]}" for k in KERNEL_ENV if k in os.environ]
+    return " ".join([*env, "python -m examples.lawa_experiment", *argv])
+
+
+def machine(jobs: int) -> dict:
+    """Where the numbers were measured."""
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if shutil.which("lscpu") else ""
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "processes": jobs, "threads_per_process": 1,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "lscpu": lscpu}
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m examples.lawa_experiment", description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=30, help="epochs per run (default 30)")
-    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
-    p.add_argument("--twa-starts", type=int, nargs="*", default=[6, 10], help="epochs to start TWA at (default 6 10)")
-    p.add_argument("--twa-epochs", type=int, default=2, help="TWA budget in training epochs (default 2)")
-    p.add_argument("--twa-lr", type=float, default=LR, help=f"TWA SGD learning rate (default {LR})")
-    p.add_argument("--out-dir", default="examples/results", help="where the JSON, CSV and PNG go")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/, not tracked)")
+    p.add_argument("--data-dir", default=None,
+                   help=f"directory with the Fashion-MNIST IDX files (default {runs.fashion_mnist.DEFAULT_DIR})")
+    p.add_argument("--fast", action="store_true", help="tiny smoke run (2 seeds, 4 epochs, 128 training images)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="seeds trained in parallel, one thread each (default: 2, or 1 on one core)")
     args = p.parse_args(argv)
-    for name in ("epochs", "seeds", "twa_epochs"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be an int >= 1, got {getattr(args, name)}")
-    bad = [e for e in args.twa_starts if not 1 <= e <= args.epochs]
-    if bad:
-        p.error(f"--twa-starts must lie in [1, --epochs={args.epochs}], got {bad}")
+    if args.jobs < 1:
+        p.error(f"--jobs must be an int >= 1, got {args.jobs}")
     return args
 
 
-def _fmt(m: float, s: float) -> str:
-    return f"{m:.4f} +- {s:.4f}"
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Run every seed, print the tables and save JSON, CSV and PNG under ``--out-dir``."""
+    """Run every seed, print the summary and write JSON, CSV, text and plots to ``--out``."""
     args = _parse(argv)
-    torch.set_num_threads(1)  # a 6k-parameter CNN gains nothing from more threads
-    data = load_digits_splits()
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = FAST if args.fast else FULL
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()
     t0 = time.perf_counter()
-    runs, twa = [], []
-    for seed in range(args.seeds):
-        run = run_main(seed, args.epochs, data, args.twa_starts, args.twa_epochs, args.twa_lr)
-        twa.append(run.pop("twa"))
-        run.update(run_lookahead(seed, args.epochs, data))
-        run.update(run_batchnorm(seed, args.epochs, data))
-        runs.append(run)
+    work = partial(runs.run_seed, cfg=cfg, data_dir=args.data_dir)
+    if args.jobs == 1:
+        results = [work(seed) for seed in range(cfg.seeds)]
+    else:
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            results = pool.map(work, range(cfg.seeds), chunksize=1)  # seeds take equally long
     seconds = time.perf_counter() - t0
-    curves = aggregate(runs)
-
-    print(f"validation loss, mean +- std over {args.seeds} seed(s)")
-    names = [*LABELS, *BN_LABELS]
-    print("epoch | " + " | ".join(f"{n:>16}" for n in names))
-    for e in range(args.epochs):
-        print(f"{e + 1:>5} | " + " | ".join(f"{_fmt(*curves[f'{n}_loss'][e]):>16}" for n in names))
-    reach = reach_table(runs, names)
-    print(f"\nepochs to reach validation loss <= {TARGET_LOSS} / accuracy >= {TARGET_ACC} (mean over seeds that reach it)")
-    for row in reach:
-        print(f"  {row['method']:>12}: loss {row['loss_epochs']:.1f} +- {row['loss_std']:.1f} ({row['loss_reached']}), "
-              f"acc {row['acc_epochs']:.1f} +- {row['acc_std']:.1f} ({row['acc_reached']})")
-    twa_rows = twa_table(runs, twa, args.twa_epochs)
-    for row in twa_rows:
-        print(f"\nTWA from the {TWA_SNAPSHOTS} latest snapshots at epoch {row['start']} (LAWA k=6 there: "
-              f"{_fmt(row['lawa6_at_start'], row['lawa6_at_start_std'])}), {args.twa_epochs} epoch(s) of budget; "
-              f"validation loss at epoch {row['end']}, live weights {_fmt(row['live_at_end'], row['live_at_end_std'])}:")
-        for name, label in (("twa_t", "TWA-t"), ("twa_v", "TWA-v"), ("lawa6_at_end", "LAWA k=6")):
-            print(f"  {label:>8}: {_fmt(row[name], row[f'{name}_std'])}; live weights reach it in "
-                  f"{row[f'{name}_live_reached']} seeds; time saving {100 * row[f'{name}_saving']:.0f}%")
-        print(f"  accuracy: TWA-t {_fmt(row['twa_t_acc'], row['twa_t_acc_std'])}, "
-              f"TWA-v {_fmt(row['twa_v_acc'], row['twa_v_acc_std'])}")
-    lines = verdict(runs, TARGET_LOSS, "live", "lawa6", LABELS)
-    print("\nverdict (LAWA k=6 vs live weights):")
-    for line in lines:
-        print(f"  - {line}")
-    print(f"\n{args.seeds} seed(s) x {args.epochs} epochs in {seconds:.1f} s")
-
-    (out_dir / "lawa_experiment.json").write_text(json.dumps(
-        {"args": vars(args), "seconds": seconds, "runs": runs, "twa_fits": twa, "reach": reach, "twa": twa_rows, "verdict": lines}, indent=1))
-    with open(out_dir / "lawa_experiment_curves.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["epoch", *(f"{n}_{m}_{s}" for n in names for m in ("loss", "acc") for s in ("mean", "std"))])
-        for e in range(args.epochs):
-            w.writerow([e + 1, *(f"{v:.5f}" for n in names for m in ("loss", "acc") for v in curves[f"{n}_{m}"][e])])
-    plot(curves, LABELS, str(out_dir / "lawa_experiment.png"), f"digits CNN, {args.seeds} seeds, mean +- std")
-    plot(curves, BN_LABELS, str(out_dir / "lawa_experiment_bn.png"), f"BatchNorm CNN, {args.seeds} seeds, mean +- std")
-    return {"runs": runs, "twa_fits": twa, "curves": curves, "reach": reach, "twa": twa_rows, "verdict": lines}
+    s = summarise(results, cfg)
+    command = command_line(sys.argv[1:] if argv is None else argv)
+    cpu = sum(r["cost"]["cpu_s"] for r in results)
+    head = [f"command: {command}",
+            f"{cfg.seeds} seeds, {seconds:.0f} s wall on {args.jobs} process(es) x 1 thread (load average before "
+            f"{load[0]:.2f}, after {os.getloadavg()[0]:.2f}); {cpu:.0f} CPU seconds in all, {cpu / 2:.0f} s on 2 "
+            f"otherwise idle cores; torch {torch.__version__}",
+            "differences: mean [95% bootstrap interval over seeds]; 'equal within' = the whole interval inside the margin "
+            f"({', '.join(f'{k} {v:g}' for k, v in MARGINS.items())})", ""]
+    lines = head + report(s, cfg, results)
+    print("\n".join(lines))
+    (out / "lawa_experiment.txt").write_text("\n".join(lines) + "\n")
+    (out / "lawa_experiment.json").write_text(json.dumps(_jsonable({
+        "command": command, "config": cfg.__dict__, "seconds": seconds, "cpu_seconds": cpu, "load_before": load,
+        "load_after": os.getloadavg(), "machine": machine(args.jobs), "margins": MARGINS,
+        "summary": s, "runs": results}), indent=1))
+    with open(out / "lawa_experiment.csv", "w", newline="") as f:
+        csv.writer(f).writerows(per_epoch_rows(s))
+    plot_all(results, s, cfg, out)
+    return {"results": results, "summary": s, "seconds": seconds}
 
 
 if __name__ == "__main__":

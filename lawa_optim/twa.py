@@ -10,23 +10,29 @@ by its orthogonal projection ``P^T (P g)`` with ``P`` (r x D) an orthonormal bas
 the span built from the solutions themselves (as in the authors' code, which
 orthonormalises the raw solutions, not their differences). Fitting the
 coefficients on training data is TWA-t; on held-out data, TWA-v (the journal
-version): the optimizer is the same, only the batches differ.
+version): the optimizer is the same, only the batches differ. The journal version
+also learns one coefficient vector per block of layers; ``blocks=`` does that here,
+with one span (and one projection) per block.
 
 With ``torch.optim.SGD`` the weights stay in the span: the projected gradient is in
 it, weight decay adds ``wd * theta`` (in it when ``theta`` is), and momentum,
-dampening and Nesterov only form linear combinations of such vectors. Optimizers
-whose update is not linear in the gradient (Adam, RMSprop, ...) rescale each
-coordinate and would leave the span, so they are refused.
+dampening and Nesterov only form linear combinations of such vectors, provided the
+momentum buffers start empty: buffers left over from training are not in the span,
+so an optimizer that already has state is refused. Optimizers whose update is not
+linear in the gradient (Adam, RMSprop, ...) rescale each coordinate and would leave
+the span, so they are refused too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import MultiStepLR
 
 from lawa_optim.history import Bucket, accumulation_dtype
 from lawa_optim.wrapper import LAWA
@@ -44,6 +50,26 @@ def _newest_slots(pushes: int, k: int, n: int) -> list[int]:
     return [(pushes - 1 - i) % k for i in range(n)]
 
 
+@dataclass
+class _Segment:
+    """The parameters of one block that share one history bucket, laid out back to
+    back in memory order (the ring's order) in a flat buffer of ``D`` elements."""
+
+    bucket: Bucket
+    index: list[int]  # positions in bucket.params
+    offsets: list[int]  # start of each parameter in the segment's flat layout
+    D: int
+    block: int
+
+    def view(self, flat: Tensor, j: int) -> Tensor:
+        """Parameter ``j``'s slice of a flat ``(D,)`` buffer, shaped like the parameter."""
+        p = self.bucket.params[self.index[j]]
+        return flat.as_strided(p.shape, p.stride(), flat.storage_offset() + self.offsets[j])
+
+    def params(self) -> list[Tensor]:
+        return [self.bucket.params[i] for i in self.index]
+
+
 class TWA(WrappedOptimizer):
     r"""Train the weights inside the span of the snapshots held by ``history``.
 
@@ -52,33 +78,54 @@ class TWA(WrappedOptimizer):
         lawa = LAWA(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=6)
         ...                                 # train, lawa.snapshot() at each epoch end
         twa = TWA(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), history=lawa)
+        sched = twa.paper_schedule(total_steps=2 * len(loader))   # optional
         for epoch in range(2):              # the model starts at the average
             for x, y in loader:             # training batches: TWA-t; held-out: TWA-v
                 loss_fn(model(x), y).backward()
                 twa.step()
                 twa.zero_grad()
+                sched.step()
+        update_bn(loader, model)            # BatchNorm statistics for the new weights
 
     Args:
-        optimizer: a ``torch.optim.SGD`` over exactly the parameters of ``history``
-            (momentum, Nesterov, dampening and weight decay are fine); its
-            ``param_groups``, ``state`` and ``defaults`` are shared, not copied.
+        optimizer: a fresh ``torch.optim.SGD`` over exactly the parameters of
+            ``history`` (momentum, Nesterov, dampening and weight decay are fine); its
+            ``param_groups``, ``state`` and ``defaults`` are shared, not copied. One
+            that already has state (the momentum buffers of the training run) is
+            refused rather than cleared, so the training optimizer can resume as it was.
         history: a uniform-mode :class:`~lawa_optim.LAWA` holding at least one
             snapshot. It is only read: its ring, counters and weights are untouched,
             and it is not stepped.
         last: use only the ``last`` newest snapshots (default: all that
             ``history`` holds).
+        blocks: ``None`` (default): one coefficient per snapshot for the whole model
+            (the ICLR version). Otherwise a sequence of parameter collections that
+            partitions the parameters of ``history`` (each in exactly one block), for
+            example ``[list(m.parameters()) for m in model.children()]``: every block
+            gets coefficients of its own (the journal version's block-wise TWA), i.e.
+            the weights move in the span of each block's slices of the snapshots.
 
     Creating a TWA writes the mean of the chosen snapshots into the parameters
     (overwriting the live weights; save them first to keep them). Each :meth:`step`
     replaces every gradient by its projection onto the span of the snapshots, then
     runs the wrapped optimizer's step; a parameter without a gradient counts as a zero
     gradient (its projected gradient is generally not zero, so it is created).
-    Memory: the orthonormal basis (r x D with r <= n the rank of the snapshots, in
-    float32 for float32/16-bit parameters) and one D-element gradient buffer; building
-    the basis holds r x D float64 values per bucket for a moment.
+    BatchNorm running statistics are buffers, not parameters: TWA does not touch them,
+    so recompute them with :func:`lawa_optim.update_bn` before evaluating the result,
+    as the authors do after TWA.
+    Memory: the orthonormal basis (r x D with r <= n the rank of the snapshots, per
+    block, in float32 for float32/16-bit parameters) and one D-element gradient buffer;
+    building the basis holds r x D float64 values per block and bucket for a moment.
     """
 
-    def __init__(self, optimizer: Optimizer, history: LAWA, *, last: int | None = None) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        history: LAWA,
+        *,
+        last: int | None = None,
+        blocks: Sequence[Iterable[Tensor]] | None = None,
+    ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(optimizer, torch.optim.SGD):
@@ -87,6 +134,13 @@ class TWA(WrappedOptimizer):
                 f"weight_decay), got {type(optimizer).__name__}: TWA keeps the weights in the span "
                 "of the snapshots by projecting the gradient, which only works when the update is "
                 "linear in the gradient; adaptive optimizers such as Adam rescale each coordinate"
+            )
+        filled = sum(1 for s in optimizer.state.values() if s)
+        if filled:
+            raise ValueError(
+                f"optimizer already has state for {filled} parameter(s) (momentum buffers of earlier "
+                "steps, e.g. the training run's): they are not in the span of the snapshots and would "
+                "carry the weights out of it; pass a fresh torch.optim.SGD over the same parameters"
             )
         if not isinstance(history, LAWA):
             raise TypeError(f"history must be a lawa_optim.LAWA, got {type(history).__name__}")
@@ -112,8 +166,7 @@ class TWA(WrappedOptimizer):
                 "of whole snapshots and supports unsharded parameters only"
             )
         hist_ids = {id(p) for b in buckets for p in b.sources}
-        opt_params = [p for g in optimizer.param_groups for p in g["params"]]
-        opt_ids = {id(p) for p in opt_params}
+        opt_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = len(hist_ids - opt_ids)
         if missing:
             raise ValueError(
@@ -131,79 +184,88 @@ class TWA(WrappedOptimizer):
         self.num_snapshots = count if last is None else last
         self._buckets: list[Bucket] = buckets
         self._slots = [_newest_slots(int(b.pushes.item()), b.k, self.num_snapshots) for b in buckets]
+        self._segments = _segments(buckets, blocks)
+        self.num_blocks = 1 + max(s.block for s in self._segments)
         self._basis, self._coef = self._orthonormalise()
-        self._grads = [
-            torch.zeros(b.D, dtype=accumulation_dtype(b.dtype), device=b.param_device) for b in buckets
-        ]
+        self._grads = [torch.zeros(s.D, dtype=accumulation_dtype(s.bucket.dtype), device=s.bucket.param_device)
+                       for s in self._segments]
         self._start_at_mean()
 
     def __repr__(self) -> str:
-        return self._repr(f"TWA(snapshots={self.num_snapshots}, rank={self.rank})")
+        return self._repr(f"TWA(snapshots={self.num_snapshots}, blocks={self.num_blocks}, rank={self.rank})")
 
     @property
     def rank(self) -> int:
-        """Dimension r of the span (the number of orthonormal basis vectors)."""
-        return self._coef.shape[0]
+        """Dimension of the trainable subspace: the rank of the snapshots, summed over blocks."""
+        return sum(c.shape[0] for c in self._coef)
 
     # -- set-up -------------------------------------------------------------------
-    def _snapshots(self, j: int) -> Tensor:
-        """Bucket ``j``'s chosen snapshots as an (n, D) float64 matrix on the parameters' device."""
-        b = self._buckets[j]
-        return b.ring[self._slots[j]].to(device=b.param_device, dtype=torch.float64)
+    def _snapshots(self, s: _Segment) -> Tensor:
+        """Segment ``s``'s slices of the chosen snapshots as an (n, D_s) float64 matrix."""
+        b = s.bucket
+        slots = self._slots[self._buckets.index(b)]
+        cols = torch.cat([b.ring[slots, b.offsets[i]:b.offsets[i] + b.numels[i]] for i in s.index], dim=1)
+        return cols.to(device=b.param_device, dtype=torch.float64)
 
     @torch.no_grad()
-    def _orthonormalise(self) -> tuple[list[Tensor], Tensor]:
-        """Orthonormal basis of the span of the snapshots, joint over all buckets.
+    def _orthonormalise(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Orthonormal basis of the span of the snapshots, per block (joint over buckets).
 
         Two passes of the eigen-decomposition of the Gram matrix (SVQB; the second pass
         removes the loss of orthogonality of the first, as in CholeskyQR2), in float64,
-        dropping directions below ``RANK_RTOL``. Returns the basis per bucket (r, D_b)
-        and ``C`` (r, n) with ``basis = C @ snapshots``.
+        dropping directions below ``RANK_RTOL``. Returns the basis per segment (r_b, D_s)
+        and per block ``C`` (r_b, n) with ``basis = C @ snapshots``.
         """
         n = self.num_snapshots
         dev = self._buckets[0].param_device
-        coef = torch.eye(n, dtype=torch.float64, device=dev)
-        for first in (True, False):
-            gram = torch.zeros(coef.shape[0], coef.shape[0], dtype=torch.float64, device=dev)
-            for j in range(len(self._buckets)):
-                q = coef.to(self._buckets[j].param_device) @ self._snapshots(j)
-                gram += (q @ q.T).to(dev)
-            vals, vecs = torch.linalg.eigh(gram)
-            if first:
-                keep = vals > RANK_RTOL**2 * vals.max()
-                vals, vecs = vals[keep], vecs[:, keep]
-            coef = (vecs / vals.sqrt()).T @ coef
-        basis = []
-        for j, b in enumerate(self._buckets):
-            q = coef.to(b.param_device) @ self._snapshots(j)
-            basis.append(q.to(accumulation_dtype(b.dtype)))
-        return basis, coef
+        coefs = []
+        for block in range(self.num_blocks):
+            segs = [s for s in self._segments if s.block == block]
+            coef = torch.eye(n, dtype=torch.float64, device=dev)
+            for first in (True, False):
+                gram = torch.zeros(coef.shape[0], coef.shape[0], dtype=torch.float64, device=dev)
+                for s in segs:
+                    q = coef.to(s.bucket.param_device) @ self._snapshots(s)
+                    gram += (q @ q.T).to(dev)
+                vals, vecs = torch.linalg.eigh(gram)
+                if first:
+                    keep = vals > RANK_RTOL**2 * vals.max()
+                    vals, vecs = vals[keep], vecs[:, keep]
+                coef = (vecs / vals.sqrt()).T @ coef
+            coefs.append(coef)
+        basis = [
+            (coefs[s.block].to(s.bucket.param_device) @ self._snapshots(s)).to(accumulation_dtype(s.bucket.dtype))
+            for s in self._segments
+        ]
+        return basis, coefs
 
     @torch.no_grad()
     def _start_at_mean(self) -> None:
         """Write the mean of the chosen snapshots into the parameters."""
-        for j, b in enumerate(self._buckets):
-            mean = self._snapshots(j).mean(0).to(b.dtype)
+        for b, slots in zip(self._buckets, self._slots):
+            mean = b.ring[slots].to(device=b.param_device, dtype=torch.float64).mean(0).to(b.dtype)
             torch._foreach_copy_(b.params, [b.view(mean, i) for i in range(len(b.params))])
 
     # -- training -------------------------------------------------------------------
     @torch.no_grad()
     def project_(self) -> None:
-        """Replace every gradient by its orthogonal projection onto the span: per bucket
-        one copy of the gradients into a flat buffer, then ``g <- P^T (P g)`` as two
-        matrix products with the coefficients summed over buckets."""
+        """Replace every gradient by its orthogonal projection onto the span of its
+        block: per segment one copy of the gradients into a flat buffer, then
+        ``g <- P^T (P g)`` as two matrix products, the coordinates summed over the
+        segments of a block."""
         views = []
-        for b, g in zip(self._buckets, self._grads):
-            for p in b.params:
+        coords = [torch.zeros(c.shape[0], dtype=torch.float64, device=c.device) for c in self._coef]
+        for s, q, g in zip(self._segments, self._basis, self._grads):
+            params = s.params()
+            for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            views.append([b.view(g, i) for i in range(len(b.params))])
-            torch._foreach_copy_(views[-1], [p.grad for p in b.params])
-        dev = self._grads[0].device
-        coords = sum((q @ g).to(device=dev, dtype=torch.float64) for q, g in zip(self._basis, self._grads))
-        for b, q, g, v in zip(self._buckets, self._basis, self._grads, views):
-            torch.mv(q.t(), coords.to(device=q.device, dtype=q.dtype), out=g)
-            torch._foreach_copy_([p.grad for p in b.params], v)
+            views.append([s.view(g, j) for j in range(len(params))])
+            torch._foreach_copy_(views[-1], [p.grad for p in params])
+            coords[s.block] += (q @ g).to(device=coords[s.block].device, dtype=torch.float64)
+        for s, q, g, v in zip(self._segments, self._basis, self._grads, views):
+            torch.mv(q.t(), coords[s.block].to(device=q.device, dtype=q.dtype), out=g)
+            torch._foreach_copy_([p.grad for p in s.params()], v)
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
         """Project the gradients onto the span of the snapshots, then step the wrapped
@@ -216,16 +278,78 @@ class TWA(WrappedOptimizer):
         self._inner.step()
         return loss
 
+    def paper_schedule(self, total_steps: int, lr_scale: float = 1.0) -> MultiStepLR:
+        """The TWA papers' learning-rate recipe for the TWA phase, as a scheduler.
+
+        Multiplies every group's learning rate by ``lr_scale`` now and returns a
+        ``MultiStepLR`` that divides it by 10 after 50 % and after 75 % of
+        ``total_steps``; call its ``step()`` after every :meth:`step`. The authors'
+        scripts (github.com/nblt/TWA, ``run.sh`` and ``train_twa.py``) train TWA with SGD
+        at a larger learning rate than regular training (2 on CIFAR and 0.3 on ImageNet,
+        where regular training starts at 0.1: ``lr_scale`` 20 and 3) and divide it by 10
+        at epochs ``int(0.5 E)`` and ``int(0.75 E + 0.9)`` of ``E`` TWA epochs (5 and 8 of
+        10 on CIFAR): the shape of their regular schedule (decays at epochs 100 and 150
+        of 200) compressed into the TWA budget, here counted in steps.
+        """
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 4:
+            raise ValueError(f"total_steps must be an int >= 4 (decays at 50% and 75% of it), got {total_steps!r}")
+        if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not lr_scale > 0:
+            raise ValueError(f"lr_scale must be a number > 0, got {lr_scale!r}")
+        for group in self.param_groups:
+            group["lr"] *= lr_scale
+        return MultiStepLR(self, milestones=[total_steps // 2, (3 * total_steps) // 4], gamma=0.1)
+
     @torch.no_grad()
     def coefficients(self) -> Tensor:
         """The weights now as averaging coefficients over the chosen snapshots, newest
-        first (float64, ``n`` values; all ``1/n`` right after creation): the weights
-        equal ``sum_i c[i] * snapshot_i`` up to rounding. When the snapshots are linearly
-        dependent, one of the coefficient vectors that give the weights."""
-        dev = self._coef.device
-        coords = torch.zeros(self.rank, dtype=torch.float64, device=dev)
-        for b, q in zip(self._buckets, self._basis):
-            flat = torch.zeros(b.D, dtype=q.dtype, device=q.device)
-            torch._foreach_copy_([b.view(flat, i) for i in range(len(b.params))], b.params)
-            coords += (q.double() @ flat.double()).to(dev)
-        return self._coef.T @ coords
+        first: a float64 ``(num_blocks, n)`` tensor (one row with the default
+        ``blocks=None``; all ``1/n`` right after creation): each block's weights equal
+        ``sum_i c[block, i] * snapshot_i`` restricted to the block, up to rounding. When
+        the snapshots are linearly dependent, one of the coefficient vectors that give
+        the weights."""
+        dev = self._coef[0].device
+        coords = [torch.zeros(c.shape[0], dtype=torch.float64, device=dev) for c in self._coef]
+        for s, q in zip(self._segments, self._basis):
+            flat = torch.zeros(s.D, dtype=q.dtype, device=q.device)
+            params = s.params()
+            torch._foreach_copy_([s.view(flat, j) for j in range(len(params))], params)
+            coords[s.block] += (q.double() @ flat.double()).to(dev)
+        return torch.stack([c.T @ x for c, x in zip(self._coef, coords)])
+
+
+def _segments(buckets: list[Bucket], blocks: Sequence[Iterable[Tensor]] | None) -> list[_Segment]:
+    """Split the parameters of ``buckets`` into per-block, per-bucket segments."""
+    where = {id(p): (j, i) for j, b in enumerate(buckets) for i, p in enumerate(b.sources)}
+    if blocks is None:
+        groups = [[p for b in buckets for p in b.sources]]
+    else:
+        if isinstance(blocks, torch.Tensor) or not isinstance(blocks, Sequence):
+            raise TypeError(f"blocks must be None or a sequence of parameter collections, got {type(blocks).__name__}")
+        groups = [list(g) for g in blocks]
+        seen: dict[int, int] = {}
+        for k, g in enumerate(groups):
+            if not g:
+                raise ValueError(f"blocks[{k}] is empty; every block needs at least one parameter")
+            for p in g:
+                if id(p) not in where:
+                    raise ValueError(f"blocks[{k}] holds a tensor of shape {tuple(p.shape)} that is not a parameter of history")
+                if id(p) in seen:
+                    raise ValueError(f"a parameter of shape {tuple(p.shape)} is in blocks[{seen[id(p)]}] and blocks[{k}]; "
+                                     "each parameter belongs to exactly one block")
+                seen[id(p)] = k
+        if len(seen) != len(where):
+            raise ValueError(f"{len(where) - len(seen)} parameter(s) of history are in no block; blocks must cover them all")
+    segments = []
+    for k, g in enumerate(groups):
+        per_bucket: dict[int, list[int]] = {}
+        for p in g:
+            j, i = where[id(p)]
+            per_bucket.setdefault(j, []).append(i)
+        for j in sorted(per_bucket):
+            b, index = buckets[j], sorted(per_bucket[j])
+            offsets, size = [], 0
+            for i in index:
+                offsets.append(size)
+                size += b.numels[i]
+            segments.append(_Segment(b, index, offsets, size, k))
+    return segments

@@ -3,6 +3,7 @@
 import copy
 import importlib.util
 
+import pytest
 import torch
 
 from lawa_optim import demo
@@ -10,65 +11,93 @@ from lawa_optim import demo
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
 
-def test_splits():
-    d = demo.load_digits_splits()
-    assert (len(d.y_train), len(d.y_holdout), len(d.y_val)) == (1197, 300, 300)
-    assert d.x_train.shape[1:] == (1, 8, 8) and 0.0 <= d.x_train.min() and d.x_train.max() <= 1.0
-    assert torch.bincount(d.y_val).min() >= 29  # stratified: about 30 per class
+def test_split_per_seed():
+    x, y = demo.load_digits()
+    assert x.shape == (1797, 1, 8, 8) and 0.0 <= x.min() and x.max() <= 1.0
+    xt, yt, xv, yv = demo.split(x, y, seed=0)
+    assert (len(yt), len(yv)) == (1797 - demo.VAL_SIZE, demo.VAL_SIZE)
+    # stratified: each class gets its share of the 600, rounded
+    share = torch.bincount(y).double() * demo.VAL_SIZE / len(y)
+    assert (torch.bincount(yv) - share).abs().max() <= 1
+    assert not torch.equal(demo.split(x, y, seed=1)[3], yv)  # each seed its own split
+    assert torch.equal(demo.split(x, y, seed=0)[3], yv)
 
 
 def test_average_equals_hand_computed_mean_of_snapshots():
     torch.set_num_threads(1)
-    data = demo.load_digits_splits()
-    curves = demo.run_seed(seed=3, epochs=3, data=data, k=2)
+    x, y = demo.load_digits()
+    curves = demo.run_seed(seed=3, epochs=3, x=x, y=y, k=2)
 
-    # oracle: the same seed with plain SGD, snapshots copied by hand, mean of the last 2
+    # oracle: the same seed with plain SGD and the cosine schedule, snapshots copied by
+    # hand, the mean of the last 2 loaded into the model
+    xt, yt, xv, yv = demo.split(x, y, 3)
     torch.manual_seed(3)
     model = demo.make_model()
     sgd = torch.optim.SGD(model.parameters(), lr=demo.LR, momentum=demo.MOMENTUM)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(sgd, T_max=3)
     gen = torch.Generator().manual_seed(3)
     snaps = []
     for _ in range(3):
-        demo.train_epoch(model, sgd, data.x_train, data.y_train, gen)
+        demo.train_epoch(model, sgd, xt, yt, gen)
+        sched.step()
         snaps.append(copy.deepcopy(model.state_dict()))
-    live = demo.evaluate(model, data.x_val, data.y_val)
-    mean = {k: (snaps[-1][k] + snaps[-2][k]) / 2 for k in snaps[-1]}
-    model.load_state_dict(mean)
-    avg = demo.evaluate(model, data.x_val, data.y_val)
+    live = demo.evaluate(model, xv, yv)
+    model.load_state_dict({k: (snaps[-1][k] + snaps[-2][k]) / 2 for k in snaps[-1]})
+    avg = demo.evaluate(model, xv, yv)
 
-    assert abs(curves["live_loss"][-1] - live[0]) < 1e-6 and curves["live_acc"][-1] == live[1]
-    assert abs(curves["avg_loss"][-1] - avg[0]) < 1e-5 and abs(curves["avg_acc"][-1] - avg[1]) < 1e-6
+    assert curves["live_loss"][-1] == pytest.approx(live[0], abs=1e-6) and curves["live_acc"][-1] == live[1]
+    assert curves["avg_loss"][-1] == pytest.approx(avg[0], abs=1e-5) and curves["avg_acc"][-1] == pytest.approx(avg[1])
     assert curves["avg_loss"][0] == curves["live_loss"][0]  # one snapshot: the average is the live weights
     assert curves["avg_loss"][-1] != curves["live_loss"][-1]
 
 
-def test_verdict_from_numbers():
-    runs = [
-        {"live_loss": [0.5, 0.3, 0.2, 0.1], "avg_loss": [0.5, 0.2, 0.1, 0.15]},
-        {"live_loss": [0.7, 0.3, 0.3, 0.1], "avg_loss": [0.7, 0.2, 0.1, 0.15]},
-    ]
-    lines = demo.verdict(runs, target_loss=0.1, labels={"avg": "LAWA"})
-    assert lines[0].startswith("LAWA has the lower mean validation loss in 2/4 epochs (2-3)")
-    assert "largest gap at epoch 3: 0.100 vs 0.250 (60% lower)" in lines[0]
-    assert lines[1] == "it is not better in epochs 1, 4"
-    assert lines[2].endswith("live 4.0") and lines[3].endswith("LAWA 3.0")
-    assert "1.0 epochs earlier" in lines[4]
+def _runs(avg_minus_live_loss, live_loss, avg_acc, live_acc):
+    """Seeds whose loss differences are given per seed and epoch."""
+    return [{"live_loss": ll, "avg_loss": [a + d for a, d in zip(ll, dd)], "live_acc": la, "avg_acc": aa}
+            for dd, ll, aa, la in zip(avg_minus_live_loss, live_loss, avg_acc, live_acc)]
 
 
-def test_epochs_to_target():
-    assert demo.epochs_to_target([0.5, 0.2, 0.09], 0.1) == 3
-    assert demo.epochs_to_target([0.5, 0.96, 0.98], 0.97, higher_is_better=True) == 3
-    assert demo.epochs_to_target([0.5, 0.4], 0.1) is None
+def test_verdict_states_only_what_the_intervals_show():
+    live = [[0.9, 0.5, 0.3, 0.25, 0.2, 0.2]] * 3
+    runs = _runs(
+        # thirds: epochs 1-2 LAWA lower by 0.1 in every seed; 3-4 equal within 0.005;
+        # 5-6 one seed higher, two lower: the interval contains 0
+        [[-0.1, -0.1, 0.001, -0.001, 0.05, 0.05], [-0.1, -0.1, 0.0, 0.002, -0.05, -0.05],
+         [-0.1, -0.1, 0.0, 0.0, -0.02, -0.02]],
+        live,
+        [[0.5, 0.8, 0.9, 0.95, 0.96, 0.97]] * 3,
+        [[0.5, 0.7, 0.85, 0.94, 0.96, 0.97]] * 3,
+    )
+    lines = demo.verdict(runs)
+    assert lines[0] == "epochs 1-2, mean validation loss: -0.1000 [-0.1000, -0.1000]: LAWA lower"
+    assert lines[1].startswith("epochs 3-4, mean validation loss: +0.0003 [") and lines[1].endswith(": equal within +-0.005")
+    assert lines[2].startswith("epochs 5-6, mean validation loss: -0.0067 [") and lines[2].endswith(
+        ": not resolved (the interval contains 0)")
+    assert lines[3].startswith("last epoch (6): loss -0.0067 [") and "accuracy +0.0000 [+0.0000, +0.0000]: equal within" in lines[3]
+    # loss target 1.1 x 0.2 = 0.22: live reaches it at epoch 5; LAWA never in seed 0
+    # (0.25 at the end: counted as epoch 7), at epoch 5 in seeds 1 and 2; savings -2, 0, 0,
+    # whose bootstrap means are -2 with probability 1/27 (> 2.5 %) and 0 with 8/27
+    assert lines[4] == ("epochs to reach 1.1 x the live weights' final loss: live median 5, LAWA median 5, "
+                        "1 seed(s) never (counted as epoch 7); LAWA saves -0.7 [-2.0, +0.0] epochs: "
+                        "not resolved (the interval contains 0)")
+    # accuracy target 0.97 - 0.01 = 0.96: live at epoch 5, LAWA at epoch 5 in every seed: saves exactly 0
+    assert lines[5].endswith("live median 5, LAWA median 5; LAWA saves +0.0 [+0.0, +0.0] epochs: equal within +-1")
+
+
+def test_phases():
+    assert demo.phases(20) == [(1, 6), (7, 13), (14, 20)]
+    assert demo.phases(2) == [(1, 1), (2, 2)]
 
 
 def test_main_tiny_run(tmp_path, capsys):
     out = tmp_path / "demo.png"
-    result = demo.main(["--epochs", "2", "--seeds", "1", "--out", str(out)])
+    result = demo.main(["--epochs", "3", "--seeds", "2", "--out", str(out)])
     text = capsys.readouterr().out
     # The plot is drawn only where matplotlib is installed; without it nothing is written.
     assert out.stat().st_size > 1000 if HAS_MPL else not out.exists()
-    agg = result["aggregate"]
-    assert len(agg["live_loss"]) == 2 and all(s == 0.0 for _, s in agg["live_loss"])
-    for key in ("live_acc", "avg_acc"):
-        assert all(0.5 < m <= 1.0 for m, _ in agg[key])  # 2 epochs already beat chance (0.1) by far
-    assert "verdict:" in text and f"{agg['avg_loss'][1][0]:.4f}" in text
+    runs = result["runs"]
+    assert len(runs) == 2 and all(len(r["live_loss"]) == 3 for r in runs)
+    assert all(0.5 < r["avg_acc"][-1] <= 1.0 for r in runs)  # 3 epochs already beat chance (0.1) by far
+    assert "verdict" in text and result["verdict"][0] in text
+    mean = (runs[0]["avg_loss"][2] + runs[1]["avg_loss"][2]) / 2
+    assert f"{mean:.4f}" in text

@@ -71,17 +71,26 @@ def test_last_uses_newest_snapshots():
 def test_basis_orthonormal_and_spans_snapshots():
     m, lawa, dense = _trained()
     twa = TWA(torch.optim.SGD(m.parameters(), lr=0.1), history=lawa)
-    q = twa._basis[0].double()
-    assert q.shape[0] == 4
+    q = twa._basis[0].double()  # one segment: all parameters back to back, in memory order
+    assert q.shape == (4, dense.shape[1])
     torch.testing.assert_close(q @ q.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-5)
     # every snapshot lies in the span of the basis: the dense projector reproduces it
-    flat_q = torch.stack([_unpad(lawa, row) for row in q])
-    torch.testing.assert_close(dense @ flat_q.T @ flat_q, dense, rtol=0, atol=1e-5)
+    dense_mem = torch.stack([_memory_order(m, row) for row in dense])
+    torch.testing.assert_close(dense_mem @ q.T @ q, dense_mem, rtol=0, atol=1e-5)
 
 
-def _unpad(lawa, flat):
-    b = lawa._history.buckets[0]
-    return torch.cat([b.view(flat, i).reshape(-1) for i in range(len(b.params))])
+def _memory_order(m, flat):
+    """``flat`` (parameters in logical order) rearranged into each parameter's memory order."""
+    out, start = [], 0
+    for p in m.parameters():
+        v = flat[start:start + p.numel()].reshape(p.shape)
+        out.append(v.permute(*_memory_dims(p)).reshape(-1))
+        start += p.numel()
+    return torch.cat(out)
+
+
+def _memory_dims(p):
+    return sorted(range(p.dim()), key=lambda d: -p.stride(d))
 
 
 def test_projection_matches_dense_reference():
@@ -109,7 +118,9 @@ def test_weights_stay_in_span_with_momentum_nesterov_and_weight_decay():
     assert moved > 1e-2  # it did train
     assert _span_residual(dense, _flat(m)) < 1e-5
     # the reported coefficients rebuild the weights from the snapshots (newest first)
-    torch.testing.assert_close(twa.coefficients() @ dense, _flat(m), rtol=0, atol=1e-5)
+    coefs = twa.coefficients()
+    assert coefs.shape == (1, 4)
+    torch.testing.assert_close(coefs[0] @ dense, _flat(m), rtol=0, atol=1e-5)
 
 
 def test_unprojected_sgd_leaves_the_span():
@@ -211,3 +222,120 @@ def test_projection_is_joint_over_buckets():
     q, _ = torch.linalg.qr(dense.T)
     got = torch.cat([a.grad.reshape(-1).double(), b.grad])
     torch.testing.assert_close(got, q @ (q.T @ g), rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_with_state_is_refused():
+    """The training SGD's momentum buffers are not in the span: TWA refuses it, and
+    stepping it on projected gradients shows why (the weights leave the span)."""
+    m, lawa, dense = _trained()
+    sgd = lawa.optimizer  # the training SGD, with one momentum buffer per parameter
+    with pytest.raises(ValueError, match=r"already has state for 6 parameter\(s\).*fresh torch.optim.SGD"):
+        TWA(sgd, history=lawa)
+    twa = TWA(torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9), history=lawa)
+    x, y = _data()
+    for _ in range(10):
+        _loss(m, x, y).backward()
+        twa.project_()
+        sgd.step()  # what accepting the stateful optimizer would do
+        sgd.zero_grad()
+    assert _span_residual(dense, _flat(m)) > 1e-3
+
+
+def _blocks(m):
+    return [[m[0].weight, m[0].bias], [m[2].weight, m[2].bias], [m[4].weight, m[4].bias]]
+
+
+def _block_slices(m):
+    """Index ranges of the three blocks in the flat (logical-order) parameter vector."""
+    sizes = [sum(p.numel() for p in blk) for blk in _blocks(m)]
+    starts = [sum(sizes[:i]) for i in range(3)]
+    return [slice(a, a + n) for a, n in zip(starts, sizes)]
+
+
+def test_blockwise_projection_and_span_per_block():
+    m, lawa, dense = _trained()
+    twa = TWA(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2), history=lawa, blocks=_blocks(m))
+    assert twa.num_blocks == 3 and twa.rank == 12
+    x, y = _data()
+    _loss(m, x * 1.5, y).backward()
+    g = _grads(m)
+    twa.project_()
+    # dense reference: each block's gradient projected onto the span of its own slices
+    want = torch.cat([torch.linalg.qr(dense[:, sl].T)[0] @ (torch.linalg.qr(dense[:, sl].T)[0].T @ g[sl])
+                      for sl in _block_slices(m)])
+    torch.testing.assert_close(_grads(m), want, rtol=1e-4, atol=1e-6 * g.norm().item())
+    twa.zero_grad()
+    for _ in range(25):
+        _loss(m, x, y).backward()
+        twa.step()
+        twa.zero_grad()
+    w = _flat(m)
+    coefs = twa.coefficients()
+    assert coefs.shape == (3, 4)
+    for b, sl in enumerate(_block_slices(m)):
+        assert _span_residual(dense[:, sl], w[sl]) < 1e-5
+        torch.testing.assert_close(coefs[b] @ dense[:, sl], w[sl], rtol=0, atol=1e-5)
+    # the blocks moved apart: one joint coefficient vector cannot give these weights
+    assert _span_residual(dense, w) > 1e-3
+
+
+def test_blocks_errors():
+    m, lawa, _ = _trained()
+    sgd = lambda: torch.optim.SGD(m.parameters(), lr=0.1)  # noqa: E731
+    blocks = _blocks(m)
+    with pytest.raises(ValueError, match=r"blocks\[1\] is empty"):
+        TWA(sgd(), history=lawa, blocks=[blocks[0], [], *blocks[1:]])
+    with pytest.raises(ValueError, match=r"blocks\[0\] holds a tensor of shape \(2,\) that is not a parameter"):
+        TWA(sgd(), history=lawa, blocks=[[torch.zeros(2)], *blocks])
+    with pytest.raises(ValueError, match=r"is in blocks\[0\] and blocks\[2\]"):
+        TWA(sgd(), history=lawa, blocks=[blocks[0], blocks[1], [*blocks[2], m[0].bias]])
+    with pytest.raises(ValueError, match=r"2 parameter\(s\) of history are in no block"):
+        TWA(sgd(), history=lawa, blocks=blocks[:2])
+    with pytest.raises(TypeError, match="blocks must be None or a sequence"):
+        TWA(sgd(), history=lawa, blocks=iter(blocks))
+
+
+def test_blocks_span_buckets_of_two_dtypes():
+    """A block may hold parameters of two buckets (two dtypes): one coefficient vector
+    for both, one for the other block."""
+    torch.manual_seed(3)
+    a, b, c = (nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(5, dtype=torch.float64)),
+               nn.Parameter(torch.randn(6)))
+    lawa = LAWA(torch.optim.SGD([a, b, c], lr=0.1), k=3)
+    dense = []
+    for _ in range(3):
+        with torch.no_grad():
+            for p in (a, b, c):
+                p.add_(torch.randn_like(p))
+        lawa.snapshot()
+        dense.insert(0, torch.cat([a.detach().reshape(-1).double(), b.detach(), c.detach().double()]))
+    dense = torch.stack(dense)
+    twa = TWA(torch.optim.SGD([a, b, c], lr=0.1), history=lawa, blocks=[[a, b], [c]])
+    assert twa.rank == 6
+    a.grad, b.grad, c.grad = torch.randn_like(a), torch.randn_like(b), torch.randn_like(c)
+    g = torch.cat([a.grad.reshape(-1).double(), b.grad, c.grad.double()])
+    twa.project_()
+    got = torch.cat([a.grad.reshape(-1).double(), b.grad, c.grad.double()])
+    for sl in (slice(0, 17), slice(17, 23)):
+        q, _ = torch.linalg.qr(dense[:, sl].T)
+        torch.testing.assert_close(got[sl], q @ (q.T @ g[sl]), rtol=1e-5, atol=1e-6)
+
+
+def test_paper_schedule():
+    m, lawa, _ = _trained()
+    twa = TWA(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), history=lawa)
+    sched = twa.paper_schedule(total_steps=8, lr_scale=3.0)
+    x, y = _data()
+    lrs = []
+    for _ in range(8):
+        lrs.append(twa.param_groups[0]["lr"])
+        _loss(m, x, y).backward()
+        twa.step()
+        twa.zero_grad()
+        sched.step()
+    # lr 0.1 scaled to 0.3, divided by 10 after 4 of 8 steps (50 %) and after 6 (75 %)
+    assert lrs == pytest.approx([0.3] * 4 + [0.03] * 2 + [0.003] * 2, rel=1e-12)
+    with pytest.raises(ValueError, match=r"total_steps must be an int >= 4 .* got 3"):
+        twa.paper_schedule(3)
+    with pytest.raises(ValueError, match="lr_scale must be a number > 0, got 0"):
+        twa.paper_schedule(8, lr_scale=0)
