@@ -46,7 +46,7 @@ class Contract:
         self.pdtype = params[0].dtype
         self.acc = accumulation_dtype(self.pdtype)
         self.snaps: list[list[torch.Tensor]] = []
-        self.total = [torch.zeros(p.shape, dtype=self.acc, device=p.device) for p in params]
+        self.total = [torch.zeros_like(p, dtype=self.acc) for p in params]
 
     @property
     def n(self) -> int:
@@ -260,7 +260,8 @@ def test_ema_contract(runner, pdtype):
     b = Bucket(params, 3, "ema", None, "device", runner)
     assert b.ring is None
     acc = accumulation_dtype(pdtype)
-    total = [torch.zeros(p.shape, dtype=acc, device=p.device) for p in params]
+    # Laid out as the parameters, as the sum's views are: torch picks its foreach path by layout.
+    total = [torch.zeros_like(p, dtype=acc) for p in params]
     ema64, magnitude = None, None
     for n in range(4):
         randomize(params, seed=10 + n)
