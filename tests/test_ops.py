@@ -149,7 +149,7 @@ def check_history(b: Bucket, c: Contract, what: str) -> None:
             assert_near_mean(b.view(b.total, i) / count, w, f"{what}: sum / count of parameter {i}")
 
 
-def check_swaps(b: Bucket, c: Contract, lasts, what: str) -> None:
+def check_swaps(b: Bucket, c: Contract, lasts: tuple, what: str) -> None:
     """Each swap-in writes the contract's average into the parameters in place, backs up
     the weights exactly and leaves the history alone; each swap-back restores them."""
     originals = [p.clone() for p in b.params]
@@ -175,7 +175,7 @@ def skip_float64(runner: str, pdtype: torch.dtype) -> None:
         pytest.skip("float64 runs on the torch backend's plain code only")
 
 
-def run_uniform(b: Bucket, c: Contract, pushes: int, swaps: dict[int, tuple], recompute_at=()) -> None:
+def run_uniform(b: Bucket, c: Contract, pushes: int, swaps: dict[int, tuple], recompute_at: tuple = ()) -> None:
     """``pushes`` snapshots of fresh values, the history checked after each; the swaps
     ``swaps[n]`` after push ``n``, then a recompute over garbage after push ``n`` in
     ``recompute_at`` (0: the empty ring)."""
