@@ -72,7 +72,9 @@ def check_uniform(fused: Bucket, ref: Bucket, pushes: int, seed: int = 0, fill=s
 
 def check_ema(fused: Bucket, ref: Bucket, decay: float, updates: int = 3, seed: int = 10,
               fill=set_values) -> None:
-    """EMA updates (the first copies, the others fold in) and a swap, bit for bit."""
+    """EMA updates (the first copies, the others fold in) and a swap, bit for bit: torch's
+    CUDA add-with-alpha rounds ``decay * total`` in its own multiply, then adds
+    ``alpha * param`` with one fused multiply-add (nvcc contracts it), as the kernels do."""
     for n in range(updates):
         fill((fused, ref), seed + n)
         ops.ema_update(fused, decay)
