@@ -11,7 +11,7 @@ mutants, every selection runs once on the unchanged copy, which must pass.
 
 Run it before finishing any change to the kernels or the history::
 
-    python -m tools.mutants                 # every mutant (about 6 minutes on 2 cores)
+    python -m tools.mutants                 # every mutant (about 5 minutes on 2 cores)
     python -m tools.mutants --only slot-index-reference count-c
     python -m tools.mutants --list
 
