@@ -9,8 +9,7 @@ decides on the host, so it is the independent oracle.
 
 import pytest
 import torch
-from conftest import backend_skip_reason
-from kernel_cases import assert_same_bits, dtype_id, make_params, set_values, swap_in, twins
+from conftest import assert_same_bits, backend_skip_reason, dtype_id, make_params, set_values, swap_in, twins
 
 from lawa_optim import LAWA, ops
 

@@ -1,10 +1,8 @@
 """The fused kernels (Triton and CUDA) on a GPU against the pure-torch reference on the
-same device, bit for bit: the layouts of tests/kernel_cases.py (misaligned views,
-empty parameters between others, several rows and tiles, channels_last), every dtype
-pair, the refresh at its period, every swap on partly filled and wrapped rings, the
-EMA, NaN and infinity bit patterns, a bucket beyond 2**31 elements and a bucket on a
-device that is not the current one. Skipped without a GPU; the interpreter runs the
-same Triton checks on the CPU (tests/test_triton.py).
+same device, bit for bit, where the contract matrix (tests/test_ops.py, which runs them
+too on a GPU) does not reach: NaN and infinity bit patterns through every dtype pair,
+a bucket beyond 2**31 elements and a bucket on a device that is not the current one.
+Skipped without a GPU.
 
 The bucket beyond 2**31 elements needs about 27 GiB of GPU memory and is marked
 ``gpu_large`` (select it with ``-m gpu_large``, leave it out with ``-m "not gpu_large"``).
@@ -12,11 +10,7 @@ The bucket beyond 2**31 elements needs about 27 GiB of GPU memory and is marked
 
 import pytest
 import torch
-from conftest import backend_skip_reason
-from kernel_cases import (
-    COMBOS, DTYPES, assert_same_bits, check_ema, check_uniform, dtype_id, make_params, set_values,
-    swap_in, twins,
-)
+from conftest import COMBOS, assert_same_bits, backend_skip_reason, dtype_id, make_params, set_values, swap_in, twins
 
 import lawa_optim
 from lawa_optim import ops
@@ -37,36 +31,62 @@ def fused(request) -> str:
     return request.param
 
 
-@pytest.mark.parametrize("pdtype,hdtype", COMBOS, ids=dtype_id)
-def test_uniform_matches_reference_bit_for_bit(fused, pdtype, hdtype):
-    """k = 3 over 7 pushes (refreshes at 3 and 6), 3 table rows and 5 CUDA tiles in the
-    largest parameter; swaps on a partly filled ring and at the end."""
-    check_uniform(*twins(make_params(CUDA, pdtype, rows=3), 3, "uniform", hdtype, fused), pushes=7)
+def assert_params_match(fused: Bucket, ref: Bucket, what: str) -> None:
+    for i, (a, b) in enumerate(zip(fused.params, ref.params)):
+        assert a.stride() == b.stride()
+        assert_same_bits(a, b, f"{what}, parameter {i}")
 
 
-@pytest.mark.parametrize("k,refresh_every", [(1, 1), (2, 5), (3, 2), (4, None)])
-def test_refresh_period_matches_reference(fused, k, refresh_every):
-    check_uniform(*twins(make_params(CUDA, torch.bfloat16, seed=2), k, "uniform", torch.float32, fused,
-                         refresh_every), pushes=9)
+def check_uniform(fused: Bucket, ref: Bucket, pushes: int, seed: int = 0, fill=set_values) -> None:
+    """``pushes`` snapshots into both buckets (values from ``fill(pair, seed)``), ring and
+    sum compared after each; then every swap the fill allows (the mean, and
+    ``last = 1 .. min(n, k)``), each compared and swapped back bit for bit, on a partly
+    filled ring (after 2 pushes) and at the end."""
+    def swaps(n: int) -> None:
+        originals = [p.clone() for p in fused.params]
+        for last in (None, *range(1, min(n, fused.k) + 1)):
+            for b in (fused, ref):
+                swap_in(b, last)
+            assert_params_match(fused, ref, f"swap_in(last={last}) after {n} pushes")
+            for i in range(len(fused.params)):
+                assert_same_bits(fused.view(fused.backup, i), originals[i], f"backup of parameter {i}")
+            for b in (fused, ref):
+                ops.swap_back(b)
+            for i, (p, o) in enumerate(zip(fused.params, originals)):
+                assert_same_bits(p, o, f"swap_back, parameter {i}")
+
+    for n in range(1, pushes + 1):
+        fill((fused, ref), seed + n)
+        ops.push(fused)
+        ops.push(ref)
+        assert_same_bits(fused.ring, ref.ring, f"ring after push {n}")
+        assert_same_bits(fused.total, ref.total, f"sum after push {n}")
+        if n == 2:
+            swaps(n)
+    swaps(pushes)
+    fused.total.fill_(123.0)  # garbage the recompute must wipe
+    ops.recompute(fused)
+    ops.recompute(ref)
+    assert_same_bits(fused.total, ref.total, "recompute")
 
 
-def test_runs_of_empty_parameters(fused):
-    """Empty parameters first, last and in a row share their tile with the next one:
-    the CUDA segment search must land on the parameter that owns the tile."""
-    g = torch.Generator().manual_seed(3)
-    empty = lambda: torch.empty(0, device=CUDA)  # noqa: E731
-    params = [empty(), torch.randn(9, generator=g).to(CUDA), empty(), empty(),
-              torch.randn(3 * 8192 + 1, generator=g).to(CUDA), empty(), torch.randn(70, generator=g).to(CUDA), empty()]
-    check_uniform(*twins(params, 2, "uniform", None, fused), pushes=3)
-
-
-# torch's CUDA add-with-alpha compiles ``self + alpha * other`` to one fused multiply-add
-# (nvcc contracts it by default), after rounding ``decay * total`` in its own multiply:
-# the kernels compute exactly that, so the EMA is checked bit for bit, no tolerance.
-@pytest.mark.parametrize("pdtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("decay", [0.9, 0.37])
-def test_ema_matches_reference_bit_for_bit(fused, pdtype, decay):
-    check_ema(*twins(make_params(CUDA, pdtype, seed=1), 3, "ema", None, fused), decay, updates=4)
+def check_ema(fused: Bucket, ref: Bucket, decay: float, updates: int = 3, seed: int = 10,
+              fill=set_values) -> None:
+    """EMA updates (the first copies, the others fold in) and a swap, bit for bit: torch's
+    CUDA add-with-alpha rounds ``decay * total`` in its own multiply, then adds
+    ``alpha * param`` with one fused multiply-add (nvcc contracts it), as the kernels do."""
+    for n in range(updates):
+        fill((fused, ref), seed + n)
+        ops.ema_update(fused, decay)
+        ops.ema_update(ref, decay)
+        assert_same_bits(fused.total, ref.total, f"EMA after update {n + 1}")
+    originals = [p.clone() for p in fused.params]
+    for b in (fused, ref):
+        swap_in(b, None)
+    assert_params_match(fused, ref, "EMA swap_in")
+    ops.swap_back(fused)
+    for i, (p, o) in enumerate(zip(fused.params, originals)):
+        assert_same_bits(p, o, f"EMA swap_back, parameter {i}")
 
 
 # Bit patterns that every cast and sum must treat as torch's CUDA kernels do: quiet and

@@ -3,9 +3,9 @@
 With default settings, at most k snapshots after a value has left the window (NaN and
 inf included) it no longer affects the average, which is then the mean of the stored
 window to within 1e-5 of the largest magnitude in the window. Checked through the
-public API on every backend that runs here (the plain torch code, the fused CPU
-kernel, the Triton interpreter; CUDA and Triton on a GPU), for float32 and bfloat16
-history, against float64 means of copies of the stored snapshots.
+public API on every backend that runs here (``conftest.runner``: the plain torch code,
+the fused CPU kernel, the Triton interpreter; CUDA and Triton on a GPU), for float32
+and bfloat16 history, against float64 means of copies of the stored snapshots.
 """
 
 import math
@@ -14,24 +14,8 @@ import pytest
 import torch
 
 from lawa_optim import LAWA
-from lawa_optim.backends import cpu_kernels
 
-from conftest import DEVICE, backend_skip_reason
-
-RUNNERS = ["torch-plain", "torch-fused", "triton", "cuda"]
-
-
-@pytest.fixture(params=RUNNERS)
-def runner(request, monkeypatch) -> str:
-    """The backend name to ask for; the plain and fused CPU code are both "torch"."""
-    name = request.param.split("-")[0]
-    reason = backend_skip_reason(name)
-    if reason is not None:
-        pytest.skip(f"backend {name!r} unavailable: {reason}")
-    if request.param == "torch-fused" and (DEVICE.type != "cpu" or cpu_kernels.library() is None):
-        pytest.skip("the fused CPU kernel runs CPU buckets only, and needs a C compiler")
-    monkeypatch.setattr(cpu_kernels, "enabled", request.param != "torch-plain")
-    return name
+from conftest import DEVICE
 
 
 def make(backend, k, hdtype, sizes=(5, 70, 131)):

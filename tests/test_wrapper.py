@@ -65,17 +65,25 @@ def test_lr_scheduler_drives_the_wrapped_optimizer():
 
 
 def test_step_returns_the_closure_loss():
+    """The closure runs once, its loss comes back as it is, and the step uses the
+    gradients it computed: p - lr * grad, exactly as SGD computes it."""
     model = make_model("cpu")
     opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1))
+    before = weights(model)
+    losses = []
 
     def closure():
         opt.zero_grad()
         loss = model(torch.ones(2, 6)).sum()
         loss.backward()
+        losses.append(loss)
         return loss
 
     loss = opt.step(closure)
-    assert isinstance(loss, torch.Tensor) and loss.ndim == 0
+    assert len(losses) == 1 and loss is losses[0]
+    for p, w in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), w.add(p.grad, alpha=-0.1))
+    assert opt.steps == 1
 
 
 def test_uniform_average_is_the_mean_of_the_latest_k(backend, device):

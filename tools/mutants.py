@@ -1,0 +1,310 @@
+"""Plant the classic bugs of the LAWA history one at a time and report which the tests miss.
+
+Each mutant is one exact edit (original text -> mutated text) of one file, with the
+test selection that must catch it. The edits are made in a temporary copy of the
+repository, one at a time, and the selection runs there under pytest with ``-x`` and a
+time limit; the table at the end says, per mutant, whether a test failed (caught),
+none did (survived), the run hung (timeout) or the edit could not be made (error: its
+original text is no longer in the file exactly once, so the list cannot rot silently).
+Mutants of the CUDA kernels need a GPU and are skipped without one. Before the
+mutants, every selection runs once on the unchanged copy, which must pass.
+
+Run it before finishing any change to the kernels or the history::
+
+    python -m tools.mutants                 # every mutant (about 5 minutes on 2 cores)
+    python -m tools.mutants --only slot-index-reference count-c
+    python -m tools.mutants --list
+
+``tests/test_mutants.py`` checks in CI that every original text is still present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Seconds one mutant's tests may run before the run counts as hung.
+TIMEOUT_S = 300
+_IGNORED = (".git", ".venv", ".ci-venv", "__pycache__", ".pytest_cache", ".benchmarks", "build", "dist", "*.egg-info")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One planted bug: ``original`` replaced by ``mutated`` in ``path``; ``tests`` are the
+    pytest arguments (files, node ids, ``-k`` expressions) that must catch it."""
+
+    name: str
+    path: str
+    original: str
+    mutated: str
+    tests: tuple[str, ...]
+    gpu: bool = False
+
+
+def c_macro(*lines: str) -> str:
+    """Lines of a multi-line C macro as ``csrc/cpu_kernels.c`` writes them: each padded to
+    column 92 and continued with a backslash."""
+    return "".join(line.ljust(92) + "\\\n" for line in lines)
+
+
+REF = "lawa_optim/backends/reference.py"
+C, CPY = "csrc/cpu_kernels.c", "lawa_optim/backends/cpu_kernels.py"
+TRI, TRK = "lawa_optim/backends/triton.py", "lawa_optim/backends/triton_kernels.py"
+CU, HIST = "csrc/lawa_kernels.cu", "lawa_optim/history.py"
+PLAIN = ("tests/test_ops.py", "-k", "torch-plain")
+FUSED = ("tests/test_ops.py", "-k", "torch-fused")
+TRITON = ("tests/test_ops.py", "-k", "triton")
+CUDA = ("tests/test_ops.py", "-k", "cuda")
+MOVED = ("tests/test_history.py", "-k", "moved_storage")
+
+
+def narrowed(tests: tuple[str, ...], cases: str) -> tuple[str, ...]:
+    """``tests`` narrowed to the test functions matching ``cases``: with ``-x`` a mutant
+    caught by the last function of a file would otherwise wait for all the others."""
+    return (*tests[:-1], f"{tests[-1]} and {cases}")
+
+
+_SLOT_WRITE = ("                {",
+               "                    H##_t *restrict slot = ring + s * D;",
+               "                    for (int64_t i = b; i < e; i++) slot[i] = cast_##P##_##H(src[i]);",
+               "                }")
+_SLOT_SUM = ("                {",
+             "                    const H##_t *restrict r = ring;",
+             "                    for (int64_t i = b; i < e; i++) total[i] = 0.0f + H##_to_f(r[i]);",
+             "                }",
+             "                for (int64_t j = 1; j < filled; j++) {",
+             "                    const H##_t *restrict r = ring + j * D;",
+             "                    for (int64_t i = b; i < e; i++) total[i] = total[i] + H##_to_f(r[i]);",
+             "                }")
+
+MUTANTS = [
+    # -- the torch backend's plain code -------------------------------------------------
+    Mutant("slot-index-reference", REF, "    s = n % b.k\n", "    s = (n + 1) % b.k\n", PLAIN),
+    Mutant("subtract-old-reference", REF,
+           "delta.neg_().add_(slot[lo:hi])", "delta.zero_().add_(slot[lo:hi])", PLAIN),
+    Mutant("count-reference", REF,
+           "b.total[lo:hi] / _scalar(min(n, b.k), b)", "b.total[lo:hi] / _scalar(b.k, b)", PLAIN),
+    Mutant("backup-skipped-reference", REF,
+           "    torch._foreach_copy_([b.view(b.backup, i) for i in range(len(b.params))], b.params)\n", "", PLAIN),
+    Mutant("push-updates-only-the-last-chunk-reference", REF,
+           "new - old\n        b.total[lo:hi].add_(delta)\n", "new - old\n    b.total[lo:hi].add_(delta)\n", PLAIN),
+    Mutant("swap-in-chunk-base-reference", REF, "b.view(avg, i, base=lo)", "b.view(avg, i)", PLAIN),
+    Mutant("refresh-period-ignored-reference", REF,
+           "refresh = (n + 1) % b.refresh_every == 0", "refresh = (n + 1) % b.k == 0", narrowed(PLAIN, "refresh")),
+    Mutant("refresh-reads-the-old-slot-reference", REF,
+           "        torch._foreach_copy_(views, params)\n        _sum_slots(b, min(n + 1, b.k))\n",
+           "        _sum_slots(b, min(n + 1, b.k))\n        torch._foreach_copy_(views, params)\n", PLAIN),
+    Mutant("last-j-oldest-first-reference", REF,
+           "b.ring[(n - 1 - i) % b.k, lo:hi]", "b.ring[(n - last + i) % b.k, lo:hi]", PLAIN),
+    Mutant("decay-swapped-reference", REF,
+           "    torch._foreach_mul_(views, decay)\n    torch._foreach_add_(views, params, alpha=1.0 - decay)\n",
+           "    torch._foreach_mul_(views, 1.0 - decay)\n    torch._foreach_add_(views, params, alpha=decay)\n",
+           narrowed(PLAIN, "ema")),
+    Mutant("ema-first-update-folds-reference", REF,
+           "    if n == 0:\n        torch._foreach_copy_(views, params)",
+           "    if n < 0:\n        torch._foreach_copy_(views, params)", narrowed(PLAIN, "ema")),
+    Mutant("recompute-keeps-the-old-sum-reference", REF, "    b.total.zero_()\n", "", PLAIN),
+    # -- the fused CPU kernels ----------------------------------------------------------
+    Mutant("slot-index-c", C, "D, n % k, filled, mode,", "D, (n + 1) % k, filled, mode,", FUSED),
+    Mutant("subtract-old-c", C,
+           "float d = H##_to_f(nw) - H##_to_f(slot[i]);", "float d = H##_to_f(nw);", FUSED),
+    Mutant("count-c", CPY, "mode, count = SWAP_MEAN, min(n, b.k)", "mode, count = SWAP_MEAN, b.k", FUSED),
+    Mutant("backup-skipped-c", C,
+           "copy_streaming(backup_, param_, (size_t)n * sizeof(P##_t));", "(void)backup_;", FUSED),
+    Mutant("row-base-c", CPY,
+           "(addr + lo * size, off + lo, min(ROW, n - lo))", "(addr + lo * size, off, min(ROW, n - lo))", FUSED),
+    Mutant("last-j-block-base-c", C,
+           "ring + ((pushes - 1 - j) % k) * D + b;", "ring + ((pushes - 1 - j) % k) * D;", FUSED),
+    Mutant("bfloat16-round-half-up-c", C,
+           "u += 0x7fffu + ((u >> 16) & 1u);", "u += 0x8000u;", ("tests/test_cpu_kernels.py",)),
+    Mutant("bfloat16-truncated-c", C, "u += 0x7fffu + ((u >> 16) & 1u);", "u += 0u;", FUSED),
+    Mutant("refresh-period-ignored-c", C,
+           "int mode = (n + 1) % refresh_every == 0 ? 2 : n >= k;", "int mode = (n + 1) % k == 0 ? 2 : n >= k;",
+           narrowed(FUSED, "refresh")),
+    Mutant("refresh-reads-the-old-slot-c", C,
+           c_macro(*_SLOT_WRITE, *_SLOT_SUM), c_macro(*_SLOT_SUM, *_SLOT_WRITE), FUSED),
+    Mutant("last-j-oldest-first-c", C,
+           "ring + ((pushes - 1 - j) % k) * D + b;", "ring + ((pushes - count + j) % k) * D + b;", FUSED),
+    Mutant("decay-swapped-c", C,
+           "float d = (float)decay, a = (float)(1.0 - decay);", "float d = (float)(1.0 - decay), a = (float)decay;",
+           narrowed(FUSED, "ema")),
+    Mutant("ema-first-update-folds-c", CPY,
+           "b.total.data_ptr(), int(n == 0),", "b.total.data_ptr(), int(n < 0),", narrowed(FUSED, "ema")),
+    # -- Triton (the interpreter without a GPU) -----------------------------------------
+    Mutant("slot-index-triton", TRK, "    s = n % K\n", "    s = (n + 1) % K\n", TRITON),
+    Mutant("subtract-old-triton", TRK,
+           "t = tl.load(total + idx, mask=mask) + (_to_f32(new) - old)",
+           "t = tl.load(total + idx, mask=mask) + _to_f32(new)", TRITON),
+    Mutant("count-triton", TRK,
+           "tl.zeros(idx.shape, tl.float32) + tl.minimum(n, K))", "tl.zeros(idx.shape, tl.float32) + K)", TRITON),
+    Mutant("backup-skipped-triton", TRK, "    tl.store(backup + idx, p, mask=mask)\n", "", TRITON),
+    Mutant("table-row-base-triton", TRI,
+           "flat = torch.tensor(offsets, dtype=torch.int64)[param] + start",
+           "flat = torch.tensor(offsets, dtype=torch.int64)[param]", TRITON),
+    Mutant("bfloat16-round-half-up-triton", TRK,
+           "rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16", "rounded = (bits + 0x8000) >> 16",
+           ("tests/test_triton.py", "-k", "casts")),
+    Mutant("bfloat16-truncated-triton", TRK,
+           "rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16", "rounded = bits >> 16", TRITON),
+    Mutant("refresh-period-ignored-triton", TRK,
+           "    refresh = (n + 1) % R == 0", "    refresh = (n + 1) % K == 0", narrowed(TRITON, "refresh")),
+    Mutant("refresh-reads-the-old-slot-triton", TRK,
+           "            if j == s:\n                acc += _to_f32(new)\n            else:\n"
+           "                acc += _to_f32(tl.load(row + idx, mask=mask))\n",
+           "            acc += _to_f32(tl.load(row + idx, mask=mask))\n", TRITON),
+    Mutant("last-j-oldest-first-triton", TRK,
+           "tl.load(ring + ((n - 1 - i) % K) * D + off + idx, mask=mask)",
+           "tl.load(ring + ((n - last + i) % K) * D + off + idx, mask=mask)", TRITON),
+    Mutant("decay-swapped-triton", TRI,
+           "_f32(decay), _f32(1.0 - decay))", "_f32(1.0 - decay), _f32(decay))", narrowed(TRITON, "ema")),
+    Mutant("ema-first-update-folds-triton", TRK,
+           "first = tl.load(pushes) == 0", "first = tl.load(pushes) < 0", narrowed(TRITON, "ema")),
+    # -- CUDA (a GPU only) --------------------------------------------------------------
+    Mutant("slot-index-cuda", CU, "    v.s = n % k;\n", "    v.s = (n + 1) % k;\n", CUDA, gpu=True),
+    Mutant("count-cuda", CU,
+           "float(A == kLawaLast ? last : (n < k ? n : k));", "float(A == kLawaLast ? last : k);", CUDA, gpu=True),
+    # -- the history, the wrapper, checkpoints, torch.compile ---------------------------
+    Mutant("swap-in-misses-moved-storage", HIST,
+           "        for b, _ in held:\n            b.check_params()\n", "", MOVED),
+    Mutant("swap-back-misses-moved-storage", HIST,
+           "        for b in swapped:\n            b.check_params()  # fused backends write through cached addresses\n",
+           "", MOVED),
+    Mutant("load-aliases-the-loaded-dict", "lawa_optim/state.py",
+           "        return value.clone()\n", "        return value\n", ("tests/test_state_dict.py", "-k", "independent")),
+    Mutant("start-ignored", "lawa_optim/wrapper.py",
+           "run.started = run.steps >= self.start", "run.started = True", ("tests/test_wrapper.py",)),
+    Mutant("refresh-off-by-default", HIST,
+           "self.refresh_every = k if refresh_every is None else refresh_every",
+           "self.refresh_every = 2**62 if refresh_every is None else refresh_every", ("tests/test_guarantee.py",)),
+    Mutant("count-is-every-push", HIST,
+           'return min(n, self.k) if self.mode == "uniform" else n', "return n", ("tests/test_wrapper.py",)),
+    Mutant("custom-op-hides-a-mutation", "lawa_optim/compiled.py",
+           'mutates_args=("ring", "total", "pushes")', 'mutates_args=("ring", "total")',
+           ("tests/test_compile.py", "-k", "opcheck")),
+]
+
+
+def problems(root: Path = ROOT, mutants: list[Mutant] = MUTANTS) -> list[str]:
+    """What keeps the list from running as written: an original text not in its file
+    exactly once, an edit that changes nothing, a repeated name, a missing test file."""
+    out = []
+    names = [m.name for m in mutants]
+    out += [f"{n}: the name is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
+    for m in mutants:
+        path = root / m.path
+        count = path.read_text().count(m.original) if path.is_file() else 0
+        if count != 1:
+            out.append(f"{m.name}: its original text is in {m.path} {count} times, not once")
+        if m.mutated == m.original:
+            out.append(f"{m.name}: the edit changes nothing")
+        files = [t.split("::")[0] for t in m.tests if t.startswith("tests/")]
+        out += [f"{m.name}: no test file {f}" for f in files if not (root / f).is_file()]
+    return out
+
+
+def _pytest(copy: Path, tests: tuple[str, ...], env: dict[str, str], timeout: float) -> tuple[str, float, str]:
+    """(``caught``, ``survived``, ``timeout`` or ``error``), seconds, and the first failing
+    test (or the reason) for one run of ``tests`` in ``copy``."""
+    start = time.monotonic()
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    # A session of its own, so that a hung run is ended with every process it started.
+    proc = subprocess.Popen(cmd, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return "timeout", time.monotonic() - start, f"no result in {timeout:.0f} s"
+    seconds = time.monotonic() - start
+    failed = re.search(r"^(?:FAILED|ERROR) (\S+)", out, flags=re.M)
+    if proc.returncode == 0:
+        return "survived", seconds, ""
+    if proc.returncode == 1 and failed:
+        return "caught", seconds, failed.group(1)
+    tail = (out + err).strip().splitlines()[-1:] or [""]
+    return "error", seconds, f"pytest exit {proc.returncode}: {tail[0][:120]}"
+
+
+def run(mutants: list[Mutant], timeout: float = TIMEOUT_S) -> list[dict]:
+    """Every mutant in a temporary copy of the repository; one result row each."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lawa-mutants-") as tmp:
+        copy = Path(tmp) / "repo"
+        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(*_IGNORED))
+        # No stale bytecode of a restored file, and no mutated native build in the user's cache.
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "LAWA_OPTIM_BUILD_DIR": str(Path(tmp) / "build")}
+        runnable = [m for m in mutants if gpu or not m.gpu]
+        for tests in dict.fromkeys(m.tests for m in runnable):
+            status, seconds, detail = _pytest(copy, tests, env, timeout)
+            if status != "survived":  # the unchanged code must pass
+                raise SystemExit(f"{' '.join(tests)} fails without a mutant ({status}: {detail}): fix it first")
+            print(f"unchanged: {' '.join(tests)} passes in {seconds:.0f} s", flush=True)
+        for m in mutants:
+            row = {"name": m.name, "path": m.path, "seconds": 0.0, "detail": ""}
+            path = copy / m.path
+            text = path.read_text()
+            if m.gpu and not gpu:
+                row["status"], row["detail"] = "skipped", "needs a CUDA GPU"
+            elif text.count(m.original) != 1:
+                row["status"] = "error"
+                row["detail"] = f"original text found {text.count(m.original)} times, not once"
+            else:
+                path.write_text(text.replace(m.original, m.mutated))
+                try:
+                    row["status"], row["seconds"], row["detail"] = _pytest(copy, m.tests, env, timeout)
+                finally:
+                    path.write_text(text)
+            print(f"{m.name}: {row['status']} {row['detail']}", flush=True)
+            rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """The results as a Markdown table."""
+    out = ["| mutant | file | result | s | first failing test, or why |", "|---|---|---|---|---|"]
+    out += [f"| {r['name']} | {r['path']} | {r['status']} | {r['seconds']:.0f} | {r['detail']} |" for r in rows]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run these mutants only")
+    parser.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help=f"seconds per mutant (default {TIMEOUT_S})")
+    args = parser.parse_args(argv)
+    broken = problems()
+    chosen = MUTANTS
+    if args.only:
+        unknown = sorted(set(args.only) - {m.name for m in MUTANTS})
+        if unknown:
+            parser.error(f"no mutant named {', '.join(unknown)}; --list shows them")
+        chosen = [m for m in MUTANTS if m.name in args.only]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:48} {m.path:40} {' '.join(m.tests)}{'  (GPU)' if m.gpu else ''}")
+        return 0
+    for line in broken:
+        print(f"error: {line}")
+    rows = run(chosen, args.timeout)
+    print(table(rows))
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("caught", "survived", "timeout", "error", "skipped")}
+    print(", ".join(f"{n} {s}" for s, n in counts.items()))
+    return 1 if counts["survived"] or counts["timeout"] or counts["error"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
