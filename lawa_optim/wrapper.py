@@ -70,7 +70,8 @@ class LAWA(WrappedOptimizer):
             ``min(count, k)`` snapshots. ``"ema"``: ``avg = decay * avg + (1 - decay) *
             theta`` over snapshots, the first taken as is; it keeps no ring. The paper's
             Appendix C writes its exponential variant with the weight alpha = 0.9 on the
-            *newest* snapshot, which is ``decay=0.1`` here.
+            *newest* snapshot, which is ``decay=0.1`` here. An EMA has no window: a
+            non-finite snapshot stays in it for good.
         decay: EMA decay in [0, 1) (default 0.9); used only with ``mode="ema"``.
         storage: where the history lives: ``"device"`` (beside the parameters,
             default), ``"pinned"`` (page-locked host memory; needs CUDA, else ``"cpu"``
