@@ -15,4 +15,4 @@ from lawa_optim.twa import TWA
 from lawa_optim.wrapper import LAWA
 
 __all__ = ["LAWA", "TWA", "check_in_sync", "export_average", "update_bn"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
