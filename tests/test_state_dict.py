@@ -531,8 +531,9 @@ def test_generations_round_trip():
         assert torch.equal(extra2.detach(), torch.full((4,), 2.0))
 
 
-def test_empty_first_generation_round_trips():
-    """A first param group with no parameters, then one added: the counts come back."""
+def empty_first_group() -> tuple[LAWA, nn.Parameter]:
+    """A LAWA built on one empty param group and snapshotted once, then given a group of
+    one parameter snapshotted at 1.0 and 2.0 (k=3)."""
     p = nn.Parameter(torch.zeros(3))
     opt = LAWA(torch.optim.SGD([{"params": []}], lr=0.1), k=3)
     opt.snapshot()
@@ -540,6 +541,12 @@ def test_empty_first_generation_round_trips():
     for v in (1.0, 2.0):
         p.data.fill_(v)
         opt.snapshot()
+    return opt, p
+
+
+def test_empty_first_generation_round_trips():
+    """A first param group with no parameters, then one added: the counts come back."""
+    opt, _ = empty_first_group()
     sd = roundtrip(opt.state_dict())
     assert [(g["lawa"]["generation"], g["lawa"]["pushes"]) for g in sd["param_groups"]] == [(0, 0), (1, 2)]
     q = nn.Parameter(torch.zeros(3))

@@ -10,7 +10,7 @@ from torch import nn
 
 from lawa_optim import LAWA
 
-from test_state_dict import assert_same, fingerprint
+from test_state_dict import assert_same, empty_first_group, fingerprint
 
 
 def make_model(device, seed=0):
@@ -245,13 +245,7 @@ def test_add_param_group_takes_a_generator_once(named):
 def test_num_snapshots_with_an_empty_first_group():
     """The first build held only an empty group: its count (0) must not hide the count of
     the group added later, or every swap refused "before any snapshot"."""
-    p = nn.Parameter(torch.zeros(3))
-    opt = LAWA(torch.optim.SGD([{"params": []}], lr=0.1), k=3)
-    opt.snapshot()
-    opt.add_param_group({"params": [p]})
-    for v in (1.0, 2.0):
-        p.data.fill_(v)
-        opt.snapshot()
+    opt, p = empty_first_group()
     assert opt.num_snapshots == 2
     with opt.averaged(last=2):
         assert torch.equal(p.detach(), torch.full((3,), 1.5))
