@@ -39,10 +39,9 @@ class Lists:
     def of(cls, b: Bucket, avg: Tensor) -> "Lists":
         """Views into ``b``'s ring, sum and backup, and into ``avg`` (a flat ``(D,)``
         buffer of the parameters' dtype, where the authors' mean goes)."""
-        views = lambda flat: [b.view(flat, i) for i in range(len(b.params))]  # noqa: E731
-        slots = [] if b.ring is None else [views(b.ring[s]) for s in range(b.k)]  # EMA keeps no ring
-        backup = [] if b.backup is None else views(b.backup)
-        return cls(b.params, slots, views(b.total), backup, views(avg))
+        slots = [] if b.ring is None else [b.views(b.ring[s]) for s in range(b.k)]  # EMA keeps no ring
+        backup = [] if b.backup is None else b.views(b.backup)
+        return cls(b.params, slots, b.views(b.total), backup, b.views(avg))
 
 
 def roofline(dst: Tensor, src: Tensor) -> None:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lawa_optim.bn import update_bn
 from lawa_optim.history import FLOAT_DTYPES, accumulation_dtype, is_int
-from lawa_optim.state_check import Layout, check, dtype_name
+from lawa_optim.state_check import Layout, check, dtype_name, shown
 from lawa_optim.wrapper import LAWA, MODES
 
 
@@ -105,7 +105,9 @@ def _from_state_dict(model: nn.Module, sd: Mapping[str, Any]) -> dict[int, Tenso
     if not isinstance(groups, list) or not isinstance(state, Mapping) or not groups:
         raise ValueError("source must have 'state' (a dict) and 'param_groups' (a non-empty list), as LAWA.state_dict() saves")
     for g, group in enumerate(groups):
-        if not isinstance(group, Mapping) or not isinstance(group.get("lawa"), Mapping):
+        if not isinstance(group, Mapping) or not isinstance(group.get("params"), list):
+            raise ValueError(f"param group {g} of source must be a dict with a 'params' list, got {shown(group)}")
+        if not isinstance(group.get("lawa"), Mapping):
             raise ValueError(
                 f"param group {g} of source has no LAWA history ('lawa' missing): it was not "
                 "saved by LAWA.state_dict()"
@@ -157,6 +159,8 @@ def _match(model: nn.Module, groups: list) -> list[tuple[str, Tensor]]:
         out, seen = [], {}
         for g, group in enumerate(groups):
             names = group["param_names"]
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"param group {g} of source: param_names must be a list of str, got {shown(names)}")
             if len(names) != len(group["params"]):
                 raise ValueError(
                     f"param group {g} of source has {len(group['params'])} parameters but "

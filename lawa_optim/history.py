@@ -151,6 +151,10 @@ class Bucket:
         p = self.params[i]
         return flat.as_strided(p.shape, p.stride(), flat.storage_offset() + self.offsets[i] - base)
 
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Every parameter's slice of a flat ``(D,)`` buffer."""
+        return [self.view(flat, i) for i in range(len(self.params))]
+
     def history_view(self, i: int) -> Tensor:
         """Parameter ``i``'s history as a ``(k, *shape)`` view into the ring."""
         p = self.params[i]
@@ -454,6 +458,34 @@ class History:
         for b in swapped:
             ops.swap_back(b)
             b.backup = None
+
+    @torch.no_grad()
+    def set_aside(self) -> list[tuple[Bucket, Tensor, Tensor]]:
+        """Put the training weights back into swapped parameters, keeping a copy of what
+        they held (the average, whatever ``last`` made it) for :meth:`restore`:
+        ``(bucket, that copy, the backup buffer)`` per swapped bucket."""
+        self.reshard()
+        swapped = [b for b in self.buckets if b.backup is not None]
+        for b in swapped:
+            b.check_params()
+        held = [(b, torch.empty_like(b.backup), b.backup) for b in swapped]
+        for b, average, backup in held:
+            torch._foreach_copy_(b.views(average), b.params)
+            torch._foreach_copy_(b.params, b.views(backup))
+            b.backup = None
+        return held
+
+    @torch.no_grad()
+    def restore(self, held: list[tuple[Bucket, Tensor, Tensor]]) -> None:
+        """Undo :meth:`set_aside`: the parameters' values now become the backup, and the
+        copy set aside goes back into the parameters bit for bit."""
+        self.reshard()
+        for b, _, _ in held:
+            b.check_params()
+        for b, average, backup in held:
+            torch._foreach_copy_(b.views(backup), b.params)
+            torch._foreach_copy_(b.params, b.views(average))
+            b.backup = backup
 
     def reshard(self) -> None:
         """Make FSDP2 modules read their shards again before a swap writes them (see

@@ -88,7 +88,7 @@ class Offload:
         self._bucket = weakref.ref(bucket)
         self.transfer = transfer if transfer is not None else CudaTransfer(bucket.param_device)
         self.staging = torch.empty(bucket.D, dtype=bucket.dtype, pin_memory=pin_memory)
-        self._views = [bucket.view(self.staging, i) for i in range(len(bucket.params))]
+        self._views = bucket.views(self.staging)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lawa-offload")
         self._pending: Future | None = None
         self._unordered: Done | None = None

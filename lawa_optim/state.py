@@ -116,8 +116,10 @@ def read_history(opt: "LAWA", sd: dict[str, Any]) -> Checked:
     Raises ``ValueError`` naming the first field of ``sd`` that does not fit ``opt``.
     The new history's buffers are fresh: nothing in it is a view of ``sd``.
     """
-    checked = check(Layout.of(opt), sd)
     old = opt._history
+    for b in old.buckets:
+        b.wait()  # a pending copy into the old ring lands, or its failure raises, before any change
+    checked = check(Layout.of(opt), sd)
     hist = History(old.k, old.mode, old.history_dtype, old.storage, old.requested_backend, old.recompute_every)
     for end in checked.generation_ends:
         hist.extend(opt.param_groups[:end])
@@ -143,9 +145,8 @@ def read_history(opt: "LAWA", sd: dict[str, Any]) -> Checked:
 
 
 def install(opt: "LAWA", loaded: Checked) -> None:
-    """Make the history read by :func:`read_history` the one ``opt`` runs."""
-    for b in opt._history.buckets:
-        b.wait()  # copies into the old pinned ring finish before it goes
+    """Make the history read by :func:`read_history` the one ``opt`` runs (nothing here
+    can fail: :func:`read_history` waited for the old history's pending copies)."""
     run = opt._run
     run.history, run.steps, run.swapped = loaded.history, loaded.steps, loaded.swapped
     run.started = run.steps >= opt.start

@@ -84,7 +84,7 @@ def dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
-def _show(value: Any) -> str:
+def shown(value: Any) -> str:
     return repr(value) if value is None or isinstance(value, (bool, int, float, str)) else type(value).__name__
 
 
@@ -95,7 +95,7 @@ def check(opt: Layout, sd: Any) -> Checked:
     steps = _same("steps", [_counter(m, "steps", g) for g, m in enumerate(metas)])
     for g, m in enumerate(metas):
         if not isinstance(m["swapped"], bool):
-            raise ValueError(f"param group {g}: lawa 'swapped' must be a bool, got {_show(m['swapped'])}")
+            raise ValueError(f"param group {g}: lawa 'swapped' must be a bool, got {shown(m['swapped'])}")
     swapped = _same("swapped", [m["swapped"] for m in metas])
     gens = _generations(metas)
     pushes, ends = _pushes(opt, metas, gens)
@@ -113,7 +113,7 @@ def check(opt: Layout, sd: Any) -> Checked:
                 where += f" ({opt.target} parameter {opt.names[g][i]!r})"
             entry = sd["state"].get(pid, {})
             if not isinstance(entry, dict):
-                raise ValueError(f"{where}: its state must be a dict, got {_show(entry)}")
+                raise ValueError(f"{where}: its state must be a dict, got {shown(entry)}")
             got = _param_tensors(opt, p, entry, where, gen, swapped and gen is not None and pushes[gen] > 0)
             if gen is not None:
                 tensors[id(p)] = got
@@ -157,21 +157,21 @@ def _metas(opt: Layout, groups: list[dict]) -> list[dict]:
     for g, m in enumerate(metas):
         if not isinstance(m, dict):
             raise ValueError(
-                f"param group {g}: 'lawa' must be a dict of LAWA settings and counters, got {_show(m)}"
+                f"param group {g}: 'lawa' must be a dict of LAWA settings and counters, got {shown(m)}"
             )
         missing = [key for key in _REQUIRED if key not in m]
         if missing:
             raise ValueError(f"param group {g}: 'lawa' lacks {', '.join(map(repr, missing))}")
         for key, value in want.items():
             if type(m[key]) is not type(value) or m[key] != value:
-                raise ValueError(f"state_dict was saved with {key}={_show(m[key])}, this LAWA has {key}={value!r}")
+                raise ValueError(f"state_dict was saved with {key}={shown(m[key])}, this LAWA has {key}={value!r}")
     return metas
 
 
 def _counter(m: dict, key: str, g: int) -> int:
     value = m[key]
     if not is_int(value) or not 0 <= value <= _INT64_MAX:
-        raise ValueError(f"param group {g}: lawa {key!r} must be an int in [0, 2**63 - 1], got {_show(value)}")
+        raise ValueError(f"param group {g}: lawa {key!r} must be an int in [0, 2**63 - 1], got {shown(value)}")
     return value
 
 
@@ -185,7 +185,7 @@ def _generations(metas: list[dict]) -> list[int | None]:
     gens = [m["generation"] for m in metas]
     for g, x in enumerate(gens):
         if x is not None and (not is_int(x) or x < 0):
-            raise ValueError(f"param group {g}: lawa 'generation' must be None or an int >= 0, got {_show(x)}")
+            raise ValueError(f"param group {g}: lawa 'generation' must be None or an int >= 0, got {shown(x)}")
     built = [x for x in gens if x is not None]
     steps = [b - a for a, b in zip(built, built[1:])]
     if gens[: len(built)] != built or (built and built[0] != 0) or any(s not in (0, 1) for s in steps):
@@ -278,7 +278,7 @@ def _tensor(
     value: Any, key: str, where: str, target: str, dtype: torch.dtype, what: str, shape: tuple, local_shape: tuple
 ) -> Tensor:
     if not isinstance(value, Tensor):
-        raise ValueError(f"{where}: {key} must be a tensor, got {_show(value)}")
+        raise ValueError(f"{where}: {key} must be a tensor, got {shown(value)}")
     if tuple(value.shape) != shape:
         raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}, {target} needs {shape}")
     if is_sharded(value):

@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import MultiStepLR
 
-from lawa_optim.history import Bucket, accumulation_dtype
+from lawa_optim.history import Bucket, accumulation_dtype, is_int
 from lawa_optim.wrapper import LAWA
 from lawa_optim.wrapping import WrappedOptimizer
 
@@ -158,7 +158,7 @@ class TWA(WrappedOptimizer):
                 "with add_param_group after the first snapshot have no common span with the others"
             )
         count = counts[0]
-        if last is not None and (isinstance(last, bool) or not isinstance(last, int) or not 1 <= last <= count):
+        if last is not None and (not is_int(last) or not 1 <= last <= count):
             raise ValueError(f"last must be None or an int in [1, {count}] (the snapshots history holds), got {last!r}")
         if any(b.sharded for b in buckets):
             raise ValueError(
@@ -186,6 +186,7 @@ class TWA(WrappedOptimizer):
         self._slots = [_newest_slots(int(b.pushes.item()), b.k, self.num_snapshots) for b in buckets]
         self._segments = _segments(buckets, blocks)
         self.num_blocks = 1 + max(s.block for s in self._segments)
+        self._scaled = False  # whether paper_schedule scaled the learning rate
         self._basis, self._coef = self._orthonormalise()
         self._grads = [torch.zeros(s.D, dtype=accumulation_dtype(s.bucket.dtype), device=s.bucket.param_device)
                        for s in self._segments]
@@ -244,7 +245,7 @@ class TWA(WrappedOptimizer):
         """Write the mean of the chosen snapshots into the parameters."""
         for b, slots in zip(self._buckets, self._slots):
             mean = b.ring[slots].to(device=b.param_device, dtype=torch.float64).mean(0).to(b.dtype)
-            torch._foreach_copy_(b.params, [b.view(mean, i) for i in range(len(b.params))])
+            torch._foreach_copy_(b.params, b.views(mean))
 
     # -- training -------------------------------------------------------------------
     @torch.no_grad()
@@ -289,14 +290,21 @@ class TWA(WrappedOptimizer):
         where regular training starts at 0.1: ``lr_scale`` 20 and 3) and divide it by 10
         at epochs ``int(0.5 E)`` and ``int(0.75 E + 0.9)`` of ``E`` TWA epochs (5 and 8 of
         10 on CIFAR): the shape of their regular schedule (decays at epochs 100 and 150
-        of 200) compressed into the TWA budget, here counted in steps.
+        of 200) compressed into the TWA budget, here counted in steps. A second call
+        raises ``RuntimeError``: the scale would compound.
         """
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 4:
+        if not is_int(total_steps) or total_steps < 4:
             raise ValueError(f"total_steps must be an int >= 4 (decays at 50% and 75% of it), got {total_steps!r}")
         if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not lr_scale > 0:
             raise ValueError(f"lr_scale must be a number > 0, got {lr_scale!r}")
+        if self._scaled:
+            raise RuntimeError(
+                "paper_schedule() was called already on this TWA: the learning rate is scaled "
+                "once; keep the scheduler the first call returned"
+            )
         for group in self.param_groups:
             group["lr"] *= lr_scale
+        self._scaled = True
         return MultiStepLR(self, milestones=[total_steps // 2, (3 * total_steps) // 4], gamma=0.1)
 
     @torch.no_grad()

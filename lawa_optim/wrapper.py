@@ -301,6 +301,29 @@ class LAWA(WrappedOptimizer):
         finally:
             self.swap_back()
 
+    @contextlib.contextmanager
+    def training_weights(self) -> Iterator["LAWA"]:
+        """Context manager for saving while the average is swapped in: inside, the
+        parameters hold the training weights and the LAWA is not swapped (so a checkpoint
+        saved there holds the training weights and a history to resume from); after
+        it, the parameters hold again exactly what they held before (an average swapped
+        in with ``last=`` included) and the training weights are the backup. Outside a
+        swap it changes nothing.
+        """
+        run = self._run
+        if not run.swapped:
+            yield self
+            return
+        held = self._history.set_aside()
+        run.swapped = False
+        try:
+            yield self
+        finally:
+            if run.swapped:  # the block swapped an average in and left it there
+                self.swap_back()
+            self._history.restore(held)
+            run.swapped = True
+
     # -- checkpoints ------------------------------------------------------------
     @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ spans several of those too.
 """
 
 import os
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import torch
@@ -77,6 +78,15 @@ def backend(request) -> str:
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for the test, the count before it restored after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=RUNNERS)

@@ -23,8 +23,7 @@ def test_split_per_seed():
     assert torch.equal(demo.split(x, y, seed=0)[3], yv)
 
 
-def test_average_equals_hand_computed_mean_of_snapshots():
-    torch.set_num_threads(1)
+def test_average_equals_hand_computed_mean_of_snapshots(one_thread):
     x, y = demo.load_digits()
     curves = demo.run_seed(seed=3, epochs=3, x=x, y=y, k=2)
 

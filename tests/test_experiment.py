@@ -119,10 +119,9 @@ def test_split_disjoint_and_pooled(data_dir):
         runs.split(images[:100], labels[:100], exp.FAST, seed=0)
 
 
-def test_live_curve_unaffected_by_evaluating_averages(data_dir):
+def test_live_curve_unaffected_by_evaluating_averages(data_dir, one_thread):
     """Refreshing BatchNorm statistics for LAWA puts the live ones back: the live curve
     equals a run that never evaluates an average."""
-    torch.set_num_threads(1)
     d = runs.load_split(str(data_dir), exp.FAST, seed=1)
     curves = runs.Seed(1, d, exp.FAST).run("constant", 3)
     torch.manual_seed(1)

@@ -135,7 +135,7 @@ CASES = {
 def test_checkpoint_file_exports_what_the_live_lawa_does(case, tmp_path):
     model, opt = make(**CASES[case])
     train(model, opt, range(5))
-    torch.save(opt.state_dict(), tmp_path / "opt.pt")  # first: saving rebuilds the running sum exactly
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
     live = export_average(model, opt)
 
     fresh, _ = make(seed=1)  # other weights: the file alone carries the average
@@ -181,7 +181,7 @@ def test_parameters_added_later_keep_their_weights_until_their_first_snapshot():
         steps(model, opt, 10 + snapshots)  # the first step builds the new group's history
         if snapshots:
             opt.snapshot()
-        saved = roundtrip(opt.state_dict())  # first: saving rebuilds the running sum exactly
+        saved = roundtrip(opt.state_dict())
         live = export_average(model, opt)
         fresh = Net()
         got = export_average(fresh, saved)
@@ -273,7 +273,33 @@ def mismatches():
     def bad_counter(model, sd):
         sd["param_groups"][0]["lawa"]["pushes"] = -1
 
+    def no_params(model, sd):
+        del sd["param_groups"][0]["params"]
+
+    def setting(key, value):
+        def edit(model, sd):
+            for g in sd["param_groups"]:
+                g["lawa"][key] = value
+        return edit
+
+    def names_as_text(model, sd):
+        sd["param_groups"][0]["param_names"] = "emb.weight"
+
+    def fewer_names(model, sd):
+        sd["param_groups"][0]["param_names"] = sd["param_groups"][0]["param_names"][:-1]
+
+    def twice_named(model, sd):
+        names = sd["param_groups"][0]["param_names"]
+        names[1] = names[0]
+
     return {
+        "no-params": (no_params, False, "param group 0 of source must be a dict with a 'params' list"),
+        "bad-k": (setting("k", 0), False, "k=0; a LAWA state dict has an int >= 1"),
+        "bad-mode": (setting("mode", "median"), False, "mode='median'; accepted"),
+        "bad-history-dtype": (setting("history_dtype", "int8"), False, "history_dtype='int8'; accepted"),
+        "names-as-text": (names_as_text, True, "param_names must be a list of str, got 'emb.weight'"),
+        "fewer-names": (fewer_names, True, r"has \d+ parameters but \d+ param_names"),
+        "twice-named": (twice_named, True, "one parameter of model, twice"),
         "count": (extra_param, False, "source holds 5 parameters .* but model has 6"),
         "shape": (other_shape, False, "shape"),
         "dtype": (other_dtype, False, "dtype torch.float32, model needs torch.float64"),
@@ -305,9 +331,10 @@ def test_mismatched_checkpoint_is_refused_and_changes_nothing(case):
 
 def test_misuse_of_a_live_lawa_is_refused_and_changes_nothing():
     model, opt = make(k=2)
+    before = fingerprint(model, opt)
     with pytest.raises(RuntimeError, match="no snapshot"):
         export_average(model, opt)
-    before = fingerprint(model, opt)
+    assert_same(fingerprint(model, opt), before)
     with pytest.raises(RuntimeError, match="no snapshot"):
         export_average(model, roundtrip(opt.state_dict()))
     assert_same(fingerprint(model, opt), before)

@@ -169,14 +169,15 @@ def test_state_dict_is_read_only(backend, device):
         epoch(model, opt, e)
     (b,) = opt._history.buckets
     slot_sum = torch.zeros_like(b.total) + b.ring[0] + b.ring[1] + b.ring[2]
-    assert not torch.equal(b.total, slot_sum)  # the case where recomputing on save shows
+    total = b.total.clone()
+    assert not torch.equal(total, slot_sum)  # the case where recomputing on save shows
     before = fingerprint(opt)
-    sd = opt.state_dict()
-    roundtrip(sd)
+    saved = roundtrip(opt.state_dict())  # a copy: the dict's tensors are views of the history
     assert_same(before, fingerprint(opt))
     for i, p in enumerate(model.parameters()):
-        assert torch.equal(sd["state"][i]["lawa_sum"], b.view(b.total, i))
-        assert sd["state"][i]["lawa_sum"].dtype == torch.float32
+        got = saved["state"][i]["lawa_sum"]
+        assert got.dtype == torch.float32
+        assert torch.equal(got, b.view(total, i))  # the sum as it was, not the slot sum
 
 
 def test_checkpoint_without_running_sum_resumes_exactly():
@@ -442,30 +443,42 @@ def test_malformed_state_dict_is_refused_and_changes_nothing(mode, swapped, edit
     assert_same(before, fingerprint(opt))
 
 
-def test_allocation_failure_while_loading_changes_nothing(monkeypatch):
-    sd = saved_dict("uniform", True)
-    opt = loaded_target("uniform")
-    before = fingerprint(opt)
-
-    def out_of_memory(self, param_groups):
+def _out_of_memory(monkeypatch, opt):
+    def extend(self, param_groups):
         raise RuntimeError("out of memory (simulated)")
 
-    monkeypatch.setattr(History, "extend", out_of_memory)
-    with pytest.raises(RuntimeError, match="simulated"):
-        opt.load_state_dict(sd)
-    assert_same(before, fingerprint(opt))
+    monkeypatch.setattr(History, "extend", extend)
 
 
-def test_wrapped_optimizer_refusal_leaves_the_history(monkeypatch):
-    sd = saved_dict("uniform", True)
-    opt = loaded_target("uniform")
-    before = fingerprint(opt)
-
+def _wrapped_optimizer_refuses(monkeypatch, opt):
     def refuse(state_dict):
         raise ValueError("the wrapped optimizer refuses (simulated)")
 
     monkeypatch.setattr(opt.optimizer, "load_state_dict", refuse)
-    with pytest.raises(ValueError, match="simulated"):
+
+
+def _pending_snapshot_fails(monkeypatch, opt):
+    """A snapshot into a pinned history still on its way, whose copy fails: the load must
+    report it before it loads anything (the failed snapshot itself records nothing)."""
+    from test_pinned import Gate, offloaded
+
+    transfer = offloaded(opt._history)
+    transfer.gate = Gate(RuntimeError("copy failed (simulated)"))
+    transfer.gate.opened.set()
+    opt.snapshot()
+
+
+@pytest.mark.parametrize("fail,exc", [
+    (_out_of_memory, RuntimeError),
+    (_wrapped_optimizer_refuses, ValueError),
+    (_pending_snapshot_fails, RuntimeError),
+], ids=["allocation", "wrapped-optimizer", "pending-snapshot"])
+def test_failure_while_loading_changes_nothing(monkeypatch, fail, exc):
+    sd = saved_dict("uniform", True)
+    opt = loaded_target("uniform")
+    before = fingerprint(opt)
+    fail(monkeypatch, opt)
+    with pytest.raises(exc, match="simulated"):
         opt.load_state_dict(sd)
     assert_same(before, fingerprint(opt))
 

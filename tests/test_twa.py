@@ -335,7 +335,21 @@ def test_paper_schedule():
         sched.step()
     # lr 0.1 scaled to 0.3, divided by 10 after 4 of 8 steps (50 %) and after 6 (75 %)
     assert lrs == pytest.approx([0.3] * 4 + [0.03] * 2 + [0.003] * 2, rel=1e-12)
-    with pytest.raises(ValueError, match=r"total_steps must be an int >= 4 .* got 3"):
-        twa.paper_schedule(3)
-    with pytest.raises(ValueError, match="lr_scale must be a number > 0, got 0"):
-        twa.paper_schedule(8, lr_scale=0)
+
+
+@pytest.mark.parametrize("args,exc,match", [
+    ((3,), ValueError, r"total_steps must be an int >= 4 .* got 3"),
+    ((8.0,), ValueError, r"total_steps must be an int >= 4 .* got 8.0"),
+    ((8, 0), ValueError, "lr_scale must be a number > 0, got 0"),
+    (None, RuntimeError, r"paper_schedule\(\) was called already"),
+], ids=["few-steps", "float-steps", "zero-scale", "second-call"])
+def test_paper_schedule_refusals_leave_the_learning_rate(args, exc, match):
+    m, lawa, _ = _trained()
+    twa = TWA(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), history=lawa)
+    if args is None:
+        twa.paper_schedule(8, lr_scale=3.0)
+        args = (8, 3.0)
+    lrs = [g["lr"] for g in twa.param_groups]
+    with pytest.raises(exc, match=match):
+        twa.paper_schedule(*args)
+    assert [g["lr"] for g in twa.param_groups] == lrs

@@ -120,6 +120,58 @@ def test_last_j_averages_the_newest_snapshots(backend, device):
             assert_mean(model, snaps[-j:])
 
 
+@pytest.mark.parametrize("last", [None, 2], ids=["all", "last=2"])
+def test_training_weights_inside_a_swap_and_the_same_average_after(backend, device, last):
+    """Saving a checkpoint while an average is swapped in: inside the block the training
+    weights and an unswapped history; after it, bit for bit the average that was swapped
+    in (a ``last=j`` one too) and the training weights behind it."""
+    model = make_model(device)
+    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1), k=4, backend=backend)
+    for epoch in range(5):
+        train_step(model, opt, epoch)
+        opt.snapshot()
+    live = weights(model)
+    with opt.averaged(last=last):
+        average = weights(model)
+        with opt.training_weights():
+            assert not opt.is_swapped
+            assert all(torch.equal(p, x) for p, x in zip(model.parameters(), live))
+            sd = opt.state_dict()
+            assert not any("lawa_backup" in entry for entry in sd["state"].values())
+            assert not any(g["lawa"]["swapped"] for g in sd["param_groups"])
+        assert opt.is_swapped
+        assert all(torch.equal(p, x) for p, x in zip(model.parameters(), average))
+    assert all(torch.equal(p, x) for p, x in zip(model.parameters(), live))
+
+
+def test_training_weights_outside_a_swap_changes_nothing():
+    model = make_model("cpu")
+    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1), k=3)
+    train_step(model, opt, 0)
+    opt.snapshot()
+    before = fingerprint(opt)
+    with opt.training_weights() as inside:
+        assert inside is opt and not opt.is_swapped
+        assert_same(before, fingerprint(opt))
+    assert_same(before, fingerprint(opt))
+
+
+def test_training_weights_after_a_swap_inside_the_block():
+    """A swap left in place inside the block is undone before the outer average returns."""
+    model = make_model("cpu")
+    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1), k=3)
+    for epoch in range(3):
+        train_step(model, opt, epoch)
+        opt.snapshot()
+    live = weights(model)
+    with opt.averaged(last=1):
+        newest = weights(model)
+        with opt.training_weights():
+            opt.swap_to_average()
+        assert all(torch.equal(p, x) for p, x in zip(model.parameters(), newest))
+    assert all(torch.equal(p, x) for p, x in zip(model.parameters(), live))
+
+
 def test_ema_follows_the_recurrence(backend, device):
     model = make_model(device)
     opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1), mode="ema", decay=0.6, backend=backend)

@@ -47,8 +47,8 @@ def _cache(b: "Bucket") -> dict:
             i0 = i1
         c = b.cache["torch"] = {
             "chunks": chunks,
-            "slots": None if b.ring is None else [[b.view(b.ring[s], i) for i in range(P)] for s in range(b.k)],
-            "total": [b.view(b.total, i) for i in range(P)],
+            "slots": None if b.ring is None else [b.views(b.ring[s]) for s in range(b.k)],
+            "total": b.views(b.total),
         }
     return c
 
@@ -111,7 +111,7 @@ def swap_in(b: "Bucket", last: int | None) -> None:
         cpu_kernels.swap_in(b, n, last)
         return
     c = _cache(b)
-    torch._foreach_copy_([b.view(b.backup, i) for i in range(len(b.params))], b.params)
+    torch._foreach_copy_(b.views(b.backup), b.params)
     for lo, hi, i0, i1 in c["chunks"]:
         if b.mode == "ema":
             avg = b.total[lo:hi]
@@ -129,7 +129,7 @@ def swap_back(b: "Bucket") -> None:
     if cpu_kernels.runs(b, "swap"):
         cpu_kernels.swap_back(b)
         return
-    torch._foreach_copy_(b.params, [b.view(b.backup, i) for i in range(len(b.params))])
+    torch._foreach_copy_(b.params, b.views(b.backup))
 
 
 def recompute(b: "Bucket") -> None:

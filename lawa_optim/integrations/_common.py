@@ -1,10 +1,8 @@
-"""What the framework integrations share: argument checks, parameter names in saved
-state dicts, and checkpoints that hold the training weights."""
+"""What the framework integrations share: argument checks and parameter names in saved
+state dicts."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -64,20 +62,3 @@ def record_names(opt: LAWA, module: nn.Module) -> None:
 
     opt.register_state_dict_post_hook(add)
     opt.register_load_state_dict_pre_hook(check_and_strip)
-
-
-@contextlib.contextmanager
-def training_weights(opt: LAWA) -> Iterator[None]:
-    """The training weights in the parameters inside the block, whatever they hold outside.
-
-    A swapped-in average is swapped back for the block and swapped in again after it
-    (the full average: a swap made with ``last=`` comes back as the full one).
-    """
-    if not opt.is_swapped:
-        yield
-        return
-    opt.swap_back()
-    try:
-        yield
-    finally:
-        opt.swap_to_average()

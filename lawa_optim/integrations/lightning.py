@@ -11,7 +11,7 @@ import warnings
 from typing import Any
 
 from lawa_optim import LAWA
-from lawa_optim.integrations._common import check_lawa_arguments, record_names, training_weights
+from lawa_optim.integrations._common import check_lawa_arguments, record_names
 
 _bases = []
 try:
@@ -129,15 +129,13 @@ class LAWACallback(*_bases):
         # training weights, and the history saved while not swapped.
         averaged = {id(p) for g in lawa.param_groups for p in g["params"]}
         state = checkpoint.get("state_dict", {})
-        with training_weights(lawa):
+        with lawa.training_weights():
             for name, p in pl_module.named_parameters(remove_duplicate=False):
                 if id(p) in averaged and name in state:
                     state[name] = p.detach().clone()
             saved = checkpoint.get("optimizer_states")
-            if saved is not None:
-                for i, opt in enumerate(trainer.strategy.optimizers):
-                    if opt is lawa:
-                        saved[i] = lawa.state_dict()
+            if saved:  # on_fit_start made the one optimizer the LAWA
+                saved[0] = lawa.state_dict()
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._swap_back()

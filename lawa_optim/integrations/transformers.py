@@ -12,7 +12,7 @@ from typing import Any
 import transformers
 
 from lawa_optim import LAWA
-from lawa_optim.integrations._common import check_lawa_arguments, record_names, training_weights
+from lawa_optim.integrations._common import check_lawa_arguments, record_names
 
 
 class _EpochSnapshots(transformers.TrainerCallback):
@@ -79,7 +79,7 @@ def use_lawa(trainer: transformers.Trainer, k: int = 6, **lawa_kwargs: Any) -> L
     optimizer = trainer.create_optimizer() if created else trainer.optimizer
     try:
         lawa = LAWA(optimizer, k, **lawa_kwargs)
-    except (TypeError, ValueError):
+    except BaseException:
         if created:  # leave the trainer as it was: it builds its optimizer in train()
             trainer.optimizer = None
         raise
@@ -101,7 +101,7 @@ def use_lawa(trainer: transformers.Trainer, k: int = 6, **lawa_kwargs: Any) -> L
 
     @functools.wraps(save_checkpoint)
     def save_training_weights(*args: Any, **kwargs: Any) -> None:
-        with training_weights(lawa):
+        with lawa.training_weights():
             return save_checkpoint(*args, **kwargs)
 
     trainer.evaluate = evaluate_average
