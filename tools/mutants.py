@@ -95,7 +95,7 @@ MUTANTS = [
     Mutant("count-reference", REF,
            "b.total[lo:hi] / _scalar(min(n, b.k), b)", "b.total[lo:hi] / _scalar(b.k, b)", PLAIN),
     Mutant("backup-skipped-reference", REF,
-           "    torch._foreach_copy_([b.view(b.backup, i) for i in range(len(b.params))], b.params)\n", "", PLAIN),
+           "    torch._foreach_copy_(b.views(b.backup), b.params)\n", "", PLAIN),
     Mutant("push-updates-only-the-last-chunk-reference", REF,
            "new - old\n        b.total[lo:hi].add_(delta)\n", "new - old\n    b.total[lo:hi].add_(delta)\n", PLAIN),
     Mutant("swap-in-chunk-base-reference", REF, "b.view(avg, i, base=lo)", "b.view(avg, i)", PLAIN),
