@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from benchmarks import baselines, suite
+from benchmarks import suite
 from benchmarks.workloads import flat_params, model_params
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,8 +76,7 @@ def test_baseline(benchmark, setup, op, baseline):
     o = suite.operations(setup, (op,))[op]
     if baseline == "roofline":
         src = torch.ones(o.nbytes // 2, dtype=torch.uint8, device=DEVICE)
-        dst = torch.empty_like(src)
-        fn = suite.in_a_row(lambda i: baselines.roofline(dst, src), o.calls)
+        fn = suite.roofline(o, torch.empty_like(src), src)
     elif baseline in o.baselines:
         fn = o.baselines[baseline]
     else:

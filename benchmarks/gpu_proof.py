@@ -205,10 +205,11 @@ def summarize(ctx: Context, results: list[dict], command: list[str], seconds: fl
                for r in (_read_json(ctx.out / name) or [])]
     stage = {r["stage"]: r for r in results}
     evaluated = []
+    no_cuda = _needs_cuda(ctx)
     for t in targets.GPU:
         source = stage.get("overlap" if t.where["op"] == "pinned_snapshot" else "report")
-        if _needs_cuda(ctx):
-            absent = _needs_cuda(ctx)
+        if no_cuda:
+            absent = no_cuda
         elif source is None or source["status"] != "ok":
             absent = f"stage {source['stage']} {source['status']}: {source['reason']}" if source else "not run"
         else:

@@ -1,6 +1,7 @@
 """Time the LAWA history (Kaddour 2022, arXiv:2209.14981) against its baselines.
 
-    python benchmarks/report.py            # quick set: ~10 minutes on 2 busy CPU cores, 1 thread
+    python benchmarks/report.py            # quick set: under 2 minutes on 2 idle CPU cores
+    OMP_NUM_THREADS=1 python benchmarks/report.py     # the same on 1 thread: about 3 minutes
     python benchmarks/report.py --full     # 1M..256M elements (as memory allows), all ops
     python benchmarks/report.py --full --sizes 64M 256M --dtypes float32 bfloat16
 
@@ -33,7 +34,7 @@ if not __package__:  # run as a script: make `benchmarks` and `lawa_optim` impor
 
 import torch  # noqa: E402
 
-from benchmarks import baselines, suite, targets  # noqa: E402
+from benchmarks import suite, targets  # noqa: E402
 from benchmarks.plot import plot  # noqa: E402
 from benchmarks.workloads import flat_params, model_params  # noqa: E402
 
@@ -114,8 +115,7 @@ def measure(workload, device: torch.device, k: int, op_names, repeats: int, min_
         for name, op in suite.operations(setup, op_names).items():
             calls = {f"lawa:{impl}": suite.plain(op.lawa) if impl == "plain" else op.lawa for impl in impls}
             if name not in base:
-                half = op.nbytes // 2 // dtype.itemsize
-                calls["roofline"] = suite.in_a_row(lambda i: baselines.roofline(dst[:half], src[:half]), op.calls)
+                calls["roofline"] = suite.roofline(op, dst, src)
                 calls.update(op.baselines)
             t = {key: s / op.calls for key, s in interleaved(calls, repeats, device, min_seconds).items()}
             base.setdefault(name, {b: t[b] for b in ["roofline", *op.baselines]})
@@ -193,9 +193,9 @@ def run(sizes, size_ops, models, repeats: int, k: int, device: torch.device, out
             # Weights, ring, sums, backup, the mean of k copies, and the roofline's two buffers.
             most = max(suite.nbytes(op, 1, dtype, dtype, k) for op in op_names)
             need = numel * (dtype.itemsize * (k + 3) + 12 + most)
-            if need > 0.8 * free_bytes(device):
-                print(f"skipping {numel} elements of {dtype}: needs ~{need / 1e9:.1f} GB, "
-                      f"{free_bytes(device) / 1e9:.1f} GB free")
+            free = free_bytes(device)
+            if need > 0.8 * free:
+                print(f"skipping {numel} elements of {dtype}: needs ~{need / 1e9:.1f} GB, {free / 1e9:.1f} GB free")
                 continue
         t0 = time.perf_counter()
         w = build()

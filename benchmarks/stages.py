@@ -64,6 +64,29 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def run_group(argv: list[str], timeout_s: float, *, cwd: Path = ROOT, env: dict | None = None,
+              stdout=None, stderr=None) -> tuple[int | None, str | None, str | None]:
+    """Run ``argv`` in a session (process group) of its own, ended with everything it
+    started when it exits, runs past ``timeout_s`` or is interrupted: ``(exit status, None at
+    the timeout; stdout; stderr)``, the output as text where ``stdout``/``stderr`` is a pipe."""
+    proc = subprocess.Popen(argv, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, cwd=cwd, env=env,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        return None, out, err
+    except BaseException:
+        kill_group(proc)
+        raise
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # nothing it started outlives it
+    except ProcessLookupError:
+        pass
+    return proc.returncode, out, err
+
+
 def run_command(argv: list[str], log: Path, timeout_s: float, env: dict) -> tuple[str, int | None, float]:
     """Run ``argv`` in its own process group with output to ``log``: ``("ok" | "failed" |
     "timeout", exit status, seconds)``."""
@@ -71,20 +94,9 @@ def run_command(argv: list[str], log: Path, timeout_s: float, env: dict) -> tupl
     with open(log, "w") as f:
         f.write(f"$ {shlex.join(argv)}\n")
         f.flush()
-        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
-                                env=env, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            kill_group(proc)
-            return "timeout", None, time.monotonic() - t0
-        except BaseException:
-            kill_group(proc)
-            raise
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # nothing a stage started outlives it
-    except ProcessLookupError:
-        pass
+        rc, _, _ = run_group(argv, timeout_s, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if rc is None:
+        return "timeout", None, time.monotonic() - t0
     return ("ok" if rc == 0 else "failed"), rc, time.monotonic() - t0
 
 

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import torch
 
 from benchmarks.baselines import BASELINES, Lists
+from benchmarks.baselines import roofline as plain_copy
 from benchmarks.workloads import Workload
 from lawa_optim import ops
 from lawa_optim.backends import cpu_kernels
@@ -53,12 +54,13 @@ class Setup:
     ema_lists: Lists = field(repr=False)
 
 
-def prepare(w: Workload, backend: str, k: int, history_dtype: torch.dtype | None = None) -> Setup:
-    """Buckets over ``w.params`` with ``k`` snapshots taken and a backup allocated.
+def prepare(w: Workload, backend: str, k: int) -> Setup:
+    """Buckets over ``w.params`` (history in their dtype) with ``k`` snapshots taken and a
+    backup allocated.
 
     Holds about ``(4k + 20)`` bytes per float32 element beside the parameters."""
-    uni = Bucket(w.params, k, "uniform", history_dtype, "device", backend)
-    ema = Bucket(w.params, k, "ema", history_dtype, "device", backend)
+    uni = Bucket(w.params, k, "uniform", None, "device", backend)
+    ema = Bucket(w.params, k, "ema", None, "device", backend)
     for _ in range(k):
         ops.push(uni)
     ops.ema_update(ema, DECAY)
@@ -100,6 +102,15 @@ def operations(s: Setup, names: tuple[str, ...] = OPS) -> dict[str, Op]:
         out[name] = Op(in_a_row(lambda i, fn=lawa: fn(), n), baselines,
                        nbytes(name, s.workload.numel, uni.dtype, uni.history_dtype, k), n)
     return out
+
+
+def roofline(op: Op, dst: torch.Tensor, src: torch.Tensor) -> Callable[[], None]:
+    """The copy roofline of ``op``: ``op.calls`` plain copies in a row of half the bytes it
+    moves (each read once and written once) from ``src`` into ``dst``, which hold at least
+    that many."""
+    half = op.nbytes // 2 // src.element_size()
+    d, s = dst[:half], src[:half]
+    return in_a_row(lambda i: plain_copy(d, s), op.calls)
 
 
 def in_a_row(fn: Callable[[int], None], n: int) -> Callable[[], None]:

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, is_dataclass
 from functools import partial
 from pathlib import Path
 
@@ -40,8 +41,7 @@ import torch
 
 from examples import lawa_runs as runs
 from examples.lawa_plots import plot_all
-from lawa_optim.demo import ACC_TARGET_GAP, LOSS_TARGET_RATIO, MARGINS, conclusion, phases, targets
-from lawa_optim.paired import Paired, Reach, paired, reach
+from lawa_optim.paired import MARGINS, conclusion, paired, per_epoch, per_phase, reach, reach_text, targets
 
 FULL = runs.Config(seeds=10, epochs=30, short=15, train=10_000, holdout=2_000, val=2_000, bn=1_000, batch=128,
                    twa_starts=(10, 20), twa_epochs=2)
@@ -49,7 +49,6 @@ FULL = runs.Config(seeds=10, epochs=30, short=15, train=10_000, holdout=2_000, v
 FAST = runs.Config(seeds=2, epochs=4, short=2, train=128, holdout=32, val=32, bn=32, batch=32,
                    twa_starts=(2,), twa_epochs=1)
 DEFAULT_OUT = "lawa_experiment_results"  # untracked (.gitignore)
-SCHEDULES = ("cosine", "step", "constant")
 METRICS = ("loss", "acc")
 
 
@@ -59,14 +58,8 @@ def _curves(results: Sequence[dict], run: str, key: str) -> list[list[float]]:
 
 def compare(a: list[list[float]], b: list[list[float]], metric: str) -> dict:
     """Paired ``a - b`` per epoch, over each third of the run and at the last epoch."""
-    epochs = len(a[0])
-    out = {"per_epoch": [paired([c[e] for c in a], [c[e] for c in b]) for e in range(epochs)], "phases": []}
-    for first, last in phases(epochs):
-        mean = lambda c: sum(c[first - 1:last]) / (last - first + 1)  # noqa: E731
-        out["phases"].append((first, last, paired([mean(c) for c in a], [mean(c) for c in b])))
-    out["last"] = out["per_epoch"][-1]
-    out["metric"] = metric
-    return out
+    epochs = per_epoch(a, b)
+    return {"per_epoch": epochs, "phases": per_phase(a, b), "last": epochs[-1], "metric": metric}
 
 
 def summarise(results: Sequence[dict], cfg: runs.Config) -> dict:
@@ -77,7 +70,7 @@ def summarise(results: Sequence[dict], cfg: runs.Config) -> dict:
         for m in METRICS:
             s["compare"][f"{name}/{m}"] = compare(_curves(results, run_a, f"{a}_{m}"), _curves(results, run_b, f"{b}_{m}"), m)
 
-    for sched in SCHEDULES:
+    for sched in runs.SCHEDULES:
         add(f"{sched}: LAWA k=6 - live", sched, "lawa6", sched, "live")
         add(f"{sched}: LAWA k=6 - live, both refreshed", sched, "lawa6", sched, "live_bn")
     for k in runs.WINDOWS:
@@ -96,7 +89,7 @@ def summarise(results: Sequence[dict], cfg: runs.Config) -> dict:
     measured = [(c["refresh_s"] / c["refreshes"]) / (c["train_s"] / c["train_epochs"]) for c in cost]
     s["refresh_cost"] = {"counted_epochs": counted, "measured_epochs": statistics.median(measured)}
     c = s["refresh_cost"]["measured_epochs"]
-    for sched in SCHEDULES:
+    for sched in runs.SCHEDULES:
         for live_key in ("live", "live_bn"):
             for m in METRICS:
                 live, lawa = _curves(results, sched, f"{live_key}_{m}"), _curves(results, sched, f"lawa6_{m}")
@@ -123,8 +116,9 @@ def summarise(results: Sequence[dict], cfg: runs.Config) -> dict:
         for m in METRICS:
             fit = {v: [r["cosine"]["twa"][start][v][m] for r in results] for v in ("t", "v")}
             at = lambda key, e: [c[e - 1] for c in _curves(results, "cosine", f"{key}_{m}")]  # noqa: E731
+            k = min(start, max(runs.WINDOWS))  # the window that holds every snapshot TWA starts from
             rows = {
-                f"TWA-t - LAWA k={min(start, max(runs.WINDOWS))} at epoch {start} (its start)": (fit["t"], at(f"lawa{min(start, max(runs.WINDOWS))}", start)),
+                f"TWA-t - LAWA k={k} at epoch {start} (its start)": (fit["t"], at(f"lawa{k}", start)),
                 f"TWA-t - LAWA k=6 at epoch {end}": (fit["t"], at("lawa6", end)),
                 f"TWA-t - live at epoch {end}": (fit["t"], at("live_bn", end)),
                 f"TWA-t - live at epoch {T} (the full run)": (fit["t"], at("live_bn", T)),
@@ -138,7 +132,7 @@ def summarise(results: Sequence[dict], cfg: runs.Config) -> dict:
 SECTIONS = (
     ("LAWA k=6 - live weights, per schedule (LAWA with refreshed BatchNorm statistics, as in the paper; live with "
      "its running ones, and as a control also refreshed)",
-     tuple(f"{sched}: LAWA k=6 - live{ctl}" for sched in SCHEDULES for ctl in ("", ", both refreshed"))),
+     tuple(f"{sched}: LAWA k=6 - live{ctl}" for sched in runs.SCHEDULES for ctl in ("", ", both refreshed"))),
     ("k sweep (cosine)", tuple(f"cosine: LAWA k={k} - {ref}" for k in runs.WINDOWS if k != 6
                                for ref in ("live, both refreshed", "LAWA k=6"))),
     ("EMA vs uniform (paper's Appendix C: alpha 0.9 on the newest checkpoint, k = 10)", ("cosine: EMA - LAWA k=10",)),
@@ -169,11 +163,10 @@ def report(s: dict, cfg: runs.Config, results: Sequence[dict]) -> list[str]:
             for key, r in s["reach"].items():
                 sched, live_key, m = key.split("/")
                 e = r["epochs"]
-                target = f"{LOSS_TARGET_RATIO:g} x final loss" if m == "loss" else f"final accuracy - {ACC_TARGET_GAP:g}"
-                missed = f" ({e.b_missed} of {n} seeds never: counted as epoch {cfg.epochs + 1})" if e.b_missed else ""
                 live = "live" if live_key == "live" else "live refreshed"
-                L.append(f"  {sched}, {target} of {live}: {live} median {e.a_median:g}, LAWA median {e.b_median:g}{missed}; saved "
-                         f"{e.saved.text('+.1f')} epochs ({conclusion(e.saved, MARGINS['epochs'], 'LAWA later', 'LAWA earlier')}); "
+                t = reach_text(e, m, live, "LAWA")
+                missed = f" ({e.b_missed} of {n} seeds never: counted as epoch {cfg.epochs + 1})" if e.b_missed else ""
+                L.append(f"  {sched}, {t.target} of {live}: {t.medians}{missed}; saved {t.saved} epochs ({t.says}); "
                          f"with refreshes {r['refresh_counted'].text('+.1f')}")
     L += ["", "== per epoch, cosine: means over seeds; LAWA - live: mean [95% interval], seeds where LAWA is lower =="]
     L.append(f"{'epoch':>5} {'live loss':>9} {'LAWA-6':>7} {'LAWA-6 - live loss':>27} {'lower':>5} "
@@ -212,8 +205,8 @@ def per_epoch_rows(s: dict) -> list[list]:
 
 
 def _jsonable(x):
-    if isinstance(x, (Paired, Reach)):
-        return x.asdict()
+    if is_dataclass(x) and not isinstance(x, type):
+        return asdict(x)
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -273,8 +266,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cpu = sum(r["cost"]["cpu_s"] for r in results)
     head = [f"command: {command}",
             f"{cfg.seeds} seeds, {seconds:.0f} s wall on {args.jobs} process(es) x 1 thread (load average before "
-            f"{load[0]:.2f}, after {os.getloadavg()[0]:.2f}); {cpu:.0f} CPU seconds in all, {cpu / 2:.0f} s on 2 "
-            f"otherwise idle cores; torch {torch.__version__}",
+            f"{load[0]:.2f}, after {os.getloadavg()[0]:.2f}); {cpu:.0f} CPU seconds in all, about {cpu / args.jobs:.0f} s "
+            f"of wall time on {args.jobs} idle core(s) (CPU seconds / {args.jobs}); torch {torch.__version__}",
             "differences: mean [95% bootstrap interval over seeds]; 'equal within' = the whole interval inside the margin "
             f"({', '.join(f'{k} {v:g}' for k, v in MARGINS.items())})", ""]
     lines = head + report(s, cfg, results)

@@ -45,7 +45,7 @@ def plot_all(results: Sequence[dict], s: dict, cfg: runs.Config, out: Path) -> b
         ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))  # epochs 1-2 are off the scale
         ax.set_ylabel(f"{ylabel}, mean over {len(results)} seeds")
         ax = axes[1, col]
-        for i, sched in enumerate(("cosine", "step", "constant")):
+        for i, sched in enumerate(runs.SCHEDULES):
             _band(ax, s["compare"][f"{sched}: LAWA k=6 - live/{m}"]["per_epoch"], sched, f"C{i}")
             ax.plot(range(1, cfg.epochs + 1), [p.mean for p in s["compare"][f"{sched}: LAWA k=6 - live, both refreshed/{m}"]["per_epoch"]],
                     color=f"C{i}", ls=":", label=f"{sched}, live refreshed too")

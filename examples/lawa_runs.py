@@ -23,11 +23,13 @@ from torch.nn import functional as F
 from examples import fashion_mnist
 from examples.lookahead import Lookahead
 from lawa_optim import LAWA, TWA, update_bn
-from lawa_optim.demo import batches, evaluate, record
+from lawa_optim.demo import batches, evaluate, record, train_epoch
 
 #: Peak learning rate (chosen for the live weights on pilot seeds 100-101, before any
 #: LAWA curve was looked at), momentum as in both papers, weight decay as in TWA's.
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
+#: The learning-rate schedules every seed trains under (see :func:`schedule`).
+SCHEDULES = ("cosine", "step", "constant")
 #: LAWA windows read from one ring of the largest (paper: k = 6 default, > 10-16 hurts).
 WINDOWS = (2, 6, 10, 20)
 #: Paper's Appendix C: alpha = 0.9 on the newest checkpoint, i.e. decay 0.1 here.
@@ -95,6 +97,11 @@ def make_model() -> nn.Module:
     )
 
 
+def sgd(model: nn.Module) -> torch.optim.SGD:
+    """SGD over ``model``'s parameters with the experiment's settings."""
+    return torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+
 def schedule(opt: torch.optim.Optimizer, name: str, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-epoch learning-rate schedule: ``cosine`` to 0, ``step`` (/10 at 50 % and
     75 %, as in the TWA papers' regular training) or ``constant``."""
@@ -124,11 +131,7 @@ class Seed:
 
     def _train(self, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
         t0 = time.perf_counter()
-        model.train()
-        for xb, yb in batches(self.data.x, self.data.y, self.cfg.batch, gen):
-            opt.zero_grad()
-            F.cross_entropy(model(xb), yb).backward()
-            opt.step()
+        train_epoch(model, opt, self.data.x, self.data.y, gen, self.cfg.batch)
         self.train_s += time.perf_counter() - t0
         self.train_epochs += 1
 
@@ -154,10 +157,10 @@ class Seed:
         LAWA k=6 under schedule ``name``; the cosine run also keeps the other windows,
         EMA, LAWA without refresh and the TWA fits."""
         model, gen = self._start()
-        sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        opt = sgd(model)
         main = name == "cosine"
-        lawa = LAWA(sgd, k=max(WINDOWS) if main else 6)
-        ema = LAWA(sgd, k=1, mode="ema", decay=EMA_DECAY) if main else None  # a second view of the same SGD
+        lawa = LAWA(opt, k=max(WINDOWS) if main else 6)
+        ema = LAWA(opt, k=1, mode="ema", decay=EMA_DECAY) if main else None  # a second view of the same SGD
         sched = schedule(lawa, name, epochs)
         out: dict = {"twa": {}} if main else {}
         for epoch in range(1, epochs + 1):
@@ -168,26 +171,34 @@ class Seed:
             sched.step()
             record(out, "live", self._eval(model))
             record(out, "live_bn", self._refreshed_eval(model))  # the refresh alone, as a control
-            for k in WINDOWS if main else (6,):
-                with lawa.averaged(last=min(k, lawa.num_snapshots)):
-                    if k == 6 and main:
-                        record(out, "lawa6_nobn", self._eval(model))
-                    record(out, f"lawa{k}", self._refreshed_eval(model))
             if main:
-                with ema.averaged():
-                    record(out, "ema", self._refreshed_eval(model))
-            if main and epoch in self.cfg.twa_starts:
-                out["twa"][epoch] = {v: self._twa(model, lawa, v) for v in ("t", "v")}
+                self._main_extras(out, model, lawa, ema, epoch)
+            else:
+                with lawa.averaged(last=min(6, lawa.num_snapshots)):
+                    record(out, "lawa6", self._refreshed_eval(model))
         return out
+
+    def _main_extras(self, out: dict, model: nn.Module, lawa: LAWA, ema: LAWA, epoch: int) -> None:
+        """The cosine run's evaluations at the end of ``epoch``: every window (k = 6 also
+        without a refresh), the EMA, and the TWA fits at the epochs they start from."""
+        for k in WINDOWS:
+            with lawa.averaged(last=min(k, lawa.num_snapshots)):
+                if k == 6:
+                    record(out, "lawa6_nobn", self._eval(model))
+                record(out, f"lawa{k}", self._refreshed_eval(model))
+        with ema.averaged():
+            record(out, "ema", self._refreshed_eval(model))
+        if epoch in self.cfg.twa_starts:
+            out["twa"][epoch] = {v: self._twa(model, lawa, v) for v in ("t", "v")}
 
     def short(self, epochs: int) -> dict:
         """The equal-compute baseline: live weights under a cosine over ``epochs``."""
         model, gen = self._start()
-        sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        sched = schedule(sgd, "cosine", epochs)
+        opt = sgd(model)
+        sched = schedule(opt, "cosine", epochs)
         out: dict = {}
         for _ in range(epochs):
-            self._train(model, sgd, gen)
+            self._train(model, opt, gen)
             sched.step()
             record(out, "live", self._eval(model))
             record(out, "live_bn", self._refreshed_eval(model))
@@ -196,9 +207,9 @@ class Seed:
     def lookahead(self, epochs: int) -> dict:
         """SGD inside Lookahead under the cosine schedule; the slow weights are evaluated."""
         model, gen = self._start()
-        sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        opt = Lookahead(sgd, k=LA_K, alpha=LA_ALPHA)
-        sched = schedule(sgd, "cosine", epochs)
+        inner = sgd(model)
+        opt = Lookahead(inner, k=LA_K, alpha=LA_ALPHA)
+        sched = schedule(inner, "cosine", epochs)
         out: dict = {}
         for _ in range(epochs):
             self._train(model, opt, gen)
@@ -212,8 +223,7 @@ class Seed:
         ``twa_epochs`` epochs' worth of steps on the training (``"t"``) or held-out
         (``"v"``) images; evaluate after a refresh and put the model back."""
         saved = copy.deepcopy(model.state_dict())
-        sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        twa = TWA(sgd, history=lawa)
+        twa = TWA(sgd(model), history=lawa)
         steps = self.cfg.twa_epochs * -(-self.cfg.train // self.cfg.batch)
         sched = twa.paper_schedule(steps, lr_scale=TWA_LR_SCALE)
         x, y = (self.data.x, self.data.y) if variant == "t" else (self.data.x_hold, self.data.y_hold)
@@ -248,7 +258,7 @@ def run_seed(seed: int, cfg: Config, data_dir: str | None) -> dict:
     cpu0 = time.process_time()
     s = Seed(seed, load_split(data_dir, cfg, seed), cfg)
     out = {"seed": seed}
-    for name in ("cosine", "step", "constant"):
+    for name in SCHEDULES:
         out[name] = s.run(name, cfg.epochs)
     out["short"] = s.short(cfg.short)
     out["lookahead"] = s.lookahead(cfg.epochs)

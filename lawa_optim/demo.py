@@ -11,7 +11,8 @@ intervals over the seeds, the epochs each needs to reach targets set from the li
 weights' own final loss and accuracy (medians, and the paired saving with its
 interval), a verdict that states only what those intervals show, and saves a plot.
 
-The model, training and evaluation helpers here are shared with ``examples/``.
+The model, training and evaluation helpers here are shared with ``examples/``; the
+statistics and the words of the verdict are in :mod:`lawa_optim.paired`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lawa_optim.paired import Paired, paired, reach
+from lawa_optim.paired import MARGINS, conclusion, paired, per_epoch, per_phase, reach, reach_text, targets
 from lawa_optim.wrapper import LAWA
 
 #: SGD settings of the demo: momentum 0.9 as in both papers; peak lr 0.1 and batch 32
@@ -34,23 +35,8 @@ MOMENTUM = 0.9
 BATCH_SIZE = 32
 #: Validation images per seed (stratified; the other 1,197 train): 1 image = 0.17 points.
 VAL_SIZE = 600
-#: Targets for "epochs to reach", fixed from the live weights' own final values: loss
-#: within 10 % above the final loss, accuracy 1 point below the final accuracy. The
-#: exact final values sit on the flat end of a cosine run, where the first epoch that
-#: reaches them is decided by differences of 1e-5 that change from one CPU to the next.
-LOSS_TARGET_RATIO = 1.10
-ACC_TARGET_GAP = 0.01
-
-
-#: Differences smaller than these are negligible here (1 validation image is 0.0017 of
-#: accuracy): when a whole interval lies within +-margin the verdict says "equal within",
-#: so a difference of 1e-4 that one CPU resolves and the next does not is not a claim.
-MARGINS = {"loss": 0.005, "acc": 0.005, "epochs": 1.0}
-
-
-def targets(curve: Sequence[float], metric: str) -> float:
-    """The target for ``metric`` (``"loss"`` or ``"acc"``) from a live curve's final value."""
-    return curve[-1] * LOSS_TARGET_RATIO if metric == "loss" else curve[-1] - ACC_TARGET_GAP
+#: Snapshots LAWA averages (the paper's default).
+K = 6
 
 
 def load_digits() -> tuple[Tensor, Tensor]:
@@ -87,17 +73,14 @@ def batches(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator) -
 
 
 def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
-                generator: torch.Generator, batch_size: int = BATCH_SIZE) -> int:
-    """One pass of ``opt`` over ``(x, y)`` in training mode; returns the number of steps."""
+                generator: torch.Generator, batch_size: int = BATCH_SIZE) -> None:
+    """One pass of ``opt`` over ``(x, y)`` in training mode."""
     model.train()
-    steps = 0
     for xb, yb in batches(x, y, batch_size, generator):
         loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        steps += 1
-    return steps
 
 
 @torch.no_grad()
@@ -114,7 +97,7 @@ def record(out: dict[str, list[float]], name: str, loss_acc: tuple[float, float]
     out.setdefault(f"{name}_acc", []).append(loss_acc[1])
 
 
-def run_seed(seed: int, epochs: int, x: Tensor, y: Tensor, k: int = 6) -> dict[str, list[float]]:
+def run_seed(seed: int, epochs: int, x: Tensor, y: Tensor, k: int = K) -> dict[str, list[float]]:
     """Train one seed with ``LAWA(SGD, k)`` and a cosine schedule over ``epochs``,
     snapshot at each epoch end and evaluate the live weights and the average."""
     xt, yt, xv, yv = split(x, y, seed)
@@ -134,23 +117,9 @@ def run_seed(seed: int, epochs: int, x: Tensor, y: Tensor, k: int = 6) -> dict[s
     return out
 
 
-def per_epoch(runs: Sequence[dict[str, list[float]]], a: str, b: str) -> list[Paired]:
-    """Per epoch, the paired difference ``a - b`` over the seeds' curves."""
-    return [paired([r[a][e] for r in runs], [r[b][e] for r in runs]) for e in range(len(runs[0][a]))]
-
-
-def phases(epochs: int) -> list[tuple[int, int]]:
-    """The run cut into thirds (first and last epoch of each, counted from 1)."""
-    cuts = [0, epochs // 3, (2 * epochs) // 3, epochs]
-    return [(cuts[i] + 1, cuts[i + 1]) for i in range(3) if cuts[i + 1] > cuts[i]]
-
-
-def conclusion(p: Paired, margin: float, lower: str, higher: str) -> str:
-    """What the interval of ``p`` supports, in words: equal within ``+-margin`` when the
-    whole interval lies inside it, else ``lower``/``higher`` when it excludes 0."""
-    if -margin < p.lo and p.hi < margin:
-        return f"equal within +-{margin:g}"
-    return {-1: lower, 1: higher, 0: "not resolved (the interval contains 0)"}[p.sign]
+def curves(runs: Sequence[dict[str, list[float]]], key: str) -> list[list[float]]:
+    """Curve ``key`` of every seed."""
+    return [r[key] for r in runs]
 
 
 def verdict(runs: Sequence[dict[str, list[float]]], label: str = "LAWA") -> list[str]:
@@ -160,30 +129,25 @@ def verdict(runs: Sequence[dict[str, list[float]]], label: str = "LAWA") -> list
     live weights' final values (per seed), as medians and as a paired saving."""
     epochs = len(runs[0]["live_loss"])
     lines = []
-    for first, last in phases(epochs):
-        span = slice(first - 1, last)
-        p = paired([sum(r["avg_loss"][span]) / (last - first + 1) for r in runs],
-                   [sum(r["live_loss"][span]) / (last - first + 1) for r in runs])
+    for first, last, p in per_phase(curves(runs, "avg_loss"), curves(runs, "live_loss")):
         lines.append(f"epochs {first}-{last}, mean validation loss: {p.text()}: "
                      + conclusion(p, MARGINS["loss"], f"{label} lower", f"{label} higher"))
     loss, acc = (paired([r[f"avg_{m}"][-1] for r in runs], [r[f"live_{m}"][-1] for r in runs]) for m in ("loss", "acc"))
     lines.append(f"last epoch ({epochs}): loss {loss.text()}: {conclusion(loss, MARGINS['loss'], f'{label} lower', f'{label} higher')}; "
-                 f"accuracy {acc.text('+.4f')}: {conclusion(acc, MARGINS['acc'], f'{label} lower', f'{label} higher')}")
-    for metric, higher, what in (("loss", False, f"{LOSS_TARGET_RATIO:g} x the live weights' final loss"),
-                                 ("acc", True, f"the live weights' final accuracy - {ACC_TARGET_GAP:g}")):
-        r = reach([run[f"live_{metric}"] for run in runs], [run[f"avg_{metric}"] for run in runs],
-                  [targets(run[f"live_{metric}"], metric) for run in runs], higher_is_better=higher)
+                 f"accuracy {acc.text()}: {conclusion(acc, MARGINS['acc'], f'{label} lower', f'{label} higher')}")
+    for metric in ("loss", "acc"):
+        live = curves(runs, f"live_{metric}")
+        r = reach(live, curves(runs, f"avg_{metric}"), [targets(c, metric) for c in live], higher_is_better=metric == "acc")
+        t = reach_text(r, metric, "live", label, whose="the live weights' ")
         missed = f", {r.b_missed} seed(s) never (counted as epoch {epochs + 1})" if r.b_missed else ""
-        lines.append(
-            f"epochs to reach {what}: live median "
-            f"{r.a_median:g}, {label} median {r.b_median:g}{missed}; {label} saves {r.saved.text('+.1f')} epochs: "
-            + conclusion(r.saved, MARGINS["epochs"], f"{label} later", f"{label} earlier"))
+        lines.append(f"epochs to reach {t.target}: {t.medians}{missed}; {label} saves {t.saved} epochs: {t.says}")
     return lines
 
 
-def plot(runs: Sequence[dict[str, list[float]]], out: str, title: str) -> bool:
-    """Save mean validation loss of live and average, and their paired difference with
-    its 95 % band, to ``out``; returns False (and saves nothing) without matplotlib."""
+def plot(runs: Sequence[dict[str, list[float]]], out: str, title: str, k: int = K) -> bool:
+    """Save mean validation loss of live and average (LAWA ``k``), and their paired
+    difference with its 95 % band, to ``out``; returns False (and saves nothing) without
+    matplotlib."""
     try:
         import matplotlib
 
@@ -193,11 +157,11 @@ def plot(runs: Sequence[dict[str, list[float]]], out: str, title: str) -> bool:
         return False
     epochs = range(1, len(runs[0]["live_loss"]) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, label in (("live", "live weights"), ("avg", "LAWA k=6")):
+    for name, label in (("live", "live weights"), ("avg", f"LAWA k={k}")):
         axes[0].plot(epochs, [sum(r[f"{name}_loss"][e - 1] for r in runs) / len(runs) for e in epochs], label=label)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("validation loss (mean over seeds)")
-    diff = per_epoch(runs, "avg_loss", "live_loss")
+    diff = per_epoch(curves(runs, "avg_loss"), curves(runs, "live_loss"))
     axes[1].plot(epochs, [p.mean for p in diff], color="C1")
     axes[1].fill_between(epochs, [p.lo for p in diff], [p.hi for p in diff], color="C1", alpha=0.25)
     axes[1].axhline(0, color="k", lw=0.8)
@@ -234,16 +198,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     runs = [run_seed(seed, args.epochs, x, y) for seed in range(args.seeds)]
     seconds = time.perf_counter() - t0
     n = args.seeds
-    print(f"LAWA k=6 vs live weights: digits CNN, SGD lr={LR} (cosine over {args.epochs} epochs) momentum={MOMENTUM} "
+    print(f"LAWA k={K} vs live weights: digits CNN, SGD lr={LR} (cosine over {args.epochs} epochs) momentum={MOMENTUM} "
           f"batch={BATCH_SIZE}; {n} seed(s), each with its own split ({VAL_SIZE} validation images), init and batch order")
     print("per epoch: means over seeds; LAWA - live as mean [95% bootstrap interval]; seeds where LAWA is lower")
     print(f"{'epoch':>5} | {'live loss':>9} {'LAWA loss':>9} {'LAWA - live loss':>30} {'lower':>6} | "
           f"{'live acc':>8} {'LAWA acc':>8} {'LAWA - live acc':>24}")
-    loss_d, acc_d = per_epoch(runs, "avg_loss", "live_loss"), per_epoch(runs, "avg_acc", "live_acc")
+    loss_d, acc_d = (per_epoch(curves(runs, f"avg_{m}"), curves(runs, f"live_{m}")) for m in ("loss", "acc"))
     for e in range(args.epochs):
         mean = {key: sum(r[key][e] for r in runs) / n for key in runs[0]}
         print(f"{e + 1:>5} | {mean['live_loss']:>9.4f} {mean['avg_loss']:>9.4f} {loss_d[e].text():>30} "
-              f"{f'{loss_d[e].below}/{n}':>6} | {mean['live_acc']:>8.4f} {mean['avg_acc']:>8.4f} {acc_d[e].text('+.4f'):>24}")
+              f"{f'{loss_d[e].below}/{n}':>6} | {mean['live_acc']:>8.4f} {mean['avg_acc']:>8.4f} {acc_d[e].text():>24}")
     lines = verdict(runs)
     print("verdict (LAWA minus live weights, mean [95% bootstrap interval over seeds]):")
     for line in lines:

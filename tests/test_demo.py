@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lawa_optim import demo
+from lawa_optim.paired import phases
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
@@ -84,8 +85,8 @@ def test_verdict_states_only_what_the_intervals_show():
 
 
 def test_phases():
-    assert demo.phases(20) == [(1, 6), (7, 13), (14, 20)]
-    assert demo.phases(2) == [(1, 1), (2, 2)]
+    assert phases(20) == [(1, 6), (7, 13), (14, 20)]
+    assert phases(2) == [(1, 1), (2, 2)]
 
 
 def test_main_tiny_run(tmp_path, capsys):

@@ -4,10 +4,11 @@ Each mutant is one exact edit (original text -> mutated text) of one file, with 
 test selection that must catch it. The edits are made in a temporary copy of the
 repository, one at a time, and the selection runs there under pytest with ``-x`` and a
 time limit; the table at the end says, per mutant, whether a test failed (caught),
-none did (survived), the run hung (timeout) or the edit could not be made (error: its
-original text is no longer in the file exactly once, so the list cannot rot silently).
+none did (survived), the run hung (timeout) or pytest could not run it (error).
 Mutants of the CUDA kernels need a GPU and are skipped without one. Before the
-mutants, every selection runs once on the unchanged copy, which must pass.
+mutants, the list is checked (:func:`problems`: an original text no longer in its file
+exactly once stops the run with a non-zero exit, so the list cannot rot silently) and
+every selection runs once on the unchanged copy, which must pass.
 
 Run it before finishing any change to the kernels or the history::
 
@@ -24,13 +25,14 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchmarks.stages import run_group
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Seconds one mutant's tests may run before the run counts as hung.
@@ -218,26 +220,25 @@ def _pytest(copy: Path, tests: tuple[str, ...], env: dict[str, str], timeout: fl
     start = time.monotonic()
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     # A session of its own, so that a hung run is ended with every process it started.
-    proc = subprocess.Popen(cmd, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return "timeout", time.monotonic() - start, f"no result in {timeout:.0f} s"
+    rc, out, err = run_group(cmd, timeout, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seconds = time.monotonic() - start
+    if rc is None:
+        return "timeout", seconds, f"no result in {timeout:.0f} s"
     failed = re.search(r"^(?:FAILED|ERROR) (\S+)", out, flags=re.M)
-    if proc.returncode == 0:
+    if rc == 0:
         return "survived", seconds, ""
-    if proc.returncode == 1 and failed:
+    if rc == 1 and failed:
         return "caught", seconds, failed.group(1)
     tail = (out + err).strip().splitlines()[-1:] or [""]
-    return "error", seconds, f"pytest exit {proc.returncode}: {tail[0][:120]}"
+    return "error", seconds, f"pytest exit {rc}: {tail[0][:120]}"
 
 
 def run(mutants: list[Mutant], timeout: float = TIMEOUT_S) -> list[dict]:
-    """Every mutant in a temporary copy of the repository; one result row each."""
+    """Every mutant in a temporary copy of the repository; one result row each. Stops
+    (``SystemExit``, a non-zero exit) before anything runs when :func:`problems` finds any."""
+    broken = problems(ROOT, mutants)
+    if broken:
+        raise SystemExit("\n".join(f"error: {line}" for line in broken) + "\nfix the list of mutants first")
     import torch
 
     gpu = torch.cuda.is_available()
@@ -259,9 +260,6 @@ def run(mutants: list[Mutant], timeout: float = TIMEOUT_S) -> list[dict]:
             text = path.read_text()
             if m.gpu and not gpu:
                 row["status"], row["detail"] = "skipped", "needs a CUDA GPU"
-            elif text.count(m.original) != 1:
-                row["status"] = "error"
-                row["detail"] = f"original text found {text.count(m.original)} times, not once"
             else:
                 path.write_text(text.replace(m.original, m.mutated))
                 try:
@@ -286,7 +284,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help=f"seconds per mutant (default {TIMEOUT_S})")
     args = parser.parse_args(argv)
-    broken = problems()
     chosen = MUTANTS
     if args.only:
         unknown = sorted(set(args.only) - {m.name for m in MUTANTS})
@@ -297,8 +294,6 @@ def main(argv: list[str] | None = None) -> int:
         for m in chosen:
             print(f"{m.name:48} {m.path:40} {' '.join(m.tests)}{'  (GPU)' if m.gpu else ''}")
         return 0
-    for line in broken:
-        print(f"error: {line}")
     rows = run(chosen, args.timeout)
     print(table(rows))
     counts = {s: sum(r["status"] == s for r in rows) for s in ("caught", "survived", "timeout", "error", "skipped")}
