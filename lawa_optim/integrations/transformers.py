@@ -62,7 +62,10 @@ def use_lawa(trainer: transformers.Trainer, k: int = 6, **lawa_kwargs: Any) -> L
     if not isinstance(trainer, transformers.Trainer):
         raise TypeError(f"trainer must be a transformers.Trainer, got {type(trainer).__name__}")
     if isinstance(getattr(trainer, "optimizer", None), LAWA) or hasattr(trainer, "_lawa"):
-        raise RuntimeError("this trainer already steps a LAWA: call use_lawa once, on a trainer built without one")
+        raise RuntimeError(
+            "this trainer already steps a LAWA (given to it, or from an earlier use_lawa): call "
+            "use_lawa once, on a trainer built with a plain optimizer or none"
+        )
     for flag, what in (
         ("is_deepspeed_enabled", "DeepSpeed"),
         ("is_fsdp_enabled", "FSDP"),
