@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import assert_same
 from torch import nn
 
 from lawa_optim import LAWA, export_average
@@ -132,12 +133,6 @@ def fit(pl, path, epochs, seed=0, ckpt_path=None, callback=None, module=None, **
 def history(lawa):
     sd = lawa.state_dict()
     return [e["lawa_history"] for _, e in sorted(sd["state"].items())]
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def mean(snapshots):

@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import assert_same  # noqa: E402
 from torch import nn  # noqa: E402
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
@@ -82,12 +83,6 @@ class Recorder(transformers.TrainerCallback):
 
 def weights(model):
     return {n: t.clone() for n, t in model.state_dict().items()}
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
-    for k in a.keys() & b.keys():
-        assert torch.equal(a[k], b[k]), k
 
 
 def train(path, seed=0, resume=None, **kwargs):
