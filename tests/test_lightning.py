@@ -237,6 +237,9 @@ def test_leave_average_and_refusals(name, tmp_path):
         LAWACallback(k=0)
     with pytest.raises(TypeError, match="unexpected keyword argument 'evry'"):
         LAWACallback(k=2, evry=3)
+    for bad in (1, "True", None):
+        with pytest.raises(TypeError, match=f"leave_average must be a bool, got {bad!r}"):
+            LAWACallback(k=2, leave_average=bad)
 
 
 @pytest.mark.parametrize("name", frameworks())
