@@ -167,17 +167,17 @@ class TWA(WrappedOptimizer):
             )
         hist_ids = {id(p) for b in buckets for p in b.sources}
         opt_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        missing = len(hist_ids - opt_ids)
+        missing = _outside([{"params": ps} for ps in history._history.group_params], opt_ids)
         if missing:
             raise ValueError(
-                f"{missing} parameter(s) of history are not in optimizer; TWA needs an optimizer over "
-                "exactly the parameters of history"
+                f"{len(missing)} parameter(s) of history are not in optimizer (the first: {missing[0]}); "
+                "TWA needs an optimizer over exactly the parameters of history"
             )
-        extra = len(opt_ids - hist_ids)
+        extra = _outside(optimizer.param_groups, hist_ids)
         if extra:
             raise ValueError(
-                f"optimizer has {extra} parameter(s) that history does not hold; they would leave the "
-                "span, so TWA needs an optimizer over exactly the parameters of history"
+                f"optimizer has {len(extra)} parameter(s) that history does not hold (the first: {extra[0]}); "
+                "they would leave the span, so TWA needs an optimizer over exactly the parameters of history"
             )
 
         super().__init__(optimizer)
@@ -325,6 +325,17 @@ class TWA(WrappedOptimizer):
         return torch.stack([c.T @ x for c, x in zip(self._coef, coords)])
 
 
+def _outside(param_groups: Sequence[dict], ids: set[int]) -> list[str]:
+    """The parameters of ``param_groups`` whose ids are not in ``ids``, each described by
+    its place and shape."""
+    return [
+        f"parameter {i} of param group {g}, of shape {tuple(p.shape)}"
+        for g, group in enumerate(param_groups)
+        for i, p in enumerate(group["params"])
+        if id(p) not in ids
+    ]
+
+
 def _segments(buckets: list[Bucket], blocks: Sequence[Iterable[Tensor]] | None) -> list[_Segment]:
     """Split the parameters of ``buckets`` into per-block, per-bucket segments."""
     where = {id(p): (j, i) for j, b in enumerate(buckets) for i, p in enumerate(b.sources)}
@@ -333,6 +344,13 @@ def _segments(buckets: list[Bucket], blocks: Sequence[Iterable[Tensor]] | None) 
     else:
         if isinstance(blocks, torch.Tensor) or not isinstance(blocks, Sequence):
             raise TypeError(f"blocks must be None or a sequence of parameter collections, got {type(blocks).__name__}")
+        for k, g in enumerate(blocks):
+            if isinstance(g, torch.Tensor) or not isinstance(g, Iterable):
+                what = f"a Tensor of shape {tuple(g.shape)}" if isinstance(g, torch.Tensor) else f"{type(g).__name__} {g!r:.40}"
+                raise TypeError(
+                    f"each block must be a collection (list, tuple or other iterable) of parameters, "
+                    f"got {what} as blocks[{k}]: write blocks=[[w1, b1], [w2]], not blocks=[w1, b1, w2]"
+                )
         groups = [list(g) for g in blocks]
         seen: dict[int, int] = {}
         for k, g in enumerate(groups):

@@ -11,9 +11,20 @@ start off a 16-byte boundary (the scalar paths, beside aligned parameters that s
 vectorized) and a ``channels_last`` conv weight. The :func:`runner` fixture shrinks
 the torch backend's chunks and the fused CPU kernels' work rows, so the same bucket
 spans several of those too.
+
+Helpers shared by several test files live here too: bit-exact comparisons
+(:func:`bits`, :func:`assert_same_bits`, :func:`assert_same`), the :func:`fingerprint` of
+everything a refused call must leave as it was, :func:`roundtrip` through
+``torch.save``, the ways to copy a model and its LAWA (:data:`COPIES`), the kernel
+contract replayed on kept copies (:class:`Contract`) and the fake transfer of the pinned
+history (:func:`offloaded`).
 """
 
+import copy
+import io
 import os
+import pickle
+import threading
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -23,11 +34,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from torch import nn  # noqa: E402
 
-from lawa_optim import ops  # noqa: E402
+from lawa_optim import LAWA, ops  # noqa: E402
 from lawa_optim.backends import cpu_kernels, reference  # noqa: E402
 from lawa_optim.backends import triton as tb  # noqa: E402
-from lawa_optim.history import ALIGN, Bucket, history_device  # noqa: E402
+from lawa_optim.history import ALIGN, Bucket, History, accumulation_dtype, history_device  # noqa: E402
+from lawa_optim.offload import Offload  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ("torch", "triton", "cuda")
@@ -80,6 +93,17 @@ def device() -> torch.device:
     return DEVICE
 
 
+@pytest.fixture(params=["triton", "cuda"])
+def fused(request) -> str:
+    """A fused backend that runs on this machine's GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    reason = backend_skip_reason(request.param)
+    if reason is not None:
+        pytest.skip(f"backend {request.param!r} unavailable: {reason}")
+    return request.param
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """One intra-op thread for the test, the count before it restored after it."""
@@ -125,6 +149,220 @@ def assert_same_bits(a: torch.Tensor, b: torch.Tensor, what: str = "", any_nan: 
         where = (~same).nonzero()[0].tolist()
         raise AssertionError(f"{what}: {int((~same).sum())} elements differ, first at {where}: "
                              f"{a[tuple(where)].item()!r} vs {b[tuple(where)].item()!r}")
+
+
+def assert_same(a, b, path: str = "") -> None:
+    """``a`` and ``b`` equal all the way down: tensors bit for bit with the same dtype,
+    shape and device (so -0.0 != 0.0, and a NaN equals itself: a backup's padding is
+    uninitialised memory), dicts with the same keys, lists and tuples of the same type
+    and length, anything else identical or ``==``. A difference is named by its path."""
+    where = path or "the value"
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), f"{where}: a tensor, then {type(b).__name__}"
+        assert (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device), (
+            f"{where}: {a.dtype} {tuple(a.shape)} on {a.device}, then {b.dtype} {tuple(b.shape)} on {b.device}")
+        assert torch.equal(bits(a), bits(b)), f"{where}: the values differ"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict), f"{where}: a dict, then {type(b).__name__}"
+        assert a.keys() == b.keys(), f"{where}: the keys differ: {sorted(map(str, a.keys() ^ b.keys()))}"
+        for key in a:
+            assert_same(a[key], b[key], f"{path}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), f"{where}: {type(a).__name__} of {len(a)}, then {b!r:.200}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a is b or a == b, f"{where}: {a!r:.200} vs {b!r:.200}"
+
+
+def fingerprint(opt: LAWA | None = None, *, model: nn.Module | None = None) -> dict:
+    """Copies of everything a refused call must leave as it was, for :func:`assert_same`.
+
+    Of a LAWA ``opt``: the weights of its param groups and of its history; the history
+    (the object itself, its buckets, the generation of each group and the parameters it
+    was built with, every buffer of every bucket: ring, sum, snapshot counter, backup);
+    its counters and settings; the wrapped optimizer's state, its param groups (the
+    parameters by identity, every other entry by value) and its state_dict(). Of
+    ``model``: its state_dict (buffers included) and its training flag."""
+    out = {}
+    if model is not None:
+        out["model"] = {k: v.clone() for k, v in model.state_dict().items()}
+        out["training"] = model.training
+    if opt is not None:
+        hist = opt._history
+        out.update({
+            "weights": [p.detach().clone() for g in opt.param_groups for p in g["params"]],
+            "history weights": [[p.detach().clone() for p in b.params] for b in hist.buckets],
+            "history": hist,
+            "buckets": hist.buckets,
+            "layout": ([len(gen) for gen in hist.generations], list(hist.group_generation),
+                       [[id(p) for p in ps] for ps in hist.group_params]),
+            "buffers": [
+                [None if t is None else t.clone() for t in (b.ring, b.total, b.pushes, b.backup)]
+                for b in hist.buckets
+            ],
+            "run": (opt.steps, opt.is_swapped, opt._run.started, opt.num_snapshots),
+            "settings": (opt.k, opt.mode, opt.every, opt.start, opt.decay, hist.history_dtype, hist.storage,
+                         hist.requested_backend, hist.recompute_every),
+            "state": {id(p): copy.deepcopy(dict(s)) for p, s in opt.state.items()},
+            "params": [[id(p) for p in g["params"]] for g in opt.param_groups],
+            "groups": [copy.deepcopy({k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups],
+            "inner": copy.deepcopy(opt.optimizer.state_dict()),
+        })
+    return out
+
+
+def roundtrip(obj):
+    """``obj`` through ``torch.save`` and ``torch.load(weights_only=True)``."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def copy_through_state_dicts(pair: tuple[nn.Module, LAWA]) -> tuple[nn.Module, LAWA]:
+    """A model like ``pair``'s (other weights) and a LAWA built with the same settings
+    over it, both loaded from ``pair``'s state dicts."""
+    model, opt = pair
+    model2 = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model2.parameters():
+            p.add_(1.0)  # the weights must come from the state dict
+    inner = opt.optimizer
+    hist = opt._history
+    opt2 = LAWA(type(inner)(model2.parameters(), **inner.defaults), k=opt.k, every=opt.every, start=opt.start,
+                mode=opt.mode, decay=opt.decay, storage=hist.storage, history_dtype=hist.history_dtype,
+                backend=hist.requested_backend, recompute_every=hist.recompute_every)
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(opt.state_dict())
+    return model2, opt2
+
+
+#: Ways to copy a ``(model, LAWA)`` pair into an independent one.
+COPIES = {
+    "deepcopy": copy.deepcopy,
+    "pickle": lambda pair: pickle.loads(pickle.dumps(pair)),
+    "state_dict": copy_through_state_dicts,
+}
+
+
+def empty_first_group() -> tuple[LAWA, nn.Parameter]:
+    """A LAWA built on one empty param group and snapshotted once, then given a group of
+    one parameter snapshotted at 1.0 and 2.0 (k=3)."""
+    p = nn.Parameter(torch.zeros(3))
+    opt = LAWA(torch.optim.SGD([{"params": []}], lr=0.1), k=3)
+    opt.snapshot()
+    opt.add_param_group({"params": [p]})
+    for v in (1.0, 2.0):
+        p.data.fill_(v)
+        opt.snapshot()
+    return opt, p
+
+
+# -- the pinned history without a GPU ------------------------------------------------------
+#: Seconds any wait of the offload tests may last before it is reported as a failure.
+TIMEOUT = 10.0
+
+
+class Gate:
+    """A fake CUDA event: ``synchronize`` blocks until the test opens the gate, and fails
+    after ``TIMEOUT`` seconds if it never does."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.opened = threading.Event()
+        self.error = error
+
+    def synchronize(self) -> None:
+        if not self.opened.wait(TIMEOUT):
+            raise TimeoutError(f"the test did not open the gate within {TIMEOUT} s")
+        if self.error is not None:
+            raise self.error
+
+
+class FakeTransfer:
+    """Copies at once (the weights are read when the copy is issued, as the side stream
+    does after waiting for the queued step) and hands out the current gate."""
+
+    def __init__(self) -> None:
+        self.gate = Gate()
+        self.ordered: list[Gate] = []
+
+    def copy(self, dst, src):
+        torch._foreach_copy_(dst, src)
+        return self.gate
+
+    def order(self, done):
+        self.ordered.append(done)
+
+
+def offloaded(history_or_bucket: History | Bucket) -> FakeTransfer:
+    """Give each bucket a fake-transfer offload (a GPU would give a CudaTransfer)."""
+    buckets = history_or_bucket.buckets if isinstance(history_or_bucket, History) else [history_or_bucket]
+    transfer = FakeTransfer()
+    for b in buckets:
+        b.offload = Offload(b, transfer, pin_memory=False)
+    return transfer
+
+
+# -- the kernel contract -------------------------------------------------------------------
+class Contract:
+    """The ``ops`` contract replayed on kept copies: ``snaps`` holds every snapshot pushed
+    (cast to the history dtype with ``Tensor.to``), one tensor per parameter, and
+    ``total`` the running sum of each parameter."""
+
+    def __init__(self, params: list[torch.Tensor], k: int, hdtype: torch.dtype, refresh_every: int | None = None):
+        self.k, self.refresh_every, self.hdtype = k, refresh_every or k, hdtype
+        self.pdtype = params[0].dtype
+        self.acc = accumulation_dtype(self.pdtype)
+        self.snaps: list[list[torch.Tensor]] = []
+        self.total = [torch.zeros_like(p, dtype=self.acc) for p in params]
+
+    @property
+    def n(self) -> int:
+        return len(self.snaps)
+
+    def slot(self, s: int) -> list[torch.Tensor] | None:
+        """What slot ``s`` holds: the newest snapshot ``m`` with ``m % k == s``."""
+        held = range(s, self.n, self.k)
+        return self.snaps[held[-1]] if held else None
+
+    def push(self, params: list[torch.Tensor]) -> None:
+        old = self.slot(self.n % self.k)
+        new = [p.detach().to(self.hdtype, copy=True) for p in params]
+        self.snaps.append(new)
+        if self.n % self.refresh_every == 0:  # push number n (from 1) refreshes the sum
+            self.recompute()
+            return
+        for i, t in enumerate(self.total):
+            t += new[i].to(self.acc) - (0.0 if old is None else old[i].to(self.acc))
+
+    def recompute(self) -> None:
+        """``total = 0 + slot 0 + slot 1 + ...`` over the filled slots, in slot order."""
+        for i, t in enumerate(self.total):
+            t.zero_()
+            for s in range(min(self.n, self.k)):
+                t += self.slot(s)[i].to(self.acc)
+
+    def average(self, last: int | None = None) -> list[torch.Tensor]:
+        """What ``swap_in`` writes: ``total / min(n, k)``, or the ``last`` newest snapshots
+        summed newest first from zero and divided by ``last``, cast to the parameter dtype."""
+        out = []
+        for i, t in enumerate(self.total):
+            if last is None:
+                acc, count = t, min(self.n, self.k)
+            else:
+                acc, count = torch.zeros_like(t), last
+                for snap in reversed(self.snaps[-last:]):
+                    acc += snap[i].to(self.acc)
+            out.append((acc / torch.full_like(acc, float(count))).to(self.pdtype))  # IEEE division
+        return out
+
+    def window(self, last: int | None = None) -> list[torch.Tensor]:
+        """The stored values an average is over, in float64: ``(count, *shape)`` each."""
+        held = self.snaps[-min(self.n, self.k):]
+        if last is not None:
+            held = held[-last:]
+        return [torch.stack([s[i].double() for s in held]) for i in range(len(self.total))]
 
 
 def make_params(device: torch.device, dtype: torch.dtype, seed: int = 0, rows: int = ROWS) -> list[torch.Tensor]:

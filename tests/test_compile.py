@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import pickle
 import warnings
 
 import pytest
@@ -21,7 +20,7 @@ from torch._dynamo.utils import counters
 
 from lawa_optim import LAWA, compiled
 
-from test_state_dict import assert_same, fingerprint
+from conftest import COPIES, assert_same, fingerprint
 
 K = 3
 
@@ -191,22 +190,6 @@ def test_history_built_inside_a_compiled_region():
     with opt.averaged():
         for p, w in zip(params, mean_of_last(snaps, K)):
             torch.testing.assert_close(p, w)
-
-
-def from_state_dict(pair):
-    model, opt = pair
-    model2 = make(seed=1)
-    model2.load_state_dict(model.state_dict())
-    opt2 = LAWA(torch.optim.SGD(model2.parameters(), lr=0.1), k=K)
-    opt2.load_state_dict(opt.state_dict())
-    return model2, opt2
-
-
-COPIES = {
-    "deepcopy": copy.deepcopy,
-    "pickle": lambda pair: pickle.loads(pickle.dumps(pair)),
-    "state_dict": from_state_dict,
-}
 
 
 @pytest.mark.parametrize("how", COPIES)

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import COMBOS, DTYPES, SMALL_ROW, assert_same_bits, bits, dtype_id, make_params
+from conftest import COMBOS, DTYPES, SMALL_ROW, Contract, assert_same_bits, bits, dtype_id, make_params
 
 from lawa_optim import ops
 from lawa_optim.backends import cpu_kernels
@@ -30,7 +30,9 @@ pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C comp
 
 
 @pytest.fixture(autouse=True)
-def short_rows(monkeypatch):
+def fused_short_rows(monkeypatch):
+    """The fused kernels on, whatever LAWA_OPTIM_CPU_KERNELS says, with short work rows."""
+    monkeypatch.setattr(cpu_kernels, "enabled", True)
     monkeypatch.setattr(cpu_kernels, "ROW", SMALL_ROW)
 
 
@@ -79,37 +81,27 @@ def both_ways(monkeypatch, run):
         assert_same_bits(f, p, f"tensor {i}", any_nan=True)
 
 
-def oracle_push(ring, total, new, n, k, refresh_every):
-    """One push by the contract of lawa_optim.ops, element-wise torch ops on flat tensors."""
-    s = n % k
-    old = ring[s].clone()
-    ring[s] = new.to(ring.dtype)
-    if (n + 1) % refresh_every == 0:  # the refresh: the filled slots summed in slot order
-        total.zero_()
-        for slot in ring[: min(n + 1, k)]:
-            total += slot.float()
-    else:
-        total += ring[s].float() - old.float() if n >= k else ring[s].float()
-
-
 @pytest.mark.parametrize("pdtype,hdtype", COMBOS, ids=dtype_id)
 @pytest.mark.parametrize("k,refresh_every", [(1, None), (3, None), (3, 2), (3, 5), (4, 1)])
 def test_push_follows_the_contract(pdtype, hdtype, k, refresh_every):
+    """Every slot and the sum of every parameter after each push, bit for bit as the
+    contract (conftest.Contract) has them, empty slots still zero (NaN payloads aside)."""
     params = make_params(CPU, pdtype)
     b = Bucket(params, k, "uniform", hdtype, "device", "torch", refresh_every)
     assert cpu_kernels.runs(b)
-    R = refresh_every or k
-    ring = [torch.zeros(k, p.numel(), dtype=hdtype) for p in params]
-    total = [torch.zeros(p.numel()) for p in params]
+    c = Contract(params, k, hdtype, refresh_every)
     for n in range(2 * k + 3):
         fill(params, seed=n)
         ops.push(b)
-        for i, p in enumerate(params):
-            flat = p.as_strided((p.numel(),), (1,))  # memory order
-            oracle_push(ring[i], total[i], flat, n, k, R)
+        c.push(params)
+        for i in range(len(params)):
             for s in range(k):
-                assert_same_bits(b.ring[s, b.offsets[i]:b.offsets[i] + p.numel()], ring[i][s], f"push {n}, slot {s} of param {i}", any_nan=True)
-            assert_same_bits(b.total[b.offsets[i]:b.offsets[i] + p.numel()], total[i], f"push {n}, sum of param {i}", any_nan=True)
+                got, want = b.view(b.ring[s], i), c.slot(s)
+                if want is None:
+                    assert not bits(got).any(), f"push {n}: empty slot {s} of param {i} was written"
+                else:
+                    assert_same_bits(got, want[i], f"push {n}, slot {s} of param {i}", any_nan=True)
+            assert_same_bits(b.view(b.total, i), c.total[i], f"push {n}, sum of param {i}", any_nan=True)
 
 
 def every_float16() -> torch.Tensor:
@@ -139,6 +131,7 @@ def test_float16_conversions_match_torch_for_every_value(pdtype, hdtype, values)
     torch converts it, and the sum widens the stored value exactly."""
     x = values().to(pdtype)
     b = Bucket([x.clone()], 2, "uniform", hdtype, "device", "torch")
+    assert cpu_kernels.runs(b)
     ops.push(b)
     want = x.to(hdtype)
     assert_same_bits(b.ring[0, : x.numel()], want, "the stored snapshot", any_nan=True)

@@ -9,21 +9,11 @@ decides on the host, so it is the independent oracle.
 
 import pytest
 import torch
-from conftest import assert_same_bits, backend_skip_reason, dtype_id, make_params, set_values, swap_in, twins
+from conftest import assert_same_bits, dtype_id, make_params, set_values, swap_in, twins
 
 from lawa_optim import LAWA, ops
 
 CUDA = torch.device("cuda")
-
-
-@pytest.fixture(params=["triton", "cuda"])
-def fused(request) -> str:
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    reason = backend_skip_reason(request.param)
-    if reason is not None:
-        pytest.skip(f"backend {request.param!r} unavailable: {reason}")
-    return request.param
 
 
 def snapshot(b, mode):

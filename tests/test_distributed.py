@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import assert_same
 from torch import nn
 
 from lawa_optim import LAWA, check_in_sync
@@ -215,12 +216,29 @@ def observe_loaded(model: nn.Module, opt: LAWA) -> dict:
     return rec
 
 
+def optimizer_record(model: nn.Module, opt: LAWA) -> dict:
+    """The counters, this rank's history buffers and Adam's full moments."""
+    params = list(model.parameters())
+    return {
+        "steps": opt.steps, "is_swapped": opt.is_swapped, "num_snapshots": opt.num_snapshots,
+        "history": [[t.clone() for t in (b.ring, b.total, b.pushes)] for b in opt._history.buckets],
+        "exp_avg": full(opt.state[p]["exp_avg"] for p in params),
+        "exp_avg_sq": full(opt.state[p]["exp_avg_sq"] for p in params),
+    }
+
+
 def load_swapped(model: nn.Module, opt: LAWA, ckpt: Path) -> dict:
-    """A checkpoint saved while swapped: refused with the remedy, the optimizer unchanged."""
+    """A checkpoint saved while swapped: refused with the remedy, the optimizer as it was
+    right before the refused load (after the loader's warm-up step)."""
+    msd = get_model_state_dict(model)
+    osd = get_optimizer_state_dict(model, opt)
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(ckpt), no_dist=not dist.is_initialized())
+    set_model_state_dict(model, msd)
+    before = optimizer_record(model, opt)
     try:
-        load_into(model, opt, ckpt)
+        set_optimizer_state_dict(model, opt, osd)
     except ValueError as exc:
-        return {"error": str(exc), "steps": opt.steps, "is_swapped": opt.is_swapped}
+        return {"error": str(exc), "before": before, "after": optimizer_record(model, opt)}
     return {"error": None}
 
 
@@ -327,7 +345,9 @@ def check_loaded(recs: list[dict], ref: dict) -> None:
         assert_all_close(r["avg_next"], ref["next"]["avg"])
         swapped = r["swapped"]
         assert "outside `with opt.averaged():`" in swapped["error"]
-        assert swapped["steps"] == 1 and not swapped["is_swapped"]  # the loader's warm-up step only
+        assert_same(swapped["after"], swapped["before"])
+        after = swapped["after"]
+        assert after["steps"] == 1 and not after["is_swapped"] and after["num_snapshots"] == 0  # the warm-up step only
 
 
 def test_dcp_two_ranks_to_two(tmp_path_factory, fsdp_run, ref):

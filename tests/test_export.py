@@ -2,10 +2,10 @@
 with everything else left bit for bit as it was."""
 
 import copy
-import io
 
 import pytest
 import torch
+from conftest import assert_same, fingerprint, roundtrip
 from torch import nn
 
 from lawa_optim import LAWA, export_average, update_bn
@@ -50,62 +50,22 @@ def make(seed=0, backend="torch", device="cpu", **kwargs):
     return model, LAWA(torch.optim.AdamW(model.parameters(), lr=5e-2), backend=backend, **kwargs)
 
 
-def fingerprint(model, opt=None):
-    """Copies of everything export_average must leave alone."""
-    out = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "training": model.training}
-    if opt is not None:
-        hist = opt._history
-        out["lawa"] = [
-            [t.clone() for t in (b.ring, b.total, b.pushes, b.backup) if t is not None] for b in hist.buckets
-        ]
-        out["counters"] = (opt.steps, opt.is_swapped, opt.num_snapshots)
-        out["inner"] = copy.deepcopy(opt.optimizer.state_dict())
-    return out
-
-
-def bits(t):
-    # Bit patterns: a backup's padding is uninitialised memory, where a NaN never equals itself.
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def assert_same(a, b):
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same(x, y)
-    else:
-        assert a == b
-
-
 def storages(tensors):
     return [t.untyped_storage().data_ptr() for t in tensors]
-
-
-def roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def test_live_export_is_the_average_in_fresh_tensors(backend, device):
     model, opt = make(backend=backend, device=device, k=3)
     kept = []
     train(model, opt, range(5), kept)
-    before = fingerprint(model, opt)
+    before = fingerprint(opt, model=model)
     with opt.averaged():
         swapped = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     out = export_average(model, opt)
 
     assert list(out) == list(model.state_dict())
-    assert_same(fingerprint(model, opt), before)
+    assert_same(fingerprint(opt, model=model), before)
     for name, value in out.items():
         param = "emb.weight" if name == "head.weight" else name  # tied
         if param in swapped:
@@ -139,11 +99,11 @@ def test_checkpoint_file_exports_what_the_live_lawa_does(case, tmp_path):
     live = export_average(model, opt)
 
     fresh, _ = make(seed=1)  # other weights: the file alone carries the average
-    before = fingerprint(fresh)
+    before = fingerprint(model=fresh)
     saved = torch.load(tmp_path / "opt.pt", weights_only=True)
     got = export_average(fresh, saved)
 
-    assert_same(fingerprint(fresh), before)
+    assert_same(fingerprint(model=fresh), before)
     assert list(got) == list(live)
     for name, value in got.items():
         if name.startswith(("bn.running", "bn.num")):
@@ -322,38 +282,38 @@ def test_mismatched_checkpoint_is_refused_and_changes_nothing(case):
     saved = roundtrip(opt.state_dict())
     target = Net()
     change(target, saved)
-    before, kept = fingerprint(target), copy.deepcopy(saved)
+    before, kept = fingerprint(model=target), copy.deepcopy(saved)
     with pytest.raises(ValueError, match=message):
         export_average(target, saved)
-    assert_same(fingerprint(target), before)
+    assert_same(fingerprint(model=target), before)
     assert_same(saved, kept)
 
 
 def test_misuse_of_a_live_lawa_is_refused_and_changes_nothing():
     model, opt = make(k=2)
-    before = fingerprint(model, opt)
+    before = fingerprint(opt, model=model)
     with pytest.raises(RuntimeError, match="no snapshot"):
         export_average(model, opt)
-    assert_same(fingerprint(model, opt), before)
+    assert_same(fingerprint(opt, model=model), before)
     with pytest.raises(RuntimeError, match="no snapshot"):
         export_average(model, roundtrip(opt.state_dict()))
-    assert_same(fingerprint(model, opt), before)
+    assert_same(fingerprint(opt, model=model), before)
 
     train(model, opt, range(2))
     other = Net()
-    before, before_other = fingerprint(model, opt), fingerprint(other)
+    before, before_other = fingerprint(opt, model=model), fingerprint(model=other)
     with pytest.raises(ValueError, match="not a parameter of model"):
         export_average(other, opt)
     with pytest.raises(TypeError, match="source must be a LAWA"):
         export_average(model, [p for p in model.parameters()])
-    assert_same(fingerprint(model, opt), before)
-    assert_same(fingerprint(other), before_other)
+    assert_same(fingerprint(opt, model=model), before)
+    assert_same(fingerprint(model=other), before_other)
 
     opt.swap_to_average()
-    before = fingerprint(model, opt)
+    before = fingerprint(opt, model=model)
     with pytest.raises(RuntimeError, match="outside `with opt.averaged"):
         export_average(model, opt)
-    assert_same(fingerprint(model, opt), before)
+    assert_same(fingerprint(opt, model=model), before)
     opt.swap_back()
 
 
@@ -367,13 +327,13 @@ def test_bn_loader_recomputes_statistics_on_a_copy(backend, device):
     model.eval()
     loader = batches(100, n=4, device=device)
     plain = export_average(model, opt)
-    before = fingerprint(model, opt)
+    before = fingerprint(opt, model=model)
 
     torch.manual_seed(7)
     rng = rng_states()
     out = export_average(model, opt, bn_loader=loader)
     assert_same(rng_states(), rng)  # dropout in the BN pass drew from a fork
-    assert_same(fingerprint(model, opt), before)
+    assert_same(fingerprint(opt, model=model), before)
 
     oracle = copy.deepcopy(model)
     oracle.load_state_dict(plain)

@@ -20,17 +20,6 @@ GPU = torch.cuda.is_available()
 CUDA = torch.device("cuda")
 
 
-@pytest.fixture(params=["triton", "cuda"])
-def fused(request) -> str:
-    """A fused backend that runs on this machine's GPU."""
-    if not GPU:
-        pytest.skip("needs a CUDA GPU")
-    reason = backend_skip_reason(request.param)
-    if reason is not None:
-        pytest.skip(f"backend {request.param!r} unavailable: {reason}")
-    return request.param
-
-
 def assert_params_match(fused: Bucket, ref: Bucket, what: str) -> None:
     for i, (a, b) in enumerate(zip(fused.params, ref.params)):
         assert a.stride() == b.stride()

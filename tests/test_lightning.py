@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import assert_same
 from torch import nn
 
 from lawa_optim import LAWA, export_average
@@ -134,12 +135,6 @@ def history(lawa):
     return [e["lawa_history"] for _, e in sorted(sd["state"].items())]
 
 
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
 def mean(snapshots):
     return {n: sum(s[n].double() for s in snapshots) / len(snapshots) for n in snapshots[0]}
 
@@ -242,6 +237,9 @@ def test_leave_average_and_refusals(name, tmp_path):
         LAWACallback(k=0)
     with pytest.raises(TypeError, match="unexpected keyword argument 'evry'"):
         LAWACallback(k=2, evry=3)
+    for bad in (1, "True", None):
+        with pytest.raises(TypeError, match=f"leave_average must be a bool, got {bad!r}"):
+            LAWACallback(k=2, leave_average=bad)
 
 
 @pytest.mark.parametrize("name", frameworks())

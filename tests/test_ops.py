@@ -9,7 +9,7 @@ bucket, so every case runs every layout; ``conftest.many_params`` is the many-ti
 case). Two oracles, both computed from kept copies of the snapshots, one tensor per
 parameter, never from the bucket's ring or sum:
 
-* :class:`Contract`, the arithmetic of the ``ops`` docstring replayed in torch,
+* :class:`conftest.Contract`, the arithmetic of the ``ops`` docstring replayed in torch,
   element by element and independent of the flat layout: slots, running sum, refreshes
   and swaps must match it bit for bit;
 * float64 means of the stored values, which the running sum must meet within the
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import COMBOS, DEVICE, DTYPES, assert_same_bits, bits, dtype_id, make_params, many_params, swap_in
+from conftest import COMBOS, DEVICE, DTYPES, Contract, assert_same_bits, bits, dtype_id, make_params, many_params, swap_in
 
 from lawa_optim import ops
 from lawa_optim.backends import cpu_kernels
@@ -34,66 +34,6 @@ PAIRS = [*COMBOS, (torch.float64, torch.float64)]
 #: The guarantee of lawa_optim.history: the running sum's mean is within this fraction of
 #: the largest magnitude in the window of the float64 mean of the stored values.
 GUARANTEE = 1e-5
-
-
-class Contract:
-    """The ``ops`` contract replayed on kept copies: ``snaps`` holds every snapshot pushed
-    (cast to the history dtype with ``Tensor.to``), one tensor per parameter, and
-    ``total`` the running sum of each parameter."""
-
-    def __init__(self, params: list[torch.Tensor], k: int, hdtype: torch.dtype, refresh_every: int | None = None):
-        self.k, self.refresh_every, self.hdtype = k, refresh_every or k, hdtype
-        self.pdtype = params[0].dtype
-        self.acc = accumulation_dtype(self.pdtype)
-        self.snaps: list[list[torch.Tensor]] = []
-        self.total = [torch.zeros_like(p, dtype=self.acc) for p in params]
-
-    @property
-    def n(self) -> int:
-        return len(self.snaps)
-
-    def slot(self, s: int) -> list[torch.Tensor] | None:
-        """What slot ``s`` holds: the newest snapshot ``m`` with ``m % k == s``."""
-        held = range(s, self.n, self.k)
-        return self.snaps[held[-1]] if held else None
-
-    def push(self, params: list[torch.Tensor]) -> None:
-        old = self.slot(self.n % self.k)
-        new = [p.detach().to(self.hdtype, copy=True) for p in params]
-        self.snaps.append(new)
-        if self.n % self.refresh_every == 0:  # push number n (from 1) refreshes the sum
-            self.recompute()
-            return
-        for i, t in enumerate(self.total):
-            t += new[i].to(self.acc) - (0.0 if old is None else old[i].to(self.acc))
-
-    def recompute(self) -> None:
-        """``total = 0 + slot 0 + slot 1 + ...`` over the filled slots, in slot order."""
-        for i, t in enumerate(self.total):
-            t.zero_()
-            for s in range(min(self.n, self.k)):
-                t += self.slot(s)[i].to(self.acc)
-
-    def average(self, last: int | None = None) -> list[torch.Tensor]:
-        """What ``swap_in`` writes: ``total / min(n, k)``, or the ``last`` newest snapshots
-        summed newest first from zero and divided by ``last``, cast to the parameter dtype."""
-        out = []
-        for i, t in enumerate(self.total):
-            if last is None:
-                acc, count = t, min(self.n, self.k)
-            else:
-                acc, count = torch.zeros_like(t), last
-                for snap in reversed(self.snaps[-last:]):
-                    acc += snap[i].to(self.acc)
-            out.append((acc / torch.full_like(acc, float(count))).to(self.pdtype))  # IEEE division
-        return out
-
-    def window(self, last: int | None = None) -> list[torch.Tensor]:
-        """The stored values an average is over, in float64: ``(count, *shape)`` each."""
-        held = self.snaps[-min(self.n, self.k):]
-        if last is not None:
-            held = held[-last:]
-        return [torch.stack([s[i].double() for s in held]) for i in range(len(self.total))]
 
 
 def assert_near(got: torch.Tensor, want: torch.Tensor, magnitude: torch.Tensor, what: str,

@@ -18,30 +18,12 @@ import weakref
 
 import pytest
 import torch
+from conftest import TIMEOUT, Gate, bits, offloaded
 
 import lawa_optim.history as history
 from lawa_optim import LAWA, ops
 from lawa_optim.history import Bucket, History
-from lawa_optim.offload import CudaTransfer, Offload
-
-#: Seconds any wait of these tests may last before it is reported as a failure.
-TIMEOUT = 10.0
-
-
-class Gate:
-    """A fake CUDA event: ``synchronize`` blocks until the test opens the gate, and fails
-    after ``TIMEOUT`` seconds if it never does."""
-
-    def __init__(self, error: Exception | None = None) -> None:
-        self.opened = threading.Event()
-        self.error = error
-
-    def synchronize(self) -> None:
-        if not self.opened.wait(TIMEOUT):
-            raise TimeoutError(f"the test did not open the gate within {TIMEOUT} s")
-        if self.error is not None:
-            raise self.error
-
+from lawa_optim.offload import CudaTransfer
 
 @contextlib.contextmanager
 def closed(gate: Gate):
@@ -61,39 +43,9 @@ def offload_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name.startswith("lawa-offload")}
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The bit pattern of ``t`` (NaN payloads and signed zeros included)."""
-    return t.contiguous().view(torch.uint8)
-
-
-class FakeTransfer:
-    """Copies at once (the weights are read when the copy is issued, as the side stream
-    does after waiting for the queued step) and hands out the current gate."""
-
-    def __init__(self) -> None:
-        self.gate = Gate()
-        self.ordered: list[Gate] = []
-
-    def copy(self, dst, src):
-        torch._foreach_copy_(dst, src)
-        return self.gate
-
-    def order(self, done):
-        self.ordered.append(done)
-
-
 def params(seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=g) for s in [(3,), (70,), (4, 5)]]
-
-
-def offloaded(history_or_bucket):
-    """Give each bucket a fake-transfer offload (a GPU would give a CudaTransfer)."""
-    buckets = history_or_bucket.buckets if isinstance(history_or_bucket, History) else [history_or_bucket]
-    transfer = FakeTransfer()
-    for b in buckets:
-        b.offload = Offload(b, transfer, pin_memory=False)
-    return transfer
 
 
 def test_pinned_without_cuda_warns_and_keeps_the_cpu_path(monkeypatch):

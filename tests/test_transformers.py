@@ -3,12 +3,14 @@
 right, and bit-identical resume with gradient accumulation. Tiny models built from
 configs: nothing is downloaded."""
 
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import assert_same, fingerprint, roundtrip  # noqa: E402
 from torch import nn  # noqa: E402
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
@@ -84,12 +86,6 @@ def weights(model):
     return {n: t.clone() for n, t in model.state_dict().items()}
 
 
-def assert_same(a, b):
-    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
-    for k in a.keys() & b.keys():
-        assert torch.equal(a[k], b[k]), k
-
-
 def train(path, seed=0, resume=None, **kwargs):
     trainer = transformers.Trainer(
         model=gpt2(seed), args=arguments(path, **kwargs), train_dataset=TRAIN,
@@ -131,20 +127,28 @@ def test_the_trainer_steps_the_returned_lawa(run):
 
 
 def test_evaluation_reports_the_metrics_of_the_exported_average(run, eval_loss):
+    """Each evaluation ran on the average: the float64 mean of the training weights
+    recorded at the last K snapshot steps (the steps that end an epoch), and exactly what
+    export_average gives; the reported losses are those of that average."""
     _, (trainer, lawa, recorder) = run
     start = [s for s in recorder.seen if s[0] == 0]
-    assert len(start) == 2  # eval_on_start, before any snapshot: the training weights
+    assert len(start) == 2 and 0 not in recorder.at_step_end  # eval_on_start, before any step
     for _, _, seen in start:
-        assert_same(seen, recorder.at_step_end.get(0, weights(gpt2(0))))
+        assert_same(seen, weights(gpt2(0)))  # the initial training weights
     for epoch in range(1, EPOCHS + 1):
         step = epoch * STEPS_PER_EPOCH
         evals = [s for s in recorder.seen if s[0] == step]
         assert len(evals) == 2  # the dict of eval datasets: nested evaluate() calls
         export = recorder.exports[step]
+        held = [recorder.at_step_end[e * STEPS_PER_EPOCH] for e in range(max(1, epoch - K + 1), epoch + 1)]
+        mean = {n: sum(w[n].double() for w in held) / len(held) for n in export}
         for name, data, (_, metrics, seen) in zip("ab", (EVAL_A, EVAL_B), evals):
             assert_same(seen, export)
+            for n in seen:
+                torch.testing.assert_close(seen[n].double(), mean[n], rtol=0, atol=1e-6)
             loss = metrics[f"eval_{name}_loss"]
             assert loss == eval_loss(export, data)
+            assert loss == pytest.approx(eval_loss({n: t.float() for n, t in mean.items()}, data), rel=1e-5)
             if epoch > 1:
                 assert loss != pytest.approx(eval_loss(recorder.at_step_end[step], data), rel=1e-4)
     metrics = trainer.evaluate()
@@ -271,31 +275,96 @@ def test_checkpoint_saved_during_evaluation_holds_the_training_weights(tmp_path)
     assert_same(export_average(Blocks(), sd), after)
 
 
+def what_use_lawa_sets(trainer):
+    """The trainer's optimizer, its callbacks and what use_lawa patches or adds, as they are."""
+    own = vars(trainer)
+    return {
+        "optimizer": trainer.optimizer,
+        "callbacks": list(trainer.callback_handler.callbacks),
+        "patched": [own.get(name) for name in ("evaluate", "_save_checkpoint", "_lawa")],
+    }
+
+
 def test_refusals_change_nothing(tmp_path):
     trainer = transformers.Trainer(model=gpt2(0), args=arguments(tmp_path, eval_strategy="no"), train_dataset=TRAIN)
-    callbacks = list(trainer.callback_handler.callbacks)
+    built = what_use_lawa_sets(trainer)
+    assert built["optimizer"] is None and built["patched"] == [None, None, None]
     for kwargs, error, message in (
         ({"k": 0}, ValueError, "k must be a positive int"),
         ({"k": 2, "evry": 1}, TypeError, "evry"),
     ):
         with pytest.raises(error, match=message):
             use_lawa(trainer, **kwargs)
-        assert trainer.optimizer is None and trainer.callback_handler.callbacks == callbacks
-        assert "evaluate" not in vars(trainer) and "_save_checkpoint" not in vars(trainer)
+        assert_same(what_use_lawa_sets(trainer), built)
     strided = Blocks()
     strided.proj = nn.Parameter(torch.randn(4, 8)[:, ::2])  # not a dense block of memory
     other = transformers.Trainer(model=strided, args=arguments(tmp_path, eval_strategy="no"))
+    other_built = what_use_lawa_sets(other)
     with pytest.raises(ValueError, match="does not cover a dense block"):
         use_lawa(other)
-    assert other.optimizer is None and "evaluate" not in vars(other)
+    assert_same(what_use_lawa_sets(other), other_built)
 
-    use_lawa(trainer, k=2)
+    first = use_lawa(trainer, k=2)
+    built = what_use_lawa_sets(trainer)
+    assert built["optimizer"] is first and built["patched"][2] is first
+    before = fingerprint(first)
     with pytest.raises(RuntimeError, match="already steps a LAWA"):
         use_lawa(trainer, k=2)
+    assert_same(what_use_lawa_sets(trainer), built)
+    assert_same(fingerprint(first), before)
     with pytest.raises(TypeError, match="must be a transformers.Trainer"):
         use_lawa(object())
     args = arguments(tmp_path, eval_strategy="no")
     init = transformers.Trainer(model_init=lambda: gpt2(0), args=args, train_dataset=TRAIN)
+    init_built = what_use_lawa_sets(init)
     with pytest.raises(ValueError, match="model_init"):
         use_lawa(init)
+    assert_same(what_use_lawa_sets(init), init_built)
     assert init.optimizer is None
+
+
+@pytest.mark.parametrize("flag,what", [
+    ("is_deepspeed_enabled", "DeepSpeed"), ("is_fsdp_enabled", "FSDP"), ("is_fsdp_xla_enabled", "FSDP on XLA"),
+])
+def test_sharded_trainers_are_refused_and_left_as_they_were(tmp_path, flag, what):
+    trainer = transformers.Trainer(model=gpt2(0), args=arguments(tmp_path, eval_strategy="no"), train_dataset=TRAIN)
+    setattr(trainer, flag, True)  # what accelerate's plugin would set
+    built, weights_before = what_use_lawa_sets(trainer), weights(trainer.model)
+    with pytest.raises(ValueError, match=f"use_lawa does not support {what} trainers: the optimizer is built after sharding"):
+        use_lawa(trainer, k=2)
+    assert_same(what_use_lawa_sets(trainer), built)
+    assert_same(weights(trainer.model), weights_before)
+    assert trainer.optimizer is None
+
+
+def test_checkpoint_of_another_parameter_layout_is_refused_and_changes_nothing(tmp_path):
+    """The names use_lawa saves are checked on load: a checkpoint whose parameters sit in
+    other places (here the two same-shaped ones swapped) is refused before anything is
+    loaded, and the dict given is left as it was; the right names load and are stripped."""
+    torch.manual_seed(0)
+    data = [{"x": x, "labels": x.flip(0)} for x in torch.randn(8, 4)]
+    args = arguments(tmp_path, max_steps=3, save_strategy="no", eval_strategy="no", weight_decay=0.1,
+                     gradient_accumulation_steps=1, per_device_train_batch_size=4)
+    trainer = transformers.Trainer(model=Blocks(), args=args, train_dataset=data)
+    lawa = use_lawa(trainer, k=K, every=1)
+    trainer.train()
+    saved = roundtrip(lawa.state_dict())
+    assert [g["param_names"] for g in saved["param_groups"]] == [["proj"], ["bias_table"]]
+    assert not any("param_names" in g for g in lawa.param_groups)
+    swapped = copy.deepcopy(saved)
+    for g, names in zip(swapped["param_groups"], (["bias_table"], ["proj"])):
+        g["param_names"] = names
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(1.0)  # the weights the load must not touch
+    lawa.step()  # moments and a history that a partial load would overwrite
+    lawa.snapshot()
+    before, kept = fingerprint(lawa, model=trainer.model), copy.deepcopy(swapped)
+    with pytest.raises(ValueError, match="parameter 0 of param group 0 of the state_dict is 'bias_table', this "
+                                         "optimizer's is 'proj': the checkpoint was saved with another parameter layout"):
+        lawa.load_state_dict(swapped)
+    assert_same(fingerprint(lawa, model=trainer.model), before)
+    assert_same(swapped, kept)
+    lawa.load_state_dict(saved)  # the names that fit
+    assert lawa.steps == 3 and not any("param_names" in g for g in lawa.param_groups)
+    assert_same(roundtrip(lawa.state_dict()), saved)

@@ -143,12 +143,14 @@ def test_one_launch_per_push_and_a_table_rebuilt_only_when_a_parameter_moves(mon
     tri, ref = twins(make_params(DEVICE, torch.float32, seed=4), 2, "uniform", None, "triton")
     counter = CountingKernel(tb._k.push_kernel)
     monkeypatch.setattr(tb._k, "push_kernel", counter)
-    for n in range(2):
-        set_values((tri, ref), seed=n)
-        ops.push(ref)
-        ops.push(tri)
-        table = tri.cache["triton"] if n == 0 else table
-        assert tri.cache["triton"] is table  # built once, not per snapshot
+    set_values((tri, ref), seed=0)
+    ops.push(ref)
+    ops.push(tri)
+    table = tri.cache["triton"]
+    set_values((tri, ref), seed=1)
+    ops.push(ref)
+    ops.push(tri)
+    assert tri.cache["triton"] is table  # built once, not per snapshot
     assert counter.launches == 2
     assert table.shape == (sum(-(-n // tb.CHUNK) for n in tri.numels), 3)
     for a, b in zip(tri.params, ref.params):
@@ -190,13 +192,6 @@ def test_wrapper_runs_and_reports_triton():
     _, ref = run("torch")
     for a, b in zip(ref, tri):
         assert_same_bits(a, b)
-
-
-def test_float64_with_triton_is_an_error_naming_the_dtype():
-    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64, device=DEVICE))
-    opt = LAWA(torch.optim.SGD([p], lr=0.1), backend="triton")
-    with pytest.raises(RuntimeError, match="float64"):
-        opt.snapshot()
 
 
 # -- what a GPU would run, compiled ahead of time without one ---------------------

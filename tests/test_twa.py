@@ -1,7 +1,10 @@
 """TWA against a dense float64 reference: projection, span, start point, errors."""
 
+import copy
+
 import pytest
 import torch
+from conftest import assert_same, fingerprint
 from torch import nn
 
 from lawa_optim import LAWA, TWA
@@ -163,25 +166,91 @@ def test_duplicate_snapshots_reduce_rank():
     torch.testing.assert_close(q @ q.T, torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-5)
 
 
-def test_errors():
-    m = _model()
-    empty = LAWA(torch.optim.SGD(m.parameters(), lr=0.1), k=3)
-    with pytest.raises(RuntimeError, match="no snapshot"):
-        TWA(torch.optim.SGD(m.parameters(), lr=0.1), history=empty)
-    m, lawa, _ = _trained()
-    with pytest.raises(TypeError, match="torch.optim.SGD.*got Adam"):
-        TWA(torch.optim.Adam(m.parameters()), history=lawa)
-    with pytest.raises(ValueError, match="not in optimizer"):
-        TWA(torch.optim.SGD(list(m.parameters())[:2], lr=0.1), history=lawa)
-    with pytest.raises(ValueError, match="does not hold"):
-        TWA(torch.optim.SGD([*m.parameters(), nn.Parameter(torch.zeros(2))], lr=0.1), history=lawa)
-    with pytest.raises(ValueError, match=r"last must be None or an int in \[1, 4\].*got 5"):
-        TWA(torch.optim.SGD(m.parameters(), lr=0.1), history=lawa, last=5)
-    with lawa.averaged(), pytest.raises(RuntimeError, match="swap_back"):
-        TWA(torch.optim.SGD(m.parameters(), lr=0.1), history=lawa)
-    m, ema, _ = _trained(k=1, mode="ema")
-    with pytest.raises(ValueError, match="mode='uniform'"):
-        TWA(torch.optim.SGD(m.parameters(), lr=0.1), history=ema)
+def _sgd(m):
+    return torch.optim.SGD(m.parameters(), lr=0.1)
+
+
+def _uneven(m, lawa):
+    """A group added after the snapshots, then one more snapshot: counts [4, 1]."""
+    extra = nn.Parameter(torch.zeros(2))
+    lawa.add_param_group({"params": [extra]})
+    lawa.snapshot()
+    return torch.optim.SGD([*m.parameters(), extra], lr=0.1), lawa, {}
+
+
+def _sharded(m, lawa):
+    lawa._history.buckets[0].sharded = True  # as a DTensor parameter would make it
+    return _sgd(m), lawa, {}
+
+
+def _swapped(m, lawa):
+    lawa.swap_to_average()
+    return _sgd(m), lawa, {}
+
+
+def _blocks_case(edit):
+    return lambda m, lawa: (_sgd(m), lawa, {"blocks": edit(m, _blocks(m))})
+
+
+#: name: (_trained arguments, set-up(model, LAWA) -> (optimizer, history, TWA keywords), error, message)
+REFUSED = {
+    "no-snapshot": ({}, lambda m, lawa: (_sgd(m), LAWA(_sgd(m), k=3), {}), RuntimeError, "no snapshot"),
+    "not-an-optimizer": ({}, lambda m, lawa: (m, lawa, {}), TypeError,
+                         "optimizer must be a torch.optim.Optimizer, got Sequential"),
+    "adam": ({}, lambda m, lawa: (torch.optim.Adam(m.parameters()), lawa, {}), TypeError, "torch.optim.SGD.*got Adam"),
+    "stateful-sgd": ({}, lambda m, lawa: (lawa.optimizer, lawa, {}), ValueError,
+                     r"already has state for 6 parameter\(s\).*fresh torch.optim.SGD"),
+    "history-not-a-lawa": ({}, lambda m, lawa: (_sgd(m), lawa.optimizer, {}), TypeError,
+                           "history must be a lawa_optim.LAWA, got SGD"),
+    "ema": ({"k": 1, "mode": "ema"}, lambda m, lawa: (_sgd(m), lawa, {}), ValueError, "mode='uniform'"),
+    "swapped": ({}, _swapped, RuntimeError, "swap_back"),
+    "uneven-counts": ({}, _uneven, RuntimeError,
+                      r"parameter groups hold different numbers of snapshots \(\[4, 1\]\)"),
+    "last": ({}, lambda m, lawa: (_sgd(m), lawa, {"last": 5}), ValueError,
+             r"last must be None or an int in \[1, 4\].*got 5"),
+    "sharded": ({}, _sharded, ValueError, "sharded"),
+    "parameters-missing": ({}, lambda m, lawa: (torch.optim.SGD(list(m.parameters())[:2], lr=0.1), lawa, {}),
+                           ValueError, r"4 parameter\(s\) of history are not in optimizer \(the first: "
+                           r"parameter 2 of param group 0, of shape \(4, 12\)\)"),
+    "parameter-extra": ({}, lambda m, lawa: (torch.optim.SGD([*m.parameters(), nn.Parameter(torch.zeros(2))], lr=0.1),
+                                             lawa, {}),
+                        ValueError, r"optimizer has 1 parameter\(s\) that history does not hold \(the first: "
+                        r"parameter 6 of param group 0, of shape \(2,\)\)"),
+    "blocks-empty": ({}, _blocks_case(lambda m, b: [b[0], [], *b[1:]]), ValueError, r"blocks\[1\] is empty"),
+    "blocks-foreign-tensor": ({}, _blocks_case(lambda m, b: [[torch.zeros(2)], *b]), ValueError,
+                              r"blocks\[0\] holds a tensor of shape \(2,\) that is not a parameter"),
+    "blocks-twice": ({}, _blocks_case(lambda m, b: [b[0], b[1], [*b[2], m[0].bias]]), ValueError,
+                     r"is in blocks\[0\] and blocks\[2\]"),
+    "blocks-uncovered": ({}, _blocks_case(lambda m, b: b[:2]), ValueError,
+                         r"2 parameter\(s\) of history are in no block"),
+    "blocks-iterator": ({}, _blocks_case(lambda m, b: iter(b)), TypeError, "blocks must be None or a sequence"),
+    "blocks-of-tensors": ({}, _blocks_case(lambda m, b: [p for blk in b for p in blk]), TypeError,
+                          r"each block must be a collection \(list, tuple or other iterable\) of parameters, "
+                          r"got a Tensor of shape \(3, 2, 3, 3\) as blocks\[0\]"),
+    "blocks-of-ints": ({}, _blocks_case(lambda m, b: [*b, 3]), TypeError,
+                       r"each block must be a collection .* got int 3 as blocks\[3\]"),
+}
+
+
+def _optimizer_record(opt):
+    """The TWA's optimizer as a refusal must leave it: its state and groups."""
+    if not isinstance(opt, torch.optim.Optimizer):
+        return None
+    return {"state_dict": copy.deepcopy(opt.state_dict()), "params": [[id(p) for p in g["params"]] for g in opt.param_groups]}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_refusals_change_nothing(case):
+    """Each refusal of the constructor leaves the weights, the LAWA (its history, counters
+    and the training SGD's momentum) and the optimizer given to TWA as they were."""
+    trained, setup, exc, match = REFUSED[case]
+    m, lawa, _ = _trained(**trained)
+    optimizer, history, kwargs = setup(m, lawa)
+    lawas = [x for x in (lawa, history) if isinstance(x, LAWA)]
+    before = [fingerprint(x) for x in lawas], _optimizer_record(optimizer)
+    with pytest.raises(exc, match=match):
+        TWA(optimizer, history=history, **kwargs)
+    assert_same(before, ([fingerprint(x) for x in lawas], _optimizer_record(optimizer)))
 
 
 def test_bfloat16_history_span_of_stored_values():
@@ -225,12 +294,11 @@ def test_projection_is_joint_over_buckets():
 
 
 def test_optimizer_with_state_is_refused():
-    """The training SGD's momentum buffers are not in the span: TWA refuses it, and
-    stepping it on projected gradients shows why (the weights leave the span)."""
+    """The training SGD's momentum buffers are not in the span: TWA refuses it (REFUSED,
+    "stateful-sgd"), and stepping it on projected gradients shows why (the weights leave
+    the span)."""
     m, lawa, dense = _trained()
     sgd = lawa.optimizer  # the training SGD, with one momentum buffer per parameter
-    with pytest.raises(ValueError, match=r"already has state for 6 parameter\(s\).*fresh torch.optim.SGD"):
-        TWA(sgd, history=lawa)
     twa = TWA(torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9), history=lawa)
     x, y = _data()
     for _ in range(10):
@@ -277,22 +345,6 @@ def test_blockwise_projection_and_span_per_block():
         torch.testing.assert_close(coefs[b] @ dense[:, sl], w[sl], rtol=0, atol=1e-5)
     # the blocks moved apart: one joint coefficient vector cannot give these weights
     assert _span_residual(dense, w) > 1e-3
-
-
-def test_blocks_errors():
-    m, lawa, _ = _trained()
-    sgd = lambda: torch.optim.SGD(m.parameters(), lr=0.1)  # noqa: E731
-    blocks = _blocks(m)
-    with pytest.raises(ValueError, match=r"blocks\[1\] is empty"):
-        TWA(sgd(), history=lawa, blocks=[blocks[0], [], *blocks[1:]])
-    with pytest.raises(ValueError, match=r"blocks\[0\] holds a tensor of shape \(2,\) that is not a parameter"):
-        TWA(sgd(), history=lawa, blocks=[[torch.zeros(2)], *blocks])
-    with pytest.raises(ValueError, match=r"is in blocks\[0\] and blocks\[2\]"):
-        TWA(sgd(), history=lawa, blocks=[blocks[0], blocks[1], [*blocks[2], m[0].bias]])
-    with pytest.raises(ValueError, match=r"2 parameter\(s\) of history are in no block"):
-        TWA(sgd(), history=lawa, blocks=blocks[:2])
-    with pytest.raises(TypeError, match="blocks must be None or a sequence"):
-        TWA(sgd(), history=lawa, blocks=iter(blocks))
 
 
 def test_blocks_span_buckets_of_two_dtypes():

@@ -1,16 +1,14 @@
 """The LAWA wrapper: averages against hand-kept snapshots, cadence, swaps, errors, hooks."""
 
 import copy
-import pickle
 import warnings
 
 import pytest
 import torch
+from conftest import COPIES, DEVICE, assert_same, empty_first_group, fingerprint
 from torch import nn
 
 from lawa_optim import LAWA
-
-from test_state_dict import assert_same, empty_first_group, fingerprint
 
 
 def make_model(device, seed=0):
@@ -30,6 +28,12 @@ def train_step(model, opt, seed):
 
 def weights(model):
     return [p.detach().clone() for p in model.parameters()]
+
+
+def averaged_block(opt, last=None):
+    """A ``with opt.averaged(last):`` block with nothing in it."""
+    with opt.averaged(last):
+        pass
 
 
 def assert_mean(model, snaps, rtol=1e-6):
@@ -316,7 +320,7 @@ def shallow_copy(opt):
 @pytest.mark.parametrize("back_through", ["copy", "real"])
 def test_shallow_copy_of_the_wrapper_shares_its_state(back_through):
     model = make_model("cpu")
-    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1), k=2)
+    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=2)
     proxy = shallow_copy(opt)
     train_step(model, proxy, 0)
     proxy.snapshot()
@@ -327,12 +331,13 @@ def test_shallow_copy_of_the_wrapper_shares_its_state(back_through):
     proxy.swap_to_average()
     assert opt.is_swapped
     average = weights(model)
-    for call in (opt.swap_to_average, proxy.swap_to_average, opt.snapshot, opt.step):
+    model(torch.ones(2, 6)).sum().backward()  # a step would move the weights
+    before = fingerprint(opt)
+    for call in (opt.swap_to_average, proxy.swap_to_average, opt.snapshot, proxy.snapshot, opt.step, proxy.step,
+                 lambda: averaged_block(opt), lambda: averaged_block(proxy)):
         with pytest.raises(RuntimeError, match="swap_back"):
             call()
-    with pytest.raises(RuntimeError, match="swap_back"):
-        with opt.averaged():
-            pass
+        assert_same(before, fingerprint(opt))  # ring, sum, counters, momentum: nothing moved
     assert all(torch.equal(p, a) for p, a in zip(model.parameters(), average))  # nothing swapped twice
     (proxy if back_through == "copy" else opt).swap_back()
     assert not opt.is_swapped and not proxy.is_swapped
@@ -357,11 +362,14 @@ def test_lightning_optimizer_acts_on_the_real_lawa(package):
     wrapped.swap_to_average()
     assert opt.is_swapped and wrapped.is_swapped
     average = weights(model)
-    with pytest.raises(RuntimeError, match="swap_back"):
-        with opt.averaged():
-            pass
-    with pytest.raises(RuntimeError, match="swap_back"):
-        wrapped.swap_to_average()
+    model(torch.ones(2, 6)).sum().backward()  # a step would move the weights
+    before = fingerprint(opt)
+    for call in (lambda: averaged_block(opt), wrapped.swap_to_average, wrapped.snapshot, opt.snapshot,
+                 opt.step):
+        with pytest.raises(RuntimeError, match="swap_back"):
+            call()
+        assert_same(before, fingerprint(opt))
+    assert all(torch.equal(p, a) for p, a in zip(model.parameters(), average))
     wrapped.swap_back()
     assert not opt.is_swapped
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), training))
@@ -395,12 +403,6 @@ def test_repr_names_settings_and_the_wrapped_optimizer():
     opt = LAWA(torch.optim.AdamW(make_model("cpu").parameters(), lr=1e-3), k=5, every=10)
     text = repr(opt)
     assert text.startswith("LAWA(k=5, mode='uniform', every=10") and "AdamW" in text and "lr: 0.001" in text
-
-
-COPIES = {
-    "deepcopy": copy.deepcopy,
-    "pickle": lambda obj: pickle.loads(pickle.dumps(obj)),
-}
 
 
 @pytest.mark.parametrize("how", COPIES)
@@ -473,20 +475,29 @@ def test_non_optimizer_and_non_float_parameters_are_refused():
     ints = torch.zeros(3, dtype=torch.int64)
     with pytest.raises(TypeError, match="int64"):
         LAWA(torch.optim.SGD([ints], lr=0.1))
-    opt = LAWA(torch.optim.SGD(make_model("cpu").parameters(), lr=0.1))
-    with pytest.raises(TypeError, match="floating-point"):
-        opt.add_param_group({"params": [ints]})
-    assert len(opt.param_groups) == 1
+    model = make_model("cpu")
+    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=2)
+    train_step(model, opt, 0)  # momentum buffers, and the history built
+    opt.snapshot()
+    before = fingerprint(opt)
+    for group in ({"params": [ints]}, {"params": [nn.Parameter(torch.ones(2)), ints], "lr": 0.5}):
+        with pytest.raises(TypeError, match="floating-point"):
+            opt.add_param_group(group)
+        assert_same(before, fingerprint(opt))
+        assert len(opt.param_groups) == len(opt.optimizer.param_groups) == 1
 
 
 def test_misuse_raises_and_changes_nothing():
     model = make_model("cpu")
     opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=3)
     train_step(model, opt, 0)
+    before = fingerprint(opt)
     with pytest.raises(RuntimeError, match="call opt.snapshot"):
         opt.swap_to_average()
+    assert_same(before, fingerprint(opt))
     with pytest.raises(RuntimeError, match="already the training weights"):
         opt.swap_back()
+    assert_same(before, fingerprint(opt))
     opt.snapshot()
     train_step(model, opt, 1)
     opt.snapshot()
@@ -519,19 +530,43 @@ def test_misuse_raises_and_changes_nothing():
 
 def test_last_needs_uniform_mode():
     model = make_model("cpu")
-    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1), mode="ema")
+    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), mode="ema")
+    train_step(model, opt, 0)
     opt.snapshot()
-    with pytest.raises(RuntimeError, match="mode='uniform'"):
-        opt.swap_to_average(last=1)
-    assert not opt.is_swapped
+    before = fingerprint(opt)
+    for call in (lambda: opt.swap_to_average(last=1), lambda: averaged_block(opt, last=1)):
+        with pytest.raises(RuntimeError, match="last= needs mode='uniform'; this LAWA has mode='ema'"):
+            call()
+        assert_same(before, fingerprint(opt))
+        assert not opt.is_swapped
 
 
-def test_explicit_backend_that_cannot_run_is_an_error():
-    if torch.cuda.is_available():
-        pytest.skip("CUDA is available here")
-    opt = LAWA(torch.optim.SGD(make_model("cpu").parameters(), lr=0.1), backend="cuda")
-    with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
-        opt.snapshot()
+CANNOT_RUN = [
+    pytest.param("cuda", torch.float32,
+                 r"backend='cuda' cannot run parameters of dtype torch.float32 on cpu .*CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA"),
+                 id="cuda-without-cuda"),
+    pytest.param("triton", torch.float64,
+                 r"backend='triton' cannot run parameters of dtype torch.float64 .*the parameter dtype is torch.float64",
+                 id="triton-float64"),
+]
+
+
+@pytest.mark.parametrize("backend,dtype,match", CANNOT_RUN)
+def test_backend_that_cannot_run_is_refused_and_builds_nothing(backend, dtype, match):
+    """An explicit backend that cannot run the parameters: opt.backend, snapshot() and
+    step() raise, and again when retried; no bucket is built (none half-built either),
+    no snapshot counted, no weight and no optimizer state changed."""
+    model = make_model(DEVICE).to(dtype)
+    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=2, backend=backend)
+    model(torch.ones(2, 6, device=DEVICE, dtype=dtype)).sum().backward()  # a step would move the weights
+    before = fingerprint(opt)
+    for call in (lambda: opt.backend, opt.snapshot, opt.step, opt.snapshot, opt.step):
+        with pytest.raises(RuntimeError, match=match):
+            call()
+        assert_same(before, fingerprint(opt))
+        hist = opt._history
+        assert opt.num_snapshots == 0 and hist.generations == [] and hist.group_generation == [] == hist.group_params
 
 
 def test_backward_through_a_swap_fails_loudly(backend, device):
