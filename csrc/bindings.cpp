@@ -190,6 +190,26 @@ void swap_in(const at::Tensor& table, int64_t num_tiles, const std::string& mode
                "swap_in");
 }
 
+void swap_weighted(const at::Tensor& table, int64_t num_tiles, const at::Tensor& backup,
+                   const at::Tensor& ring, const at::Tensor& weights, const at::Tensor& pushes) {
+  const c10::cuda::CUDAGuard guard(table.device());
+  const LawaLaunch launch = launch_of(table, num_tiles);
+  const int64_t D = backup.numel();
+  check_buffer(backup, "backup", table.device());
+  check_flat(backup, "backup", D);
+  check_ring(ring, table.device(), D);
+  check_pushes(pushes, table.device());
+  check_buffer(weights, "weights", table.device(), at::kFloat);
+  const int64_t k = ring.size(0);
+  TORCH_CHECK(weights.dim() == 1 && weights.numel() >= 1 && weights.numel() <= k,
+              "weights must have shape (count,) with 1 <= count <= k = ", k, ", got ", weights.sizes());
+  check_launch(lawa_swap_weighted(launch, lawa_dtype(backup.scalar_type(), "backup"),
+                                  lawa_dtype(ring.scalar_type(), "ring"), backup.data_ptr(),
+                                  ring.data_ptr(), weights.data_ptr<float>(),
+                                  pushes.data_ptr<int64_t>(), D, k, weights.numel()),
+               "swap_weighted");
+}
+
 void swap_back(const at::Tensor& table, int64_t num_tiles, const at::Tensor& backup) {
   const c10::cuda::CUDAGuard guard(table.device());
   const LawaLaunch launch = launch_of(table, num_tiles);
@@ -228,6 +248,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swap_in", &swap_in, "Back up the weights and write the average into them",
         py::arg("table"), py::arg("num_tiles"), py::arg("mode"), py::arg("backup"), py::arg("total"),
         py::arg("ring"), py::arg("pushes"), py::arg("last"));
+  m.def("swap_weighted", &swap_weighted,
+        "Back up the weights and write the weighted sum of the newest snapshots into them",
+        py::arg("table"), py::arg("num_tiles"), py::arg("backup"), py::arg("ring"),
+        py::arg("weights"), py::arg("pushes"));
   m.def("swap_back", &swap_back, "Restore the weights from the backup", py::arg("table"),
         py::arg("num_tiles"), py::arg("backup"));
   m.def("recompute", &recompute, "Recompute the running sum from the ring", py::arg("table"),

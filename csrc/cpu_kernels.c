@@ -12,6 +12,8 @@
  *              torch and passes fused = 0 where it does not fuse).
  *   swap_in    backup = param; param = cast(total / count), cast(total) in EMA mode, or
  *              cast((0 + newest + ... + j-th newest) / j) for last = j.
+ *   swap_weighted  backup = param; param = cast(s + c), the compensated (Neumaier) sum of
+ *              the newest slots times float32 coefficients, newest first.
  *   swap_back  param = backup.
  *
  * Build WITHOUT -ffast-math and with -ffp-contract=off: a contracted multiply-add or a
@@ -193,6 +195,34 @@ static void copy_streaming(char *restrict dst, const char *restrict src, size_t 
         }                                                                                   \
     }
 
+/* The weighted average of one row into the parameter, after backing the parameter up:
+ * cast(s + c), Neumaier's compensated sum of w[j] * (slot of the j-th newest snapshot),
+ * j = 0 .. count - 1, each product and each sum rounded once (lawa_optim.ops). */
+#define DEFINE_SWAP_WEIGHTED(P, H)                                                          \
+    static void swap_weighted_##P##_##H(void *param_, void *backup_, const void *ring_,     \
+                                        int64_t D, int64_t k, int64_t pushes,               \
+                                        const float *restrict w, int64_t count, int64_t n) {\
+        copy_streaming((char *)backup_, (const char *)param_, sizeof(P##_t) * (size_t)n);   \
+        P##_t *restrict param = param_;                                                     \
+        const H##_t *ring = ring_;                                                          \
+        float sum[BLOCK], comp[BLOCK];                                                      \
+        for (int64_t b = 0; b < n; b += BLOCK) {                                            \
+            int64_t m = min64(BLOCK, n - b);                                                \
+            for (int64_t i = 0; i < m; i++) sum[i] = comp[i] = 0.0f;                        \
+            for (int64_t j = 0; j < count; j++) {                                           \
+                int64_t slot = (pushes - 1 - j) % k;                                        \
+                const H##_t *restrict r = ring + slot * D + b;                              \
+                float wj = w[j];                                                            \
+                for (int64_t i = 0; i < m; i++) {                                           \
+                    float y = wj * H##_to_f(r[i]), s = sum[i], t = s + y;                   \
+                    comp[i] = comp[i] + (fabsf(s) >= fabsf(y) ? (s - t) + y : (y - t) + s); \
+                    sum[i] = t;                                                             \
+                }                                                                           \
+            }                                                                               \
+            for (int64_t i = 0; i < m; i++) param[b + i] = cast_f32_##P(sum[i] + comp[i]);  \
+        }                                                                                   \
+    }
+
 #define DEFINE_EMA(P)                                                                       \
     static void ema_##P(const void *src_, float *restrict total, int first, int fused,      \
                         float decay, float alpha, int64_t n) {                              \
@@ -210,8 +240,10 @@ static void copy_streaming(char *restrict dst, const char *restrict src, size_t 
 #define FOR_PAIRS(X) FOR_HISTORY(X, f32) FOR_HISTORY(X, bf16) FOR_HISTORY(X, f16)
 #define DEFINE_PUSH_(P, H) DEFINE_PUSH(P, H)
 #define DEFINE_SWAP_IN_(P, H) DEFINE_SWAP_IN(P, H)
+#define DEFINE_SWAP_WEIGHTED_(P, H) DEFINE_SWAP_WEIGHTED(P, H)
 FOR_PAIRS(DEFINE_PUSH_)
 FOR_PAIRS(DEFINE_SWAP_IN_)
+FOR_PAIRS(DEFINE_SWAP_WEIGHTED_)
 DEFINE_EMA(f32)
 DEFINE_EMA(bf16)
 DEFINE_EMA(f16)
@@ -220,11 +252,15 @@ typedef void (*push_fn)(const void *, void *, int64_t, int64_t, int64_t, int, fl
 typedef void (*swap_in_fn)(void *, void *, const float *, const void *, int64_t, int64_t,
                            int64_t, int, int64_t, int64_t);
 typedef void (*ema_fn)(const void *, float *, int, int, float, float, int64_t);
+typedef void (*swap_weighted_fn)(void *, void *, const void *, int64_t, int64_t, int64_t,
+                                 const float *, int64_t, int64_t);
 
 #define ROW_OF(X, P) {X##_##P##_f32, X##_##P##_bf16, X##_##P##_f16}
 static const push_fn PUSH[3][3] = {ROW_OF(push, f32), ROW_OF(push, bf16), ROW_OF(push, f16)};
 static const swap_in_fn SWAP_IN[3][3] = {ROW_OF(swap_in, f32), ROW_OF(swap_in, bf16),
                                          ROW_OF(swap_in, f16)};
+static const swap_weighted_fn SWAP_WEIGHTED[3][3] = {
+    ROW_OF(swap_weighted, f32), ROW_OF(swap_weighted, bf16), ROW_OF(swap_weighted, f16)};
 static const ema_fn EMA[3] = {ema_f32, ema_bf16, ema_f16};
 
 static const int64_t ELEMENT_SIZE[3] = {[LAWA_F32] = 4, [LAWA_BF16] = 2, [LAWA_F16] = 2};
@@ -286,6 +322,26 @@ int lawa_cpu_swap_in(const int64_t *rows, int64_t nrows, int pdtype, int hdtype,
         fn((void *)(intptr_t)row[0], backup_bytes + row[1] * psize, total + row[1],
            ring_bytes == NULL ? NULL : ring_bytes + row[1] * hsize, D, k, pushes, mode, count,
            row[2]);
+    }
+    return 0;
+}
+
+/* param = the weighted sum of the `count` newest slots after `pushes` pushes, with the
+ * float32 coefficients `weights`, newest first (1 <= count <= min(k, pushes)). */
+int lawa_cpu_swap_weighted(const int64_t *rows, int64_t nrows, int pdtype, int hdtype,
+                           void *backup, const void *ring, int64_t D, int64_t k, int64_t pushes,
+                           const float *weights, int64_t count, int nthreads) {
+    if (bad_dtype(pdtype) || bad_dtype(hdtype)) return -1;
+    if (ring == NULL || weights == NULL || count < 1 || count > k || count > pushes) return -2;
+    swap_weighted_fn fn = SWAP_WEIGHTED[pdtype][hdtype];
+    int64_t psize = ELEMENT_SIZE[pdtype], hsize = ELEMENT_SIZE[hdtype];
+    const char *ring_bytes = (const char *)ring;
+    char *backup_bytes = (char *)backup;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < nrows; r++) {
+        const int64_t *row = rows + 3 * r;
+        fn((void *)(intptr_t)row[0], backup_bytes + row[1] * psize, ring_bytes + row[1] * hsize, D, k,
+           pushes, weights, count, row[2]);
     }
     return 0;
 }

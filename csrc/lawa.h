@@ -63,6 +63,14 @@ cudaError_t lawa_swap_in(const LawaLaunch& launch, LawaDtype param_dtype, LawaDt
                          LawaAverage average, void* backup, const float* total, const void* ring,
                          const int64_t* pushes, int64_t D, int64_t k, int64_t last);
 
+// backup = param (bit for bit), then param = cast(s + c), the compensated (Neumaier) sum
+// of weights[i] * ring[(pushes - 1 - i) % k], i = 0 .. count - 1 (1 <= count <= k;
+// `weights`: count float32 coefficients in device memory, newest first).
+cudaError_t lawa_swap_weighted(const LawaLaunch& launch, LawaDtype param_dtype,
+                               LawaDtype history_dtype, void* backup, const void* ring,
+                               const float* weights, const int64_t* pushes, int64_t D, int64_t k,
+                               int64_t count);
+
 // param = backup (bit for bit).
 cudaError_t lawa_swap_back(const LawaLaunch& launch, LawaDtype param_dtype, const void* backup);
 

@@ -1,6 +1,6 @@
 // The LAWA history kernels (Kaddour 2022, arXiv:2209.14981): snapshot into the ring
-// with the float32 running sum, EMA update, swap-in with backup, swap-back and
-// recompute, each one launch per bucket (see lawa_apply.cuh).
+// with the float32 running sum, EMA update, swap-in with backup (mean, EMA, last=j,
+// weighted), swap-back and recompute, each one launch per bucket (see lawa_apply.cuh).
 //
 // The running sum and the means must match the pure-torch reference bit for bit, so
 // every rounding step is an explicit _rn intrinsic: nvcc would otherwise contract
@@ -225,6 +225,74 @@ struct SwapInOp {
   }
 };
 
+// backup = param, then param = cast(s + c): Neumaier's compensated sum of
+// weights[i] * slot(newest - i), i = 0 .. count - 1, every product and sum rounded once
+// (_rn intrinsics: no contraction into an FMA). The coefficients are read from device
+// memory, so a new vector needs neither a host sync nor another kernel.
+template <LawaDtype P, LawaDtype H>
+struct SwapWeightedOp {
+  Raw<P>* backup;
+  const Raw<H>* ring;
+  const float* weights;
+  const int64_t* pushes;
+  int64_t D;
+  int64_t k;
+  int64_t count;
+
+  struct View {
+    Raw<P>* param;
+    Raw<P>* backup;
+    const Raw<H>* ring;  // slot 0 of the segment's slice
+    int64_t newest;      // slot of the newest snapshot
+    bool vec;
+  };
+
+  __device__ View view(const LawaSegment& seg, int64_t n, int64_t lo) const {
+    View v;
+    v.param = static_cast<Raw<P>*>(seg.param) + lo;
+    v.backup = backup + seg.offset + lo;
+    v.ring = ring + seg.offset + lo;
+    v.newest = (n - 1) % k;
+    v.vec = lawa_aligned(v.param) && lawa_aligned(v.backup) && lawa_aligned(v.ring) &&
+            (D * int64_t(sizeof(Raw<H>))) % 16 == 0;
+    return v;
+  }
+
+  template <int W>
+  __device__ void step(const View& v, int e) const {
+    const LawaChunk<P, W> p = lawa_load<P, W>(v.param + e);
+    lawa_store<P, W>(v.backup + e, p);
+    float s[W];
+    float c[W];
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      s[j] = 0.0f;
+      c[j] = 0.0f;
+    }
+    int64_t slot = v.newest;
+    for (int64_t i = 0; i < count; ++i) {
+      const float w = __ldg(weights + i);
+      const LawaChunk<H, W> r = lawa_load<H, W>(v.ring + slot * D + e);
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        const float y = __fmul_rn(w, LawaElem<H>::to_float(r.v[j]));
+        const float t = __fadd_rn(s[j], y);
+        const float d = fabsf(s[j]) >= fabsf(y) ? __fadd_rn(__fsub_rn(s[j], t), y)
+                                                : __fadd_rn(__fsub_rn(y, t), s[j]);
+        c[j] = __fadd_rn(c[j], d);
+        s[j] = t;
+      }
+      slot = (slot == 0 ? k : slot) - 1;
+    }
+    LawaChunk<P, W> out;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      out.v[j] = LawaElem<P>::from_float(__fadd_rn(s[j], c[j]));
+    }
+    lawa_store<P, W>(v.param + e, out);
+  }
+};
+
 // param = backup, bit for bit.
 template <LawaDtype P>
 struct SwapBackOp {
@@ -344,6 +412,24 @@ cudaError_t lawa_swap_in(const LawaLaunch& launch, LawaDtype param_dtype, LawaDt
           return launch_as(std::integral_constant<LawaAverage, kLawaLast>{});
       }
       return cudaErrorInvalidValue;
+    });
+  });
+}
+
+cudaError_t lawa_swap_weighted(const LawaLaunch& launch, LawaDtype param_dtype,
+                               LawaDtype history_dtype, void* backup, const void* ring,
+                               const float* weights, const int64_t* pushes, int64_t D, int64_t k,
+                               int64_t count) {
+  if (ring == nullptr || weights == nullptr || count < 1 || count > k) {
+    return cudaErrorInvalidValue;
+  }
+  return lawa_dispatch(param_dtype, [&](auto p) {
+    return lawa_dispatch(history_dtype, [&](auto h) {
+      constexpr LawaDtype P = decltype(p)::value;
+      constexpr LawaDtype H = decltype(h)::value;
+      return lawa_apply(launch, SwapWeightedOp<P, H>{static_cast<Raw<P>*>(backup),
+                                                     static_cast<const Raw<H>*>(ring), weights,
+                                                     pushes, D, k, count});
     });
   });
 }

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lawa_optim import compiled, ops
+from lawa_optim import compiled, ops, weighting
 from lawa_optim.distributed import is_sharded, local, reshard_fsdp
 from lawa_optim.offload import Offload
 
@@ -432,8 +432,11 @@ class History:
         return max(self.counts(), default=0)
 
     @torch.no_grad()
-    def swap_in(self, last: int | None) -> None:
-        """Back up the weights and write the average into the parameters in place.
+    def swap_in(self, last: int | None, weights: tuple[float, ...] | None = None) -> None:
+        """Back up the weights and write the average into the parameters in place: the
+        weighted sum of the newest snapshots with ``weights`` (checked by
+        :func:`lawa_optim.weighting.parse`; a generation holding fewer snapshots takes
+        :func:`lawa_optim.weighting.fit` of them).
 
         Every bucket is checked and every backup allocated before the first weight is
         written, so a refusal or an allocation failure leaves the training weights in place.
@@ -443,10 +446,25 @@ class History:
         held = [(b, n) for b, n in held if n > 0]
         for b, _ in held:
             b.check_params()
+        coefficients = {} if weights is None else self._coefficients(weights, held)
         backups = [torch.empty(b.D, dtype=b.dtype, device=b.device, pin_memory=b.pinned) for b, _ in held]
         for (b, n), backup in zip(held, backups):
             b.backup = backup
-            ops.swap_in(b, None if last is None else min(last, n))
+            if weights is None:
+                ops.swap_in(b, None if last is None else min(last, n))
+            else:
+                ops.swap_in(b, None, coefficients[b])
+
+    def _coefficients(self, weights: tuple[float, ...], held: list[tuple[Bucket, int]]) -> dict[Bucket, Tensor]:
+        """Each held bucket's coefficients in its accumulation dtype, on its device."""
+        generation = {b: g for g, gen in enumerate(self.generations) for b in gen}
+        out = {}
+        for b, n in held:
+            g = generation[b]
+            groups = [i for i, x in enumerate(self.group_generation) if x == g]
+            fitted = weighting.fit(weights, n, f"param group{'s' * (len(groups) > 1)} {', '.join(map(str, groups))}")
+            out[b] = torch.tensor(fitted, dtype=b.total.dtype, device=b.device)
+        return out
 
     @torch.no_grad()
     def swap_back(self) -> None:

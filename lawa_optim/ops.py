@@ -25,6 +25,18 @@ never branch on the backend. A backend module provides:
     ``total / min(n, k)`` (``total`` itself in EMA mode) or, for ``last = j``, the
     sum of the ``j`` newest slots ``(n - 1 - i) % k``, ``i = 0 .. j-1``, accumulated in
     that order from 0 in the accumulation dtype, divided by ``j`` (IEEE division).
+``swap_in(bucket, None, weights)``
+    ``backup = param`` (exact), then ``param = cast(s + c)``, the weighted sum of the
+    ``m = len(weights)`` newest slots: ``weights`` is a 1-D tensor of ``m <= min(n, k)``
+    coefficients in the accumulation dtype on the bucket's device, newest first; with
+    ``s = c = 0`` and for ``j = 0 .. m-1``: ``y = weights[j] * float(slot (n - 1 - j) % k)``
+    (the product rounded), ``t = s + y``, ``c += (s - t) + y`` when ``|s| >= |y|`` else
+    ``c += (y - t) + s`` (Neumaier's compensated sum, each operation rounded once, no
+    fused multiply-add), ``s = t``. The error is at most about three roundings of
+    ``sum_j |weights[j] * slot|`` whatever ``m`` (for ``last = j``'s uniform weights:
+    of the largest magnitude, the bound of ``last = j``); a NaN or an infinity in a
+    weighted slot makes the result NaN. The coefficients are read on the device: a new vector needs
+    no recompilation and no host sync.
 ``swap_back(bucket)``
     ``param = backup`` (exact).
 ``recompute(bucket)``
@@ -119,9 +131,13 @@ def ema_update(bucket: "Bucket", decay: float) -> None:
     bucket.pushes.add_(1)
 
 
-def swap_in(bucket: "Bucket", last: int | None) -> None:
-    """Copy the weights into ``bucket.backup`` and write the average into them."""
-    _module(bucket.backend).swap_in(bucket, last)
+def swap_in(bucket: "Bucket", last: int | None, weights: torch.Tensor | None = None) -> None:
+    """Copy the weights into ``bucket.backup`` and write the average into them (the
+    weighted sum of the newest slots when ``weights`` is given)."""
+    if weights is None:
+        _module(bucket.backend).swap_in(bucket, last)
+    else:
+        _module(bucket.backend).swap_in(bucket, None, weights)
     _mark_written(bucket)
 
 

@@ -12,14 +12,14 @@ scalers and hooks act on the real optimizer.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-from lawa_optim import compiled, ops
+from lawa_optim import compiled, ops, weighting
 from lawa_optim.history import FLOAT_DTYPES, History, check_param, is_int, resolve_storage
 from lawa_optim.state import install, read_history, save_history, strip_lawa
 from lawa_optim.wrapping import WrappedOptimizer
@@ -257,16 +257,39 @@ class LAWA(WrappedOptimizer):
             self._history.push()
 
     # -- swapping ---------------------------------------------------------------
-    def swap_to_average(self, last: int | None = None) -> None:
+    def swap_to_average(
+        self, last: int | None = None, *, weights: Sequence[float] | torch.Tensor | None = None
+    ) -> None:
         """Write the average into the parameters in place (``data_ptr`` unchanged).
 
         ``last=j`` (uniform mode, ``1 <= j <= num_snapshots``) averages only the ``j``
         newest snapshots: another type raises ``TypeError``, another value
-        ``ValueError``. The training weights are kept and :meth:`swap_back` restores
-        them bit for bit.
+        ``ValueError``.
+
+        ``weights`` (uniform mode) writes the weighted sum of the stored snapshots
+        instead: one coefficient per snapshot, newest first (a sequence of floats or a
+        1-D tensor, ``1 <= len(weights) <= num_snapshots``; :mod:`lawa_optim.profiles`
+        builds the usual ones). They are used as given, so they must be finite and sum
+        to 1 within 1e-6 (``ValueError`` otherwise, naming the sum); negative
+        coefficients (extrapolation) are allowed. The sum is exact to the bound of
+        ``last=j`` (see :mod:`lawa_optim.ops`), in one pass. Parameters added later with
+        :meth:`add_param_group` that hold fewer snapshots than there are coefficients take
+        the newest coefficients they hold, divided by their sum (``ValueError`` naming
+        the param groups when that sum is within 1e-6 of 0). ``last`` and ``weights``
+        together raise ``ValueError``.
+
+        The training weights are kept and :meth:`swap_back` restores them bit for bit.
+        A refused call changes nothing.
         """
         if last is not None and not is_int(last):
             raise TypeError(f"last must be None or an int, got {type(last).__name__} {last!r}")
+        if weights is not None:
+            if last is not None:
+                raise ValueError(
+                    f"last={last!r} and weights= both given; give one (last=j is the uniform "
+                    "weights profiles.window(j))"
+                )
+            weights = weighting.parse(weights)
         self._require_not_swapped("swap_to_average()")
         count = self.num_snapshots
         if count == 0:
@@ -279,9 +302,16 @@ class LAWA(WrappedOptimizer):
                 raise RuntimeError(f"last= needs mode='uniform'; this LAWA has mode={self.mode!r}")
             if not 1 <= last <= count:
                 raise ValueError(f"last must be in [1, {count}] (the snapshots held now), got {last!r}")
+        if weights is not None:
+            if self.mode != "uniform":
+                raise RuntimeError(
+                    f"weights= needs mode='uniform'; this LAWA has mode={self.mode!r}, which keeps "
+                    "no ring of snapshots to weight, only their running average"
+                )
+            weighting.check_length(weights, count)
         self._history.check_groups(self.param_groups)
         compiled.warn_if_frozen()
-        self._history.swap_in(last)
+        self._history.swap_in(last, weights)
         self._run.swapped = True
 
     def swap_back(self) -> None:
@@ -292,10 +322,13 @@ class LAWA(WrappedOptimizer):
         self._run.swapped = False
 
     @contextlib.contextmanager
-    def averaged(self, last: int | None = None) -> Iterator["LAWA"]:
-        """Context manager: the parameters hold the average inside, the training weights
-        after, even when the body raises."""
-        self.swap_to_average(last)
+    def averaged(
+        self, last: int | None = None, *, weights: Sequence[float] | torch.Tensor | None = None
+    ) -> Iterator["LAWA"]:
+        """Context manager: the parameters hold the average inside (``last`` and
+        ``weights`` as for :meth:`swap_to_average`), the training weights after, even
+        when the body raises."""
+        self.swap_to_average(last, weights=weights)
         try:
             yield self
         finally:
@@ -307,7 +340,7 @@ class LAWA(WrappedOptimizer):
         parameters hold the training weights and the LAWA is not swapped (so a checkpoint
         saved there holds the training weights and a history to resume from); after
         it, the parameters hold again exactly what they held before (an average swapped
-        in with ``last=`` included) and the training weights are the backup. Outside a
+        in with ``last=`` or ``weights=`` included) and the training weights are the backup. Outside a
         swap it changes nothing.
         """
         run = self._run

@@ -7,8 +7,8 @@ refresh of the sum into the push that completes a pass over the ring, reading th
 other slots block by block in the same pass, so the guarantee of
 :mod:`lawa_optim.history` holds as it does for the plain code: at most
 ``refresh_every`` pushes after a value (NaN and inf included) has left the window, it
-no longer affects the sum. The EMA update, the swap-in (mean, EMA, ``last=j``) and the
-swap-back are fused the same way.
+no longer affects the sum. The EMA update, the swap-in (mean, EMA, ``last=j``, weighted)
+and the swap-back are fused the same way.
 
 Every result is bit for bit what the plain torch code of
 :mod:`lawa_optim.backends.reference` leaves, as :mod:`lawa_optim.ops` specifies, for
@@ -59,6 +59,7 @@ SIGNATURES = {
     "lawa_cpu_push": [_p, _i64, _int, _int, _p, _i64, _i64, _i64, _i64, _p, _int],
     "lawa_cpu_ema": [_p, _i64, _int, _p, _int, _f64, _int, _int],
     "lawa_cpu_swap_in": [_p, _i64, _int, _int, _p, _p, _p, _i64, _i64, _i64, _int, _i64, _int],
+    "lawa_cpu_swap_weighted": [_p, _i64, _int, _int, _p, _p, _i64, _i64, _i64, _p, _i64, _int],
     "lawa_cpu_swap_back": [_p, _i64, _int, _p, _int],
 }
 #: Modes of lawa_cpu_swap_in.
@@ -196,6 +197,19 @@ def swap_in(b: "Bucket", n: int, last: int | None) -> None:
         b.backup.data_ptr(), b.total.data_ptr(), None if b.ring is None else b.ring.data_ptr(),
         b.D, b.k, n, mode, count, _threads(table),
     ), "swap-in", b)
+
+
+def swap_weighted(b: "Bucket", n: int, weights: Tensor) -> None:
+    """Back up ``b.params`` into ``b.backup`` and write into them the weighted sum of the
+    ``len(weights)`` newest snapshots after ``n`` pushes (``weights``: float32, on the CPU,
+    newest first)."""
+    table = _table(b, b.params)
+    weights = weights.contiguous()
+    _check(_lib.lawa_cpu_swap_weighted(
+        table.data_ptr(), table.shape[0], DTYPE_CODES[b.dtype], DTYPE_CODES[b.history_dtype],
+        b.backup.data_ptr(), b.ring.data_ptr(), b.D, b.k, n, weights.data_ptr(), weights.numel(),
+        _threads(table),
+    ), "weighted swap-in", b)
 
 
 def swap_back(b: "Bucket") -> None:

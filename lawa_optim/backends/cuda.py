@@ -169,9 +169,13 @@ def ema_update(b: "Bucket", decay: float) -> None:
     _kernels().ema_update(table, tiles, b.dtype, b.total, b.pushes, float(decay))
 
 
-def swap_in(b: "Bucket", last: int | None) -> None:
-    """Copy the weights into ``b.backup`` and write the average into them."""
+def swap_in(b: "Bucket", last: int | None, weights: Tensor | None = None) -> None:
+    """Copy the weights into ``b.backup`` and write the average into them (with
+    ``weights``: the weighted sum of the newest snapshots)."""
     table, tiles = _table(b)
+    if weights is not None:
+        _kernels().swap_weighted(table, tiles, b.backup, b.ring, weights.contiguous(), b.pushes)
+        return
     _kernels().swap_in(table, tiles, b.mode, b.backup, b.total, b.ring, b.pushes, last)
 
 

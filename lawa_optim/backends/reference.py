@@ -105,15 +105,20 @@ def _scalar(x: int, b: "Bucket") -> Tensor:
     return torch.tensor(float(x), dtype=b.total.dtype, device=b.device)
 
 
-def swap_in(b: "Bucket", last: int | None) -> None:
+def swap_in(b: "Bucket", last: int | None, weights: Tensor | None = None) -> None:
     n = int(b.pushes.item())
     if cpu_kernels.runs(b, "swap"):
-        cpu_kernels.swap_in(b, n, last)
+        if weights is None:
+            cpu_kernels.swap_in(b, n, last)
+        else:
+            cpu_kernels.swap_weighted(b, n, weights)
         return
     c = _cache(b)
     torch._foreach_copy_(b.views(b.backup), b.params)
     for lo, hi, i0, i1 in c["chunks"]:
-        if b.mode == "ema":
+        if weights is not None:
+            avg = weighted_sum([b.ring[(n - 1 - j) % b.k, lo:hi] for j in range(len(weights))], weights)
+        elif b.mode == "ema":
             avg = b.total[lo:hi]
         elif last is None:
             avg = b.total[lo:hi] / _scalar(min(n, b.k), b)
@@ -123,6 +128,21 @@ def swap_in(b: "Bucket", last: int | None) -> None:
                 avg.add_(b.ring[(n - 1 - i) % b.k, lo:hi])
             avg.div_(_scalar(last, b))
         torch._foreach_copy_(b.params[i0:i1], [b.view(avg, i, base=lo) for i in range(i0, i1)])
+
+
+def weighted_sum(slots: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """``sum_j weights[j] * slots[j]`` as :mod:`lawa_optim.ops` defines it: each product
+    rounded in ``weights.dtype`` (the accumulation dtype), then added in order with
+    Neumaier's compensation, ``s + c`` at the end. Also what ``export_average`` computes
+    from a checkpoint, so a file gives the bits a live swap gives."""
+    s = torch.zeros(slots[0].shape, dtype=weights.dtype, device=slots[0].device)
+    c = torch.zeros_like(s)
+    for w, x in zip(weights, slots):
+        y = x.to(weights.dtype) * w
+        t = s + y
+        c += torch.where(s.abs() >= y.abs(), (s - t) + y, (y - t) + s)
+        s = t
+    return s + c
 
 
 def swap_back(b: "Bucket") -> None:

@@ -43,6 +43,11 @@ CHUNK = 16 * 1024
 BLOCK = 4096 if _k is not None and _k.INTERPRET else 1024
 
 
+#: Compiler option of the weighted swap-in: a product and the sum it enters must round
+#: separately, as the contract says (Triton fuses them into an FMA by default).
+NO_FUSION = {"enable_fp_fusion": False}
+
+
 def unavailable(bucket: "Bucket") -> str | None:
     """Why the Triton kernels cannot run ``bucket`` (reads only its device); the checks
     every fused backend shares (one device, dtypes) are in :func:`lawa_optim.ops.unavailable`."""
@@ -118,10 +123,15 @@ def ema_update(b: "Bucket", decay: float) -> None:
     _launch(_k.ema_kernel, b, b.total, b.pushes, _f32(decay), _f32(1.0 - decay))
 
 
-def swap_in(b: "Bucket", last: int | None) -> None:
-    """Copy the parameters into ``b.backup`` and write the average into them."""
+def swap_in(b: "Bucket", last: int | None, weights: Tensor | None = None) -> None:
+    """Copy the parameters into ``b.backup`` and write the average into them (with
+    ``weights``: their weighted sum; a tensor argument, so no vector recompiles)."""
+    if weights is not None:
+        _launch(_k.swap_in_kernel, b, b.ring, b.total, b.backup, weights, b.pushes, b.D, b.k, weights.numel(),
+                MODE=3, **NO_FUSION)
+        return
     mode = 0 if b.mode == "ema" else 1 if last is None else 2
-    _launch(_k.swap_in_kernel, b, b.ring, b.total, b.backup, b.pushes, b.D, b.k, last or 0, MODE=mode)
+    _launch(_k.swap_in_kernel, b, b.ring, b.total, b.backup, None, b.pushes, b.D, b.k, last or 0, MODE=mode)
 
 
 def swap_back(b: "Bucket") -> None:
@@ -139,7 +149,7 @@ def recompute(b: "Bucket") -> None:
 # -- ahead-of-time compilation, to read what a GPU would run ------------------------
 
 _NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_SWAP_MODES = {"ema": 0, "mean": 1, "last": 2}
+_SWAP_MODES = {"ema": 0, "mean": 1, "last": 2, "weighted": 3}
 
 
 def _variants() -> dict[str, tuple]:
@@ -157,12 +167,15 @@ def _variants() -> dict[str, tuple]:
             out[f"push:{pn}:{hn}"] = (_k.push_kernel, (table, bufs[h], total, pushes, D, k, k),
                                       {**P, "HDTYPE": _k.TL_DTYPES[h]})
         out[f"ema:{pn}"] = (_k.ema_kernel, (table, total, pushes, _f32(0.9), _f32(0.1)), P)
-        out[f"swap_in:ema:{pn}"] = (_k.swap_in_kernel, (table, None, total, bufs[p], pushes, D, k, 0),
+        out[f"swap_in:ema:{pn}"] = (_k.swap_in_kernel, (table, None, total, bufs[p], None, pushes, D, k, 0),
                                     {**P, "MODE": 0})
-        for mode in ("mean", "last"):
+        for mode in ("mean", "last", "weighted"):
             for h, hn in _NAMES.items():
-                args = (table, bufs[h], total, bufs[p], pushes, D, k, 3 if mode == "last" else 0)
-                out[f"swap_in:{mode}:{pn}:{hn}"] = (_k.swap_in_kernel, args, {**P, "MODE": _SWAP_MODES[mode]})
+                weights = total if mode == "weighted" else None
+                args = (table, bufs[h], total, bufs[p], weights, pushes, D, k, 0 if mode == "mean" else 3)
+                extra = NO_FUSION if mode == "weighted" else {}
+                out[f"swap_in:{mode}:{pn}:{hn}"] = (_k.swap_in_kernel, args,
+                                                    {**P, "MODE": _SWAP_MODES[mode], **extra})
         out[f"swap_back:{pn}"] = (_k.swap_back_kernel, (table, bufs[p]), P)
         out[f"recompute:{pn}"] = (_k.recompute_kernel, (bufs[p], total, pushes, D, k),
                                   {"CHUNK": CHUNK, "BLOCK": BLOCK})

@@ -174,7 +174,7 @@ def ema_kernel(table, total, pushes, decay, alpha, PDTYPE: tl.constexpr, BLOCK: 
 
 
 @triton.jit
-def _swap_in_block(src, ring, off, total, backup, idx, cnt, n, D, K, last, PDTYPE: tl.constexpr,
+def _swap_in_block(src, ring, off, total, backup, weights, idx, cnt, n, D, K, last, PDTYPE: tl.constexpr,
                    MODE: tl.constexpr, MASKED: tl.constexpr):
     mask = idx < cnt if MASKED else None
     p = tl.load(src + idx, mask=mask)
@@ -184,6 +184,18 @@ def _swap_in_block(src, ring, off, total, backup, idx, cnt, n, D, K, last, PDTYP
     elif MODE == 1:
         # div_rn: plain `/` may lower to an approximate division on the GPU.
         avg = tl.math.div_rn(tl.load(total + idx, mask=mask), tl.zeros(idx.shape, tl.float32) + tl.minimum(n, K))
+    elif MODE == 3:
+        # Neumaier's compensated sum of the products, newest first; launched with
+        # enable_fp_fusion=False so that no product and sum fuse into one rounding.
+        s = tl.zeros(idx.shape, dtype=tl.float32)
+        c = tl.zeros(idx.shape, dtype=tl.float32)
+        for j in range(0, last):
+            slot = (n - 1 - j) % K
+            y = tl.load(weights + j) * _to_f32(tl.load(ring + slot * D + off + idx, mask=mask))
+            t = s + y
+            c += tl.where(tl.abs(s) >= tl.abs(y), (s - t) + y, (y - t) + s)
+            s = t
+        avg = s + c
     else:
         acc = tl.zeros(idx.shape, dtype=tl.float32)
         for i in range(0, last):
@@ -193,29 +205,31 @@ def _swap_in_block(src, ring, off, total, backup, idx, cnt, n, D, K, last, PDTYP
 
 
 @triton.jit
-def _swap_in_chunk(addr, off, cnt, ring, total, backup, n, D, K, last, ALIGNED: tl.constexpr,
+def _swap_in_chunk(addr, off, cnt, ring, total, backup, weights, n, D, K, last, ALIGNED: tl.constexpr,
                    PDTYPE: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr):
     src = _param(addr, ALIGNED, PDTYPE)
     whole = cnt - cnt % BLOCK
     for start in range(0, whole, BLOCK):
-        _swap_in_block(src, ring, off, total + off, backup + off, start + tl.arange(0, BLOCK), cnt, n,
-                       D, K, last, PDTYPE, MODE, False)
+        _swap_in_block(src, ring, off, total + off, backup + off, weights, start + tl.arange(0, BLOCK), cnt,
+                       n, D, K, last, PDTYPE, MODE, False)
     if whole < cnt:
-        _swap_in_block(src, ring, off, total + off, backup + off, whole + tl.arange(0, BLOCK), cnt, n,
-                       D, K, last, PDTYPE, MODE, True)
+        _swap_in_block(src, ring, off, total + off, backup + off, weights, whole + tl.arange(0, BLOCK), cnt,
+                       n, D, K, last, PDTYPE, MODE, True)
 
 
 @triton.jit
-def swap_in_kernel(table, ring, total, backup, pushes, D, K, last, PDTYPE: tl.constexpr,
+def swap_in_kernel(table, ring, total, backup, weights, pushes, D, K, last, PDTYPE: tl.constexpr,
                    MODE: tl.constexpr, BLOCK: tl.constexpr):
     """``backup = param``; ``param = avg``. MODE 0: avg = total (EMA); 1: total / min(n, K);
-    2: the ``last`` newest slots summed newest first from zero, divided by ``last``."""
+    2: the ``last`` newest slots summed newest first from zero, divided by ``last``;
+    3: the ``last`` newest slots weighted by the float32 ``weights`` (newest first),
+    summed with Neumaier's compensation."""
     addr, off, cnt = _row(table)
     n = tl.load(pushes)
     if addr % 16 == 0:
-        _swap_in_chunk(addr, off, cnt, ring, total, backup, n, D, K, last, True, PDTYPE, MODE, BLOCK)
+        _swap_in_chunk(addr, off, cnt, ring, total, backup, weights, n, D, K, last, True, PDTYPE, MODE, BLOCK)
     else:
-        _swap_in_chunk(addr, off, cnt, ring, total, backup, n, D, K, last, False, PDTYPE, MODE, BLOCK)
+        _swap_in_chunk(addr, off, cnt, ring, total, backup, weights, n, D, K, last, False, PDTYPE, MODE, BLOCK)
 
 
 # -- swap-back ----------------------------------------------------------------------
