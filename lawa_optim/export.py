@@ -10,13 +10,16 @@ leaves the model and the optimizer as they were.
 from __future__ import annotations
 
 import copy
+import os
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lawa_optim import weighting
+from lawa_optim.backends.reference import weighted_sum
 from lawa_optim.bn import update_bn
 from lawa_optim.history import FLOAT_DTYPES, accumulation_dtype, is_int
 from lawa_optim.state_check import Layout, check, dtype_name, shown
@@ -24,19 +27,33 @@ from lawa_optim.wrapper import LAWA, MODES
 
 
 def export_average(
-    model: nn.Module, source: LAWA | Mapping[str, Any], *, bn_loader: Iterable | None = None
+    model: nn.Module,
+    source: LAWA | Mapping[str, Any] | str | os.PathLike,
+    *,
+    weights: Sequence[float] | Tensor | None = None,
+    bn_loader: Iterable | None = None,
 ) -> dict[str, Tensor]:
     """The state dict of ``model`` with every averaged parameter replaced by its LAWA average.
 
     Args:
         model: the model the average belongs to (the one trained, or a fresh one of the
             same architecture when ``source`` is a checkpoint).
-        source: a :class:`LAWA` over ``model``'s parameters, or a state dict saved by
+        source: a :class:`LAWA` over ``model``'s parameters, a state dict saved by
             ``LAWA.state_dict()`` (e.g. ``torch.load(path)`` of a checkpoint: no LAWA
-            needed). Saved parameters are matched to ``model``'s by name where the state
-            dict carries torch's ``param_names`` (optimizers built from
-            ``model.named_parameters()``, and the Lightning and Hugging Face integrations
-            of this package), otherwise by ``model.parameters()`` order.
+            needed), or the path (``str`` or ``os.PathLike``) of a file that
+            ``torch.save`` wrote holding such a state dict, either itself or under the
+            key ``"optimizer"`` of a dict; it is read with ``torch.load(path,
+            weights_only=True, map_location="cpu")``, and a missing or unreadable file,
+            or one that holds neither, raises ``ValueError`` naming the path
+            (``FileNotFoundError`` for a missing one). Saved parameters are matched to
+            ``model``'s by name where the state dict carries torch's ``param_names``
+            (optimizers built from ``model.named_parameters()``, and the Lightning and
+            Hugging Face integrations of this package), otherwise by
+            ``model.parameters()`` order.
+        weights: coefficients over the stored snapshots, newest first, as for
+            :meth:`LAWA.swap_to_average` (checked the same way, the same rule for
+            parameters that hold fewer snapshots, the same bits from a live ``LAWA`` as
+            from its saved state dict); ``None`` (default): the plain average.
         bn_loader: if given, BatchNorm running statistics are recomputed for the averaged
             weights with :func:`lawa_optim.update_bn` over this loader (batches that are
             the model's input, or lists/tuples whose first item is), on a copy of the
@@ -56,14 +73,16 @@ def export_average(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(source, (str, os.PathLike)):
+        source = _load(source)
     if isinstance(source, LAWA):
-        averages = _from_lawa(model, source)
+        averages = _from_lawa(model, source, weights)
     elif isinstance(source, Mapping):
-        averages = _from_state_dict(model, source)
+        averages = _from_state_dict(model, source, weights)
     else:
         raise TypeError(
-            "source must be a LAWA or a state dict saved by LAWA.state_dict(), "
-            f"got {type(source).__name__}"
+            "source must be a LAWA, a state dict saved by LAWA.state_dict() or the path of a "
+            f"file holding one, got {type(source).__name__}"
         )
     out = _assemble(model, averages)
     if bn_loader is not None:
@@ -75,7 +94,30 @@ def _fresh(t: Tensor) -> Tensor:
     return t.detach().clone(memory_format=torch.contiguous_format)
 
 
-def _from_lawa(model: nn.Module, opt: LAWA) -> dict[int, Tensor]:
+def _load(path: str | os.PathLike) -> Mapping[str, Any]:
+    """The LAWA state dict in the file at ``path``: the file's object itself, or its
+    ``"optimizer"`` entry."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"export_average(): no checkpoint file at {os.fspath(path)!r}")
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # an unpickling, zip or format error: the file is not a checkpoint
+        reason = str(exc).strip().splitlines()
+        raise ValueError(
+            f"export_average(): {os.fspath(path)!r} could not be read with torch.load(weights_only=True) "
+            f"({type(exc).__name__}: {reason[0] if reason else 'no message'})"
+        ) from exc
+    if isinstance(obj, Mapping) and not ("state" in obj and "param_groups" in obj):
+        obj = obj.get("optimizer")
+    if not isinstance(obj, Mapping) or not ("state" in obj and "param_groups" in obj):
+        raise ValueError(
+            f"export_average(): {os.fspath(path)!r} holds no LAWA state dict; accepted: what "
+            "LAWA.state_dict() returns, or a dict holding it under the key 'optimizer'"
+        )
+    return obj
+
+
+def _from_lawa(model: nn.Module, opt: LAWA, weights: Sequence[float] | Tensor | None) -> dict[int, Tensor]:
     if opt.is_swapped:
         raise RuntimeError(
             "export_average() while the average is swapped into the parameters: call it "
@@ -96,11 +138,15 @@ def _from_lawa(model: nn.Module, opt: LAWA) -> dict[int, Tensor]:
                     "is not a parameter of model; pass the model this LAWA optimizes"
                 )
     # The swap computes the average exactly as evaluation inside averaged() sees it.
-    with opt.averaged():
+    with opt.averaged(weights=weights):
         return {id(p): _fresh(p) for p in params}
 
 
-def _from_state_dict(model: nn.Module, sd: Mapping[str, Any]) -> dict[int, Tensor]:
+def _from_state_dict(
+    model: nn.Module, sd: Mapping[str, Any], weights: Sequence[float] | Tensor | None
+) -> dict[int, Tensor]:
+    if weights is not None:
+        weights = weighting.parse(weights)
     groups, state = sd.get("param_groups"), sd.get("state")
     if not isinstance(groups, list) or not isinstance(state, Mapping) or not groups:
         raise ValueError("source must have 'state' (a dict) and 'param_groups' (a non-empty list), as LAWA.state_dict() saves")
@@ -119,14 +165,28 @@ def _from_state_dict(model: nn.Module, sd: Mapping[str, Any]) -> dict[int, Tenso
     meta = groups[0]["lawa"]
     # The same check as LAWA.load_state_dict, against the model's parameters and the
     # settings the checkpoint names (every group must agree with the first).
-    checked = check(Layout(live, *_settings(meta), target="model", names=names), dict(sd))
+    k, mode, history_dtype = _settings(meta)
+    checked = check(Layout(live, k, mode, history_dtype, target="model", names=names), dict(sd))
+    fitted = {}
+    if weights is not None:
+        if mode != "uniform":
+            raise ValueError(
+                f"weights= needs a checkpoint of mode 'uniform'; source has mode={mode!r}, which "
+                "keeps no ring of snapshots to weight, only their running average"
+            )
+        weighting.check_length(weights, min(max(checked.pushes, default=0), k))
+        for g, group in enumerate(groups):
+            gen = group["lawa"]["generation"]
+            if gen is not None and checked.pushes[gen] > 0:
+                count = min(checked.pushes[gen], k)
+                fitted[g] = weighting.fit(weights, count, f"param group {g} of source")
     averages = {}
-    for group, saved in zip(live, groups):
+    for g, (group, saved) in enumerate(zip(live, groups)):
         gen = saved["lawa"]["generation"]
-        count = 0 if gen is None else checked.pushes[gen]
+        pushes = 0 if gen is None else checked.pushes[gen]
         for p in group["params"]:
-            if count > 0:
-                averages[id(p)] = _average(p, checked.tensors[id(p)], min(count, meta["k"]), meta["mode"])
+            if pushes > 0:
+                averages[id(p)] = _average(p, checked.tensors[id(p)], pushes, k, mode, fitted.get(g))
     if not averages:
         raise RuntimeError("export_average(): source holds no snapshot yet (saved before the first snapshot)")
     return averages
@@ -194,12 +254,20 @@ def _some(named: Mapping[str, Tensor]) -> str:
 
 
 @torch.no_grad()
-def _average(p: Tensor, saved: Mapping[str, Tensor], count: int, mode: str) -> Tensor:
-    """One parameter's average from its checked saved history, with the arithmetic of a
-    swap (``lawa_optim.ops``): the running sum (or, where a 0.1.0 checkpoint saved none,
-    the slots summed in slot order in the accumulation dtype) divided by the count,
-    rounded to the parameter's dtype."""
-    if mode == "ema":
+def _average(
+    p: Tensor, saved: Mapping[str, Tensor], pushes: int, k: int, mode: str, weights: tuple[float, ...] | None
+) -> Tensor:
+    """One parameter's average from its checked saved history after ``pushes`` pushes,
+    with the arithmetic of a swap (``lawa_optim.ops``): the weighted sum of the newest
+    slots with ``weights``, else the running sum (or, where a 0.1.0 checkpoint saved
+    none, the slots summed in slot order in the accumulation dtype) divided by the
+    count, rounded to the parameter's dtype."""
+    count = min(pushes, k)
+    if weights is not None:
+        history = saved["lawa_history"]
+        coefficients = torch.tensor(weights, dtype=accumulation_dtype(p.dtype), device=history.device)
+        avg = weighted_sum([history[(pushes - 1 - j) % k] for j in range(len(weights))], coefficients)
+    elif mode == "ema":
         avg = saved["lawa_ema"]
     else:
         total = saved.get("lawa_sum")

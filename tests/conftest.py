@@ -357,6 +357,23 @@ class Contract:
             out.append((acc / torch.full_like(acc, float(count))).to(self.pdtype))  # IEEE division
         return out
 
+    def weighted(self, weights: list[float]) -> list[torch.Tensor]:
+        """What ``swap_in`` with ``weights`` writes: the coefficients rounded to the
+        accumulation dtype, each product rounded, the products added newest first with
+        Neumaier's compensation, ``s + c`` cast to the parameter dtype."""
+        w = torch.tensor(weights, dtype=self.acc)
+        out = []
+        for i, t in enumerate(self.total):
+            s, c = torch.zeros_like(t), torch.zeros_like(t)
+            for j, snap in enumerate(reversed(self.snaps[-len(weights):])):
+                y = snap[i].to(self.acc) * w[j]
+                t_ = s + y
+                big = s.abs() >= y.abs()
+                c = c + torch.where(big, (s - t_) + y, (y - t_) + s)
+                s = t_
+            out.append((s + c).to(self.pdtype))
+        return out
+
     def window(self, last: int | None = None) -> list[torch.Tensor]:
         """The stored values an average is over, in float64: ``(count, *shape)`` each."""
         held = self.snaps[-min(self.n, self.k):]
@@ -432,7 +449,11 @@ def set_values(pair: tuple[Bucket, Bucket], seed: int, scale: float = 3.0) -> No
         b.copy_(r)
 
 
-def swap_in(b: Bucket, last: int | None) -> None:
-    """``ops.swap_in`` with a fresh backup, as the history allocates it."""
+def swap_in(b: Bucket, last: int | None, weights: list[float] | None = None) -> None:
+    """``ops.swap_in`` with a fresh backup, as the history allocates it (``weights``:
+    coefficients in the accumulation dtype on the bucket's device)."""
     b.backup = torch.empty(b.D, dtype=b.dtype, device=b.device)
-    ops.swap_in(b, last)
+    if weights is None:
+        ops.swap_in(b, last)
+    else:
+        ops.swap_in(b, None, torch.tensor(weights, dtype=b.total.dtype, device=b.device))

@@ -14,7 +14,9 @@ parameter, never from the bucket's ring or sum:
   and swaps must match it bit for bit;
 * float64 means of the stored values, which the running sum must meet within the
   guarantee of :mod:`lawa_optim.history` (1e-5 of the largest magnitude in the window)
-  and a swapped-in average within that plus one rounding to the parameter dtype.
+  and a swapped-in average within that plus one rounding to the parameter dtype; for a
+  weighted swap-in (``weights=``) the float64 weighted sum, within the same bound scaled
+  by the sum of the terms' magnitudes (the largest magnitude for uniform weights).
 
 The Triton interpreter pays per launch and per block, not per element, so each case is
 one bucket and a few dozen launches.
@@ -230,3 +232,55 @@ def test_ema_contract(runner, pdtype):
     ops.swap_back(b)
     for i, (p, o) in enumerate(zip(params, originals)):
         assert_same_bits(p, o, f"EMA swap_back: parameter {i}")
+
+
+#: Coefficient vectors of the weighted swap-in, newest first: uniform, a ramp, one
+#: snapshot, extrapolation (negative coefficients, BEMA-like), uneven float32 roundings.
+WEIGHTS = {
+    1: ([1.0],),
+    2: ([0.5, 0.5], [1.5, -0.5]),
+    4: ([0.4, 0.3, 0.2, 0.1], [0.7, 0.6, -0.2, -0.1], [0.25, 0.25, 0.25, 0.25], [1 / 3, 1 / 7, 0.0, 11 / 21]),
+}
+
+
+def check_weighted(b: Bucket, c: Contract, what: str) -> None:
+    """Every coefficient vector that fits the snapshots held: the contract's bits, the
+    float64 weighted sum within the bound, the backup exact, the history untouched, and
+    swap_back restoring the weights bit for bit."""
+    originals = [p.clone() for p in b.params]
+    history = [b.ring.clone(), b.total.clone()]
+    count = min(c.n, c.k)
+    for length, vectors in WEIGHTS.items():
+        if length > count:
+            continue
+        for weights in vectors:
+            at = f"{what}, swap_in(weights={weights})"
+            swap_in(b, None, weights)
+            w = torch.tensor(weights, dtype=c.acc).double()  # the coefficients the kernels get
+            for i, (p, want, win) in enumerate(zip(b.params, c.weighted(weights), c.window(length))):
+                assert_same_bits(p, want, f"{at}: parameter {i}")
+                terms = w.view(-1, *[1] * (win.dim() - 1)) * win.flip(0)  # newest first
+                assert_near(p, terms.sum(0), terms.abs().sum(0), f"{at}: parameter {i}", p.dtype)
+                assert_same_bits(b.view(b.backup, i), originals[i], f"{at}: backup of parameter {i}")
+            assert_same_bits(b.ring, history[0], f"{at}: the ring changed")
+            assert_same_bits(b.total, history[1], f"{at}: the sum changed")
+            ops.swap_back(b)
+            for i, (p, o) in enumerate(zip(b.params, originals)):
+                assert_same_bits(p, o, f"{at}, swap_back: parameter {i}")
+
+
+@pytest.mark.parametrize("pdtype,hdtype", PAIRS, ids=dtype_id)
+def test_weighted_contract(runner, pdtype, hdtype):
+    """k = 4: weighted swaps on a ring holding 1 and 2 snapshots, then on a ring that has
+    wrapped (7 pushes: the newest slot is in the middle of the ring), every coefficient
+    vector of :data:`WEIGHTS` that fits."""
+    skip_float64(runner, pdtype)
+    params = make_params(DEVICE, pdtype, seed=3)
+    b = Bucket(params, 4, "uniform", hdtype, "device", runner)
+    c = Contract(params, 4, hdtype)
+    for n in range(1, 8):
+        randomize(b.params, seed=100 + n)
+        ops.push(b)
+        c.push(b.params)
+        if n in (1, 2, 7):
+            check_weighted(b, c, f"after {n} pushes")
