@@ -279,6 +279,7 @@ def test_refusals_of_the_c_entry_points_write_nothing():
     before = state(b, params)
     lib = cpu_kernels.library()
     common = (table.data_ptr(), table.shape[0])
+    w = torch.full((4,), 0.25)
     calls = {
         "push with k=0": lib.lawa_cpu_push(*common, 0, 0, b.ring.data_ptr(), b.D, 0, 2, 3, b.total.data_ptr(), 1),
         "push with refresh_every=0": lib.lawa_cpu_push(*common, 0, 0, b.ring.data_ptr(), b.D, 3, 2, 0, b.total.data_ptr(), 1),
@@ -287,6 +288,11 @@ def test_refusals_of_the_c_entry_points_write_nothing():
         "last=0": lib.lawa_cpu_swap_in(*common, 0, 0, b.backup.data_ptr(), b.total.data_ptr(), b.ring.data_ptr(), b.D, 3, 2, 2, 0, 1),
         "last without a ring": lib.lawa_cpu_swap_in(*common, 0, 0, b.backup.data_ptr(), b.total.data_ptr(), None, b.D, 3, 2, 2, 1, 1),
         "swap-in mode 3": lib.lawa_cpu_swap_in(*common, 0, 0, b.backup.data_ptr(), b.total.data_ptr(), b.ring.data_ptr(), b.D, 3, 2, 3, 1, 1),
+        "3 weights after 2 pushes": lib.lawa_cpu_swap_weighted(*common, 0, 0, b.backup.data_ptr(), b.ring.data_ptr(), b.D, 3, 2, w.data_ptr(), 3, 1),
+        "4 weights with k=3": lib.lawa_cpu_swap_weighted(*common, 0, 0, b.backup.data_ptr(), b.ring.data_ptr(), b.D, 3, 5, w.data_ptr(), 4, 1),
+        "no weights": lib.lawa_cpu_swap_weighted(*common, 0, 0, b.backup.data_ptr(), b.ring.data_ptr(), b.D, 3, 2, w.data_ptr(), 0, 1),
+        "weights without a ring": lib.lawa_cpu_swap_weighted(*common, 0, 0, b.backup.data_ptr(), None, b.D, 3, 2, w.data_ptr(), 1, 1),
+        "weighted of dtype code 3": lib.lawa_cpu_swap_weighted(*common, 0, 3, b.backup.data_ptr(), b.ring.data_ptr(), b.D, 3, 2, w.data_ptr(), 1, 1),
         "EMA of dtype code -1": lib.lawa_cpu_ema(*common, -1, b.total.data_ptr(), 0, 0.9, 1, 1),
         "swap-back of dtype code 5": lib.lawa_cpu_swap_back(*common, 5, b.backup.data_ptr(), 1),
     }

@@ -89,6 +89,18 @@ def test_last_j_steps_through_the_ring_without_a_remainder(nvcc_build):
         assert len(re.findall(r"\brem\.[su]64\b", body)) == 1, f"sm_{arch} {name}"
 
 
+def test_weighted_swap_steps_through_the_ring_without_a_remainder_or_an_fma(nvcc_build):
+    """swap_in(weights=...) walks the ring newest first like last=j (one 64-bit % k), and
+    rounds every product before adding it, as the contract says."""
+    arch, _, ptx = nvcc_build
+    weighted = {n: b for n, b in ptx.items() if "SwapWeightedOp" in n}
+    assert len(weighted) == 9, sorted(ptx)
+    for name, body in weighted.items():
+        assert len(re.findall(r"\brem\.[su]64\b", body)) == 1, f"sm_{arch} {name}"
+        assert not re.search(r"\bfma\.", body), f"sm_{arch} {name}"
+        assert re.search(r"\bmul\.rn\.f32\b", body), f"sm_{arch} {name}"
+
+
 def test_sources_are_found():
     src = native.source_dir()
     assert (src / "bindings.cpp").is_file() and list(src.glob("*.cu"))
