@@ -43,9 +43,9 @@ def export_average(
             needed), or the path (``str`` or ``os.PathLike``) of a file that
             ``torch.save`` wrote holding such a state dict, either itself or under the
             key ``"optimizer"`` of a dict; it is read with ``torch.load(path,
-            weights_only=True, map_location="cpu")``, and a missing or unreadable file,
-            or one that holds neither, raises ``ValueError`` naming the path
-            (``FileNotFoundError`` for a missing one). Saved parameters are matched to
+            weights_only=True, map_location="cpu")``; a missing file raises
+            ``FileNotFoundError``, an unreadable one or one that holds neither
+            ``ValueError``, each naming the path. Saved parameters are matched to
             ``model``'s by name where the state dict carries torch's ``param_names``
             (optimizers built from ``model.named_parameters()``, and the Lightning and
             Hugging Face integrations of this package), otherwise by
@@ -174,7 +174,9 @@ def _from_state_dict(
                 f"weights= needs a checkpoint of mode 'uniform'; source has mode={mode!r}, which "
                 "keeps no ring of snapshots to weight, only their running average"
             )
-        weighting.check_length(weights, min(max(checked.pushes, default=0), k))
+        held = min(max(checked.pushes, default=0), k)
+        if held:  # none: refused below as a checkpoint without a snapshot
+            weighting.check_length(weights, held)
         for g, group in enumerate(groups):
             gen = group["lawa"]["generation"]
             if gen is not None and checked.pushes[gen] > 0:
