@@ -35,8 +35,8 @@ never branch on the backend. A backend module provides:
     fused multiply-add), ``s = t``. The error is at most about three roundings of
     ``sum_j |weights[j] * slot|`` whatever ``m`` (for ``last = j``'s uniform weights:
     of the largest magnitude, the bound of ``last = j``); a NaN or an infinity in a
-    weighted slot makes the result NaN. The coefficients are read on the device: a new vector needs
-    no recompilation and no host sync.
+    weighted slot makes the result NaN. The coefficients are read on the device: a new
+    vector needs no recompilation and no host sync.
 ``swap_back(bucket)``
     ``param = backup`` (exact).
 ``recompute(bucket)``
