@@ -237,6 +237,7 @@ def test_a_checkpoint_file_exports_what_the_live_lawa_does(tmp_path, layout, wei
 def test_a_file_that_is_not_a_lawa_checkpoint_is_refused_by_path(tmp_path):
     model, opt = make()
     snapshots(model, opt, 2)
+    before = fingerprint(opt, model=model)
     missing = tmp_path / "missing.pt"
     with pytest.raises(FileNotFoundError, match=f"no checkpoint file at {str(missing)!r}"):
         export_average(model, missing)
@@ -249,6 +250,7 @@ def test_a_file_that_is_not_a_lawa_checkpoint_is_refused_by_path(tmp_path):
         torch.save(content, path)
         with pytest.raises(ValueError, match=f"{str(path)!r} holds no LAWA state dict"):
             export_average(model, path)
+    assert_same(fingerprint(opt, model=model), before)
 
 
 def test_too_many_weights_for_a_checkpoint_are_refused(tmp_path):
