@@ -461,8 +461,9 @@ class History:
         out = {}
         for b, n in held:
             g = generation[b]
-            groups = [i for i, x in enumerate(self.group_generation) if x == g]
-            fitted = weighting.fit(weights, n, f"param group{'s' * (len(groups) > 1)} {', '.join(map(str, groups))}")
+            groups = [str(i) for i, x in enumerate(self.group_generation) if x == g]
+            where = f"param group{'s' * (len(groups) > 1)} {', '.join(groups)}"
+            fitted = weighting.fit(weights, n, where)
             out[b] = torch.tensor(fitted, dtype=b.total.dtype, device=b.device)
         return out
 
