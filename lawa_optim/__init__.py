@@ -6,15 +6,18 @@ statistics for the averaged weights; ``TWA`` trains the averaging coefficients i
 span of the stored snapshots; ``check_in_sync`` checks that DDP ranks snapshot and
 swap together; ``export_average`` returns the averaged weights as a fresh state dict,
 from a live ``LAWA`` or a checkpoint; ``profiles`` builds coefficients for ``weights=``
-(any weighting of the stored snapshots, chosen after training).
+(any weighting of the stored snapshots, chosen after training); ``history_bytes`` tells
+what a history will cost in memory before anything is allocated (``LAWA.memory()``
+what it holds).
 """
 
 from lawa_optim import profiles
 from lawa_optim.bn import update_bn
 from lawa_optim.distributed import check_in_sync
 from lawa_optim.export import export_average
+from lawa_optim.memory import Memory, history_bytes
 from lawa_optim.twa import TWA
 from lawa_optim.wrapper import LAWA
 
-__all__ = ["LAWA", "TWA", "check_in_sync", "export_average", "profiles", "update_bn"]
+__all__ = ["LAWA", "TWA", "Memory", "check_in_sync", "export_average", "history_bytes", "profiles", "update_bn"]
 __version__ = "0.2.0"

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from lawa_optim import compiled, ops, weighting
 from lawa_optim.distributed import is_sharded, local, reshard_fsdp
+from lawa_optim.memory import Memory
 from lawa_optim.offload import Offload
 
 #: Slice alignment in elements: 128 bytes for 2-byte dtypes, 256 for float32.
@@ -59,6 +60,17 @@ def is_dense(t: Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def layout(numels: Sequence[int]) -> tuple[list[int], int]:
+    """Offsets of parameters of ``numels`` elements in a flat buffer, each starting on a
+    multiple of ``ALIGN`` elements (an empty parameter still takes one block), and the
+    buffer's length ``D``."""
+    offsets, size = [], 0
+    for n in numels:
+        offsets.append(size)
+        size += -(-max(n, 1) // ALIGN) * ALIGN
+    return offsets, size
 
 
 def is_int(x: Any) -> bool:
@@ -101,12 +113,7 @@ class Bucket:
         self.dtype = self.params[0].dtype
         self.param_device = self.params[0].device
         self.numels = [p.numel() for p in self.params]
-        self.offsets = []
-        size = 0
-        for n in self.numels:
-            self.offsets.append(size)
-            size += -(-max(n, 1) // ALIGN) * ALIGN
-        self.D = size
+        self.offsets, self.D = layout(self.numels)
         self.device = history_device(self.param_device, storage)
         pin = storage == "pinned"
         self.pinned = pin
@@ -174,11 +181,15 @@ class Bucket:
         if self.offload is not None:
             self.offload.wait()
 
-    def nbytes(self) -> int:
-        """Bytes held by this bucket's buffers (ring, sum, counter, backup, staging)."""
-        bufs = [self.ring, self.total, self.pushes, self.backup]
-        staging = self.offload.nbytes() if self.offload is not None else 0
-        return staging + sum(b.numel() * b.element_size() for b in bufs if b is not None)
+    def memory(self) -> Memory:
+        """Bytes held by this bucket's buffers, by kind."""
+        return Memory(
+            parameters=sum(self.numels),
+            history=_nbytes(self.ring) + _nbytes(self.pushes),
+            sum=_nbytes(self.total),
+            staging=self.offload.nbytes() if self.offload is not None else 0,
+            backup=_nbytes(self.backup),
+        )
 
     def check_params(self) -> None:
         """Notice parameters whose storage was replaced (``p.data = ...``, ``module.to``).
@@ -219,6 +230,10 @@ class Bucket:
 
 
 _dtype_of = operator.attrgetter("dtype")
+
+
+def _nbytes(t: Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
 
 
 def _describe(p: Tensor) -> str:
@@ -520,5 +535,6 @@ class History:
             if b.offload is not None:
                 b.offload.before_step()
 
-    def nbytes(self) -> int:
-        return sum(b.nbytes() for b in self.buckets)
+    def memory(self) -> Memory:
+        """Bytes held by every bucket, by kind."""
+        return sum((b.memory() for b in self.buckets), Memory())

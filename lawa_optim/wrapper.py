@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 
 from lawa_optim import compiled, ops, weighting
 from lawa_optim.history import FLOAT_DTYPES, History, check_param, is_int, resolve_storage
+from lawa_optim.memory import Memory
 from lawa_optim.state import install, read_history, save_history, strip_lawa
 from lawa_optim.wrapping import WrappedOptimizer
 
@@ -185,10 +186,20 @@ class LAWA(WrappedOptimizer):
         names = dict.fromkeys(self._history.backend_names(self.param_groups))
         return "+".join(names)
 
+    def memory(self) -> Memory:
+        """Bytes the history holds now, by buffer (history, sum, scales, staging, backup),
+        and per parameter element; ``str()`` of it is one line. Nothing is held before the
+        first :meth:`step` or :meth:`snapshot`: :func:`lawa_optim.history_bytes` tells the
+        cost before anything is allocated."""
+        held = self._history.memory()
+        built = {id(p) for b in self._history.buckets for p in b.sources}
+        pending = [p for g in self.param_groups for p in g["params"] if id(p) not in built]
+        return held + Memory(parameters=sum(p.numel() for p in {id(p): p for p in pending}.values()))
+
     def __repr__(self) -> str:
         return self._repr(
             f"LAWA(k={self.k}, mode={self.mode!r}, every={self.every}, start={self.start}, "
-            f"steps={self.steps}, swapped={self.is_swapped})"
+            f"steps={self.steps}, swapped={self.is_swapped}) memory: {self.memory()}"
         )
 
     # -- training ---------------------------------------------------------------

@@ -406,3 +406,35 @@ def test_pytest_benchmark_suite_collects_and_runs():
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert " passed" in done.stdout
+
+
+def test_memory_benchmark_measures_what_memory_reports():
+    """The resident memory a method adds, measured in a fresh process, matches
+    ``LAWA.memory()``, and a peer holds what it must (a float32 copy of the model)."""
+    import concurrent.futures
+    import multiprocessing
+
+    from benchmarks import memory
+
+    methods = ["LAWA k, float32 history", "swa_utils.AveragedModel (EMA)"]
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        lawa, peer = (pool.submit(memory.measure, m, "resnet50", 2).result() for m in methods)
+    n = lawa["parameters"]
+    # a few MB of first-use allocations (the optimizer, the kernels' library) aside
+    assert lawa["held_bytes"] == pytest.approx(lawa["memory_total"], rel=0.01, abs=8e6)
+    assert lawa["memory_total"] > 3 * 4 * n  # 2 float32 slots and a float32 sum
+    assert lawa["swap_peak_bytes"] == pytest.approx(4 * n, rel=0.05)  # the backup
+    assert peer["held_bytes"] == pytest.approx(4 * n, rel=0.05) and "swap_peak_bytes" not in peer
+
+
+def test_memory_benchmark_refuses_bad_arguments(capsys):
+    from benchmarks import memory
+
+    for argv, word in ((["--k", "0"], "--k"), (["--model", "nosuch"], "--model"),
+                       (["--out", "/nonexistent/dir/m.json"], "--out")):
+        with pytest.raises(SystemExit) as exc:
+            memory.main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert word in err[-1] and err[0].startswith("usage: python -m benchmarks.memory")

@@ -1,5 +1,5 @@
-"""The flat history: layout, memory, parameter changes (the running sum's bound is in
-test_guarantee.py)."""
+"""The flat history: layout and parameter changes (memory is in test_memory.py, the
+running sum's bound in test_guarantee.py)."""
 
 import pytest
 import torch
@@ -8,33 +8,6 @@ from conftest import DEVICE, assert_same, fingerprint
 
 from lawa_optim import LAWA, ops
 from lawa_optim.history import ALIGN, Bucket, is_dense
-
-
-@pytest.mark.parametrize("hdtype", [None, torch.bfloat16])
-def test_memory_is_k_slots_plus_one_fp32_sum(hdtype):
-    model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Linear(20, 3))
-    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1), k=6, history_dtype=hdtype)
-    assert opt._history.nbytes() == 0  # nothing before the first step or snapshot
-    opt.snapshot()
-    D = sum(-(-p.numel() // ALIGN) * ALIGN for p in model.parameters())
-    slot_bytes = (hdtype or torch.float32).itemsize
-    counter = 8
-    assert opt._history.nbytes() == 6 * D * slot_bytes + 4 * D + counter
-    for _ in range(20):
-        opt.snapshot()  # no allocation per snapshot
-    assert opt._history.nbytes() == 6 * D * slot_bytes + 4 * D + counter
-    opt.swap_to_average()
-    assert opt._history.nbytes() == 6 * D * slot_bytes + 4 * D + counter + 4 * D  # the backup
-    opt.swap_back()
-    assert opt._history.nbytes() == 6 * D * slot_bytes + 4 * D + counter
-
-
-def test_ema_keeps_no_ring():
-    p = torch.nn.Parameter(torch.randn(100))
-    opt = LAWA(torch.optim.SGD([p], lr=0.1), mode="ema")
-    opt.snapshot()
-    D = 2 * ALIGN
-    assert opt._history.nbytes() == 4 * D + 8
 
 
 def test_layout_aligns_every_parameter():
