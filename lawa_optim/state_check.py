@@ -9,8 +9,8 @@ before the optimizer changes. What is refused:
   every group holding ``k``, ``mode``, ``history_dtype`` (equal to this LAWA's),
   ``steps``, ``pushes``, ``generation`` and ``swapped``; ``decay``, ``every``,
   ``start`` and ``recompute_every`` are saved for reference only, never loaded;
-* counters: ``steps`` and ``pushes`` Python ints (not bools) in ``[0, 2**63 - 1]``
-  (``pushes`` is an int64 on the device), ``steps`` and ``swapped`` (a bool) the same
+* counters: ``steps`` and ``pushes`` Python ints (not bools) in ``[0, 2**62]``
+  (:data:`MAX_COUNT`), ``steps`` and ``swapped`` (a bool) the same
   in every group. ``pushes`` must be what a run can reach: equal within a generation,
   0 for groups not built and for generations without parameters, never larger in a
   later generation than in an earlier one (every snapshot pushes every generation, and
@@ -18,11 +18,18 @@ before the optimizer changes. What is refused:
   ``pushes`` bound each other in no way: explicit snapshots need no step;
 * generations: ``None`` (not built) or ints, the built groups first, numbered from 0
   without gaps;
+* state ids: hashable, and one id at two places of ``param_groups`` only where the live
+  parameters there are one parameter (:func:`same_parameter`: torch saves a parameter
+  listed twice under one id);
 * tensors: exactly the keys the mode saves (``lawa_backup`` exactly where a swap
   changed the weights; ``lawa_sum`` for every parameter or for none), each a dense
   (strided), non-meta tensor of exactly the dtype the history holds (history: the
   history dtype; sum and EMA: the accumulation dtype; backup: the parameter's dtype;
-  nothing is cast) and of the parameter's shape (with ``k`` in front for the history).
+  nothing is cast) and of the parameter's shape (with ``k`` in front for the history);
+  no other ``lawa_*`` key.
+
+Parameter names (torch's ``param_names``) are matched by :func:`match_names` before.
+The wrapped optimizer's part is checked by :mod:`lawa_optim.optimizer_check`.
 """
 
 from __future__ import annotations
@@ -43,7 +50,11 @@ if TYPE_CHECKING:
 #: The per-parameter keys of the history in ``state[i]``.
 KEYS = ("lawa_history", "lawa_sum", "lawa_ema", "lawa_backup")
 _REQUIRED = ("k", "mode", "history_dtype", "steps", "pushes", "generation", "swapped")
-_INT64_MAX = 2**63 - 1
+#: The largest snapshot count (``pushes``), step count and ``recompute_every`` accepted.
+#: No run reaches it (2**62 snapshots), and below it nothing the kernels compute from these
+#: in int64 (``pushes + 1``, ``(n + 1) % recompute_every``, slot ``n % k``) overflows; Triton
+#: passes a value of at most 2**63 - 1 as an int64 and the C and CUDA kernels take int64.
+MAX_COUNT = 2**62
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,56 @@ def check(opt: Layout, sd: Any) -> Checked:
     return Checked(steps, swapped, pushes, ends, tensors, has_sum=sums == {True})
 
 
+def match_names(param_groups: Sequence[dict], sd: Any) -> Any:
+    """``sd`` with its parameters matched to ``param_groups`` by torch's ``param_names``.
+
+    Where a saved param group and the live one both have names, the same names in the
+    same order load as they are; the same names in another order (none twice) load by
+    name: the saved group's ids are put in the live order. Any other difference raises
+    ``ValueError`` naming the first position whose names differ. Where the live group has
+    no names the saved ones are dropped, so loading never names an optimizer (torch's
+    loader would take them on). ``sd`` is not changed; a dict whose structure does not fit
+    is returned as it is, for :func:`check` to refuse.
+    """
+    groups = sd.get("param_groups") if isinstance(sd, dict) else None
+    if not isinstance(groups, list) or len(groups) != len(param_groups):
+        return sd
+    out = []
+    for g, (group, live) in enumerate(zip(groups, param_groups)):
+        if not isinstance(group, dict) or "param_names" not in group:
+            out.append(group)
+            continue
+        group = dict(group)
+        names = group.pop("param_names")
+        if "param_names" not in live:
+            out.append(group)
+            continue
+        ids, own = group.get("params"), live["param_names"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"param group {g} of the state_dict: param_names must be a list of str, got {shown(names)}")
+        if not isinstance(ids, list) or len(ids) != len(names):
+            raise ValueError(
+                f"param group {g} of the state_dict has {len(names)} param_names for "
+                f"{len(ids) if isinstance(ids, list) else shown(ids)} params"
+            )
+        if len(names) != len(own):
+            out.append(group)  # check() names the count
+            continue
+        if names != own:
+            if sorted(names) != sorted(own) or len(set(own)) != len(own):
+                i = next(i for i, (a, b) in enumerate(zip(names, own)) if a != b)
+                raise ValueError(
+                    f"parameter {i} of param group {g} is named {names[i]!r} in the state_dict and "
+                    f"{own[i]!r} in this optimizer: the state_dict holds other parameters (a param "
+                    "group with the same names in another order is loaded by name)"
+                )
+            where = {n: j for j, n in enumerate(names)}
+            group["params"] = [ids[where[n]] for n in own]
+        group["param_names"] = list(own)
+        out.append(group)
+    return {**sd, "param_groups": out}
+
+
 def _groups(opt: Layout, sd: Any) -> list[dict]:
     groups = sd.get("param_groups") if isinstance(sd, dict) else None
     if not isinstance(groups, list) or not isinstance(sd.get("state"), dict):
@@ -142,7 +203,41 @@ def _groups(opt: Layout, sd: Any) -> list[dict]:
                 f"param group {g} of the state_dict has {len(group['params'])} parameters, "
                 f"this optimizer's has {len(live['params'])}"
             )
+    _check_ids(opt, groups)
     return groups
+
+
+def same_parameter(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are one parameter: the same tensor, or the same elements of
+    the same memory (address, dtype, shape and stride), as torch lists one parameter twice."""
+    if a is b:
+        return True
+    a, b = local(a), local(b)
+    return (a.device, a.data_ptr(), a.dtype, a.shape, a.stride()) == (b.device, b.data_ptr(), b.dtype, b.shape, b.stride())
+
+
+def _check_ids(opt: Layout, groups: list[dict]) -> None:
+    """Every state id hashable, and one id at two places only for one parameter."""
+    first: dict[Any, tuple[int, int]] = {}
+    for g, (group, live) in enumerate(zip(groups, opt.param_groups)):
+        for i, pid in enumerate(group["params"]):
+            try:
+                hash(pid)
+            except TypeError:
+                raise ValueError(
+                    f"param group {g} of the state_dict: params[{i}] is {pid!r:.80}, which is not a "
+                    "state id (ids are hashable, ints as state_dict() saves them)"
+                ) from None
+            if pid not in first:
+                first[pid] = (g, i)
+                continue
+            g0, i0 = first[pid]
+            if not same_parameter(opt.param_groups[g0]["params"][i0], live["params"][i]):
+                raise ValueError(
+                    f"the state_dict gives parameter {i0} of param group {g0} and parameter {i} of "
+                    f"param group {g} one state id ({pid!r}), but they are two parameters of "
+                    f"{opt.target}: a saved parameter's state can belong to one parameter only"
+                )
 
 
 def _metas(opt: Layout, groups: list[dict]) -> list[dict]:
@@ -170,8 +265,8 @@ def _metas(opt: Layout, groups: list[dict]) -> list[dict]:
 
 def _counter(m: dict, key: str, g: int) -> int:
     value = m[key]
-    if not is_int(value) or not 0 <= value <= _INT64_MAX:
-        raise ValueError(f"param group {g}: lawa {key!r} must be an int in [0, 2**63 - 1], got {shown(value)}")
+    if not is_int(value) or not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"param group {g}: lawa {key!r} must be an int in [0, 2**62], got {shown(value)}")
     return value
 
 
@@ -231,6 +326,12 @@ def _param_tensors(
     opt: Layout, p: Tensor, entry: dict, where: str, gen: int | None, backed_up: bool
 ) -> dict[str, Tensor]:
     """The checked local tensors of one parameter's history in ``entry``."""
+    unknown = [key for key in entry if isinstance(key, str) and key.startswith("lawa_") and key not in KEYS]
+    if unknown:
+        raise ValueError(
+            f"{where}: the state_dict holds {unknown[0]!r}, which LAWA does not save "
+            f"(its keys: {', '.join(KEYS)}); it would land in the wrapped optimizer's state"
+        )
     present = [key for key in KEYS if key in entry]
     if gen is None:
         if present:

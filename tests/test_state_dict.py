@@ -10,6 +10,7 @@ from torch import nn
 
 from lawa_optim import LAWA
 from lawa_optim.history import History
+from lawa_optim.state_check import MAX_COUNT
 
 
 def make(device, seed, backend="torch", **kwargs):
@@ -155,13 +156,14 @@ def test_checkpoint_without_running_sum_resumes_exactly():
 
 
 # -- loads are exact, independent copies ----------------------------------------------------
-def make_groups(seed, **kwargs):
-    """Two param groups over two buckets (float32 weights and a bfloat16 scale)."""
+def make_groups(seed, inner=torch.optim.Adam, **kwargs):
+    """Two param groups over two buckets (float32 weights and a bfloat16 scale), in an
+    ``inner`` optimizer (Adam) wrapped in a LAWA built with ``kwargs``."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 2))
     scale = nn.Parameter(torch.randn(2).to(torch.bfloat16))
     groups = [{"params": list(model[0].parameters())}, {"params": [*model[2].parameters(), scale], "lr": 1e-3}]
-    return model, scale, LAWA(torch.optim.Adam(groups, lr=1e-2), **kwargs)
+    return model, scale, LAWA(inner(groups, lr=1e-2), **kwargs)
 
 
 def train(model, scale, opt, epochs):
@@ -252,11 +254,13 @@ def plain_optimizer(sd):
             del e[key]
 
 
-BAD_COUNTERS = [None, "5", -1, 5.0, True, 10**30, 2**63]
+#: The counters' bound is lawa_optim.state_check.MAX_COUNT = 2**62 (accepted: see
+#: test_counters_at_the_bound_load_and_push).
+BAD_COUNTERS = [None, "5", -1, 5.0, True, 10**30, 2**62 + 1, 2**63 - 1, 2**63, 2**64 + 1]
 REFUSED = [
     *[
         pytest.param("uniform", False, lawa(name, bad),
-                     rf"param group 0: lawa '{name}' must be an int in \[0, 2\*\*63 - 1\], got {bad!r}",
+                     rf"param group 0: lawa '{name}' must be an int in \[0, 2\*\*62\], got {bad!r}",
                      id=f"{name}={bad!r}")
         for name in ("pushes", "steps") for bad in BAD_COUNTERS
     ],
@@ -512,3 +516,192 @@ def test_empty_first_generation_round_trips():
     assert opt2.num_snapshots == 2
     with opt2.averaged():
         assert torch.equal(q.detach(), torch.full((3,), 1.5))
+
+
+# -- the wrapped optimizer's part -----------------------------------------------------------
+def sgd_momentum(groups, lr):
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+
+
+def sgd_dict(adam_hyperparameters):
+    """Replace the dict by one of the same layout saved from LAWA(SGD(momentum=0.9));
+    with ``adam_hyperparameters`` its param groups also get Adam's."""
+    def edit(sd):
+        model, scale, opt = make_groups(0, inner=sgd_momentum, k=3)
+        train(model, scale, opt, range(5))
+        other = roundtrip(opt.state_dict())
+        if adam_hyperparameters:
+            for group, adam in zip(other["param_groups"], sd["param_groups"]):
+                group.update({key: value for key, value in adam.items() if key not in group})
+        sd.clear()
+        sd.update(other)
+    return edit
+
+
+def set_param_id(g, i, pid):
+    return lambda sd: sd["param_groups"][g]["params"].__setitem__(i, pid)
+
+
+WRAPPED_REFUSED = {
+    "sgd-into-adam": (sgd_dict(False), "param group 0 of the state_dict lacks 'betas', a hyperparameter of Adam"),
+    "sgd-state-into-adam": (sgd_dict(True), r"state\[0\] holds the keys \['momentum_buffer'\], but Adam saves "
+                            r"\['exp_avg', 'exp_avg_sq', 'step'\] for parameter 0 of param group 0"),
+    "lr-missing": (lambda sd: sd["param_groups"][1].pop("lr"), "param group 1 of the state_dict lacks 'lr'"),
+    "lr-str": (lambda sd: sd["param_groups"][0].update(lr="0.01"),
+               "param group 0 of the state_dict: Adam cannot step with its hyperparameters"),
+    "amsgrad-without-its-state": (lambda sd: sd["param_groups"][0].update(amsgrad=True),
+                                  r"Adam saves \['exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', 'step'\]"),
+    "exp-avg-shape": (entry("exp_avg", lambda t: t.flatten()),
+                      r"state\[0\]\['exp_avg'\] has shape \(35,\) but parameter 0 of param group 0 has shape \(7, 5\)"),
+    "exp-avg-shape-bias": (entry("exp_avg", lambda t: t[:1], pids=(3,)),
+                           r"state\[3\]\['exp_avg'\] has shape \(1,\) but parameter 1 of param group 1 has shape \(2,\)"),
+    "exp-avg-float64": (entry("exp_avg", lambda t: t.double()),
+                        r"state\[0\]\['exp_avg'\] has dtype torch.float64, Adam holds torch.float32"),
+    "exp-avg-float32-for-bfloat16": (entry("exp_avg_sq", lambda t: t.float(), pids=(4,)),
+                                     r"state\[4\]\['exp_avg_sq'\] has dtype torch.float32, Adam holds torch.bfloat16"),
+    "exp-avg-meta": (entry("exp_avg", lambda t: t.to("meta")), r"state\[0\]\['exp_avg'\] is on the meta device"),
+    "step-meta": (entry("step", lambda t: t.to("meta"), pids=(2,)), r"state\[2\]\['step'\] is on the meta device"),
+    "step-shape": (entry("step", lambda t: t.expand(3)), r"state\[0\]\['step'\] has shape \(3,\), Adam holds \(\)"),
+    "step-str": (entry("step", lambda t: "15"), r"state\[0\]\['step'\] must be a tensor, got '15'"),
+    "exp-avg-sq-missing": (entry("exp_avg_sq", None), r"state\[0\] holds the keys \['exp_avg', 'step'\], but Adam saves"),
+    "momentum-extra": (entry("momentum_buffer", lambda _: torch.zeros(7, 5)),
+                       r"state\[0\] holds the keys \['exp_avg', 'exp_avg_sq', 'momentum_buffer', 'step'\]"),
+    "lawa-extra": (entry("lawa_extra", lambda _: torch.zeros(1), pids=(2,)),
+                   "parameter 0 of param group 1: the state_dict holds 'lawa_extra', which LAWA does not save"),
+    "one-id-for-two": (set_param_id(0, 1, 0), r"gives parameter 0 of param group 0 and parameter 1 of param group 0 "
+                       r"one state id \(0\), but they are two parameters"),
+    "one-id-across-groups": (set_param_id(1, 1, 2), r"gives parameter 0 of param group 1 and parameter 1 of "
+                             r"param group 1 one state id \(2\)"),
+    "unhashable-id": (set_param_id(1, 2, [4]), r"param group 1 of the state_dict: params\[2\] is \[4\], which is not a state id"),
+}
+
+
+@pytest.mark.parametrize("target", ["fresh", "trained"])
+@pytest.mark.parametrize("case", WRAPPED_REFUSED)
+def test_wrapped_optimizers_part_is_checked_before_anything_changes(case, target):
+    """Against what Adam saves: learned from a probe where the live Adam has no state yet
+    (``fresh``: nothing built, nothing stepped), the same where it has (``trained``)."""
+    edit, match = WRAPPED_REFUSED[case]
+    sd = saved_dict("uniform", False)
+    edit(sd)
+    opt = loaded_target("uniform") if target == "trained" else make_groups(1, k=3)[2]
+    before = fingerprint(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert_same(before, fingerprint(opt))
+
+
+@pytest.mark.parametrize("value", [None, "sd.pt", 3, 2.5, [("state", {})]], ids=repr)
+def test_a_state_dict_that_is_no_dict_is_refused_naming_it(value):
+    opt = loaded_target("uniform")
+    before = fingerprint(opt)
+    with pytest.raises(TypeError, match=rf"state_dict must be a dict saved by LAWA.state_dict\(\), got {type(value).__name__}"):
+        opt.load_state_dict(value)
+    assert_same(before, fingerprint(opt))
+
+
+def test_wrapped_optimizers_parts_that_torch_loads_are_loaded():
+    """No false refusals: a step saved as a number (old torch versions), group keys that
+    Adam's own loader fills in (saved before torch had them), a key Adam does not use (an
+    LR scheduler's ``initial_lr``), and a dict saved with ``amsgrad=True``, whose state
+    keys the probe learns from the saved hyperparameters."""
+    sd = saved_dict("uniform", False)
+    for pid, state in sd["state"].items():
+        state["step"] = float(state["step"])
+    for group in sd["param_groups"]:
+        del group["decoupled_weight_decay"], group["maximize"]
+        group["initial_lr"] = 0.5
+    opt = loaded_target("uniform")
+    opt.load_state_dict(sd)
+    for p in opt.state:
+        assert torch.equal(opt.state[p]["step"], torch.tensor(15.0))
+    assert [(g["initial_lr"], g["decoupled_weight_decay"], g["maximize"]) for g in opt.param_groups] == [(0.5, False, False)] * 2
+
+    model, scale, amsgrad = make_groups(0, inner=lambda groups, lr: torch.optim.Adam(groups, lr=lr, amsgrad=True), k=3)
+    train(model, scale, amsgrad, range(2))
+    opt = loaded_target("uniform")
+    opt.load_state_dict(roundtrip(amsgrad.state_dict()))
+    assert all("max_exp_avg_sq" in s for s in opt.state.values()) and len(opt.state) == 5
+
+
+class Scaled(torch.optim.SGD):
+    """An optimizer outside torch.optim whose constructor needs an argument of its own."""
+
+    def __init__(self, params, scale, lr=0.1):
+        super().__init__(params, lr=lr * scale, momentum=0.9)
+
+
+def test_optimizer_that_cannot_be_probed_is_checked_against_its_live_state():
+    def scaled(groups, lr):
+        return Scaled(groups, 2.0, lr)
+
+    model, scale, opt = make_groups(0, inner=scaled, k=3)
+    train(model, scale, opt, range(3))
+    saved = roundtrip(opt.state_dict())
+    fresh = make_groups(1, inner=scaled, k=3)[2]
+    trained = make_groups(1, inner=scaled, k=3)
+    train(*trained, range(1))
+    for target, edit, match in [
+        (fresh, entry("momentum_buffer", lambda t: t.to("meta")), r"state\[0\]\['momentum_buffer'\] is on the meta device"),
+        (trained[2], entry("momentum_buffer", lambda t: t.flatten()),
+         r"state\[0\]\['momentum_buffer'\] has shape \(35,\) but parameter 0 of param group 0 has shape \(7, 5\)"),
+        (trained[2], entry("exp_avg", lambda t: torch.zeros(7, 5)), r"state\[0\] holds the keys \['exp_avg', 'momentum_buffer'\]"),
+    ]:
+        sd = copy.deepcopy(saved)
+        edit(sd)
+        before = fingerprint(target)
+        with pytest.raises(ValueError, match=match):
+            target.load_state_dict(sd)
+        assert_same(before, fingerprint(target))
+    for target in (fresh, trained[2]):
+        target.load_state_dict(copy.deepcopy(saved))
+        assert torch.equal(target.state[target.param_groups[0]["params"][0]]["momentum_buffer"], saved["state"][0]["momentum_buffer"])
+
+
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
+@pytest.mark.parametrize("twin", ["same-tensor", "same-memory"])
+def test_one_state_id_for_one_parameter_listed_twice_is_loaded(twin):
+    """torch saves a parameter listed twice under one id: such a dict loads where the two
+    places hold one parameter (the same tensor, or the same elements of the same memory)."""
+    p = nn.Parameter(torch.arange(4.0))
+    opt = LAWA(torch.optim.SGD([p, p], lr=0.1, momentum=0.9), k=2)
+    p.grad = torch.ones(4)
+    opt.step()
+    opt.snapshot()
+    sd = roundtrip(opt.state_dict())
+    (pid, again) = sd["param_groups"][0]["params"]
+    assert pid == again
+    q = nn.Parameter(torch.zeros(4))
+    twins = [q, q] if twin == "same-tensor" else [q, nn.Parameter(q.data)]
+    opt2 = LAWA(torch.optim.SGD(twins, lr=0.1, momentum=0.9), k=2)
+    opt2.load_state_dict(sd)
+    assert opt2.num_snapshots == 1
+    # torch's loader gives the state to the last place that names the id
+    assert torch.equal(opt2.state[twins[-1]]["momentum_buffer"], sd["state"][pid]["momentum_buffer"])
+    reread = opt2.state_dict()
+    for i in reread["param_groups"][0]["params"]:
+        assert torch.equal(reread["state"][i]["lawa_history"], sd["state"][pid]["lawa_history"])
+
+
+def test_counters_at_the_bound_load_and_push(runner):
+    """``pushes``, ``steps`` and ``recompute_every`` at 2**62 (MAX_COUNT) are accepted, and
+    the next snapshot writes slot 2**62 % 3 = 1 with no refresh ((2**62 + 1) % 2**62 != 0):
+    the average is the mean of the saved window with that slot replaced."""
+    sd = saved_dict("uniform", False)
+    for group in sd["param_groups"]:
+        group["lawa"].update(pushes=MAX_COUNT, steps=MAX_COUNT)
+    model, scale, opt = make_groups(1, k=3, backend=runner, recompute_every=MAX_COUNT)
+    opt.load_state_dict(sd)
+    assert opt.steps == MAX_COUNT and opt.num_snapshots == 3
+    params = [p for g in opt.param_groups for p in g["params"]]
+    expected = []
+    for i, p in enumerate(params):
+        window = sd["state"][i]["lawa_history"].double().clone()
+        window[MAX_COUNT % 3] = p.detach().to(window.dtype).double()
+        expected.append(window.mean(0))
+    assert opt.snapshot()
+    assert [int(b.pushes) for b in opt._history.buckets] == [MAX_COUNT + 1] * 2
+    with opt.averaged():
+        for p, want in zip(params, expected):
+            tol = 1e-6 if p.dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(p.detach().double(), want, rtol=tol, atol=tol)
