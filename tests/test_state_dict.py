@@ -8,7 +8,7 @@ import torch
 from conftest import Gate, assert_same, empty_first_group, fingerprint, offloaded, roundtrip
 from torch import nn
 
-from lawa_optim import LAWA
+from lawa_optim import LAWA, export_average
 from lawa_optim.history import History
 from lawa_optim.state_check import MAX_COUNT
 
@@ -705,3 +705,180 @@ def test_counters_at_the_bound_load_and_push(runner):
         for p, want in zip(params, expected):
             tol = 1e-6 if p.dtype == torch.float32 else 1e-2
             torch.testing.assert_close(p.detach().double(), want, rtol=tol, atol=tol)
+
+
+# -- parameter names -------------------------------------------------------------------------
+NAMES = ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+def named(seed, order=NAMES, names=True):
+    """Two layers of the same shapes, so that only names tell their parameters apart; an
+    Adam over them in ``order``, built from (name, parameter) pairs or (``names=False``)
+    from the bare parameters."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    own = dict(model.named_parameters())
+    params = [(n, own[n]) for n in order] if names else [own[n] for n in order]
+    return model, LAWA(torch.optim.Adam(params, lr=1e-2), k=3)
+
+
+def run(model, opt, epochs):
+    for e in epochs:
+        g = torch.Generator().manual_seed(e)
+        for _ in range(2):
+            model(torch.randn(8, 4, generator=g)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        opt.snapshot()
+
+
+def test_names_in_another_order_load_by_name():
+    """The live optimizer lists the second layer first: every parameter gets the history
+    and the Adam state saved under its name, its names stay its own, the two ways of
+    exporting agree with the saving run's average, and both runs go on alike."""
+    model, opt = named(0)
+    run(model, opt, range(4))
+    saved = roundtrip(opt.state_dict())
+    order = ["2.weight", "2.bias", "0.weight", "0.bias"]
+    model2, opt2 = named(1, order)
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(saved)
+    assert opt2.param_groups[0]["param_names"] == order
+    expected = export_average(model, opt)
+    assert_same(export_average(model2, opt2), expected)
+    assert_same(export_average(model2, opt2.state_dict()), expected)
+    own, own2 = dict(model.named_parameters()), dict(model2.named_parameters())
+    for name in NAMES:
+        assert_same(opt2.state[own2[name]], opt.state[own[name]], name)
+    run(model, opt, range(4, 6))
+    run(model2, opt2, range(4, 6))
+    assert_same(export_average(model2, opt2), export_average(model, opt))
+
+
+@pytest.mark.parametrize("rename,match", [
+    ({2: "head.weight"}, "parameter 2 of param group 0 is named 'head.weight' in the state_dict and '2.weight' in this optimizer"),
+    ({0: "0.bias"}, "parameter 0 of param group 0 is named '0.bias' in the state_dict and '0.weight'"),
+], ids=["other-name", "a-name-twice"])
+def test_other_names_are_refused_naming_the_first(rename, match):
+    model, opt = named(0)
+    run(model, opt, range(2))
+    sd = roundtrip(opt.state_dict())
+    for i, name in rename.items():
+        sd["param_groups"][0]["param_names"][i] = name
+    model2, opt2 = named(1)
+    run(model2, opt2, range(1))
+    before = fingerprint(opt2)
+    with pytest.raises(ValueError, match=match):
+        opt2.load_state_dict(sd)
+    assert_same(before, fingerprint(opt2))
+
+
+def test_named_dict_leaves_an_unnamed_optimizer_unnamed():
+    """By position, and the optimizer keeps no names: its state dicts carry none, and it
+    still takes a param group without names (torch refuses one in a named optimizer)."""
+    model, opt = named(0)
+    run(model, opt, range(4))
+    saved = roundtrip(opt.state_dict())
+    model2, opt2 = named(1, names=False)
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(saved)
+    assert not any("param_names" in g for g in opt2.param_groups)
+    assert not any("param_names" in g for g in opt2.state_dict()["param_groups"])
+    assert_same(export_average(model2, opt2), export_average(model, opt))
+    opt2.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+
+
+# -- resuming right after loading -----------------------------------------------------------
+def weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_mean(model, opt, window):
+    """Inside ``opt.averaged()`` the model holds the mean of ``window`` (lists of weights),
+    computed here in float64."""
+    with opt.averaged():
+        for i, p in enumerate(model.parameters()):
+            want = torch.stack([w[i].double() for w in window]).mean(0)
+            torch.testing.assert_close(p.detach().double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_checkpoint_without_running_sum_swaps_and_pushes_right_after_loading(backend, device):
+    """A 0.1.0 checkpoint (no lawa_sum) after 4 snapshots with k=3: the next push (n = 4) is
+    no refresh, so nothing but the load rebuilds the sum. Right after loading the average
+    is the mean of the last 3 snapshots, and after one more snapshot of the 3 newest."""
+    model, opt = make(device, 0, backend, k=3)
+    snaps = []
+    for e in range(4):
+        epoch(model, opt, e)
+        snaps.append(weights(model))
+    saved = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    for state in saved["opt"]["state"].values():
+        del state["lawa_sum"]
+    model2, opt2 = make(device, 1, backend, k=3)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    assert (4 + 1) % 3 != 0
+    assert_mean(model2, opt2, snaps[1:4])
+    epoch(model2, opt2, 4)
+    snaps.append(weights(model2))
+    assert_mean(model2, opt2, snaps[2:5])
+
+
+@pytest.mark.parametrize("built", [False, True], ids=["group-not-built", "group-built"])
+def test_saved_while_swapped_with_a_group_without_snapshot(built):
+    """A group added after the last snapshot (built by a step, or not built yet) holds no
+    snapshot, so the swap left it as it was and saved no backup for it. The resumed run
+    swaps back to the training weights, the new group unchanged, and goes on like the run
+    that never stopped."""
+    model, opt = make("cpu", 0, k=3)
+    for e in range(4):
+        epoch(model, opt, e)
+    extra = nn.Parameter(torch.full((3,), 5.0))
+    opt.add_param_group({"params": [extra], "lr": 0.0})
+    if built:
+        opt.step()  # no gradients: changes no weight, builds the group's history
+    training = weights(model)
+    opt.swap_to_average()
+    saved = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    assert [g["lawa"]["generation"] for g in saved["opt"]["param_groups"]] == [0, 1 if built else None]
+    assert "lawa_backup" in saved["opt"]["state"][0] and "lawa_backup" not in saved["opt"]["state"].get(4, {})
+
+    model2, opt2 = make("cpu", 1, k=3)
+    extra2 = nn.Parameter(torch.full((3,), 5.0))
+    opt2.add_param_group({"params": [extra2], "lr": 0.0})
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.is_swapped
+    opt2.swap_back()
+    opt.swap_back()
+    assert_same(weights(model2), training)
+    assert torch.equal(extra2.detach(), torch.full((3,), 5.0))
+    for o, m, x in ((opt, model, extra), (opt2, model2, extra2)):
+        epoch(m, o, 4)
+        x.data.fill_(7.0)
+        o.snapshot()
+    assert opt2._history.counts() == opt._history.counts() == [3, 2]
+    with opt.averaged(), opt2.averaged():
+        assert_same(weights(model2), weights(model))
+        assert torch.equal(extra2.detach(), torch.full((3,), 6.0))
+    assert_same(fingerprint(opt2)["buffers"], fingerprint(opt)["buffers"])
+
+
+@pytest.mark.parametrize("epochs,started", [(5, True), (2, False)], ids=["after-start", "before-start"])
+def test_snapshot_right_after_loading_follows_start(epochs, started):
+    """start=9: a dict saved after 15 steps snapshots at once after loading, before any
+    step (and like the run that never stopped); one saved after 6 steps does not."""
+    model, opt = make("cpu", 0, k=3, start=9)
+    for e in range(epochs):
+        epoch(model, opt, e)
+    saved = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    model2, opt2 = make("cpu", 1, k=3, start=9)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.snapshot() is started
+    assert opt.snapshot() is started
+    assert opt2.num_snapshots == opt.num_snapshots == (3 if started else 0)
+    assert_same(fingerprint(opt2)["buffers"], fingerprint(opt)["buffers"])
+    if started:
+        with opt.averaged(), opt2.averaged():
+            assert_same(weights(model2), weights(model))
