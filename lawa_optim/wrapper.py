@@ -22,7 +22,8 @@ from torch.optim import Optimizer
 from lawa_optim import compiled, ops
 from lawa_optim.history import FLOAT_DTYPES, History, check_param, is_int, resolve_storage
 from lawa_optim.state import install, read_history, save_history, strip_lawa
-from lawa_optim.state_check import MAX_COUNT, match_names, shown
+from lawa_optim.names import match_names
+from lawa_optim.state_check import MAX_COUNT, shown
 from lawa_optim.wrapping import WrappedOptimizer
 
 MODES = ("uniform", "ema")
@@ -358,11 +359,11 @@ class LAWA(WrappedOptimizer):
         ``k``, mode, history dtype or parameter layout; a missing, mistyped or impossible
         counter; a tensor of another dtype, shape or layout: nothing is cast) raises
         ``ValueError`` naming the field and leaves this optimizer as it was (see
-        :mod:`lawa_optim.state_check`); so does one whose wrapped optimizer's part that
-        optimizer would not load as its own (:mod:`lawa_optim.optimizer_check`). Where both
-        sides have parameter names, they are matched by name (see
-        :func:`lawa_optim.state_check.match_names`). Every tensor is copied, the wrapped optimizer's
-        state included: editing the dict afterwards changes nothing here. ``every``,
+        :mod:`lawa_optim.state_check`), and so does a wrapped optimizer's part that the
+        wrapped optimizer would not load as its own (:mod:`lawa_optim.optimizer_check`);
+        anything but a dict raises ``TypeError``. Where both sides have parameter names,
+        they are matched by name (:func:`lawa_optim.names.match_names`). Every tensor is
+        copied, the wrapped optimizer's state included: editing the dict afterwards changes nothing here. ``every``,
         ``start``, ``decay`` and ``recompute_every`` keep the values given to the
         constructor."""
         self._require_not_swapped("load_state_dict()")
