@@ -11,11 +11,11 @@ the field:
   live groups lack are loaded as saved, as torch does (LR schedulers add
   ``initial_lr``);
 * a parameter's state (LAWA's ``lawa_*`` keys aside) that is not empty and whose keys
-  differ from the ones the optimizer saves, a state tensor of another dtype (nothing
-  is cast), one shaped like the parameter where the optimizer's is, a 0-dim one where
-  the optimizer's is 0-dim, a value that is neither a tensor nor a number where the
-  optimizer saves a tensor (a number is how old versions saved ``step``), and any state
-  tensor on the meta device.
+  differ from the ones the optimizer saves; a state tensor of another dtype than the
+  optimizer's (nothing is cast), not of the parameter's shape where the optimizer's has
+  it, not 0-dim where the optimizer's is; a value that is neither a tensor nor a number
+  where the optimizer saves a tensor (a number is how old versions saved ``step``); any
+  state tensor on the meta device.
 
 What the optimizer saves is learned from a probe: an optimizer of the same class with
 the saved group's hyperparameters over one small stand-in of the parameter's dtype,
@@ -25,8 +25,8 @@ make the probe fail, where the live group's do not, is refused. Probes are made 
 optimizers of ``torch.optim`` only, whose state depends on no more than a parameter's
 dtype, device and number of dimensions; other classes (their constructor may need other
 arguments, or their state depend on a parameter's size) are checked against the live
-optimizer's state for the parameter where it has some, and otherwise only for meta
-tensors. Likewise where a ``torch.optim`` optimizer cannot be probed (one that needs a
+optimizer's state for the parameter where it has some (its keys, and each tensor's dtype
+and shape), and otherwise only for meta tensors. Likewise where a ``torch.optim`` optimizer cannot be probed (one that needs a
 closure or sparse gradients).
 """
 

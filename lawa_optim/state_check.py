@@ -164,7 +164,11 @@ def same_parameter(a: Tensor, b: Tensor) -> bool:
     if a is b:
         return True
     a, b = local(a), local(b)
-    return (a.device, a.data_ptr(), a.dtype, a.shape, a.stride()) == (b.device, b.data_ptr(), b.dtype, b.shape, b.stride())
+    if a.device.type == "meta":
+        return False  # no memory: two meta tensors are two parameters
+    return (a.device, a.data_ptr(), a.dtype, a.shape, a.stride()) == (
+        b.device, b.data_ptr(), b.dtype, b.shape, b.stride()
+    )
 
 
 def _check_ids(opt: Layout, groups: list[dict]) -> None:
