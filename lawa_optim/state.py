@@ -13,7 +13,8 @@ resumed run continues bit for bit. Version 0.1.0 saved no ``lawa_sum``: its
 ``state_dict()`` rebuilt the sum from the ring in place, so rebuilding it from the ring
 on load gives exactly what that run held after saving.
 
-Loading checks everything (:mod:`lawa_optim.state_check`) before it changes anything,
+Loading checks everything (:mod:`lawa_optim.state_check`, and the wrapped optimizer's
+part with :mod:`lawa_optim.optimizer_check`) before it changes anything,
 builds and fills a new history, loads the wrapped optimizer and only then installs the
 history, so a refused dict or a failed allocation leaves the optimizer as it was.
 """
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from lawa_optim.distributed import as_global
 from lawa_optim.history import History
+from lawa_optim.optimizer_check import check_optimizer
 from lawa_optim.state_check import KEYS, Checked, Layout, check, dtype_name
 
 if TYPE_CHECKING:
@@ -120,6 +122,7 @@ def read_history(opt: "LAWA", sd: dict[str, Any]) -> Checked:
     for b in old.buckets:
         b.wait()  # a pending copy into the old ring lands, or its failure raises, before any change
     checked = check(Layout.of(opt), sd)
+    check_optimizer(opt._inner, opt.param_groups, sd)
     hist = History(old.k, old.mode, old.history_dtype, old.storage, old.requested_backend, old.recompute_every)
     for end in checked.generation_ends:
         hist.extend(opt.param_groups[:end])

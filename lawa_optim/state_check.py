@@ -9,8 +9,8 @@ before the optimizer changes. What is refused:
   every group holding ``k``, ``mode``, ``history_dtype`` (equal to this LAWA's),
   ``steps``, ``pushes``, ``generation`` and ``swapped``; ``decay``, ``every``,
   ``start`` and ``recompute_every`` are saved for reference only, never loaded;
-* counters: ``steps`` and ``pushes`` Python ints (not bools) in ``[0, 2**63 - 1]``
-  (``pushes`` is an int64 on the device), ``steps`` and ``swapped`` (a bool) the same
+* counters: ``steps`` and ``pushes`` Python ints (not bools) in ``[0, 2**62]``
+  (:data:`MAX_COUNT`), ``steps`` and ``swapped`` (a bool) the same
   in every group. ``pushes`` must be what a run can reach: equal within a generation,
   0 for groups not built and for generations without parameters, never larger in a
   later generation than in an earlier one (every snapshot pushes every generation, and
@@ -18,11 +18,19 @@ before the optimizer changes. What is refused:
   ``pushes`` bound each other in no way: explicit snapshots need no step;
 * generations: ``None`` (not built) or ints, the built groups first, numbered from 0
   without gaps;
+* state ids: hashable, and one id at two places of ``param_groups`` only where the live
+  parameters there are one parameter (:func:`same_parameter`: torch saves a parameter
+  listed twice under one id);
 * tensors: exactly the keys the mode saves (``lawa_backup`` exactly where a swap
   changed the weights; ``lawa_sum`` for every parameter or for none), each a dense
   (strided), non-meta tensor of exactly the dtype the history holds (history: the
   history dtype; sum and EMA: the accumulation dtype; backup: the parameter's dtype;
-  nothing is cast) and of the parameter's shape (with ``k`` in front for the history).
+  nothing is cast) and of the parameter's shape (with ``k`` in front for the history);
+  no other ``lawa_*`` key.
+
+Parameter names (torch's ``param_names``) are matched before, by
+:func:`lawa_optim.names.match_names`.
+The wrapped optimizer's part is checked by :mod:`lawa_optim.optimizer_check`.
 """
 
 from __future__ import annotations
@@ -43,7 +51,11 @@ if TYPE_CHECKING:
 #: The per-parameter keys of the history in ``state[i]``.
 KEYS = ("lawa_history", "lawa_sum", "lawa_ema", "lawa_backup")
 _REQUIRED = ("k", "mode", "history_dtype", "steps", "pushes", "generation", "swapped")
-_INT64_MAX = 2**63 - 1
+#: The largest snapshot count (``pushes``), step count and ``recompute_every`` accepted.
+#: No run reaches it (2**62 snapshots), and below it nothing the kernels compute from these
+#: in int64 (``pushes + 1``, ``(n + 1) % recompute_every``, slot ``n % k``) overflows; Triton
+#: passes a value of at most 2**63 - 1 as an int64 and the C and CUDA kernels take int64.
+MAX_COUNT = 2**62
 
 
 @dataclass(frozen=True)
@@ -142,7 +154,45 @@ def _groups(opt: Layout, sd: Any) -> list[dict]:
                 f"param group {g} of the state_dict has {len(group['params'])} parameters, "
                 f"this optimizer's has {len(live['params'])}"
             )
+    _check_ids(opt, groups)
     return groups
+
+
+def same_parameter(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are one parameter: the same tensor, or the same elements of
+    the same memory (address, dtype, shape and stride), as torch lists one parameter twice."""
+    if a is b:
+        return True
+    a, b = local(a), local(b)
+    if a.device.type == "meta":
+        return False  # no memory: two meta tensors are two parameters
+    return (a.device, a.data_ptr(), a.dtype, a.shape, a.stride()) == (
+        b.device, b.data_ptr(), b.dtype, b.shape, b.stride()
+    )
+
+
+def _check_ids(opt: Layout, groups: list[dict]) -> None:
+    """Every state id hashable, and one id at two places only for one parameter."""
+    first: dict[Any, tuple[int, int]] = {}
+    for g, (group, live) in enumerate(zip(groups, opt.param_groups)):
+        for i, pid in enumerate(group["params"]):
+            try:
+                hash(pid)
+            except TypeError:
+                raise ValueError(
+                    f"param group {g} of the state_dict: params[{i}] is {pid!r:.80}, which is not a "
+                    "state id (ids are hashable, ints as state_dict() saves them)"
+                ) from None
+            if pid not in first:
+                first[pid] = (g, i)
+                continue
+            g0, i0 = first[pid]
+            if not same_parameter(opt.param_groups[g0]["params"][i0], live["params"][i]):
+                raise ValueError(
+                    f"the state_dict gives parameter {i0} of param group {g0} and parameter {i} of "
+                    f"param group {g} one state id ({pid!r}), but they are two parameters of "
+                    f"{opt.target}: a saved parameter's state can belong to one parameter only"
+                )
 
 
 def _metas(opt: Layout, groups: list[dict]) -> list[dict]:
@@ -170,8 +220,8 @@ def _metas(opt: Layout, groups: list[dict]) -> list[dict]:
 
 def _counter(m: dict, key: str, g: int) -> int:
     value = m[key]
-    if not is_int(value) or not 0 <= value <= _INT64_MAX:
-        raise ValueError(f"param group {g}: lawa {key!r} must be an int in [0, 2**63 - 1], got {shown(value)}")
+    if not is_int(value) or not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"param group {g}: lawa {key!r} must be an int in [0, 2**62], got {shown(value)}")
     return value
 
 
@@ -231,6 +281,12 @@ def _param_tensors(
     opt: Layout, p: Tensor, entry: dict, where: str, gen: int | None, backed_up: bool
 ) -> dict[str, Tensor]:
     """The checked local tensors of one parameter's history in ``entry``."""
+    unknown = [key for key in entry if isinstance(key, str) and key.startswith("lawa_") and key not in KEYS]
+    if unknown:
+        raise ValueError(
+            f"{where}: the state_dict holds {unknown[0]!r}, which LAWA does not save "
+            f"(its keys: {', '.join(KEYS)}); it would land in the wrapped optimizer's state"
+        )
     present = [key for key in KEYS if key in entry]
     if gen is None:
         if present:

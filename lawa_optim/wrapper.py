@@ -12,7 +12,7 @@ scalers and hooks act on the real optimizer.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,8 @@ from lawa_optim import compiled, ops, weighting
 from lawa_optim.history import FLOAT_DTYPES, History, check_param, is_int, resolve_storage
 from lawa_optim.memory import Memory
 from lawa_optim.state import install, read_history, save_history, strip_lawa
+from lawa_optim.names import match_names
+from lawa_optim.state_check import MAX_COUNT, shown
 from lawa_optim.wrapping import WrappedOptimizer
 
 MODES = ("uniform", "ema")
@@ -138,8 +140,8 @@ class LAWA(WrappedOptimizer):
             )
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-        if recompute_every is not None and (not is_int(recompute_every) or recompute_every < 1):
-            raise ValueError(f"recompute_every must be None or an int >= 1, got {recompute_every!r}")
+        if recompute_every is not None and (not is_int(recompute_every) or not 1 <= recompute_every <= MAX_COUNT):
+            raise ValueError(f"recompute_every must be None or an int in [1, 2**62], got {recompute_every!r}")
         for g, group in enumerate(optimizer.param_groups):
             for i, p in enumerate(group["params"]):
                 check_param(p, f"parameter {i} of param group {g}")
@@ -401,16 +403,25 @@ class LAWA(WrappedOptimizer):
         ``k``, mode, history dtype or parameter layout; a missing, mistyped or impossible
         counter; a tensor of another dtype, shape or layout: nothing is cast) raises
         ``ValueError`` naming the field and leaves this optimizer as it was (see
-        :mod:`lawa_optim.state_check`). Every tensor is copied, the wrapped optimizer's
-        state included: editing the dict afterwards changes nothing here. ``every``,
+        :mod:`lawa_optim.state_check`), and so does a wrapped optimizer's part that the
+        wrapped optimizer would not load as its own (:mod:`lawa_optim.optimizer_check`);
+        anything but a dict raises ``TypeError``. Where both sides have parameter names,
+        they are matched by name (:func:`lawa_optim.names.match_names`). Every tensor is
+        copied, the wrapped optimizer's state included: editing the dict afterwards changes nothing here. ``every``,
         ``start``, ``decay`` and ``recompute_every`` keep the values given to the
         constructor."""
         self._require_not_swapped("load_state_dict()")
-        state_dict = state_dict.copy()
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"state_dict must be a dict saved by LAWA.state_dict(), got {type(state_dict).__name__} "
+                f"{shown(state_dict)}"
+            )
+        state_dict = dict(state_dict)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        state_dict = match_names(self.param_groups, state_dict)
         loaded = read_history(self, state_dict)  # checks, allocates and copies; changes nothing
         self._inner.load_state_dict(strip_lawa(state_dict))
         install(self, loaded)

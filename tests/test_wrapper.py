@@ -457,6 +457,9 @@ BAD_ARGS = [
     ({"history_dtype": torch.int8}, ValueError, "history_dtype must be"),
     ({"backend": "numba"}, ValueError, "backend must be one of"),
     ({"recompute_every": 0}, ValueError, "recompute_every must be"),
+    # The bound 2**62 (lawa_optim.state_check.MAX_COUNT) is accepted: test_counters_at_the_bound_load_and_push.
+    *[({"recompute_every": n}, ValueError, r"recompute_every must be None or an int in \[1, 2\*\*62\]")
+      for n in (2**62 + 1, 2**63 - 1, 2**63, 2**64 + 1)],
 ]
 
 
