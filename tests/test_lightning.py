@@ -324,3 +324,23 @@ def test_optimizers_it_cannot_wrap_are_refused(tmp_path):
         with pytest.raises(error, match=message):
             fit(pl, tmp_path, 1, module=module, checkpoints=0, enable_checkpointing=False, accumulate_grad_batches=1)
         assert_same(weights(module), before)
+
+
+def test_two_callbacks_are_refused_naming_the_cause(tmp_path):
+    pl = next(iter(LIGHTNING.values()))
+    from lawa_optim.integrations.lightning import LAWACallback
+
+    module = module_class(pl)()
+    before = weights(module)
+    callbacks = [LAWACallback(k=2), LAWACallback(k=3)]
+    trainer = pl.Trainer(max_epochs=1, callbacks=callbacks, accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="the Trainer has 2 LAWACallbacks") as info:
+            trainer.fit(module, *loaders())
+    assert "configure_optimizers" not in str(info.value)
+    assert all(cb.lawa is None for cb in callbacks)
+    assert not any(isinstance(o, LAWA) for o in trainer.strategy.optimizers)
+    assert_same(weights(module), before)
