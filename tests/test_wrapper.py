@@ -1,14 +1,16 @@
 """The LAWA wrapper: averages against hand-kept snapshots, cadence, swaps, errors, hooks."""
 
 import copy
+import threading
 import warnings
 
 import pytest
 import torch
-from conftest import COPIES, DEVICE, assert_same, empty_first_group, fingerprint
+from conftest import COPIES, DEVICE, TIMEOUT, assert_same, empty_first_group, fingerprint
 from torch import nn
 
 from lawa_optim import LAWA
+from lawa_optim.history import History
 
 
 def make_model(device, seed=0):
@@ -578,3 +580,48 @@ def test_backward_through_a_swap_fails_loudly(backend, device):
         pass
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("second", ["swap_to_average", "swap_back", "training_weights"])
+@pytest.mark.parametrize("first", ["swap_to_average", "swap_back"])
+def test_a_swap_from_another_thread_while_one_runs_fails_and_changes_nothing(monkeypatch, first, second):
+    """The first swap is held inside the history, where it writes the weights; a second
+    one from another thread then raises instead of backing up what the first wrote."""
+    p = nn.Parameter(torch.zeros(5))
+    opt = LAWA(torch.optim.SGD([p], lr=0.1), k=2)
+    for value in (1.0, 3.0):
+        p.data.fill_(value)
+        opt.snapshot()
+    p.data.fill_(7.0)
+    if first == "swap_back":
+        opt.swap_to_average()
+    inside, release = threading.Event(), threading.Event()
+    method = {"swap_to_average": "swap_in", "swap_back": "swap_back"}[first]
+    real = getattr(History, method)
+
+    def held(self, *args):
+        inside.set()
+        assert release.wait(TIMEOUT)
+        return real(self, *args)
+
+    monkeypatch.setattr(History, method, held)
+    worker = threading.Thread(target=getattr(opt, first))
+    worker.start()
+    try:
+        assert inside.wait(TIMEOUT)
+        before = fingerprint(opt)
+        with pytest.raises(RuntimeError, match="another thread is swapping the weights of this LAWA"):
+            if second == "training_weights":
+                with opt.training_weights():
+                    pass
+            else:
+                getattr(opt, second)()
+        assert_same(before, fingerprint(opt))
+    finally:
+        release.set()
+        worker.join(TIMEOUT)
+    assert opt.is_swapped == (first == "swap_to_average")
+    if opt.is_swapped:
+        assert torch.equal(p.detach(), torch.full((5,), 2.0))
+        opt.swap_back()
+    assert torch.equal(p.detach(), torch.full((5,), 7.0))
