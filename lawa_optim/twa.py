@@ -93,6 +93,9 @@ class TWA(WrappedOptimizer):
             ``param_groups``, ``state`` and ``defaults`` are shared, not copied. One
             that already has state (the momentum buffers of the training run) is
             refused rather than cleared, so the training optimizer can resume as it was.
+            Each memory is listed once (SGD steps every entry, and a weight listed twice
+            would move twice as far and leave the span); where ``history`` lists one
+            twice, or two tensors on one memory, the first of them stands for it.
         history: a uniform-mode :class:`~lawa_optim.LAWA` holding at least one
             snapshot. It is only read: its ring, counters and weights are untouched,
             and it is not stepped.

@@ -253,13 +253,17 @@ def test_two_parameters_on_one_memory_save_the_same_history():
 
 
 @pytest.mark.parametrize("named", [False, True])
-def test_export_of_a_parameter_listed_twice_from_the_lawa_and_from_its_state_dict(named):
+@pytest.mark.parametrize("case", ["listed twice", "two tensors on one memory"])
+def test_export_from_the_lawa_and_from_its_state_dict(case, named):
     model = nn.Linear(3, 2)
     entries = [("weight", model.weight), ("bias", model.bias), ("weight", model.weight)]
+    if case != "listed twice":
+        model.twin = nn.Parameter(model.weight.data)  # registered: the model names it
+        entries[2] = ("twin", model.twin)
     opt = LAWA(sgd(entries if named else [p for _, p in entries]), k=3)
     snaps = []
     for value in (1.0, 2.0, 6.0):
-        fill(list(model.parameters()), value)
+        fill([model.weight, model.bias], value)
         opt.snapshot()
         snaps.append({n: p.detach().clone() for n, p in model.named_parameters()})
     before = fingerprint(opt, model=model)
