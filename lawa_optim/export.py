@@ -169,9 +169,10 @@ def _match(model: nn.Module, groups: list) -> list[tuple[str, Tensor]]:
             for pid, name in zip(group["params"], names):
                 if _key(pid) in given:
                     # One id twice: torch saves a parameter listed twice so (see parameter_owners).
-                    if given[_key(pid)][0] != name:
-                        raise ValueError(f"source names its parameter {pid!r} both {given[_key(pid)][0]!r} and {name!r}")
-                    out.append(given[_key(pid)])
+                    first = given[_key(pid)]
+                    if first[0] != name:
+                        raise ValueError(f"source names its parameter {pid!r} both {first[0]!r} and {name!r}")
+                    out.append(first)
                     continue
                 p = lookup.get(name)
                 if p is None:

@@ -463,7 +463,11 @@ class History:
         sharing = self.sharing
         built = len(sharing.groups)
         owners = sharing.extend(new)
-        params = [p for g, group in enumerate(new, built) for i, p in enumerate(group["params"]) if owners[g][i] == (g, i)]
+        # An alias has no slice: only the owner of each memory joins a bucket.
+        params = [
+            p for g, group in enumerate(new, built)
+            for i, p in enumerate(group["params"]) if owners[g][i] == (g, i)
+        ]
         buckets = [
             Bucket(
                 ps, self.k, self.mode, self.history_dtype, self.storage, self.requested_backend,

@@ -312,3 +312,16 @@ def test_twa_over_a_history_with_shared_memory_stays_in_the_span(case, blocks):
     flat = torch.cat([p.detach().flatten() for p in memories]).double()
     assert not torch.equal(flat, start)  # the steps moved the weights
     torch.testing.assert_close(twa.coefficients()[0] @ snaps, flat, rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_a_saved_id_listed_under_two_names():
+    model = nn.Linear(3, 2)
+    opt = LAWA(sgd([("weight", model.weight), ("bias", model.bias), ("weight", model.weight)]), k=2)
+    opt.snapshot()
+    sd = opt.state_dict()
+    pid = sd["param_groups"][0]["params"][0]
+    sd["param_groups"][0]["param_names"][2] = "bias"
+    kept = fingerprint(opt, model=model)
+    with pytest.raises(ValueError, match=f"source names its parameter {pid} both 'weight' and 'bias'"):
+        export_average(model, sd)
+    assert_same(kept, fingerprint(opt, model=model))

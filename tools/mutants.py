@@ -195,7 +195,7 @@ MUTANTS = [
            ("tests/test_compile.py", "-k", "opcheck")),
     # -- parameters that share memory, changes to parameters, swaps, integrations -------
     Mutant("alias-gets-a-slice-of-its-own", HIST,
-           'enumerate(group["params"]) if owners[g][i] == (g, i)]', 'enumerate(group["params"])]',
+           'enumerate(group["params"]) if owners[g][i] == (g, i)\n', 'enumerate(group["params"])\n',
            ("tests/test_alias.py", "-k", "written_once")),
     Mutant("overlapping-memory-accepted", HIST,
            "if (start, end, t.dtype, t.shape, t.stride()) != (reach[1], reach[2], u.dtype, u.shape, u.stride()):",
