@@ -218,7 +218,7 @@ def _match(model: nn.Module, groups: list) -> list[tuple[str, Tensor]]:
         raise ValueError("source has param_names in some param groups but not in all")
     if all(named):
         lookup = dict(model.named_parameters(remove_duplicate=False))
-        out, seen = [], {}
+        out, seen, given = [], {}, {}
         for g, group in enumerate(groups):
             names = group["param_names"]
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -228,7 +228,14 @@ def _match(model: nn.Module, groups: list) -> list[tuple[str, Tensor]]:
                     f"param group {g} of source has {len(group['params'])} parameters but "
                     f"{len(names)} param_names"
                 )
-            for name in names:
+            for pid, name in zip(group["params"], names):
+                if _key(pid) in given:
+                    # One id twice: torch saves a parameter listed twice so (see parameter_owners).
+                    first = given[_key(pid)]
+                    if first[0] != name:
+                        raise ValueError(f"source names its parameter {pid!r} both {first[0]!r} and {name!r}")
+                    out.append(first)
+                    continue
                 p = lookup.get(name)
                 if p is None:
                     raise ValueError(
@@ -238,16 +245,29 @@ def _match(model: nn.Module, groups: list) -> list[tuple[str, Tensor]]:
                 if id(p) in seen:
                     raise ValueError(f"source names {seen[id(p)]!r} and {name!r}, one parameter of model, twice")
                 seen[id(p)] = name
+                given[_key(pid)] = (name, p)
                 out.append((name, p))
         return out
     params = list(model.named_parameters())
-    if len(params) != len(saved):
+    # A parameter listed twice is saved under one id twice: it is one parameter of model.
+    distinct = list(dict.fromkeys(map(_key, saved)))
+    if len(params) != len(distinct):
         raise ValueError(
-            f"source holds {len(saved)} parameters and carries no param_names, so they map to "
+            f"source holds {len(distinct)} parameters and carries no param_names, so they map to "
             f"model.parameters() in order, but model has {len(params)}; build the optimizer "
             "from model.named_parameters() to map by name"
         )
-    return params
+    of = dict(zip(distinct, params))
+    return [of[_key(pid)] for pid in saved]
+
+
+def _key(pid: Any) -> Any:
+    """``pid`` as a dict key: an unhashable id (refused by the check) stands for itself."""
+    try:
+        hash(pid)
+    except TypeError:
+        return ("unhashable", id(pid))
+    return pid
 
 
 def _some(named: Mapping[str, Tensor]) -> str:

@@ -67,18 +67,20 @@ def save_history(opt: "LAWA", sd: dict[str, Any]) -> None:
         }
     ids = _param_ids(opt, sd)
     state = sd["state"]
-    for b in hist.buckets:
-        for i, p in enumerate(b.sources):
-            # A fresh dict: the packed entries are the live optimizer's state dicts.
-            entry = dict(state.get(ids[id(p)], {}))
-            if hist.mode == "uniform":
-                entry["lawa_history"] = as_global(b.history_view(i), p, lead=hist.k)
-                entry["lawa_sum"] = as_global(b.view(b.total, i), p)
-            else:
-                entry["lawa_ema"] = as_global(b.view(b.total, i), p)
-            if b.backup is not None:
-                entry["lawa_backup"] = as_global(b.view(b.backup, i), p)
-            state[ids[id(p)]] = entry
+    # An alias saves its owner's slice: torch gives a tensor listed twice one id (written
+    # once), another tensor on the same memory an id and an entry of its own.
+    placed = zip(chain.from_iterable(hist.group_params), chain.from_iterable(hist.placed()))
+    for pid, (p, (b, i)) in {ids[id(p)]: (p, bi) for p, bi in placed}.items():
+        # A fresh dict: the packed entries are the live optimizer's state dicts.
+        entry = dict(state.get(pid, {}))
+        if hist.mode == "uniform":
+            entry["lawa_history"] = as_global(b.history_view(i), p, lead=hist.k)
+            entry["lawa_sum"] = as_global(b.view(b.total, i), p)
+        else:
+            entry["lawa_ema"] = as_global(b.view(b.total, i), p)
+        if b.backup is not None:
+            entry["lawa_backup"] = as_global(b.view(b.backup, i), p)
+        state[pid] = entry
 
 
 def _copied(value: Any) -> Any:

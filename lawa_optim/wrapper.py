@@ -12,8 +12,9 @@ scalers and hooks act on the real optimizer.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +43,19 @@ class _Run:
     steps: int = 0
     started: bool = True  # steps >= start, kept as a flag: see LAWA._count_step
     swapped: bool = False
+    #: Held while a swap runs: a second one from another thread fails instead of backing
+    #: up the average as the training weights.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    # A lock cannot be copied or pickled; a copy gets its own.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
 
 
 class LAWA(WrappedOptimizer):
@@ -270,6 +284,22 @@ class LAWA(WrappedOptimizer):
             self._history.push()
 
     # -- swapping ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def _swapping(self, what: str) -> Iterator[None]:
+        """Hold the swap lock for ``what``, or raise ``RuntimeError`` when another thread
+        holds it: two swaps at once would back up each other's writes."""
+        lock = self._run.lock
+        if not lock.acquire(blocking=False):
+            raise RuntimeError(
+                f"{what} while another thread is swapping the weights of this LAWA "
+                "(swap_to_average, swap_back or training_weights); swaps are not safe to run "
+                "concurrently: swap from one thread, or serialise the calls with a lock of your own"
+            )
+        try:
+            yield
+        finally:
+            lock.release()
+
     def swap_to_average(
         self, last: int | None = None, *, weights: Sequence[float] | torch.Tensor | None = None
     ) -> None:
@@ -303,6 +333,10 @@ class LAWA(WrappedOptimizer):
                     "weights profiles.window(j))"
                 )
             weights = weighting.parse(weights)
+        with self._swapping("swap_to_average()"):
+            self._swap_in(last, weights)
+
+    def _swap_in(self, last: int | None, weights: tuple[float, ...] | None) -> None:
         self._require_not_swapped("swap_to_average()")
         count = self.num_snapshots
         if count == 0:
@@ -329,10 +363,11 @@ class LAWA(WrappedOptimizer):
 
     def swap_back(self) -> None:
         """Restore the training weights saved by :meth:`swap_to_average`, bit for bit."""
-        if not self._run.swapped:
-            raise RuntimeError("swap_back() without swap_to_average(): the weights are already the training weights")
-        self._history.swap_back()
-        self._run.swapped = False
+        with self._swapping("swap_back()"):
+            if not self._run.swapped:
+                raise RuntimeError("swap_back() without swap_to_average(): the weights are already the training weights")
+            self._history.swap_back()
+            self._run.swapped = False
 
     @contextlib.contextmanager
     def averaged(
@@ -357,18 +392,20 @@ class LAWA(WrappedOptimizer):
         swap it changes nothing.
         """
         run = self._run
-        if not run.swapped:
+        with self._swapping("training_weights()"):
+            held = self._history.set_aside() if run.swapped else None
+            run.swapped = False
+        if held is None:
             yield self
             return
-        held = self._history.set_aside()
-        run.swapped = False
         try:
             yield self
         finally:
             if run.swapped:  # the block swapped an average in and left it there
                 self.swap_back()
-            self._history.restore(held)
-            run.swapped = True
+            with self._swapping("leaving training_weights()"):
+                self._history.restore(held)
+                run.swapped = True
 
     # -- checkpoints ------------------------------------------------------------
     @torch._disable_dynamo
