@@ -19,7 +19,7 @@ before the optimizer changes. What is refused:
 * generations: ``None`` (not built) or ints, the built groups first, numbered from 0
   without gaps;
 * state ids: hashable, and one id at two places of ``param_groups`` only where the live
-  parameters there are one parameter (:func:`same_parameter`: torch saves a parameter
+  parameters there are one parameter (:func:`lawa_optim.history.parameter_owners`: torch saves a parameter
   listed twice under one id);
 * tensors: exactly the keys the mode saves (``lawa_backup`` exactly where a swap
   changed the weights; ``lawa_sum`` for every parameter or for none), each a dense
@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from lawa_optim.distributed import is_sharded, local, local_of_saved
-from lawa_optim.history import History, accumulation_dtype, is_int
+from lawa_optim.history import History, accumulation_dtype, is_int, parameter_owners
 
 if TYPE_CHECKING:
     from lawa_optim.wrapper import LAWA
@@ -158,22 +158,11 @@ def _groups(opt: Layout, sd: Any) -> list[dict]:
     return groups
 
 
-def same_parameter(a: Tensor, b: Tensor) -> bool:
-    """Whether ``a`` and ``b`` are one parameter: the same tensor, or the same elements of
-    the same memory (address, dtype, shape and stride), as torch lists one parameter twice."""
-    if a is b:
-        return True
-    a, b = local(a), local(b)
-    if a.device.type == "meta":
-        return False  # no memory: two meta tensors are two parameters
-    return (a.device, a.data_ptr(), a.dtype, a.shape, a.stride()) == (
-        b.device, b.data_ptr(), b.dtype, b.shape, b.stride()
-    )
-
-
 def _check_ids(opt: Layout, groups: list[dict]) -> None:
-    """Every state id hashable, and one id at two places only for one parameter."""
+    """Every state id hashable, and one id at two places only for one parameter (by
+    :func:`lawa_optim.history.parameter_owners`, the rule the history follows)."""
     first: dict[Any, tuple[int, int]] = {}
+    owners = None
     for g, (group, live) in enumerate(zip(groups, opt.param_groups)):
         for i, pid in enumerate(group["params"]):
             try:
@@ -187,7 +176,8 @@ def _check_ids(opt: Layout, groups: list[dict]) -> None:
                 first[pid] = (g, i)
                 continue
             g0, i0 = first[pid]
-            if not same_parameter(opt.param_groups[g0]["params"][i0], live["params"][i]):
+            owners = owners or parameter_owners(opt.param_groups)
+            if owners[g0][i0] != owners[g][i]:
                 raise ValueError(
                     f"the state_dict gives parameter {i0} of param group {g0} and parameter {i} of "
                     f"param group {g} one state id ({pid!r}), but they are two parameters of "
