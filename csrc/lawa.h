@@ -15,7 +15,7 @@ enum LawaDtype : int { kLawaFloat32 = 0, kLawaBFloat16 = 1, kLawaFloat16 = 2 };
 
 // What swap_in writes into the parameters.
 enum LawaAverage : int {
-  kLawaMean = 0,  // total / min(pushes, k)
+  kLawaMean = 0,  // total / min(pushes, k) (the float64 mean of the slots where total is not finite)
   kLawaEma = 1,   // total as is
   kLawaLast = 2,  // mean of the `last` newest ring slots
 };
