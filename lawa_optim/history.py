@@ -13,12 +13,13 @@ Parameters are grouped into buckets that share a device and a dtype. A bucket ke
 The O(1) update ``total += new - old`` cancels catastrophically when magnitudes
 change (two snapshots at 1e8 then two at 1.0 leave 0.0 for k = 2) and keeps a NaN
 forever. So every ``refresh_every``-th push (default: every k-th, the one that
-completes a pass over the ring) rebuilds ``total`` exactly from the ring instead, in
-the same pass. The kernels decide that from ``pushes`` on the device, so compiled
-and graph-captured snapshots refresh at the right push too. Hence the guarantee: at
-most ``refresh_every`` snapshots after a value has left the window it no longer
-affects the average, which is then the mean of the stored window up to float32
-rounding of k terms.
+completes a pass over the ring) rebuilds ``total`` from the ring instead, in the same
+pass, with a compensated sum whose error does not grow with k. The kernels decide that
+from ``pushes`` on the device, so compiled and graph-captured snapshots refresh at the
+right push too. Hence the guarantee (README, "The numerical guarantee"): at most
+``refresh_every`` snapshots after a value has left the window it no longer affects the
+average, which is then the mean of the stored window within ``(4 + r (1 + 2/k)) 2**-24``
+of the largest magnitude, ``r`` snapshots after the last refresh, whatever k.
 
 Each parameter owns a slice of the flat buffers that starts on a multiple of
 ``ALIGN`` elements and holds its elements in the parameter's *memory* order, so a
