@@ -101,8 +101,9 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 /* csum of lawa_optim.ops (Neumaier's compensated sum): s += x, the rounding error of that
  * addition added to c; the sum is csum_result(s, c). */
 static inline void csum_add(float *s, float *c, float x) {
-    float t = *s + x;
-    *c += fabsf(*s) >= fabsf(x) ? (*s - t) + x : (x - t) + *s;
+    /* Both errors computed, one selected: a plain select vectorises, a branch does not. */
+    float t = *s + x, if_s = (*s - t) + x, if_x = (x - t) + *s;
+    *c += fabsf(*s) >= fabsf(x) ? if_s : if_x;
     *s = t;
 }
 static inline float csum_result(float s, float c) { return isfinite(s) ? s + c : s; }
@@ -213,10 +214,12 @@ static void copy_streaming(char *restrict dst, const char *restrict src, size_t 
                     for (int64_t i = 0; i < m; i++) csum_add(&acc[i], &comp[i], H##_to_f(r[i])); \
                 }                                                                           \
                 for (int64_t i = 0; i < m; i++) {                                           \
-                    float s = csum_result(acc[i], comp[i]);                                 \
-                    param[b + i] = cast_f32_##P(isfinite(s) ? s / divisor                   \
-                                                : wide_##H(ring + b + i, D, k, pushes, 1, count)); \
+                    acc[i] = csum_result(acc[i], comp[i]);                                  \
+                    param[b + i] = cast_f32_##P(acc[i] / divisor);                          \
                 }                                                                           \
+                for (int64_t i = 0; i < m; i++)                                             \
+                    if (!isfinite(acc[i]))                                                  \
+                        param[b + i] = cast_f32_##P(wide_##H(ring + b + i, D, k, pushes, 1, count)); \
             }                                                                               \
         }                                                                                   \
     }

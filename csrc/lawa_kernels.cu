@@ -379,8 +379,8 @@ cudaError_t lawa_ema_update(const LawaLaunch& launch, LawaDtype param_dtype, flo
 cudaError_t lawa_swap_in(const LawaLaunch& launch, LawaDtype param_dtype, LawaDtype history_dtype,
                          LawaAverage average, void* backup, const float* total, const void* ring,
                          const int64_t* pushes, int64_t D, int64_t k, int64_t last) {
-  if (average == kLawaLast && (ring == nullptr || last < 1 || last > k)) {
-    return cudaErrorInvalidValue;
+  if ((average != kLawaEma && ring == nullptr) || (average == kLawaLast && (last < 1 || last > k))) {
+    return cudaErrorInvalidValue;  // the mean reads the ring where the sum is not finite
   }
   return lawa_dispatch(param_dtype, [&](auto p) {
     return lawa_dispatch(history_dtype, [&](auto h) {
