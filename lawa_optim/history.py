@@ -13,12 +13,13 @@ Parameters are grouped into buckets that share a device and a dtype. A bucket ke
 The O(1) update ``total += new - old`` cancels catastrophically when magnitudes
 change (two snapshots at 1e8 then two at 1.0 leave 0.0 for k = 2) and keeps a NaN
 forever. So every ``refresh_every``-th push (default: every k-th, the one that
-completes a pass over the ring) rebuilds ``total`` exactly from the ring instead, in
-the same pass. The kernels decide that from ``pushes`` on the device, so compiled
-and graph-captured snapshots refresh at the right push too. Hence the guarantee: at
-most ``refresh_every`` snapshots after a value has left the window it no longer
-affects the average, which is then the mean of the stored window up to float32
-rounding of k terms.
+completes a pass over the ring) rebuilds ``total`` from the ring instead, in the same
+pass, with a compensated sum whose error does not grow with k. The kernels decide that
+from ``pushes`` on the device, so compiled and graph-captured snapshots refresh at the
+right push too. Hence the guarantee (README, "The numerical guarantee"): at most
+``refresh_every`` snapshots after a value has left the window it no longer affects the
+average, which is then the mean of the stored window within ``(4 + r (1 + 2/k)) 2**-24``
+of the largest magnitude, ``r`` snapshots after the last refresh, whatever k.
 
 Each parameter owns a slice of the flat buffers that starts on a multiple of
 ``ALIGN`` elements and holds its elements in the parameter's *memory* order, so a
@@ -34,6 +35,7 @@ memory and keeps the bookkeeping (which buckets exist, whether parameters moved)
 
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 from collections.abc import Sequence
@@ -138,6 +140,8 @@ class Bucket:
         self.pushes = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.backup: Tensor | None = None
         self.cache: dict = {}
+        #: Whether a snapshot already warned that float16 history stored an infinity.
+        self.range_warned = False
         self._ptrs = [p.data_ptr() for p in self.params]
         self._dtypes = [self.dtype] * len(self.params)
         self._strides = [p.stride() for p in self.params]
@@ -415,6 +419,35 @@ def resolve_storage(storage: str) -> str:
     return storage
 
 
+#: float16's largest finite value; a finite value of magnitude FLOAT16_OVERFLOW or more
+#: rounds to infinity in float16.
+FLOAT16_MAX, FLOAT16_OVERFLOW = 65504.0, 65520.0
+
+
+def warn_float16_overflow(b: Bucket) -> None:
+    """Warn, once per bucket, at a snapshot of wider parameters into float16 history that
+    stores an infinity for a finite weight. One more read of the weights and a host sync
+    per snapshot, in this configuration only."""
+    peak = torch.stack(torch._foreach_norm(b.params, math.inf)).max() if b.params else None
+    if peak is None or float(peak) < FLOAT16_OVERFLOW:
+        return
+    over = sum(int(((p.abs() >= FLOAT16_OVERFLOW) & p.isfinite()).sum()) for p in b.params)
+    if over == 0:  # the peak is an infinity of the weights themselves: stored as it is
+        return
+    b.range_warned = True
+    largest = max(float(p.abs().masked_fill(~p.isfinite(), 0).max()) for p in b.params if p.numel())
+    warnings.warn(
+        f"LAWA snapshot {int(b.pushes.item()) + 1} stores {over} finite weight element(s) as "
+        f"infinity: history_dtype=torch.float16 holds magnitudes up to {FLOAT16_MAX:g} (its "
+        f"largest finite value) and these weights reach {largest:.6g}, so averages over the "
+        "windows that hold this snapshot are infinite there. Use history_dtype=torch.bfloat16 "
+        "(float32's range at the same memory) or None; this is the only such warning for "
+        "these parameters",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
 def snapshot_bucket(b: Bucket, decay: float | None) -> None:
     """One bucket's snapshot: push into the ring (``decay=None``; nothing in EMA mode) or
     fold into the exponential average with ``decay``. The caller has run
@@ -422,6 +455,8 @@ def snapshot_bucket(b: Bucket, decay: float | None) -> None:
     if decay is not None:
         ops.ema_update(b, decay)
     elif b.mode == "uniform":
+        if b.history_dtype == torch.float16 and b.dtype != torch.float16 and not b.range_warned:
+            warn_float16_overflow(b)
         if b.offload is not None:
             b.offload.push()
         else:

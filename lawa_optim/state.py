@@ -11,7 +11,8 @@ Saving only reads. The running sum is saved as it is (a view in the accumulation
 dtype, which the wrapped optimizer's loader never sees, so nothing casts it), so a
 resumed run continues bit for bit. Version 0.1.0 saved no ``lawa_sum``: its
 ``state_dict()`` rebuilt the sum from the ring in place, so rebuilding it from the ring
-on load gives exactly what that run held after saving.
+on load gives what that run held after saving (to the last bits: this version's
+refresh sums the slots compensated, 0.1.0's in plain float32).
 
 Loading checks everything (:mod:`lawa_optim.state_check`, and the wrapped optimizer's
 part with :mod:`lawa_optim.optimizer_check`) before it changes anything,

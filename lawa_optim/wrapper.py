@@ -96,16 +96,28 @@ class LAWA(WrappedOptimizer):
         history_dtype: dtype of the stored snapshots (default: the parameters'
             dtype; ``torch.bfloat16`` halves the memory). The running sum is always
             float32 (float64 for float64 parameters) and adds the stored, rounded
-            values, so the average is exactly the mean of what is stored.
+            values, so the average is the mean of what is stored. ``torch.float16``
+            holds magnitudes up to 65504: the first snapshot that stores an infinity
+            for a finite weight warns.
         backend: ``"auto"`` (default: the CUDA extension, then Triton on a GPU, else
             pure torch), ``"torch"``, ``"triton"`` or ``"cuda"``.
-        recompute_every: rebuild the running sum exactly from the ring every this many
+        recompute_every: rebuild the running sum from the ring every this many
             snapshots, in the same pass as the push that comes due; ``None`` (default):
-            every ``k`` snapshots. With the default, at most ``k`` snapshots after a
-            value has left the window (a NaN or inf included) it no longer affects the
-            average, which is then the mean of the stored window to float32 rounding
-            (within 1e-5 of the largest magnitude in the window). A value other than
-            ``k`` trades that bound for fewer (larger) or more (smaller) refreshes.
+            every ``k`` snapshots. See "Numerical guarantee" below.
+
+    Numerical guarantee (README, "The numerical guarantee"; u = 2**-24, M the largest
+    magnitude among the snapshots in the window and those that left it since the last
+    refresh): with the defaults and ``k <= 162``, at most ``k`` snapshots after a value
+    has left the window (a NaN or inf included) it no longer affects the average, which
+    is then the mean of the stored window within 1e-5 of M. Exactly: right after a
+    refresh within ``4u * M`` for any ``k`` up to 2**20 (compensated summation; so is
+    ``last=j`` at any time), and each snapshot since the refresh adds at most
+    ``(1 + 2/k) u * M`` (``(k + 5) u * M`` in all with the defaults; ``recompute_every=N``,
+    ``N <= k``, bounds it by ``(N + 5) u * M``). A window of finite values never averages
+    to an infinity: where the float32 sum is not finite, the swap averages the stored
+    slots in float64. bfloat16 and float16 parameters get the float32 average rounded
+    once to their dtype: within that bound plus half an ulp of their dtype (at most
+    2**-8 of the average for bfloat16, 2**-11 for float16).
 
     The history is allocated at the first :meth:`step` or :meth:`snapshot`:
     ``k * D`` elements of ``history_dtype`` plus ``D`` float32 (D: the number of
