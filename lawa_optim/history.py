@@ -5,6 +5,10 @@ Parameters are grouped into buckets that share a device and a dtype. A bucket ke
 * ``ring``: ``(k, D)`` in the history dtype, one row ("slot") per snapshot;
 * ``total``: ``(D,)`` running sum of the filled slots *as stored* (float32; float64
   for float64 parameters), or the exponential average itself in EMA mode;
+* with ``history_dtype=torch.int8`` (the 8-bit history, :mod:`lawa_optim.ops`) instead:
+  ``total`` is the *anchor*, the newest stored snapshot in float32, ``ring`` holds
+  ``k - 1`` int8 deltas between consecutive stored snapshots and ``scales`` their
+  float32 scales, ``(k - 1, blocks)``, one per block of ``QBLOCK`` elements;
 * ``pushes``: a one-element int64 tensor beside the ring counting snapshots ever
   pushed. Slot ``s`` holds the snapshot number ``n`` with ``n % k == s``, the next
   push writes slot ``pushes % k`` and ``min(pushes, k)`` slots are filled. It lives on
@@ -54,6 +58,27 @@ from lawa_optim.offload import Offload
 ALIGN = 64
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+#: Accepted ``history_dtype`` values: a float dtype, or ``torch.int8`` for the 8-bit
+#: delta-coded history (:func:`is_int8`).
+HISTORY_DTYPES = (*FLOAT_DTYPES, torch.int8)
+
+QBLOCK = ops.QBLOCK
+
+
+def is_int8(history_dtype: torch.dtype | None) -> bool:
+    """Whether ``history_dtype`` selects the 8-bit delta-coded history."""
+    return history_dtype == torch.int8
+
+
+def blocks(numels: Sequence[int]) -> tuple[list[int], int]:
+    """Index of each parameter's first quantisation block (``QBLOCK`` elements, counted
+    from the parameter's first element; an empty parameter still takes one) and the
+    number of blocks."""
+    bases, n = [], 0
+    for numel in numels:
+        bases.append(n)
+        n += param_blocks(numel)
+    return bases, n
 
 
 def is_dense(t: Tensor) -> bool:
@@ -129,9 +154,17 @@ class Bucket:
         pin = storage == "pinned"
         self.pinned = pin
         self.history_dtype = history_dtype or self.dtype
+        #: The 8-bit delta-coded format: ``ring`` holds ``k - 1`` delta slots.
+        self.int8 = is_int8(self.history_dtype)
+        self.block_bases, self.blocks = blocks(self.numels)
         self.ring = (
-            torch.zeros(k, self.D, dtype=self.history_dtype, device=self.device, pin_memory=pin)
+            torch.zeros(k - self.int8, self.D, dtype=self.history_dtype, device=self.device, pin_memory=pin)
             if mode == "uniform"
+            else None
+        )
+        self.scales = (
+            torch.zeros(k - 1, self.blocks, dtype=torch.float32, device=self.device, pin_memory=pin)
+            if self.int8
             else None
         )
         self.total = torch.zeros(
@@ -177,11 +210,17 @@ class Bucket:
         return [self.view(flat, i) for i in range(len(self.params))]
 
     def history_view(self, i: int) -> Tensor:
-        """Parameter ``i``'s history as a ``(k, *shape)`` view into the ring."""
+        """Parameter ``i``'s history as a ``(k, *shape)`` view into the ring (``(k - 1,
+        *shape)``: its delta codes, for an 8-bit history)."""
         p = self.params[i]
         return self.ring.as_strided(
-            (self.k, *p.shape), (self.D, *p.stride()), self.ring.storage_offset() + self.offsets[i]
+            (self.ring.shape[0], *p.shape), (self.D, *p.stride()), self.ring.storage_offset() + self.offsets[i]
         )
+
+    def scales_view(self, i: int) -> Tensor:
+        """Parameter ``i``'s scales of an 8-bit history: a ``(k - 1, blocks of i)`` view."""
+        lo = self.block_bases[i]
+        return self.scales[:, lo:lo + param_blocks(self.numels[i])]
 
     # -- bookkeeping ---------------------------------------------------------
     def count(self) -> int:
@@ -197,10 +236,13 @@ class Bucket:
 
     def memory(self) -> Memory:
         """Bytes held by this bucket's buffers, by kind."""
+        # The anchor of an 8-bit history is its newest snapshot: history, not a sum.
+        anchor = _nbytes(self.total) if self.int8 else 0
         return Memory(
             parameters=sum(self.numels),
-            history=_nbytes(self.ring) + _nbytes(self.pushes),
-            sum=_nbytes(self.total),
+            history=_nbytes(self.ring) + _nbytes(self.pushes) + anchor,
+            sum=_nbytes(self.total) - anchor,
+            scales=_nbytes(self.scales),
             staging=self.offload.nbytes() if self.offload is not None else 0,
             backup=_nbytes(self.backup),
         )
@@ -248,6 +290,11 @@ class Bucket:
 
 
 _dtype_of = operator.attrgetter("dtype")
+
+
+def param_blocks(numel: int) -> int:
+    """Quantisation blocks of a parameter of ``numel`` elements."""
+    return -(-max(numel, 1) // QBLOCK)
 
 
 def _nbytes(t: Tensor | None) -> int:
@@ -372,14 +419,37 @@ def _owner(owner: Position, pos: Position) -> str:
     return "no other parameter" if owner == pos else f"parameter {owner[1]} of param group {owner[0]}"
 
 
-def check_param(p: Tensor, where: str) -> None:
-    """Raise a clear error for a parameter the history cannot hold."""
+def check_history_dtype(history_dtype: Any, mode: str) -> None:
+    """Raise ``ValueError`` for a ``history_dtype`` that ``mode`` cannot keep."""
+    if history_dtype is not None and history_dtype not in HISTORY_DTYPES:
+        raise ValueError(f"history_dtype must be None or one of {HISTORY_DTYPES}, got {history_dtype!r}")
+    if is_int8(history_dtype) and mode != "uniform":
+        raise ValueError(
+            f"history_dtype=torch.int8 stores the ring of snapshots in 8 bits, but mode={mode!r} "
+            "keeps no ring (only its running average, in float32); use mode='uniform' for an "
+            "8-bit history, or history_dtype=None"
+        )
+
+
+def check_param(p: Tensor, where: str, history_dtype: torch.dtype | None = None) -> None:
+    """Raise a clear error for a parameter the history (of ``history_dtype``) cannot hold."""
     if not isinstance(p, Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor, got {type(p).__name__}")
     if p.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{where} has dtype {p.dtype}; LAWA averages floating-point parameters only "
             f"(accepted: {', '.join(str(d) for d in FLOAT_DTYPES)})"
+        )
+    if is_int8(history_dtype) and p.dtype == torch.float64:
+        raise ValueError(
+            f"{where} is float64, which history_dtype=torch.int8 does not hold (its anchor and "
+            "scales are float32): use history_dtype=None for float64 parameters"
+        )
+    if is_int8(history_dtype) and is_sharded(p):
+        raise ValueError(
+            f"{where} is a sharded DTensor (FSDP2); history_dtype=torch.int8 does not hold "
+            "sharded parameters yet (its checkpoints could not be resharded exactly): use "
+            "history_dtype=torch.bfloat16"
         )
     p = local(p)
     if p.layout != torch.strided:

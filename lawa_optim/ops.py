@@ -61,6 +61,38 @@ parameters):
 ``cast``
     ``Tensor.to``: round to nearest even into the destination dtype.
 
+The 8-bit history (``history_dtype=torch.int8``, ``bucket.int8``) stores differences,
+not weights: rounding each snapshot to 8 bits would err by about 0.7 % of the weights'
+RMS, while the average differs from the newest snapshot by far less, and consecutive
+snapshots round alike, so the error would not average out. Instead ``total`` is the
+*anchor* ``A``, the newest stored snapshot (float32), and ring slot ``s`` of ``k - 1``
+holds the int8 codes of one delta, with ``scales[s, b]`` (float32) per block ``b`` of
+256 elements counted from each parameter's first element (``bucket.block_bases``).
+Backends provide ``push_int8(bucket)`` and ``swap_in_int8(bucket, coefficients)``:
+
+``push_int8(bucket)``
+    when ``n == 0`` or ``k == 1``: ``A = float(param)``. Otherwise, with slot
+    ``s = (n - 1) % (k - 1)``, per block: ``d = float(param) - A``. Where every ``d`` of
+    the block is finite, ``m = max |d|``; when ``m < 2**-120`` the block stores
+    ``scale = 0``, codes 0 and ``A`` stays; else ``scale = m / 127``, ``code =
+    rint(d * (127 / m))`` (round half to even; ``|code| <= 127`` follows) and ``A = A +
+    float(code) * scale``. Where a ``d`` of the block is not finite (a NaN or an
+    infinity in the weights or the anchor, or a difference beyond float32's range):
+    ``scale = NaN``, codes 0, ``A = float(param)``: the block restarts from the
+    weights, and the snapshots before it read as NaN until that delta leaves the ring.
+    The loop is closed: each delta is taken against the stored snapshot, so quantisation
+    errors never accumulate, and nothing else is rounded.
+``swap_in_int8(bucket, coefficients)``
+    ``backup = param`` (exact), then ``param = cast(s + c)``, the compensated sum
+    defined for ``weights`` above, of ``coefficients[0] * A`` and, for ``i = 1 .. m-1``,
+    ``coefficients[i] * dq_i``, where ``dq_i = float(code) * scale`` (rounded) of the
+    ``i``-th newest delta, slot ``(n - 1 - i) % (k - 1)``. The stored snapshot ``j``
+    newest is ``A - dq_1 - ... - dq_j``, so weights ``w_0 .. w_{m-1}`` of the ``m``
+    newest snapshots give the coefficients ``W_0, -W_1, ..., -W_{m-1}`` with the suffix
+    sums ``W_i = w_i + ... + w_{m-1}`` (:func:`int8_coefficients`): the mean,
+    ``last = j`` and ``weights=`` are one pass over the anchor and the ``m - 1`` deltas.
+    A NaN scale in those deltas makes the result NaN in its block.
+
 The dispatcher advances ``pushes`` after ``push`` and ``ema_update``; backends only
 read it.
 """
@@ -76,6 +108,10 @@ from torch.autograd.graph import increment_version
 
 if TYPE_CHECKING:
     from lawa_optim.history import Bucket
+
+#: Elements per quantisation block of an 8-bit history; blocks start at each
+#: parameter's first element, so no block straddles two parameters (or two shards).
+QBLOCK = 256
 
 #: Backend names accepted by ``LAWA(backend=...)``.
 BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -107,7 +143,7 @@ def unavailable(name: str, bucket: "Bucket") -> str | None:
                 f"{bucket.param_device}; the fused kernels need both on one device (storage='device')"
             )
         for what, dtype in (("parameter", bucket.dtype), ("history", bucket.history_dtype)):
-            if dtype not in FUSED_DTYPES:
+            if dtype not in FUSED_DTYPES and not (what == "history" and dtype == torch.int8):
                 return (
                     f"the {what} dtype is {dtype}; the fused kernels accept "
                     f"{', '.join(map(str, FUSED_DTYPES))} (float64 runs on the torch backend)"
@@ -138,8 +174,12 @@ def resolve(requested: str, bucket: "Bucket") -> str:
 
 
 def push(bucket: "Bucket") -> None:
-    """Write the current weights into the next ring slot and update the running sum."""
-    _module(bucket.backend).push(bucket)
+    """Write the current weights into the next ring slot and update the running sum (an
+    8-bit history: the next delta and the anchor)."""
+    if bucket.int8:
+        _module(bucket.backend).push_int8(bucket)
+    else:
+        _module(bucket.backend).push(bucket)
     bucket.pushes.add_(1)
 
 
@@ -152,11 +192,27 @@ def ema_update(bucket: "Bucket", decay: float) -> None:
 def swap_in(bucket: "Bucket", last: int | None, weights: torch.Tensor | None = None) -> None:
     """Copy the weights into ``bucket.backup`` and write the average into them (the
     weighted sum of the newest slots when ``weights`` is given)."""
-    if weights is None:
+    if bucket.int8:
+        _module(bucket.backend).swap_in_int8(bucket, int8_coefficients(bucket, last, weights))
+    elif weights is None:
         _module(bucket.backend).swap_in(bucket, last)
     else:
         _module(bucket.backend).swap_in(bucket, None, weights)
     _mark_written(bucket)
+
+
+def int8_coefficients(bucket: "Bucket", last: int | None, weights: torch.Tensor | None) -> torch.Tensor:
+    """The coefficients of an 8-bit history's swap-in (see the module docstring), float32
+    on the bucket's device: the suffix sums of ``weights`` (of ``1/c`` each for the mean
+    of the ``c`` newest snapshots, ``c = last`` or ``min(n, k)``) summed in float64 and
+    rounded once, the first positive and the others negated."""
+    if weights is None:
+        c = last if last is not None else min(int(bucket.pushes.item()), bucket.k)
+        suffix = torch.arange(c, 0, -1, dtype=torch.float64, device=bucket.device) / c
+    else:
+        suffix = weights.to(torch.float64).flip(0).cumsum(0).flip(0)
+    suffix[1:] = suffix[1:].neg()
+    return suffix.to(torch.float32)
 
 
 def swap_back(bucket: "Bucket") -> None:
@@ -173,5 +229,7 @@ def _mark_written(bucket: "Bucket") -> None:
 
 
 def recompute(bucket: "Bucket") -> None:
-    """Recompute ``total`` exactly from the filled ring slots."""
-    _module(bucket.backend).recompute(bucket)
+    """Recompute ``total`` exactly from the filled ring slots (nothing for an 8-bit
+    history: its anchor is a snapshot, not a sum)."""
+    if not bucket.int8:
+        _module(bucket.backend).recompute(bucket)

@@ -21,7 +21,7 @@ import torch
 from torch.optim import Optimizer
 
 from lawa_optim import compiled, ops, weighting
-from lawa_optim.history import FLOAT_DTYPES, History, check_param, is_int, resolve_storage
+from lawa_optim.history import History, check_history_dtype, check_param, is_int, resolve_storage
 from lawa_optim.memory import Memory
 from lawa_optim.state import install, read_history, save_history, strip_lawa
 from lawa_optim.names import match_names
@@ -160,17 +160,14 @@ class LAWA(WrappedOptimizer):
             raise ValueError(f"decay must be a float in [0, 1), got {decay!r}")
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
-        if history_dtype is not None and history_dtype not in FLOAT_DTYPES:
-            raise ValueError(
-                f"history_dtype must be None or one of {FLOAT_DTYPES}, got {history_dtype!r}"
-            )
+        check_history_dtype(history_dtype, mode)
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
         if recompute_every is not None and (not is_int(recompute_every) or not 1 <= recompute_every <= MAX_COUNT):
             raise ValueError(f"recompute_every must be None or an int in [1, 2**62], got {recompute_every!r}")
         for g, group in enumerate(optimizer.param_groups):
             for i, p in enumerate(group["params"]):
-                check_param(p, f"parameter {i} of param group {g}")
+                check_param(p, f"parameter {i} of param group {g}", history_dtype)
 
         super().__init__(optimizer)
         self.every = every
@@ -271,7 +268,7 @@ class LAWA(WrappedOptimizer):
         for i, p in enumerate(params):
             # torch accepts (name, parameter) pairs, as named_parameters() yields them.
             tensor = p[1] if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) else p
-            check_param(tensor, f"parameter {i} of the added param group")
+            check_param(tensor, f"parameter {i} of the added param group", self._history.history_dtype)
         self._inner.add_param_group({**param_group, "params": params})
 
     def snapshot(self) -> bool:

@@ -307,3 +307,158 @@ def test_weighted_contract(runner, pdtype, hdtype):
         c.push(b.params)
         if n in (1, 2, 7):
             check_weighted(b, c, f"after {n} pushes")
+
+
+# -- the 8-bit history ----------------------------------------------------------------
+
+def memory_order(p: torch.Tensor) -> torch.Tensor:
+    """A dense parameter's elements in memory order, flat (its slice of the flat buffers)."""
+    return p.as_strided((p.numel(),), (1,), p.storage_offset())
+
+
+class Int8Contract:
+    """The 8-bit history of the ``ops`` docstring replayed per parameter, flat in memory
+    order, block by block: ``anchor``, ``codes`` and ``scales`` per slot, and the exact
+    snapshots (float64) with the half-step bound each stored snapshot is within."""
+
+    def __init__(self, params: list[torch.Tensor], k: int):
+        self.k, self.pdtype = k, params[0].dtype
+        self.anchor = [torch.zeros(p.numel()) for p in params]
+        self.codes = [[torch.zeros(p.numel(), dtype=torch.int8) for p in params] for _ in range(k - 1)]
+        self.scales = [[torch.zeros(-(-max(p.numel(), 1) // 256)) for p in params] for _ in range(k - 1)]
+        self.exact: list[list[torch.Tensor]] = []  # float64, per snapshot
+        self.error: list[list[torch.Tensor]] = []  # bound on |stored - exact|, per snapshot
+
+    @property
+    def n(self) -> int:
+        return len(self.exact)
+
+    def push(self, params: list[torch.Tensor]) -> None:
+        n, s = self.n, (self.n - 1) % max(self.k - 1, 1)
+        ws = [memory_order(p.detach()).float() for p in params]
+        errors = []
+        for i, w in enumerate(ws):
+            if n == 0 or self.k == 1:
+                self.anchor[i] = w.clone()
+                errors.append(torch.zeros(w.numel(), dtype=torch.float64))
+                continue
+            codes, scales = self.codes[s][i], self.scales[s][i]
+            err = torch.zeros(w.numel(), dtype=torch.float64)
+            for blk in range(0, w.numel(), 256):
+                d = w[blk:blk + 256] - self.anchor[i][blk:blk + 256]
+                if not bool(d.isfinite().all()):
+                    scales[blk // 256] = float("nan")
+                    codes[blk:blk + 256] = 0
+                    self.anchor[i][blk:blk + 256] = w[blk:blk + 256]
+                    continue
+                m = d.abs().max()
+                if m < 2.0**-120:
+                    scales[blk // 256], codes[blk:blk + 256] = 0.0, 0
+                    err[blk:blk + 256] = m.double()
+                    continue
+                scale = m / torch.tensor(127.0)
+                q = torch.round(d * (torch.tensor(127.0) / m))
+                scales[blk // 256], codes[blk:blk + 256] = scale, q.to(torch.int8)
+                self.anchor[i][blk:blk + 256] += q * scale
+                err[blk:blk + 256] = scale.double() / 2
+            errors.append(err)
+        self.exact.append([w.double() for w in ws])
+        self.error.append(errors)
+
+    def dequantised(self, slot: int, i: int) -> torch.Tensor:
+        return self.codes[slot][i].float() * self.scales[slot][i].repeat_interleave(256)[: self.anchor[i].numel()]
+
+    def weighted(self, weights: list[float]) -> list[torch.Tensor]:
+        """What ``swap_in`` writes for ``weights`` of the newest snapshots (flat)."""
+        w = torch.tensor(weights, dtype=torch.float64)
+        coef = torch.cat([w.flip(0).cumsum(0).flip(0)[:1], -w.flip(0).cumsum(0).flip(0)[1:]]).float()
+        out = []
+        for i, a in enumerate(self.anchor):
+            terms = [a] + [self.dequantised((self.n - 1 - j) % (self.k - 1), i) for j in range(1, len(weights))]
+            s, c = torch.zeros_like(a), torch.zeros_like(a)
+            for x, cj in zip(terms, coef):
+                y = x * cj
+                t = s + y
+                c = c + torch.where(s.abs() >= y.abs(), (s - t) + y, (y - t) + s)
+                s = t
+            out.append((s + c).to(self.pdtype))
+        return out
+
+    def bound(self, weights: list[float], i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float64 weighted sum of the exact snapshots and the guarantee's bound on
+        an 8-bit average's distance from it: each stored snapshot within half its step,
+        and float32 arithmetic within ``(m + 4) 2**-24`` of the largest magnitude."""
+        snaps = list(reversed(self.exact[-len(weights):]))
+        errs = list(reversed(self.error[-len(weights):]))
+        exact = sum(wj * s[i] for wj, s in zip(weights, snaps))
+        mag = torch.stack([s[i].abs() for s in snaps]).amax(0)
+        total = sum(abs(wj) for wj in weights)
+        bound = sum(abs(wj) * e[i] for wj, e in zip(weights, errs)) + (len(weights) + 4) * 2.0**-24 * total * mag
+        return exact, bound
+
+
+def check_int8(b: Bucket, c: Int8Contract, what: str) -> None:
+    """Anchor, codes and scales bit for bit as the contract has them; padding untouched."""
+    for i in range(len(b.params)):
+        lo, n = b.offsets[i], b.numels[i]
+        assert_same_bits(b.total[lo:lo + n], c.anchor[i], f"{what}: anchor of parameter {i}")
+        for s in range(b.k - 1):
+            assert_same_bits(b.ring[s, lo:lo + n], c.codes[s][i], f"{what}: codes of slot {s}, parameter {i}")
+            got = b.scales[s, b.block_bases[i]:b.block_bases[i] + c.scales[s][i].numel()]
+            assert_same_bits(got, c.scales[s][i], f"{what}: scales of slot {s}, parameter {i}")
+    pad = padding(b)
+    assert not bits(b.ring[:, pad]).any() and not bits(b.total[pad]).any(), f"{what}: padding written"
+
+
+def check_int8_swaps(b: Bucket, c: Int8Contract, what: str) -> None:
+    """The mean, every ``last`` and a weighting, each bit for bit as the contract has it
+    and within the guarantee of the exact snapshots' average; swap-back restores."""
+    originals = [p.clone() for p in b.params]
+    held = min(c.n, b.k)
+    cases = [(None, [1.0 / held] * held)] + [(j, [1.0 / j] * j) for j in range(1, held + 1)]
+    cases.append(("w", [1.5, -0.75, 0.25][:held]))
+    for last, weights in cases:
+        at = f"{what}, swap_in({'weights' if last == 'w' else f'last={last}'})"
+        if last == "w":
+            swap_in(b, None, weights)
+        else:
+            swap_in(b, last)
+        for i, (p, want) in enumerate(zip(b.params, c.weighted(weights))):
+            got = memory_order(p)
+            assert_same_bits(got, want, f"{at}: parameter {i}")
+            exact, bound = c.bound(weights, i)
+            bound = bound + torch.finfo(p.dtype).eps * exact.abs()
+            err = (got.double() - exact).abs()
+            assert bool((err <= bound)[exact.isfinite()].all()), f"{at}: parameter {i} beyond the guarantee"
+            assert_same_bits(b.view(b.backup, i), originals[i], f"{at}: backup of parameter {i}")
+        ops.swap_back(b)
+        for i, (p, o) in enumerate(zip(b.params, originals)):
+            assert_same_bits(p, o, f"{at}, swap_back: parameter {i}")
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("pdtype", DTYPES, ids=dtype_id)
+def test_int8_contract(runner, pdtype, k):
+    """The 8-bit history on every backend: anchor, codes and scales bit for bit as
+    :class:`Int8Contract` replays the ``ops`` docstring after every push (filling,
+    wrapping, a NaN and an infinity entering and leaving, a block that does not move),
+    and every swap-in bit for bit and within the guarantee of the float64 average of the
+    exact snapshots."""
+    params = make_params(DEVICE, pdtype, seed=5)
+    b = Bucket(params, k, "uniform", torch.int8, "device", runner)
+    c = Int8Contract(b.params, k)
+    g = torch.Generator().manual_seed(7)
+    for n in range(1, 2 * k + 4):
+        for p in b.params:  # a random walk, each parameter at its own scale and drift
+            p.add_((torch.randn(p.shape, generator=g, dtype=torch.float64) * 10.0 ** -(n % 3)).to(pdtype))
+        if n == 3 and b.params[-1].numel():
+            b.params[-1].view(-1)[0] = float("nan")
+        if n == 4 and b.params[-1].numel():
+            b.params[-1].view(-1)[-1] = float("inf")
+        if n == 5 and b.params[-1].numel():
+            b.params[-1].view(-1)[0] = 1.0
+            b.params[-1].view(-1)[-1] = -2.0
+        ops.push(b)
+        c.push(b.params)
+        check_int8(b, c, f"k={k}, push {n}")
+        check_int8_swaps(b, c, f"k={k}, after {n} pushes")

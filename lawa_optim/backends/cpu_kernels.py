@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from lawa_optim.backends import native
+from lawa_optim.ops import QBLOCK
 
 if TYPE_CHECKING:
     from lawa_optim.history import Bucket
@@ -61,6 +62,8 @@ SIGNATURES = {
     "lawa_cpu_swap_in": [_p, _i64, _int, _int, _p, _p, _p, _i64, _i64, _i64, _int, _i64, _int],
     "lawa_cpu_swap_weighted": [_p, _i64, _int, _int, _p, _p, _i64, _i64, _i64, _p, _i64, _int],
     "lawa_cpu_swap_back": [_p, _i64, _int, _p, _int],
+    "lawa_cpu_push_int8": [_p, _i64, _int, _p, _p, _i64, _i64, _i64, _i64, _p, _int],
+    "lawa_cpu_swap_int8": [_p, _i64, _int, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _p, _i64, _int],
 }
 #: Modes of lawa_cpu_swap_in.
 SWAP_EMA, SWAP_MEAN, SWAP_LAST = 0, 1, 2
@@ -123,7 +126,7 @@ def runs(b: "Bucket", op: str = "push") -> bool:
         and b.device.type == "cpu"
         and (op != "swap" or b.param_device.type == "cpu")
         and b.dtype in DTYPE_CODES
-        and b.history_dtype in DTYPE_CODES
+        and (b.history_dtype in DTYPE_CODES or b.int8)
         and library() is not None
         and (op != "ema" or ema_rounding() is not None)
     )
@@ -139,12 +142,26 @@ def rows(b: "Bucket", sources: Sequence[Tensor]) -> Tensor:
     return torch.tensor(table, dtype=torch.int64).reshape(-1, 3)
 
 
-def _table(b: "Bucket", sources: Sequence[Tensor]) -> Tensor:
+def rows_int8(b: "Bucket", sources: Sequence[Tensor]) -> Tensor:
+    """:func:`rows` with a fourth column for an 8-bit history: the index of the row's first
+    quantisation block (rows start on block boundaries: whole blocks, about ``ROW``)."""
+    step = max(QBLOCK, ROW - ROW % QBLOCK)
+    table = []
+    for src, off, n, base in zip(sources, b.offsets, b.numels, b.block_bases):
+        addr, size = src.data_ptr(), src.element_size()
+        table.extend(
+            (addr + lo * size, off + lo, min(step, n - lo), base + lo // QBLOCK) for lo in range(0, n, step)
+        )
+    return torch.tensor(table, dtype=torch.int64).reshape(-1, 4)
+
+
+def _table(b: "Bucket", sources: Sequence[Tensor], build=rows) -> Tensor:
     # Rebuilt only when a source moves (~1 ms for 148 tensors, 124M elements).
     ptrs = [t.data_ptr() for t in sources]
-    cached = b.cache.get("cpu")
+    key = "cpu" if build is rows else "cpu_int8"
+    cached = b.cache.get(key)
     if cached is None or cached[0] != ptrs:
-        cached = b.cache["cpu"] = (ptrs, rows(b, sources))
+        cached = b.cache[key] = (ptrs, build(b, sources))
     return cached[1]
 
 
@@ -210,6 +227,27 @@ def swap_weighted(b: "Bucket", n: int, weights: Tensor) -> None:
         b.backup.data_ptr(), b.ring.data_ptr(), b.D, b.k, n, weights.data_ptr(), weights.numel(),
         _threads(table),
     ), "weighted swap-in", b)
+
+
+def push_int8(b: "Bucket", n: int, sources: Sequence[Tensor]) -> None:
+    """Push number ``n`` of ``sources`` into the 8-bit history ``b`` (see :func:`push`)."""
+    table = _table(b, sources, rows_int8)
+    _check(_lib.lawa_cpu_push_int8(
+        table.data_ptr(), table.shape[0], DTYPE_CODES[b.dtype], b.ring.data_ptr(), b.scales.data_ptr(),
+        b.D, b.blocks, b.k, n, b.total.data_ptr(), _threads(table),
+    ), "8-bit push", b)
+
+
+def swap_in_int8(b: "Bucket", n: int, coefficients: Tensor) -> None:
+    """Back up ``b.params`` into ``b.backup`` and write into them the swap-in of the 8-bit
+    history ``b`` after ``n`` pushes with ``coefficients`` (float32, on the CPU)."""
+    table = _table(b, b.params, rows_int8)
+    coefficients = coefficients.contiguous()
+    _check(_lib.lawa_cpu_swap_int8(
+        table.data_ptr(), table.shape[0], DTYPE_CODES[b.dtype], b.backup.data_ptr(), b.total.data_ptr(),
+        b.ring.data_ptr(), b.scales.data_ptr(), b.D, b.blocks, b.k, n, coefficients.data_ptr(),
+        coefficients.numel(), _threads(table),
+    ), "8-bit swap-in", b)
 
 
 def swap_back(b: "Bucket") -> None:

@@ -139,6 +139,8 @@ def unavailable(bucket: "Bucket") -> str | None:
         return "CUDA is not available (no GPU, or a CPU-only build of torch)"
     if bucket.device.type != "cuda":
         return f"the history is on {bucket.device}; the CUDA kernels need it on a CUDA device"
+    if bucket.history_dtype == torch.int8:
+        return "the CUDA kernels do not run the 8-bit history (history_dtype=torch.int8) yet"
     return extension_error()
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from lawa_optim.backends import cpu_kernels
+from lawa_optim.ops import QBLOCK
 
 if TYPE_CHECKING:
     from lawa_optim.history import Bucket
@@ -47,7 +48,7 @@ def _cache(b: "Bucket") -> dict:
             i0 = i1
         c = b.cache["torch"] = {
             "chunks": chunks,
-            "slots": None if b.ring is None else [b.views(b.ring[s]) for s in range(b.k)],
+            "slots": None if b.ring is None else [b.views(slot) for slot in b.ring],
             "total": b.views(b.total),
         }
     return c
@@ -189,3 +190,79 @@ def wide_where_overflowed(avg: Tensor, total: Tensor, slots: Sequence[Tensor]) -
         wide += x.to(torch.float64)
     wide /= torch.tensor(float(len(slots)), dtype=torch.float64, device=wide.device)
     return torch.where(bad, wide.to(avg.dtype), avg)
+
+
+# -- the 8-bit history (lawa_optim.ops: push_int8, swap_in_int8) ----------------------
+
+#: Below this largest |delta| a block stores no delta (127 / m would overflow float32).
+TINY = 2.0**-120
+
+
+def _blocked(x: Tensor) -> Tensor:
+    """A flat parameter slice as ``(blocks, QBLOCK)``, zero-padded at its end."""
+    return torch.nn.functional.pad(x, (0, -x.numel() % QBLOCK)).view(-1, QBLOCK)
+
+
+def quantise(d: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 codes and float32 scales of deltas ``d`` shaped ``(blocks, QBLOCK)``, as
+    :mod:`lawa_optim.ops` defines them (a block with a non-finite delta gets scale NaN
+    and codes 0; one whose largest |delta| is below ``TINY``, scale 0 and codes 0)."""
+    ok = d.isfinite().all(1, keepdim=True)
+    m = torch.where(ok, d.abs().amax(1, keepdim=True), 1.0)
+    live = ok & (m >= TINY)
+    inv = torch.div(torch.full_like(m, 127.0), torch.where(live, m, 1.0))
+    codes = torch.where(live, torch.round(torch.where(ok, d, 0.0) * inv), 0.0).to(torch.int8)
+    scale = torch.where(live, torch.div(m, torch.full_like(m, 127.0)), torch.where(ok, 0.0, float("nan")))
+    return codes, scale.squeeze(1)
+
+
+def push_int8(b: "Bucket", sources: Sequence[Tensor] | None = None) -> None:
+    """Push of an 8-bit history: the next delta, quantised against the anchor, and the
+    anchor moved by what was stored."""
+    n = int(b.pushes.item())
+    params = _params(b) if sources is None else list(sources)
+    if cpu_kernels.runs(b):
+        cpu_kernels.push_int8(b, n, params)
+        return
+    anchors = _cache(b)["total"]
+    if n == 0 or b.k == 1:
+        torch._foreach_copy_(anchors, params)
+        return
+    s = (n - 1) % (b.k - 1)
+    for i, (p, a) in enumerate(zip(params, anchors)):
+        lo, numel = b.offsets[i], b.numels[i]
+        w = torch.empty(numel, dtype=torch.float32, device=b.device)
+        b.view(w, i, base=lo).copy_(p)
+        anchor = b.total[lo:lo + numel]
+        codes, scale = quantise(_blocked(w - anchor))
+        nb = codes.shape[0]
+        b.scales[s, b.block_bases[i]:b.block_bases[i] + nb] = scale
+        b.ring[s, lo:lo + numel] = codes.view(-1)[:numel]
+        dq = (codes.to(torch.float32) * scale[:, None]).view(-1)[:numel]
+        restart = scale.isnan().repeat_interleave(QBLOCK)[:numel]
+        anchor.copy_(torch.where(restart, w, anchor + dq))
+
+
+def dequantised(b: "Bucket", slot: int, i: int) -> Tensor:
+    """Parameter ``i``'s delta in ring slot ``slot`` of an 8-bit history, float32, flat
+    in memory order: ``float(code) * scale``."""
+    lo, numel = b.offsets[i], b.numels[i]
+    codes = _blocked(b.ring[slot, lo:lo + numel]).to(torch.float32)
+    base = b.block_bases[i]
+    scale = b.scales[slot, base:base + codes.shape[0]]
+    return (codes * scale[:, None]).view(-1)[:numel]
+
+
+def swap_in_int8(b: "Bucket", coefficients: Tensor) -> None:
+    """Swap-in of an 8-bit history: the compensated sum of ``coefficients[0] * anchor``
+    and ``coefficients[i] *`` the ``i``-th newest delta."""
+    n = int(b.pushes.item())
+    if cpu_kernels.runs(b, "swap"):
+        cpu_kernels.swap_in_int8(b, n, coefficients)
+        return
+    torch._foreach_copy_(b.views(b.backup), b.params)
+    slots = [(n - 1 - i) % (b.k - 1) for i in range(1, coefficients.numel())]
+    for i, p in enumerate(b.params):
+        lo, numel = b.offsets[i], b.numels[i]
+        terms = [b.total[lo:lo + numel]] + [dequantised(b, s, i) for s in slots]
+        p.copy_(b.view(weighted_sum(terms, coefficients), i, base=lo))

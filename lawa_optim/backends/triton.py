@@ -58,6 +58,8 @@ def unavailable(bucket: "Bucket") -> str | None:
         return f"TRITON_INTERPRET=1 runs the kernels on CPU tensors only, not on {device}"
     if not _k.INTERPRET and device.type != "cuda":
         return f"device {device} is not a CUDA device and TRITON_INTERPRET is not set"
+    if bucket.history_dtype == torch.int8:
+        return "the Triton kernels do not run the 8-bit history (history_dtype=torch.int8) yet"
     return None
 
 
