@@ -233,10 +233,21 @@ def vectors(*dtypes: str) -> int:
     return sum(8 * (4 if d == "float32" else 2) // 16 for d in dtypes)
 
 
+def vectors16(*dtypes: str) -> int:
+    """128-bit accesses one thread makes to move its 16 elements of each stream (the
+    8-bit history's kernels)."""
+    return sum({"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}[d] for d in dtypes)
+
+
 def expected_vectors(name: str) -> tuple[int, int]:
     """(loads, stores) of 128 bits in a kernel variant: every stream of the aligned loop
     is vectorized, and in a misaligned parameter's loop every stream but the parameter's."""
     op, *dtypes = name.split(":")
+    if op == "push_int8":  # the anchor read; the anchor written at the first push and later, the codes
+        return vectors16(dtypes[0]) + 2 * vectors16("float32"), 2 * vectors16("float32", "float32", "int8")
+    if name.startswith("swap_in:int8"):  # the anchor and one delta's codes read per step
+        p = dtypes[1]
+        return vectors16(p) + 2 * vectors16("float32", "int8"), 3 * vectors16(p)
     if op == "swap_in":
         mode, p, *h = dtypes
         avg = ["float32"] if mode in ("ema", "mean") else h  # total, or the ring's slots
@@ -260,6 +271,7 @@ def test_compile_ptx_names_every_variant(compiled):
         | {f"swap_in:ema:{p}" for p in d}
         | {f"swap_in:{m}:{p}:{h}" for m in ("mean", "last", "weighted") for p in d for h in d}
         | {f"swap_back:{p}" for p in d} | {f"recompute:{h}" for h in d}
+        | {f"push_int8:{p}" for p in d} | {f"swap_in:int8:{p}" for p in d}
     )
     assert names == expected
     assert {k.split(":", 1)[0] for k in compiled} == {"80", "90"}
@@ -292,9 +304,11 @@ def test_compiled_arithmetic_is_the_contract(compiled):
             assert "div.rn.f32" in ops, key
         if name.startswith("ema"):
             assert "fma.rn.f32" in ops, key
-        if name.startswith("swap_in:weighted"):
+        if name.startswith(("swap_in:weighted", "push_int8", "swap_in:int8")):
             # Each product rounds before it is added: Triton would fuse them by default.
             assert not any(o.startswith("fma") for o in ops), key
+        if name.startswith("push_int8"):  # the scale and its inverse
+            assert "div.rn.f32" in ops, key
     for name, cvt in [("push:float32:bfloat16", "cvt.rn.bf16"), ("push:float32:float16", "cvt.rn.f16"),
                       ("swap_in:mean:bfloat16:float32", "cvt.rn.bf16")]:
         for arch in (80, 90):

@@ -30,6 +30,8 @@ except ImportError as exc:
     _k = None
     _IMPORT_ERROR = str(exc)
 
+from lawa_optim.ops import QBLOCK
+
 if TYPE_CHECKING:
     from lawa_optim.history import Bucket
 
@@ -58,8 +60,6 @@ def unavailable(bucket: "Bucket") -> str | None:
         return f"TRITON_INTERPRET=1 runs the kernels on CPU tensors only, not on {device}"
     if not _k.INTERPRET and device.type != "cuda":
         return f"device {device} is not a CUDA device and TRITON_INTERPRET is not set"
-    if bucket.history_dtype == torch.int8:
-        return "the Triton kernels do not run the 8-bit history (history_dtype=torch.int8) yet"
     return None
 
 
@@ -136,6 +136,42 @@ def swap_in(b: "Bucket", last: int | None, weights: Tensor | None = None) -> Non
     _launch(_k.swap_in_kernel, b, b.ring, b.total, b.backup, None, b.pushes, b.D, b.k, last or 0, MODE=mode)
 
 
+#: Quantisation blocks per tile of the 8-bit kernels: 2048 elements on a GPU (16 per
+#: thread of 4 warps: 128-bit accesses for the codes), 4096 in the interpreter.
+TILE = BLOCK // QBLOCK * 2 if _k is not None and not _k.INTERPRET else BLOCK // QBLOCK
+
+
+def _int8_table(b: "Bucket") -> Tensor:
+    """The block table with a fourth column, the row's first quantisation block."""
+    table = b.cache.get("triton_int8")
+    if table is None:
+        ptrs = [p.data_ptr() for p in b.params]
+        rows = block_table(ptrs, b.numels, b.offsets, b.params[0].element_size())
+        param = torch.repeat_interleave(torch.arange(len(b.params)), -(-torch.tensor(b.numels) // CHUNK))
+        first = torch.tensor(b.block_bases, dtype=torch.int64)[param] + (rows[:, 1] - torch.tensor(b.offsets)[param]) // QBLOCK
+        table = b.cache["triton_int8"] = torch.cat([rows, first[:, None]], 1).contiguous().to(b.device)
+    return table
+
+
+def _launch_int8(kernel, b: "Bucket", *args) -> None:
+    table = _int8_table(b)
+    if table.shape[0]:
+        with _device(b.device):
+            kernel[(table.shape[0],)](table, *args, PDTYPE=_k.TL_DTYPES[b.dtype], TILE=TILE, QBLOCK=QBLOCK,
+                                      **NO_FUSION)
+
+
+def push_int8(b: "Bucket") -> None:
+    """Push of an 8-bit history: the next delta and the anchor (see :mod:`lawa_optim.ops`)."""
+    _launch_int8(_k.push_int8_kernel, b, b.ring, b.scales, b.total, b.pushes, b.D, b.blocks, b.k)
+
+
+def swap_in_int8(b: "Bucket", coefficients: Tensor) -> None:
+    """Back up the parameters and write the 8-bit history's swap-in with ``coefficients``."""
+    _launch_int8(_k.swap_int8_kernel, b, b.ring, b.scales, b.total, b.backup, coefficients, b.pushes, b.D,
+                 b.blocks, b.k, coefficients.numel())
+
+
 def swap_back(b: "Bucket") -> None:
     """Copy ``b.backup`` back into the parameters."""
     _launch(_k.swap_back_kernel, b, b.backup)
@@ -162,6 +198,7 @@ def _variants() -> dict[str, tuple]:
     table, pushes = torch.zeros(3, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
     total = torch.zeros(D, dtype=torch.float32)
     bufs = {dt: torch.zeros(64, dtype=dt) for dt in _NAMES}
+    table4, codes, scales = torch.zeros(4, dtype=torch.int64), torch.zeros(64, dtype=torch.int8), total[:64]
     out: dict[str, tuple] = {}
     for p, pn in _NAMES.items():
         P = {"PDTYPE": _k.TL_DTYPES[p], "BLOCK": BLOCK}
@@ -178,6 +215,10 @@ def _variants() -> dict[str, tuple]:
                 extra = NO_FUSION if mode == "weighted" else {}
                 out[f"swap_in:{mode}:{pn}:{hn}"] = (_k.swap_in_kernel, args,
                                                     {**P, "MODE": _SWAP_MODES[mode], **extra})
+        Q = {"PDTYPE": _k.TL_DTYPES[p], "TILE": TILE, "QBLOCK": QBLOCK, **NO_FUSION}
+        out[f"push_int8:{pn}"] = (_k.push_int8_kernel, (table4, codes, scales, total, pushes, D, D // QBLOCK, k), Q)
+        out[f"swap_in:int8:{pn}"] = (_k.swap_int8_kernel, (table4, codes, scales, total, bufs[p], scales, pushes, D,
+                                                           D // QBLOCK, k, 3), Q)
         out[f"swap_back:{pn}"] = (_k.swap_back_kernel, (table, bufs[p]), P)
         out[f"recompute:{pn}"] = (_k.recompute_kernel, (bufs[p], total, pushes, D, k),
                                   {"CHUNK": CHUNK, "BLOCK": BLOCK})
@@ -189,7 +230,8 @@ def compile_ptx(arch: int = 90) -> dict[str, str]:
     ``GPUTarget("cuda", arch, 32)`` with the specialisation a launch over aligned
     parameters gets; no GPU needed. Keys name the operation and the dtypes, e.g.
     ``"push:float32:bfloat16"`` (parameters, then history), ``"swap_in:last:bfloat16:float32"``,
-    ``"recompute:bfloat16"`` (history).
+    ``"recompute:bfloat16"`` (history), ``"push_int8:float32"`` and ``"swap_in:int8:float32"``
+    (the 8-bit history; parameters).
 
     Needs the compiled kernels, so a process where ``TRITON_INTERPRET=1`` was set
     when this backend was imported cannot run it.

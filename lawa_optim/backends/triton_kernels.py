@@ -333,3 +333,132 @@ def recompute_kernel(ring, total, pushes, D, K, CHUNK: tl.constexpr, BLOCK: tl.c
             acc, comp = _csum_add(acc, comp, _to_f32(tl.load(row + idx, mask=mask)))
             row += D  # slot s: a 64-bit pointer step, as s * D may exceed 2**31
         tl.store(total + off + idx, _csum_result(acc, comp), mask=mask)
+
+
+# -- the 8-bit history (lawa_optim.ops: push_int8, swap_in_int8) --------------------
+# Rows of the int8 table have a fourth column, the index of the row's first quantisation
+# block; rows start on block boundaries. A program walks its row in tiles of
+# (TILE, QBLOCK): one quantisation block per tile row, its reductions along axis 1.
+# Launched with enable_fp_fusion=False: the contract rounds every product on its own.
+
+#: 1.5 * 2**23: (x + RINT) - RINT rounds |x| <= 2**22 to the nearest integer, ties to even.
+RINT = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def _row_int8(table):
+    """This program's chunk: parameter address, flat offset, count, first block."""
+    row = table + tl.program_id(0).to(tl.int64) * 4
+    return tl.load(row), tl.multiple_of(tl.load(row + 1), 64), tl.load(row + 2), tl.load(row + 3)
+
+
+@triton.jit
+def _push_int8_tile(src, anchor, codes, scales, start, cnt, first, TILE: tl.constexpr,
+                    QBLOCK: tl.constexpr, MASKED: tl.constexpr):
+    rows = tl.arange(0, TILE)
+    idx = start + rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    if MASKED:  # outside the chunk: d = 0, which moves no scale
+        mask = idx < cnt
+        w = _to_f32(tl.load(src + idx, mask=mask, other=0.0))
+        a = tl.load(anchor + idx, mask=mask, other=0.0)
+    else:
+        mask = None
+        w = _to_f32(tl.load(src + idx))
+        a = tl.load(anchor + idx)
+    if first:
+        tl.store(anchor + idx, w, mask=mask)
+    else:
+        d = w - a
+        # max |d| on the bits: a NaN or an infinity is above every finite value.
+        top = tl.max(d.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
+        bad = top >= 0x7F800000
+        m = top.to(tl.float32, bitcast=True)
+        live = (~bad) & (m >= 2.0**-120)
+        m = tl.where(live, m, 1.0)
+        scale = tl.where(live, tl.math.div_rn(m, tl.zeros_like(m) + 127.0), tl.where(bad, float("nan"), 0.0))
+        inv = tl.math.div_rn(tl.zeros_like(m) + 127.0, m)
+        q = (d * inv[:, None] + RINT) - RINT
+        q = tl.where(live[:, None], q, 0.0)
+        a = tl.where(bad[:, None], w, a + q * tl.where(live, scale, 0.0)[:, None])
+        tl.store(codes + idx, q.to(tl.int8), mask=mask)
+        tl.store(anchor + idx, a, mask=mask)
+        blk = start // QBLOCK + rows
+        tl.store(scales + blk, scale, mask=(blk * QBLOCK < cnt) if MASKED else None)
+
+
+@triton.jit
+def _push_int8_chunk(addr, off, cnt, blk0, ring, scales, anchor, n, D, NB, K, ALIGNED: tl.constexpr,
+                     PDTYPE: tl.constexpr, TILE: tl.constexpr, QBLOCK: tl.constexpr):
+    src = _param(addr, ALIGNED, PDTYPE)
+    first = (n == 0) | (K == 1)
+    s = tl.where(first, 0, (n - 1) % tl.maximum(K - 1, 1))
+    codes = ring + s * D + off
+    sc = scales + s * NB + blk0
+    whole = cnt - cnt % (TILE * QBLOCK)
+    for start in range(0, whole, TILE * QBLOCK):
+        _push_int8_tile(src, anchor + off, codes, sc, start, cnt, first, TILE, QBLOCK, False)
+    if whole < cnt:
+        _push_int8_tile(src, anchor + off, codes, sc, whole, cnt, first, TILE, QBLOCK, True)
+
+
+@triton.jit
+def push_int8_kernel(table, ring, scales, anchor, pushes, D, NB, K, PDTYPE: tl.constexpr,
+                     TILE: tl.constexpr, QBLOCK: tl.constexpr):
+    """Push ``n = pushes`` of an 8-bit history: ``anchor = param`` when ``n == 0`` or
+    ``K == 1``; else the delta ``param - anchor`` per block into slot ``(n - 1) % (K - 1)``
+    (codes and scale) and ``anchor`` moved by the dequantised delta (a block with a
+    non-finite delta: scale NaN, codes 0, ``anchor = param``)."""
+    addr, off, cnt, blk0 = _row_int8(table)
+    n = tl.load(pushes)
+    if addr % 16 == 0:
+        _push_int8_chunk(addr, off, cnt, blk0, ring, scales, anchor, n, D, NB, K, True, PDTYPE, TILE, QBLOCK)
+    else:
+        _push_int8_chunk(addr, off, cnt, blk0, ring, scales, anchor, n, D, NB, K, False, PDTYPE, TILE, QBLOCK)
+
+
+@triton.jit
+def _swap_int8_tile(src, anchor, backup, ring, scales, coef, start, cnt, n, D, NB, K, m, PDTYPE: tl.constexpr,
+                    TILE: tl.constexpr, QBLOCK: tl.constexpr, MASKED: tl.constexpr):
+    rows = tl.arange(0, TILE)
+    idx = start + rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    mask = idx < cnt if MASKED else None
+    p = tl.load(src + idx, mask=mask)
+    tl.store(backup + idx, p, mask=mask)
+    s = tl.zeros((TILE, QBLOCK), dtype=tl.float32)
+    c = tl.zeros((TILE, QBLOCK), dtype=tl.float32)
+    s, c = _csum_add(s, c, tl.load(coef) * tl.load(anchor + idx, mask=mask))
+    blk = start // QBLOCK + rows
+    for j in range(1, m):
+        slot = (n - 1 - j) % (K - 1)
+        code = tl.load(ring + slot * D + idx, mask=mask).to(tl.float32)
+        scale = tl.load(scales + slot * NB + blk, mask=(blk * QBLOCK < cnt) if MASKED else None)
+        s, c = _csum_add(s, c, tl.load(coef + j) * (code * scale[:, None]))
+    tl.store(src + idx, _from_f32(s + c, PDTYPE), mask=mask)
+
+
+@triton.jit
+def _swap_int8_chunk(addr, off, cnt, blk0, ring, scales, anchor, backup, coef, n, D, NB, K, m,
+                     ALIGNED: tl.constexpr, PDTYPE: tl.constexpr, TILE: tl.constexpr, QBLOCK: tl.constexpr):
+    src = _param(addr, ALIGNED, PDTYPE)
+    whole = cnt - cnt % (TILE * QBLOCK)
+    for start in range(0, whole, TILE * QBLOCK):
+        _swap_int8_tile(src, anchor + off, backup + off, ring + off, scales + blk0, coef, start, cnt, n, D, NB, K, m,
+                        PDTYPE, TILE, QBLOCK, False)
+    if whole < cnt:
+        _swap_int8_tile(src, anchor + off, backup + off, ring + off, scales + blk0, coef, whole, cnt, n, D, NB, K, m,
+                        PDTYPE, TILE, QBLOCK, True)
+
+
+@triton.jit
+def swap_int8_kernel(table, ring, scales, anchor, backup, coef, pushes, D, NB, K, m, PDTYPE: tl.constexpr,
+                     TILE: tl.constexpr, QBLOCK: tl.constexpr):
+    """``backup = param``; ``param`` = Neumaier's sum of ``coef[0] * anchor`` and
+    ``coef[j] * code * scale`` of the ``j``-th newest delta, ``j = 1 .. m - 1``."""
+    addr, off, cnt, blk0 = _row_int8(table)
+    n = tl.load(pushes)
+    if addr % 16 == 0:
+        _swap_int8_chunk(addr, off, cnt, blk0, ring, scales, anchor, backup, coef, n, D, NB, K, m, True, PDTYPE,
+                         TILE, QBLOCK)
+    else:
+        _swap_int8_chunk(addr, off, cnt, blk0, ring, scales, anchor, backup, coef, n, D, NB, K, m, False, PDTYPE,
+                         TILE, QBLOCK)
