@@ -35,7 +35,7 @@ def register(bucket: "Bucket") -> int:
     return key
 
 
-# The schema is spelled out: torch before 2.5 cannot infer one from postponed (string)
+# The schema is spelled out: torch 2.6 and older cannot infer one from postponed (string)
 # annotations such as ``list[Tensor]``.
 @torch.library.custom_op(
     "lawa_optim::snapshot",
