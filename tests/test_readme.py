@@ -11,6 +11,9 @@ itself. An HTML comment right before a block changes how it is checked:
   --nproc-per-node 2`` would), each rank with its own harness;
 * ``<!-- readme-test: syntax -->``: only compiled, and every import it makes must resolve.
 
+Files a block reads by name (``ckpt.pt``: ``{"model": ..., "optimizer": opt.state_dict()}``)
+are written where it runs, a temporary folder.
+
 A new block is run unless marked, so one that uses a name the harness does not bind fails
 here: bind the name in :class:`Harness` (a tiny real object, nothing of the library
 patched) or mark the block. The recipes' results are then checked against the frameworks'
@@ -132,14 +135,16 @@ def data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 TRAIN, VAL = data(0), data(1)
 
 
-def val_loss(model: nn.Module) -> float:
-    """The validation loss of ``model`` in eval mode, computed here, in one batch."""
+def val_loss(model: nn.Module, loader=None) -> float:
+    """The loss of ``model`` in eval mode on ``loader``'s batches (default: the validation
+    data in one batch), the mean over the examples."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        loss = nn.functional.cross_entropy(model(VAL[0]), VAL[1]).item()
+        batches = [VAL] if loader is None else list(loader)
+        total = sum(nn.functional.cross_entropy(model(x), y, reduction="sum").item() for x, y in batches)
     model.train(was_training)
-    return loss
+    return total / sum(len(y) for _, y in batches)
 
 
 class TinyModule(pl.LightningModule):
