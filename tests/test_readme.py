@@ -84,9 +84,11 @@ def chains() -> list[list[Block]]:
     return out
 
 
-def test_every_mark_is_known():
+def test_every_mark_is_known_and_right_before_its_block():
     for b in blocks():
         assert b.mark in (None, *MARKS), f"{b.id}: unknown mark {b.mark!r}; known: {MARKS}"
+    written = sum((ROOT / name).read_text().count("<!-- readme-test:") for name in READMES)
+    assert written == sum(b.mark is not None for b in blocks()), "a mark not on the line right before ```python"
 
 
 # -- the user's side: a tiny model, its data, its loop ----------------------------------
