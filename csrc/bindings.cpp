@@ -233,6 +233,58 @@ void recompute(const at::Tensor& table, int64_t num_tiles, const at::Tensor& rin
                "recompute");
 }
 
+// The 8-bit history's buffers: codes (k - 1, D) int8, scales (k - 1, nb) float32, anchor
+// (D,) float32; block_bases one int64 per table row; returns k.
+int64_t check_int8(const at::Tensor& table, const at::Tensor& ring, const at::Tensor& scales,
+                   const at::Tensor& anchor, const at::Tensor& block_bases, const at::Tensor& pushes) {
+  const at::Device device = table.device();
+  check_buffer(anchor, "anchor", device, at::kFloat);
+  check_flat(anchor, "anchor", anchor.numel());
+  check_buffer(ring, "ring", device, at::kChar);
+  check_buffer(scales, "scales", device, at::kFloat);
+  check_buffer(block_bases, "block_bases", device, at::kLong);
+  check_pushes(pushes, device);
+  TORCH_CHECK(ring.dim() == 2 && ring.size(1) == anchor.numel(), "ring must have shape (k - 1, ",
+              anchor.numel(), "), got ", ring.sizes());
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == ring.size(0), "scales must have shape (",
+              ring.size(0), ", blocks), got ", scales.sizes());
+  TORCH_CHECK(block_bases.dim() == 1 && block_bases.size(0) == table.size(0), "block_bases must have ",
+              table.size(0), " entries, one per table row, got ", block_bases.sizes());
+  return ring.size(0) + 1;
+}
+
+void push_int8(const at::Tensor& table, int64_t num_tiles, at::ScalarType param_dtype,
+               const at::Tensor& block_bases, const at::Tensor& ring, const at::Tensor& scales,
+               const at::Tensor& anchor, const at::Tensor& pushes) {
+  const c10::cuda::CUDAGuard guard(table.device());
+  const LawaLaunch launch = launch_of(table, num_tiles);
+  const int64_t k = check_int8(table, ring, scales, anchor, block_bases, pushes);
+  check_launch(lawa_push_int8(launch, lawa_dtype(param_dtype, "the parameters"),
+                              block_bases.data_ptr<int64_t>(), ring.data_ptr<int8_t>(),
+                              scales.data_ptr<float>(), anchor.data_ptr<float>(),
+                              pushes.data_ptr<int64_t>(), anchor.numel(), scales.size(1), k),
+               "push_int8");
+}
+
+void swap_int8(const at::Tensor& table, int64_t num_tiles, const at::Tensor& block_bases,
+               const at::Tensor& ring, const at::Tensor& scales, const at::Tensor& anchor,
+               const at::Tensor& backup, const at::Tensor& coef, const at::Tensor& pushes) {
+  const c10::cuda::CUDAGuard guard(table.device());
+  const LawaLaunch launch = launch_of(table, num_tiles);
+  const int64_t k = check_int8(table, ring, scales, anchor, block_bases, pushes);
+  check_buffer(backup, "backup", table.device());
+  check_flat(backup, "backup", anchor.numel());
+  check_buffer(coef, "coefficients", table.device(), at::kFloat);
+  TORCH_CHECK(coef.dim() == 1 && coef.numel() >= 1 && coef.numel() <= k,
+              "coefficients must have shape (m,) with 1 <= m <= k = ", k, ", got ", coef.sizes());
+  check_launch(lawa_swap_int8(launch, lawa_dtype(backup.scalar_type(), "backup"),
+                              block_bases.data_ptr<int64_t>(), ring.data_ptr<int8_t>(),
+                              scales.data_ptr<float>(), anchor.data_ptr<float>(), backup.data_ptr(),
+                              coef.data_ptr<float>(), pushes.data_ptr<int64_t>(), anchor.numel(),
+                              scales.size(1), k, coef.numel()),
+               "swap_int8");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -254,6 +306,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weights"), py::arg("pushes"));
   m.def("swap_back", &swap_back, "Restore the weights from the backup", py::arg("table"),
         py::arg("num_tiles"), py::arg("backup"));
+  m.def("push_int8", &push_int8, "Snapshot into the 8-bit history: the next delta and the anchor",
+        py::arg("table"), py::arg("num_tiles"), py::arg("param_dtype"), py::arg("block_bases"),
+        py::arg("ring"), py::arg("scales"), py::arg("anchor"), py::arg("pushes"));
+  m.def("swap_int8", &swap_int8,
+        "Back up the weights and write the 8-bit history's weighted sum into them",
+        py::arg("table"), py::arg("num_tiles"), py::arg("block_bases"), py::arg("ring"),
+        py::arg("scales"), py::arg("anchor"), py::arg("backup"), py::arg("coef"), py::arg("pushes"));
   m.def("recompute", &recompute, "Recompute the running sum from the ring", py::arg("table"),
         py::arg("num_tiles"), py::arg("ring"), py::arg("total"), py::arg("pushes"));
 }

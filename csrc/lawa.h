@@ -78,3 +78,21 @@ cudaError_t lawa_swap_back(const LawaLaunch& launch, LawaDtype param_dtype, cons
 // total = csum(ring[0], ..., ring[min(pushes, k) - 1]) in slot order (lawa_optim/ops.py).
 cudaError_t lawa_recompute(const LawaLaunch& launch, LawaDtype history_dtype, const void* ring,
                            float* total, const int64_t* pushes, int64_t D, int64_t k);
+
+// The 8-bit history (lawa_optim/ops.py, push_int8): with n = pushes, anchor = float(param)
+// when n == 0 or k == 1; else per block of 256 elements of a parameter (scale index
+// block_bases[segment] + element / 256) the delta param - anchor quantised into codes
+// ring[(n - 1) % (k - 1)] and scales[(n - 1) % (k - 1)], and the anchor moved by what was
+// stored. `ring` is (k - 1, D) int8, `scales` (k - 1, nb) float32, `anchor` (D,) float32;
+// `block_bases` holds one int64 per segment, on the device.
+cudaError_t lawa_push_int8(const LawaLaunch& launch, LawaDtype param_dtype, const int64_t* block_bases,
+                           int8_t* ring, float* scales, float* anchor, const int64_t* pushes, int64_t D,
+                           int64_t nb, int64_t k);
+
+// backup = param (bit for bit), then param = cast(s + c), Neumaier's sum of coef[0] * anchor
+// and coef[j] * code * scale of the j-th newest delta, j = 1 .. m - 1 (1 <= m <= k; `coef`:
+// m float32 coefficients in device memory).
+cudaError_t lawa_swap_int8(const LawaLaunch& launch, LawaDtype param_dtype, const int64_t* block_bases,
+                           const int8_t* ring, const float* scales, const float* anchor, void* backup,
+                           const float* coef, const int64_t* pushes, int64_t D, int64_t nb, int64_t k,
+                           int64_t m);

@@ -213,3 +213,23 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     assert "could not be built" in reason and "nvcc" not in reason
     with pytest.raises(RuntimeError, match="backend='cuda'.*could not be built"):
         ops.resolve("cuda", probe("cuda"))
+
+
+def test_int8_kernels_move_codes_and_anchor_with_128_bit_accesses(nvcc_build):
+    """The 8-bit history's kernels: in the vector path a lane moves its 16 elements of each
+    stream with 128-bit accesses (codes: one, the float32 anchor: four, the parameter:
+    four of float32 or two of a 2-byte dtype); every product rounds on its own; the
+    swap-in takes one 64-bit remainder (the newest delta's slot) and steps back from it."""
+    arch, _, ptx = nvcc_build
+    kernels = {n: b for n, b in ptx.items() if "int8_kernel" in n}
+    assert len(kernels) == 6, sorted(ptx)
+    for name, body in kernels.items():
+        width = 4 if "LawaDtype0E" in name else 2  # float32 parameters, else bfloat16 or float16
+        ld = len(re.findall(r"\bld\.global(?:\.\w+)*\.v4\.", body))
+        st = len(re.findall(r"\bst\.global(?:\.\w+)*\.v4\.", body))
+        if "push_int8" in name:  # parameter and anchor in; anchor (first push, later) and codes out
+            assert (ld, st) == (width + 4, 4 + 4 + 1), f"sm_{arch} {name}"
+        else:  # parameter, anchor and one delta's codes in; backup and parameter out
+            assert (ld, st) == (width + 4 + 1, 2 * width), f"sm_{arch} {name}"
+            assert len(re.findall(r"\brem\.[su]64\b", body)) == 1, f"sm_{arch} {name}"
+        assert not re.search(r"\bfma\.", body), f"sm_{arch} {name}"

@@ -139,8 +139,6 @@ def unavailable(bucket: "Bucket") -> str | None:
         return "CUDA is not available (no GPU, or a CPU-only build of torch)"
     if bucket.device.type != "cuda":
         return f"the history is on {bucket.device}; the CUDA kernels need it on a CUDA device"
-    if bucket.history_dtype == torch.int8:
-        return "the CUDA kernels do not run the 8-bit history (history_dtype=torch.int8) yet"
     return extension_error()
 
 
@@ -185,6 +183,27 @@ def swap_back(b: "Bucket") -> None:
     """Copy ``b.backup`` back into the weights."""
     table, tiles = _table(b)
     _kernels().swap_back(table, tiles, b.backup)
+
+
+def _block_bases(b: "Bucket") -> Tensor:
+    # One per table row (a row per parameter); the bucket's layout never changes.
+    bases = b.cache.get("cuda_int8")
+    if bases is None:
+        bases = b.cache["cuda_int8"] = torch.tensor(b.block_bases, dtype=torch.int64, device=b.device)
+    return bases
+
+
+def push_int8(b: "Bucket") -> None:
+    """Push of an 8-bit history: the next delta and the anchor (see :mod:`lawa_optim.ops`)."""
+    table, tiles = _table(b)
+    _kernels().push_int8(table, tiles, b.dtype, _block_bases(b), b.ring, b.scales, b.total, b.pushes)
+
+
+def swap_in_int8(b: "Bucket", coefficients: Tensor) -> None:
+    """Back up the parameters and write the 8-bit history's swap-in with ``coefficients``."""
+    table, tiles = _table(b)
+    _kernels().swap_int8(table, tiles, _block_bases(b), b.ring, b.scales, b.total, b.backup,
+                         coefficients.contiguous(), b.pushes)
 
 
 def recompute(b: "Bucket") -> None:
