@@ -5,8 +5,8 @@ parameters, the reference backend's counter read) that Dynamo
 cannot trace: each would be a graph break. Inside a compiled region the history calls
 this op instead; its implementation is the same eager code, run when the compiled
 graph runs, so results are identical. The op declares the tensors it writes
-(``ring``, ``total``, ``pushes``) and reads the parameters, which orders it after an
-optimizer update in the same graph.
+(``ring``, ``total``, ``pushes``, and an 8-bit history's ``scales``) and reads the
+parameters, which orders it after an optimizer update in the same graph.
 """
 
 from __future__ import annotations
@@ -39,8 +39,11 @@ def register(bucket: "Bucket") -> int:
 # annotations such as ``list[Tensor]``.
 @torch.library.custom_op(
     "lawa_optim::snapshot",
-    mutates_args=("ring", "total", "pushes"),
-    schema="(Tensor[] params, Tensor(a1!)? ring, Tensor(a2!) total, Tensor(a3!) pushes, SymInt key, float? decay) -> ()",
+    mutates_args=("ring", "total", "pushes", "scales"),
+    schema=(
+        "(Tensor[] params, Tensor(a1!)? ring, Tensor(a2!) total, Tensor(a3!) pushes, SymInt key, float? decay, "
+        "Tensor(a4!)? scales) -> ()"
+    ),
 )
 def _snapshot(
     params: list[Tensor],
@@ -49,6 +52,7 @@ def _snapshot(
     pushes: Tensor,
     key: int,
     decay: float | None,
+    scales: Tensor | None,
 ) -> None:
     from lawa_optim.history import snapshot_bucket
 
@@ -63,19 +67,19 @@ def _snapshot(
         if given.data_ptr() != own.data_ptr():
             own.copy_(given)
     snapshot_bucket(b, decay)
-    for given, own in ((ring, b.ring), (total, b.total), (pushes, b.pushes)):
+    for given, own in ((ring, b.ring), (total, b.total), (pushes, b.pushes), (scales, b.scales)):
         if given is not None and given.data_ptr() != own.data_ptr():
             given.copy_(own)
 
 
 @_snapshot.register_fake
-def _(params, ring, total, pushes, key, decay) -> None:
+def _(params, ring, total, pushes, key, decay, scales) -> None:
     return None
 
 
 def snapshot(bucket: "Bucket", decay: float | None) -> None:
     """Run :func:`lawa_optim.history.snapshot_bucket` for ``bucket`` through the op."""
-    _snapshot(bucket.params, bucket.ring, bucket.total, bucket.pushes, bucket.key, decay)
+    _snapshot(bucket.params, bucket.ring, bucket.total, bucket.pushes, bucket.key, decay, bucket.scales)
 
 
 _freezing_warned = False

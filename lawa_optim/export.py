@@ -19,9 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from lawa_optim import weighting
-from lawa_optim.backends.reference import compensated_sum, weighted_sum, wide_where_overflowed
+from lawa_optim.backends.reference import compensated_sum, dequantise, weighted_sum, wide_where_overflowed
 from lawa_optim.bn import update_bn
-from lawa_optim.history import FLOAT_DTYPES, accumulation_dtype, is_int
+from lawa_optim.history import HISTORY_DTYPES, accumulation_dtype, is_int, is_int8
+from lawa_optim.ops import suffix_coefficients
 from lawa_optim.state_check import Layout, check, dtype_name, shown
 from lawa_optim.wrapper import LAWA, MODES
 
@@ -187,7 +188,9 @@ def _from_state_dict(
         gen = saved["lawa"]["generation"]
         pushes = 0 if gen is None else checked.pushes[gen]
         for p in group["params"]:
-            if pushes > 0:
+            if pushes > 0 and is_int8(history_dtype):
+                averages[id(p)] = _average_int8(p, checked.tensors[id(p)], pushes, k, fitted.get(g))
+            elif pushes > 0:
                 averages[id(p)] = _average(p, checked.tensors[id(p)], pushes, k, mode, fitted.get(g))
     if not averages:
         raise RuntimeError("export_average(): source holds no snapshot yet (saved before the first snapshot)")
@@ -202,10 +205,10 @@ def _settings(meta: Mapping[str, Any]) -> tuple[int, str, torch.dtype | None]:
     if mode not in MODES:
         raise ValueError(f"source's LAWA settings have mode={mode!r}; accepted: {MODES}")
     dtype = None if name is None else getattr(torch, name, None) if isinstance(name, str) else None
-    if name is not None and dtype not in FLOAT_DTYPES:
+    if name is not None and dtype not in HISTORY_DTYPES:
         raise ValueError(
             f"source's LAWA settings have history_dtype={name!r}; accepted: None or one of "
-            f"{[dtype_name(d) for d in FLOAT_DTYPES]}"
+            f"{[dtype_name(d) for d in HISTORY_DTYPES]}"
         )
     return k, mode, dtype
 
@@ -302,6 +305,28 @@ def _average(
         # A 0-dim tensor divides exactly as the kernels do (a Python float may not on CUDA).
         avg = total / torch.tensor(float(count), dtype=total.dtype, device=total.device)
         avg = wide_where_overflowed(avg, total, slots)
+    return avg.to(device=p.device, dtype=p.dtype, memory_format=torch.contiguous_format, copy=True)
+
+
+@torch.no_grad()
+def _average_int8(p: Tensor, saved: Mapping[str, Tensor], pushes: int, k: int, weights: tuple[float, ...] | None) -> Tensor:
+    """One parameter's average from its checked saved 8-bit history, with the arithmetic
+    of its swap-in (``lawa_optim.ops``). Blocks follow the memory order of ``p``, as they
+    did in the history that saved it."""
+    anchor = saved["lawa_anchor"]
+    count = min(pushes, k) if weights is None else len(weights)
+    given = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+    coefficients = suffix_coefficients(given, count, anchor.device)
+
+    def flat(t: Tensor) -> Tensor:  # memory order of p: its strides over a flat buffer
+        out = torch.empty(p.numel(), dtype=t.dtype, device=t.device)
+        out.as_strided(p.shape, p.stride()).copy_(t)
+        return out
+
+    slots = [(pushes - 1 - j) % (k - 1) for j in range(1, count)]
+    terms = [flat(anchor)]
+    terms += [dequantise(flat(saved["lawa_history"][s]), saved["lawa_scales"][s]) for s in slots]
+    avg = weighted_sum(terms, coefficients).as_strided(p.shape, p.stride())
     return avg.to(device=p.device, dtype=p.dtype, memory_format=torch.contiguous_format, copy=True)
 
 

@@ -36,10 +36,12 @@ class Memory:
 
     Attributes:
         parameters: parameter elements averaged, each counted once.
-        history: the ring of snapshots and its snapshot counters.
+        history: the ring of snapshots and its snapshot counters; for an 8-bit history
+            its int8 delta codes and its anchor (the newest snapshot, float32).
         sum: the running sum (float32; float64 for float64 parameters), or the
-            average itself in EMA mode.
-        scales: quantisation scales of an 8-bit history (0 for the other formats).
+            average itself in EMA mode; 0 for an 8-bit history, which keeps none.
+        scales: quantisation scales of an 8-bit history (float32, one per block of 256
+            elements and delta slot; 0 for the other formats).
         staging: the page-locked copy of the weights that ``storage="pinned"`` keeps
             for asynchronous snapshots of GPU parameters.
         backup: the training weights kept while an average is swapped in.
@@ -125,15 +127,16 @@ def history_bytes(
         print(history_bytes(model, k=6, history_dtype=torch.bfloat16))
     """
     # Imported here: lawa_optim.history imports this module for Bucket.memory().
-    from lawa_optim.history import FLOAT_DTYPES, accumulation_dtype, is_int, layout
+    from lawa_optim.history import (
+        FLOAT_DTYPES, accumulation_dtype, blocks, check_history_dtype, is_int, is_int8, layout,
+    )
     from lawa_optim.wrapper import MODES, STORAGES
 
     if not is_int(k) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    if history_dtype is not None and history_dtype not in FLOAT_DTYPES:
-        raise ValueError(f"history_dtype must be None or one of {FLOAT_DTYPES}, got {history_dtype!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_history_dtype(history_dtype, mode)
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     if not isinstance(swapped, bool):
@@ -145,6 +148,11 @@ def history_bytes(
                 f"params: parameter {i} has dtype {p.dtype}; LAWA averages "
                 f"{', '.join(map(str, FLOAT_DTYPES))} parameters"
             )
+        if is_int8(history_dtype) and p.dtype == torch.float64:
+            raise ValueError(
+                f"params: parameter {i} is float64, which history_dtype=torch.int8 does not hold; "
+                "use history_dtype=None for float64 parameters"
+            )
         buckets.setdefault((p.device, p.dtype), []).append(p)
     total = Memory()
     for (device, dtype), ps in buckets.items():
@@ -152,10 +160,18 @@ def history_bytes(
         D = layout(numels)[1]
         slot = (history_dtype or dtype).itemsize
         width = dtype.itemsize
+        # An 8-bit history: k - 1 int8 delta slots, the float32 anchor (its newest snapshot,
+        # counted as history) and a float32 scale per block and slot; no running sum.
+        int8 = is_int8(history_dtype)
+        if int8:
+            history = (k - 1) * D + 4 * D + 8
+        else:
+            history = k * D * slot + 8 if mode == "uniform" else 8
         total += Memory(
             parameters=sum(numels),
-            history=k * D * slot + 8 if mode == "uniform" else 8,
-            sum=D * accumulation_dtype(dtype).itemsize,
+            history=history,
+            sum=0 if int8 else D * accumulation_dtype(dtype).itemsize,
+            scales=4 * (k - 1) * blocks(numels)[1] if int8 else 0,
             staging=D * width if storage == "pinned" and mode == "uniform" and device.type == "cuda" else 0,
             backup=D * width if swapped else 0,
         )

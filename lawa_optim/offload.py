@@ -114,7 +114,7 @@ class Offload:
         bucket = self._bucket()
         if bucket is None:  # the optimizer went away: nobody can read this snapshot
             return
-        reference.push(bucket, self._views)
+        (reference.push_int8 if bucket.int8 else reference.push)(bucket, self._views)
         bucket.pushes.add_(1)
 
     def pending(self) -> bool:

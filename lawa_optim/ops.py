@@ -202,15 +202,21 @@ def swap_in(bucket: "Bucket", last: int | None, weights: torch.Tensor | None = N
 
 
 def int8_coefficients(bucket: "Bucket", last: int | None, weights: torch.Tensor | None) -> torch.Tensor:
-    """The coefficients of an 8-bit history's swap-in (see the module docstring), float32
-    on the bucket's device: the suffix sums of ``weights`` (of ``1/c`` each for the mean
-    of the ``c`` newest snapshots, ``c = last`` or ``min(n, k)``) summed in float64 and
-    rounded once, the first positive and the others negated."""
+    """The coefficients of an 8-bit history's swap-in (see the module docstring) for the
+    mean of the ``last`` (default ``min(n, k)``) newest snapshots, or for ``weights``."""
     if weights is None:
-        c = last if last is not None else min(int(bucket.pushes.item()), bucket.k)
-        suffix = torch.arange(c, 0, -1, dtype=torch.float64, device=bucket.device) / c
+        return suffix_coefficients(None, last if last is not None else min(int(bucket.pushes.item()), bucket.k), bucket.device)
+    return suffix_coefficients(weights, weights.numel(), bucket.device)
+
+
+def suffix_coefficients(weights: torch.Tensor | None, count: int, device: torch.device) -> torch.Tensor:
+    """``W_0, -W_1, ..., -W_{c-1}`` in float32 on ``device``: the suffix sums ``W_i`` of
+    ``weights`` (float32 coefficients of the newest snapshots, newest first) summed in
+    float64 and rounded once; for ``weights=None`` those of ``1/c`` each, ``(c - i)/c``."""
+    if weights is None:
+        suffix = torch.arange(count, 0, -1, dtype=torch.float64, device=device) / count
     else:
-        suffix = weights.to(torch.float64).flip(0).cumsum(0).flip(0)
+        suffix = weights.to(device=device, dtype=torch.float64).flip(0).cumsum(0).flip(0)
     suffix[1:] = suffix[1:].neg()
     return suffix.to(torch.float32)
 

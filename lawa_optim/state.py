@@ -2,7 +2,10 @@
 
 The layout is chosen so that ``torch.distributed.checkpoint`` handles it: per-parameter
 tensors under ``state[i]`` (``lawa_history``: a ``(k, *shape)`` view of the ring and
-``lawa_sum``: the running sum, in uniform mode; ``lawa_ema``: the average in EMA mode;
+``lawa_sum``: the running sum, in uniform mode; with ``history_dtype=torch.int8``
+instead ``lawa_history``: the ``(k - 1, *shape)`` int8 delta codes, ``lawa_anchor``: the
+newest snapshot in float32 and ``lawa_scales``: the ``(k - 1, blocks)`` float32 scales of
+the parameter's blocks of 256 elements; ``lawa_ema``: the average in EMA mode;
 ``lawa_backup``: the training weights while swapped) and small counters and settings
 under ``param_groups[g]["lawa"]``, with no extra top-level keys. DTensor parameters get
 DTensor views of their local history (see :mod:`lawa_optim.distributed`).
@@ -74,7 +77,11 @@ def save_history(opt: "LAWA", sd: dict[str, Any]) -> None:
     for pid, (p, (b, i)) in {ids[id(p)]: (p, bi) for p, bi in placed}.items():
         # A fresh dict: the packed entries are the live optimizer's state dicts.
         entry = dict(state.get(pid, {}))
-        if hist.mode == "uniform":
+        if b.int8:  # no sharded parameters (check_param): plain views
+            entry["lawa_history"] = b.history_view(i)
+            entry["lawa_anchor"] = b.view(b.total, i)
+            entry["lawa_scales"] = b.scales_view(i)
+        elif hist.mode == "uniform":
             entry["lawa_history"] = as_global(b.history_view(i), p, lead=hist.k)
             entry["lawa_sum"] = as_global(b.view(b.total, i), p)
         else:
@@ -134,13 +141,17 @@ def read_history(opt: "LAWA", sd: dict[str, Any]) -> Checked:
             b.pushes.fill_(checked.pushes[gen])
             for i, p in enumerate(b.sources):
                 got = checked.tensors[id(p)]
-                if hist.mode == "uniform":
+                if b.int8:
+                    b.history_view(i).copy_(got["lawa_history"])
+                    b.view(b.total, i).copy_(got["lawa_anchor"])
+                    b.scales_view(i).copy_(got["lawa_scales"])
+                elif hist.mode == "uniform":
                     b.history_view(i).copy_(got["lawa_history"])
                     if "lawa_sum" in got:
                         b.view(b.total, i).copy_(got["lawa_sum"])
                 else:
                     b.view(b.total, i).copy_(got["lawa_ema"])
-            if hist.mode == "uniform" and not checked.has_sum:
+            if hist.mode == "uniform" and not checked.has_sum and not b.int8:
                 History.recompute(b)  # a 0.1.0 checkpoint: see the module docstring
             if any("lawa_backup" in checked.tensors[id(p)] for p in b.sources):
                 b.backup = torch.empty(b.D, dtype=b.dtype, device=b.device, pin_memory=b.pinned)

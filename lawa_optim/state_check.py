@@ -43,13 +43,13 @@ import torch
 from torch import Tensor
 
 from lawa_optim.distributed import is_sharded, local, local_of_saved
-from lawa_optim.history import History, accumulation_dtype, is_int, parameter_owners
+from lawa_optim.history import History, accumulation_dtype, is_int, is_int8, param_blocks, parameter_owners
 
 if TYPE_CHECKING:
     from lawa_optim.wrapper import LAWA
 
 #: The per-parameter keys of the history in ``state[i]``.
-KEYS = ("lawa_history", "lawa_sum", "lawa_ema", "lawa_backup")
+KEYS = ("lawa_history", "lawa_sum", "lawa_ema", "lawa_backup", "lawa_anchor", "lawa_scales")
 _REQUIRED = ("k", "mode", "history_dtype", "steps", "pushes", "generation", "swapped")
 #: The largest snapshot count (``pushes``), step count and ``recompute_every`` accepted.
 #: No run reaches it (2**62 snapshots), and below it nothing the kernels compute from these
@@ -283,8 +283,13 @@ def _param_tensors(
             raise ValueError(f"{where}: the state_dict holds {present[0]}, but its param group has no history (generation None)")
         return {}
     uniform = opt.mode == "uniform"
-    needed = ["lawa_history"] if uniform else ["lawa_ema"]
-    allowed = {"lawa_history", "lawa_sum"} if uniform else {"lawa_ema"}
+    int8 = is_int8(opt.history_dtype)
+    if int8:
+        needed = ["lawa_history", "lawa_anchor", "lawa_scales"]
+        allowed = set(needed)
+    else:
+        needed = ["lawa_history"] if uniform else ["lawa_ema"]
+        allowed = {"lawa_history", "lawa_sum"} if uniform else {"lawa_ema"}
     if backed_up:
         needed.append("lawa_backup")
         allowed.add("lawa_backup")
@@ -295,7 +300,10 @@ def _param_tensors(
                 "(not saved while swapped, or its group had no snapshot then)"
             )
         if key not in allowed:
-            raise ValueError(f"{where}: the state_dict holds {key}, which a LAWA with mode={opt.mode!r} does not save")
+            raise ValueError(
+                f"{where}: the state_dict holds {key}, which a LAWA with mode={opt.mode!r} and "
+                f"history_dtype={dtype_name(opt.history_dtype)!r} does not save"
+            )
     for key in needed:
         if key in entry:
             continue
@@ -311,13 +319,34 @@ def _param_tensors(
     shape, local_shape = tuple(p.shape), tuple(local(p).shape)
     acc = accumulation_dtype(p.dtype)
     hdtype = opt.history_dtype or p.dtype
+    slots = opt.k - 1 if int8 else opt.k  # an 8-bit history keeps k - 1 deltas
+    nb = (opt.k - 1, param_blocks(p.numel()))
     specs = {
-        "lawa_history": (hdtype, "the history dtype", (opt.k, *shape), (opt.k, *local_shape)),
+        "lawa_history": (hdtype, "the history dtype", (slots, *shape), (slots, *local_shape)),
+        "lawa_anchor": (torch.float32, "the anchor's dtype", shape, local_shape),
+        "lawa_scales": (torch.float32, "the scales' dtype", nb, nb),
         "lawa_sum": (acc, "the running sum's dtype", shape, local_shape),
         "lawa_ema": (acc, "the running average's dtype", shape, local_shape),
         "lawa_backup": (p.dtype, "the parameter's dtype", shape, local_shape),
     }
-    return {key: _tensor(entry[key], key, where, opt.target, *specs[key]) for key in present}
+    out = {key: _tensor(entry[key], key, where, opt.target, *specs[key]) for key in present}
+    if int8:
+        _check_int8(out, where)
+    return out
+
+
+def _check_int8(tensors: dict[str, Tensor], where: str) -> None:
+    """Codes and scales an 8-bit push can write: codes in [-127, 127], scales 0, positive
+    and finite, or NaN (a block that restarted)."""
+    codes, scales = tensors["lawa_history"], tensors["lawa_scales"]
+    if codes.numel() and int(codes.min()) < -127:
+        raise ValueError(f"{where}: lawa_history holds the code {int(codes.min())}; an 8-bit history's codes lie in [-127, 127]")
+    bad = ~((scales >= 0) & scales.isfinite() | scales.isnan())
+    if bool(bad.any()):
+        raise ValueError(
+            f"{where}: lawa_scales holds {scales[bad][0].item()!r}; an 8-bit history's scales are "
+            "0, positive and finite, or NaN"
+        )
 
 
 def _tensor(

@@ -163,6 +163,11 @@ class TWA(WrappedOptimizer):
         count = counts[0]
         if last is not None and (not is_int(last) or not 1 <= last <= count):
             raise ValueError(f"last must be None or an int in [1, {count}] (the snapshots history holds), got {last!r}")
+        if any(b.int8 for b in buckets):
+            raise ValueError(
+                "history keeps its snapshots 8-bit delta-coded (history_dtype=torch.int8), which TWA "
+                "does not read: build the LAWA with history_dtype=None or torch.bfloat16 for TWA"
+            )
         if any(b.sharded for b in buckets):
             raise ValueError(
                 "history holds sharded (DTensor, e.g. FSDP2) parameters; TWA projects onto the span "

@@ -198,7 +198,7 @@ def fingerprint(opt: LAWA | None = None, *, model: nn.Module | None = None) -> d
             "layout": ([len(gen) for gen in hist.generations], list(hist.group_generation),
                        [[id(p) for p in ps] for ps in hist.group_params]),
             "buffers": [
-                [None if t is None else t.clone() for t in (b.ring, b.total, b.pushes, b.backup)]
+                [None if t is None else t.clone() for t in (b.ring, b.total, b.pushes, b.backup, b.scales)]
                 for b in hist.buckets
             ],
             "run": (opt.steps, opt.is_swapped, opt._run.started, opt.num_snapshots),

@@ -243,14 +243,18 @@ def push_int8(b: "Bucket", sources: Sequence[Tensor] | None = None) -> None:
         anchor.copy_(torch.where(restart, w, anchor + dq))
 
 
+def dequantise(codes: Tensor, scales: Tensor) -> Tensor:
+    """``float(code) * scale`` of one parameter's delta: ``codes`` flat in memory order,
+    ``scales`` one per block of ``QBLOCK`` of them (float32)."""
+    blocked = _blocked(codes).to(torch.float32)
+    return (blocked * scales[: blocked.shape[0], None]).view(-1)[: codes.numel()]
+
+
 def dequantised(b: "Bucket", slot: int, i: int) -> Tensor:
     """Parameter ``i``'s delta in ring slot ``slot`` of an 8-bit history, float32, flat
-    in memory order: ``float(code) * scale``."""
+    in memory order."""
     lo, numel = b.offsets[i], b.numels[i]
-    codes = _blocked(b.ring[slot, lo:lo + numel]).to(torch.float32)
-    base = b.block_bases[i]
-    scale = b.scales[slot, base:base + codes.shape[0]]
-    return (codes * scale[:, None]).view(-1)[:numel]
+    return dequantise(b.ring[slot, lo:lo + numel], b.scales[slot, b.block_bases[i]:])
 
 
 def swap_in_int8(b: "Bucket", coefficients: Tensor) -> None:
