@@ -300,10 +300,8 @@ def _param_tensors(
                 "(not saved while swapped, or its group had no snapshot then)"
             )
         if key not in allowed:
-            raise ValueError(
-                f"{where}: the state_dict holds {key}, which a LAWA with mode={opt.mode!r} and "
-                f"history_dtype={dtype_name(opt.history_dtype)!r} does not save"
-            )
+            fmt = " and history_dtype=torch.int8" if int8 else ""
+            raise ValueError(f"{where}: the state_dict holds {key}, which a LAWA with mode={opt.mode!r}{fmt} does not save")
     for key in needed:
         if key in entry:
             continue

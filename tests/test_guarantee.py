@@ -352,3 +352,100 @@ def no_range_warning():
         warnings.simplefilter("always")
         yield
     assert not [w for w in caught if "float16" in str(w.message)], [str(w.message) for w in caught]
+
+
+# -- the 8-bit history ---------------------------------------------------------------
+# README, "The numerical guarantee": each snapshot an 8-bit history stores differs from
+# the weights it stored by at most (1/254 + 5u) of the largest change of its 256-element
+# block since the previous stored snapshot, plus one rounding of its magnitude (the first
+# snapshot is stored exactly); the average of c snapshots is within the mean of those
+# errors plus (c + 4) u of the largest magnitude in the window. A non-finite weight, or a
+# change beyond float32's range, restarts its block: averages over windows reaching
+# across the restart are NaN there, and k snapshots after the value has left, the bound
+# holds again.
+
+def int8_step_errors(weights: list[torch.Tensor], stored: list[torch.Tensor]) -> torch.Tensor:
+    """The stated bound on ``|stored - weights|`` of the newest snapshot (flat float64,
+    one contiguous parameter), from the previous stored snapshot: per block of 256,
+    (1/254 + 5u) of the largest change, plus one rounding."""
+    w, a = weights[-1], stored[-1]
+    if len(weights) == 1:
+        return torch.zeros_like(w)
+    change = (w - stored[-2]).abs()
+    pad = -w.numel() % 256
+    m = torch.nn.functional.pad(change, (0, pad)).view(-1, 256).amax(1).repeat_interleave(256)[: w.numel()]
+    return m * (1 / 254 + 5 * U) + U * a.abs()
+
+
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("k", [2, 6])
+def test_int8_average_within_the_stated_error(runner, pdtype, k):
+    """Weights at magnitudes from 1e-3 to 1e4 moving by steps from 1e-7 to 1 of their
+    size: every average (the mean, each last=j) within the stated bound of the float64
+    mean of the weights snapshotted."""
+    sizes = (5, 300, 600)
+    params = [torch.nn.Parameter(torch.zeros(n, device=DEVICE, dtype=pdtype)) for n in sizes]
+    opt = LAWA(torch.optim.SGD(params, lr=0.1), k=k, history_dtype=torch.int8, backend=runner)
+    g = torch.Generator().manual_seed(k)
+    scale = [10.0 ** torch.empty(n).uniform_(-3, 4, generator=g).double() for n in sizes]
+    weights, stored, errors = [[] for _ in sizes], [[] for _ in sizes], [[] for _ in sizes]
+    value = [torch.randn(n, generator=g, dtype=torch.float64) * s for n, s in zip(sizes, scale)]
+    for n in range(3 * k + 2):
+        step = 10.0 ** -(n % 8)
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                value[i] = value[i] + torch.randn(sizes[i], generator=g, dtype=torch.float64) * scale[i] * step
+                p.copy_(value[i])
+        opt.snapshot()
+        (b,) = opt._history.buckets  # the stored snapshot exactly (float32), also for bfloat16 weights
+        newest = [b.view(b.total, i).double().cpu() for i in range(len(params))]
+        for i, p in enumerate(params):
+            weights[i].append(p.detach().double().cpu())
+            stored[i].append(newest[i])
+            errors[i].append(int8_step_errors(weights[i], stored[i]))
+        held = min(n + 1, k)
+        for last in (None, *range(1, held + 1)):
+            c = held if last is None else last
+            with opt.averaged(last=last):
+                for i, p in enumerate(params):
+                    exact = torch.stack(weights[i][-c:]).mean(0)
+                    window = torch.stack(stored[i][-c:] + weights[i][-c:]).abs().amax(0)
+                    bound = torch.stack(errors[i][-c:]).mean(0) + (c + 4) * U * window
+                    if pdtype != torch.float32:
+                        bound = bound + exact.abs() * 2.0**-8
+                    err = (p.detach().double().cpu() - exact).abs()
+                    assert (err <= bound).all(), (
+                        f"push {n + 1}, last={last}, param {i}: error {(err - bound).max().item():.3g} over the bound"
+                    )
+
+
+def test_int8_a_non_finite_weight_leaves_after_k_snapshots(runner):
+    """A NaN and an infinity restart their blocks: the averages reaching across are NaN
+    there (and only in those blocks), then k snapshots after they left, within the bound
+    again; the other blocks never notice."""
+    k = 3
+    params = [torch.nn.Parameter(torch.zeros(600, device=DEVICE))]
+    opt = LAWA(torch.optim.SGD(params, lr=0.1), k=k, history_dtype=torch.int8, backend=runner)
+    g = torch.Generator().manual_seed(0)
+    walk = [torch.randn(600, generator=g, dtype=torch.float64)]
+    for n in range(4 * k):
+        walk.append(walk[-1] + 1e-3 * torch.randn(600, generator=g, dtype=torch.float64))
+    tol = 5e-3 / 254 + 1e-6  # half a step of a change up to 5 sigma, and float32 rounding
+    for n, w in enumerate(walk):
+        w = w.clone()
+        if n == 2:
+            w[3], w[300] = math.nan, math.inf
+        with torch.no_grad():
+            params[0].copy_(w)
+        opt.snapshot()
+        with opt.averaged():
+            avg = params[0].detach().double().cpu()
+        window = range(max(0, n - k + 1), n + 1)
+        exact = torch.stack([walk[j] for j in window]).mean(0)
+        reaches = 2 in window or (n - k + 1 <= 2 and n >= 3)  # holds snapshot 2, or the restart after it
+        for block in (slice(0, 256), slice(256, 512)):
+            if reaches and n >= 2:
+                assert avg[block].isnan().all() or n == 2, f"push {n + 1}: block {block} should read NaN"
+            else:
+                assert (avg[block] - exact[block]).abs().max() <= tol, f"push {n + 1}: block {block}"
+        assert (avg[512:] - exact[512:]).abs().max() <= tol, f"push {n + 1}: an untouched block moved"

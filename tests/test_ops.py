@@ -360,7 +360,8 @@ class Int8Contract:
                 q = torch.round(d * (torch.tensor(127.0) / m))
                 scales[blk // 256], codes[blk:blk + 256] = scale, q.to(torch.int8)
                 self.anchor[i][blk:blk + 256] += q * scale
-                err[blk:blk + 256] = scale.double() / 2
+                # The stated error: (1/254 + 5u) of the largest change, one rounding of the value.
+                err[blk:blk + 256] = m.double() * (1 / 254 + 5 * 2.0**-24) + 2.0**-24 * self.anchor[i][blk:blk + 256].abs()
             errors.append(err)
         self.exact.append([w.double() for w in ws])
         self.error.append(errors)
@@ -386,7 +387,7 @@ class Int8Contract:
 
     def bound(self, weights: list[float], i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The float64 weighted sum of the exact snapshots and the guarantee's bound on
-        an 8-bit average's distance from it: each stored snapshot within half its step,
+        an 8-bit average's distance from it: each stored snapshot within its stated error,
         and float32 arithmetic within ``(m + 4) 2**-24`` of the largest magnitude."""
         snaps = list(reversed(self.exact[-len(weights):]))
         errs = list(reversed(self.error[-len(weights):]))
