@@ -226,3 +226,34 @@ def test_memory_at_k6_is_under_9_5_bytes_per_parameter():
     held = opt.memory()
     assert held == history_bytes(m, 6, history_dtype=torch.int8)
     assert held.history == b.ring.numel() + 4 * b.total.numel() + 8 and held.scales == 4 * b.scales.numel()
+
+
+def test_random_walk_error_is_within_1_percent_of_the_signal(tmp_path, capsys):
+    """The accuracy command on a smaller walk: at every snapshot after the first k, for
+    each drift, the 8-bit average is within 1 % of ‖avg_fp32 − newest‖ of the float32
+    history's average, and the record says so."""
+    import json
+
+    from benchmarks import int8_accuracy
+
+    out = tmp_path / "acc.json"
+    assert int8_accuracy.main(["--size", "3000", "--snapshots", "40", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert [r["drift"] for r in record["rows"]] == [1e-4, 1e-3, 1e-2]
+    for r in record["rows"]:
+        assert r["measured"] == 34 and r["within_bound"] and 0 < r["max_ratio"] <= 0.01
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--k", "1"], "argument --k: must be an int >= 2"),
+    (["--drifts", "0.1,x"], "argument --drifts: must be comma-separated numbers in (0, 1)"),
+    (["--snapshots", "6"], "argument --snapshots: must exceed --k (6)"),
+    (["--out", "/nonexistent/acc.json"], "argument --out: the folder"),
+])
+def test_accuracy_command_refuses_bad_arguments_in_one_line(args, message, capsys):
+    from benchmarks import int8_accuracy
+
+    with pytest.raises(SystemExit) as exc:
+        int8_accuracy.main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and err.count("\n") == 1

@@ -430,7 +430,9 @@ def check_int8_swaps(b: Bucket, c: Int8Contract, what: str) -> None:
             exact, bound = c.bound(weights, i)
             bound = bound + torch.finfo(p.dtype).eps * exact.abs()
             err = (got.double() - exact).abs()
-            assert bool((err <= bound)[exact.isfinite()].all()), f"{at}: parameter {i} beyond the guarantee"
+            # Where the contract reads NaN (a restarted block in reach): the same bits, checked above.
+            held = exact.isfinite() & want.isfinite()
+            assert bool((err <= bound)[held].all()), f"{at}: parameter {i} beyond the guarantee"
             assert_same_bits(b.view(b.backup, i), originals[i], f"{at}: backup of parameter {i}")
         ops.swap_back(b)
         for i, (p, o) in enumerate(zip(b.params, originals)):
@@ -452,13 +454,15 @@ def test_int8_contract(runner, pdtype, k):
     for n in range(1, 2 * k + 4):
         for p in b.params:  # a random walk, each parameter at its own scale and drift
             p.add_((torch.randn(p.shape, generator=g, dtype=torch.float64) * 10.0 ** -(n % 3)).to(pdtype))
-        if n == 3 and b.params[-1].numel():
-            b.params[-1].view(-1)[0] = float("nan")
-        if n == 4 and b.params[-1].numel():
-            b.params[-1].view(-1)[-1] = float("inf")
-        if n == 5 and b.params[-1].numel():
-            b.params[-1].view(-1)[0] = 1.0
-            b.params[-1].view(-1)[-1] = -2.0
+        big = max(b.params, key=torch.numel).view(-1)
+        if n in (1, 2):  # -0.0, then +0.0: a block that stores no delta keeps its anchor's bits
+            big[:300] = -0.0 if n == 1 else 0.0
+        if n == 3:
+            big[0] = float("nan")
+        if n == 4:
+            big[-1] = float("inf")
+        if n == 5:
+            big[0], big[-1] = 1.0, -2.0
         ops.push(b)
         c.push(b.params)
         check_int8(b, c, f"k={k}, push {n}")

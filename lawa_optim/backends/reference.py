@@ -239,8 +239,10 @@ def push_int8(b: "Bucket", sources: Sequence[Tensor] | None = None) -> None:
         b.scales[s, b.block_bases[i]:b.block_bases[i] + nb] = scale
         b.ring[s, lo:lo + numel] = codes.view(-1)[:numel]
         dq = (codes.to(torch.float32) * scale[:, None]).view(-1)[:numel]
+        # A block that restarts takes the weights; one that stored no delta stays as it was.
         restart = scale.isnan().repeat_interleave(QBLOCK)[:numel]
-        anchor.copy_(torch.where(restart, w, anchor + dq))
+        moved = (scale > 0).repeat_interleave(QBLOCK)[:numel]
+        anchor.copy_(torch.where(restart, w, torch.where(moved, anchor + dq, anchor)))
 
 
 def dequantise(codes: Tensor, scales: Tensor) -> Tensor:

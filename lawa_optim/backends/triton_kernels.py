@@ -379,7 +379,7 @@ def _push_int8_tile(src, anchor, codes, scales, start, cnt, first, TILE: tl.cons
         inv = tl.math.div_rn(tl.zeros_like(m) + 127.0, m)
         q = (d * inv[:, None] + RINT) - RINT
         q = tl.where(live[:, None], q, 0.0)
-        a = tl.where(bad[:, None], w, a + q * tl.where(live, scale, 0.0)[:, None])
+        a = tl.where(bad[:, None], w, tl.where(live[:, None], a + q * scale[:, None], a))
         tl.store(codes + idx, q.to(tl.int8), mask=mask)
         tl.store(anchor + idx, a, mask=mask)
         blk = start // QBLOCK + rows
