@@ -296,78 +296,78 @@ static inline float rint_small(float x) { return (x + 0x1.8p23f) - 0x1.8p23f; }
 
 /* One row of an 8-bit push: `codes` and `scales` are the row's part of the delta slot.
  * first: the first push (or k == 1): the anchor becomes the weights. */
-#define DEFINE_PUSH_INT8(P)                                                                 \
+#define DEFINE_PUSH_INT8(P)                                                                \
     static void push_int8_##P(const void *src_, float *restrict anchor, int8_t *restrict codes, \
                               float *restrict scales, int first, int64_t n) {              \
-        const P##_t *restrict src = src_;                                                   \
-        if (first) {                                                                        \
-            for (int64_t i = 0; i < n; i++) anchor[i] = P##_to_f(src[i]);                   \
-            return;                                                                         \
-        }                                                                                   \
-        float d[QBLOCK];                                                                    \
-        for (int64_t b = 0; b < n; b += QBLOCK) {                                           \
-            int64_t m = min64(QBLOCK, n - b);                                               \
-            /* max |d| on the bits: a NaN or an infinity is above every finite value. */     \
-            uint32_t top = 0;                                                               \
-            for (int64_t i = 0; i < m; i++) {                                               \
-                float x = P##_to_f(src[b + i]) - anchor[b + i];                             \
-                uint32_t u = f_to_bits(x) & 0x7fffffffu;                                    \
-                d[i] = x;                                                                   \
-                top = u > top ? u : top;                                                    \
-            }                                                                               \
-            float mx = bits_to_f(top);                                                      \
-            if (top >= 0x7f800000u) {                                                       \
-                scales[b / QBLOCK] = NAN;                                                   \
-                for (int64_t i = 0; i < m; i++) {                                           \
-                    codes[b + i] = 0;                                                       \
-                    anchor[b + i] = P##_to_f(src[b + i]);                                   \
-                }                                                                           \
-            } else if (mx < 0x1p-120f) {                                                    \
-                scales[b / QBLOCK] = 0.0f;                                                  \
-                for (int64_t i = 0; i < m; i++) codes[b + i] = 0;                           \
-            } else {                                                                        \
-                float scale = mx / 127.0f, inv = 127.0f / mx;                               \
-                scales[b / QBLOCK] = scale;                                                 \
-                for (int64_t i = 0; i < m; i++) {                                           \
-                    float q = rint_small(d[i] * inv);                                       \
-                    codes[b + i] = (int8_t)(int32_t)q;                                      \
-                    anchor[b + i] = anchor[b + i] + q * scale;                              \
-                }                                                                           \
-            }                                                                               \
-        }                                                                                   \
+        const P##_t *restrict src = src_;                                                  \
+        if (first) {                                                                       \
+            for (int64_t i = 0; i < n; i++) anchor[i] = P##_to_f(src[i]);                  \
+            return;                                                                        \
+        }                                                                                  \
+        float d[QBLOCK];                                                                   \
+        for (int64_t b = 0; b < n; b += QBLOCK) {                                          \
+            int64_t m = min64(QBLOCK, n - b);                                              \
+            /* max |d| on the bits: a NaN or an infinity is above every finite value. */   \
+            uint32_t top = 0;                                                              \
+            for (int64_t i = 0; i < m; i++) {                                              \
+                float x = P##_to_f(src[b + i]) - anchor[b + i];                            \
+                uint32_t u = f_to_bits(x) & 0x7fffffffu;                                   \
+                d[i] = x;                                                                  \
+                top = u > top ? u : top;                                                   \
+            }                                                                              \
+            float mx = bits_to_f(top);                                                     \
+            if (top >= 0x7f800000u) {                                                      \
+                scales[b / QBLOCK] = NAN;                                                  \
+                for (int64_t i = 0; i < m; i++) {                                          \
+                    codes[b + i] = 0;                                                      \
+                    anchor[b + i] = P##_to_f(src[b + i]);                                  \
+                }                                                                          \
+            } else if (mx < 0x1p-120f) {                                                   \
+                scales[b / QBLOCK] = 0.0f;                                                 \
+                for (int64_t i = 0; i < m; i++) codes[b + i] = 0;                          \
+            } else {                                                                       \
+                float scale = mx / 127.0f, inv = 127.0f / mx;                              \
+                scales[b / QBLOCK] = scale;                                                \
+                for (int64_t i = 0; i < m; i++) {                                          \
+                    float q = rint_small(d[i] * inv);                                      \
+                    codes[b + i] = (int8_t)(int32_t)q;                                     \
+                    anchor[b + i] = anchor[b + i] + q * scale;                             \
+                }                                                                          \
+            }                                                                              \
+        }                                                                                  \
     }
 
 /* One row of an 8-bit swap-in: param = cast(s + c), Neumaier's sum of coef[0] * anchor and
  * coef[j] * float(code) * scale of the j-th newest delta, slot (pushes - 1 - j) % (k - 1),
  * j = 1 .. m - 1, after `pushes` pushes. `ring`
  * and `scales` point at the row's part of slot 0. */
-#define DEFINE_SWAP_INT8(P)                                                                 \
-    static void swap_int8_##P(void *param_, void *backup_, const float *restrict anchor,    \
+#define DEFINE_SWAP_INT8(P)                                                                \
+    static void swap_int8_##P(void *param_, void *backup_, const float *restrict anchor,   \
                               const int8_t *ring, const float *scales, int64_t D, int64_t nb, \
-                              int64_t k, int64_t pushes, const float *coef, int64_t m,  \
-                              int64_t n) {                                              \
-        copy_streaming((char *)backup_, (const char *)param_, sizeof(P##_t) * (size_t)n);   \
-        P##_t *restrict param = param_;                                                     \
-        float sum[BLOCK], comp[BLOCK];                                                      \
-        for (int64_t b = 0; b < n; b += BLOCK) {                                            \
-            int64_t len = min64(BLOCK, n - b);                                              \
-            float w0 = coef[0];                                                             \
-            for (int64_t i = 0; i < len; i++) sum[i] = comp[i] = 0.0f;                      \
-            for (int64_t i = 0; i < len; i++) csum_add(&sum[i], &comp[i], w0 * anchor[b + i]); \
-            for (int64_t j = 1; j < m; j++) {                                               \
-                int64_t slot = (pushes - 1 - j) % (k - 1);                                  \
-                const int8_t *restrict r = ring + slot * D + b;                             \
-                const float *sc = scales + slot * nb + b / QBLOCK;                          \
-                float wj = coef[j];                                                         \
-                for (int64_t q = 0; q < len; q += QBLOCK) {                                 \
-                    float scale = sc[q / QBLOCK];                                           \
-                    int64_t e = min64(q + QBLOCK, len);                                     \
-                    for (int64_t i = q; i < e; i++)                                         \
-                        csum_add(&sum[i], &comp[i], wj * ((float)r[i] * scale));            \
-                }                                                                           \
-            }                                                                               \
-            for (int64_t i = 0; i < len; i++) param[b + i] = cast_f32_##P(sum[i] + comp[i]); \
-        }                                                                                   \
+                              int64_t k, int64_t pushes, const float *coef, int64_t m,     \
+                              int64_t n) {                                                 \
+        copy_streaming((char *)backup_, (const char *)param_, sizeof(P##_t) * (size_t)n);  \
+        P##_t *restrict param = param_;                                                    \
+        float acc[BLOCK], cmp[BLOCK];                                                      \
+        for (int64_t b = 0; b < n; b += BLOCK) {                                           \
+            int64_t len = min64(BLOCK, n - b);                                             \
+            float w0 = coef[0];                                                            \
+            for (int64_t i = 0; i < len; i++) acc[i] = cmp[i] = 0.0f;                      \
+            for (int64_t i = 0; i < len; i++) csum_add(&acc[i], &cmp[i], w0 * anchor[b + i]); \
+            for (int64_t j = 1; j < m; j++) {                                              \
+                int64_t slot = (pushes - 1 - j) % (k - 1);                                 \
+                const int8_t *restrict r = ring + b + slot * D;                            \
+                const float *sc = scales + slot * nb + b / QBLOCK;                         \
+                float wj = coef[j];                                                        \
+                for (int64_t q = 0; q < len; q += QBLOCK) {                                \
+                    float scale = sc[q / QBLOCK];                                          \
+                    int64_t e = min64(q + QBLOCK, len);                                    \
+                    for (int64_t i = q; i < e; i++)                                        \
+                        csum_add(&acc[i], &cmp[i], wj * ((float)r[i] * scale));            \
+                }                                                                          \
+            }                                                                              \
+            for (int64_t i = 0; i < len; i++) param[b + i] = cast_f32_##P(acc[i] + cmp[i]);\
+        }                                                                                  \
     }
 
 DEFINE_PUSH_INT8(f32)

@@ -42,7 +42,7 @@ def register(bucket: "Bucket") -> int:
     mutates_args=("ring", "total", "pushes", "scales"),
     schema=(
         "(Tensor[] params, Tensor(a1!)? ring, Tensor(a2!) total, Tensor(a3!) pushes, SymInt key, float? decay, "
-        "Tensor(a4!)? scales) -> ()"
+        "Tensor(a4!)? scales=None) -> ()"
     ),
 )
 def _snapshot(
@@ -52,7 +52,7 @@ def _snapshot(
     pushes: Tensor,
     key: int,
     decay: float | None,
-    scales: Tensor | None,
+    scales: Tensor | None = None,
 ) -> None:
     from lawa_optim.history import snapshot_bucket
 
@@ -73,7 +73,7 @@ def _snapshot(
 
 
 @_snapshot.register_fake
-def _(params, ring, total, pushes, key, decay, scales) -> None:
+def _(params, ring, total, pushes, key, decay, scales=None) -> None:
     return None
 
 

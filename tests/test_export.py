@@ -256,7 +256,7 @@ def mismatches():
         "no-params": (no_params, False, "param group 0 of source must be a dict with a 'params' list"),
         "bad-k": (setting("k", 0), False, "k=0; a LAWA state dict has an int >= 1"),
         "bad-mode": (setting("mode", "median"), False, "mode='median'; accepted"),
-        "bad-history-dtype": (setting("history_dtype", "int8"), False, "history_dtype='int8'; accepted"),
+        "bad-history-dtype": (setting("history_dtype", "int16"), False, "history_dtype='int16'; accepted"),
         "names-as-text": (names_as_text, True, "param_names must be a list of str, got 'emb.weight'"),
         "fewer-names": (fewer_names, True, r"has \d+ parameters but \d+ param_names"),
         "twice-named": (twice_named, True, "one parameter of model, twice"),

@@ -456,7 +456,7 @@ BAD_ARGS = [
     ({"decay": 1.0}, ValueError, "decay must be"),
     ({"decay": -0.1}, ValueError, "decay must be"),
     ({"storage": "disk"}, ValueError, "storage must be one of"),
-    ({"history_dtype": torch.int8}, ValueError, "history_dtype must be"),
+    ({"history_dtype": torch.int16}, ValueError, "history_dtype must be"),
     ({"backend": "numba"}, ValueError, "backend must be one of"),
     ({"recompute_every": 0}, ValueError, "recompute_every must be"),
     # The bound 2**62 (lawa_optim.state_check.MAX_COUNT) is accepted: test_counters_at_the_bound_load_and_push.

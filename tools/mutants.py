@@ -63,6 +63,7 @@ REF = "lawa_optim/backends/reference.py"
 C, CPY = "csrc/cpu_kernels.c", "lawa_optim/backends/cpu_kernels.py"
 TRI, TRK = "lawa_optim/backends/triton.py", "lawa_optim/backends/triton_kernels.py"
 CU, HIST = "csrc/lawa_kernels.cu", "lawa_optim/history.py"
+CU8 = "csrc/lawa_int8.cu"
 PLAIN = ("tests/test_ops.py", "-k", "torch-plain")
 FUSED = ("tests/test_ops.py", "-k", "torch-fused")
 TRITON = ("tests/test_ops.py", "-k", "triton")
@@ -125,6 +126,18 @@ MUTANTS = [
     Mutant("overflow-fallback-skipped-reference", REF,
            "    if not bool(bad.any()):\n        return avg\n", "    if True:\n        return avg\n",
            narrowed(PLAIN, "beyond")),
+    Mutant("int8-slot-index-reference", REF, "    s = (n - 1) % (b.k - 1)\n", "    s = n % (b.k - 1)\n",
+           narrowed(PLAIN, "int8")),
+    Mutant("int8-open-loop-anchor-reference", REF,
+           "torch.where(moved, anchor + dq, anchor)", "torch.where(moved, w, anchor)", narrowed(PLAIN, "int8")),
+    Mutant("int8-scale-reference", REF,
+           "torch.div(m, torch.full_like(m, 127.0))", "torch.div(m, torch.full_like(m, 128.0))", narrowed(PLAIN, "int8")),
+    Mutant("int8-block-base-reference", REF,
+           "b.scales[s, b.block_bases[i]:b.block_bases[i] + nb] = scale", "b.scales[s, :nb] = scale",
+           narrowed(PLAIN, "int8")),
+    Mutant("int8-swap-oldest-first-reference", REF,
+           "slots = [(n - 1 - i) % (b.k - 1) for i", "slots = [(n - coefficients.numel() + i) % (b.k - 1) for i",
+           narrowed(PLAIN, "int8")),
     # -- the fused CPU kernels ----------------------------------------------------------
     Mutant("slot-index-c", C, "D, n % k, filled, mode,", "D, (n + 1) % k, filled, mode,", FUSED),
     Mutant("subtract-old-c", C,
@@ -136,6 +149,14 @@ MUTANTS = [
            "(addr + lo * size, off + lo, min(ROW, n - lo))", "(addr + lo * size, off, min(ROW, n - lo))", FUSED),
     Mutant("last-j-block-base-c", C,
            "ring + ((pushes - 1 - j) % k) * D + b;", "ring + ((pushes - 1 - j) % k) * D;", FUSED),
+    Mutant("int8-slot-index-c", C, "int64_t s = first ? 0 : (n - 1) % (k - 1);", "int64_t s = first ? 0 : n % (k - 1);",
+           narrowed(FUSED, "int8")),
+    Mutant("int8-open-loop-anchor-c", C,
+           "anchor[b + i] = anchor[b + i] + q * scale;", "anchor[b + i] = P##_to_f(src[b + i]);", narrowed(FUSED, "int8")),
+    Mutant("int8-scale-c", C, "float scale = mx / 127.0f,", "float scale = mx / 128.0f,", narrowed(FUSED, "int8")),
+    Mutant("int8-block-base-c", CPY, "base + lo // QBLOCK) for lo", "lo // QBLOCK) for lo", narrowed(FUSED, "int8")),
+    Mutant("int8-swap-slot-c", C, "int64_t slot = (pushes - 1 - j) % (k - 1);", "int64_t slot = (pushes - j) % (k - 1);",
+           narrowed(FUSED, "int8")),
     Mutant("bfloat16-round-half-up-c", C,
            "u += 0x7fffu + ((u >> 16) & 1u);", "u += 0x8000u;", ("tests/test_cpu_kernels.py",)),
     Mutant("bfloat16-truncated-c", C, "u += 0x7fffu + ((u >> 16) & 1u);", "u += 0u;", FUSED),
@@ -194,6 +215,14 @@ MUTANTS = [
            "_f32(decay), _f32(1.0 - decay))", "_f32(1.0 - decay), _f32(decay))", narrowed(TRITON, "ema")),
     Mutant("ema-first-update-folds-triton", TRK,
            "first = tl.load(pushes) == 0", "first = tl.load(pushes) < 0", narrowed(TRITON, "ema")),
+    Mutant("int8-slot-index-triton", TRK, "(n - 1) % tl.maximum(K - 1, 1))", "n % tl.maximum(K - 1, 1))",
+           narrowed(TRITON, "int8")),
+    Mutant("int8-open-loop-anchor-triton", TRK,
+           "tl.where(live[:, None], a + q * scale[:, None], a)", "tl.where(live[:, None], w, a)", narrowed(TRITON, "int8")),
+    Mutant("int8-scale-triton", TRK, "tl.math.div_rn(m, tl.zeros_like(m) + 127.0)", "tl.math.div_rn(m, tl.zeros_like(m) + 128.0)",
+           narrowed(TRITON, "int8")),
+    Mutant("int8-block-base-triton", TRI, "first = torch.tensor(b.block_bases, dtype=torch.int64)[param] + ",
+           "first = 0 * torch.tensor(b.block_bases, dtype=torch.int64)[param] + ", narrowed(TRITON, "int8")),
     # -- CUDA (a GPU only) --------------------------------------------------------------
     Mutant("slot-index-cuda", CU, "    v.s = n % k;\n", "    v.s = (n + 1) % k;\n", CUDA, gpu=True),
     Mutant("sum-uncompensated-cuda", CU, "  return isfinite(s) ? __fadd_rn(s, c) : s;", "  return (void)c, s;", CUDA,
@@ -201,6 +230,10 @@ MUTANTS = [
     Mutant("count-cuda", CU,
            "float(A == kLawaLast ? last : (n < k ? n : k));", "float(A == kLawaLast ? last : k);", CUDA, gpu=True),
     Mutant("weighted-newest-slot-cuda", CU, "    v.newest = (n - 1) % k;\n", "    v.newest = n % k;\n", CUDA, gpu=True),
+    Mutant("int8-slot-index-cuda", CU8, "const int64_t s = first ? 0 : (n - 1) % (k - 1);",
+           "const int64_t s = first ? 0 : n % (k - 1);", narrowed(CUDA, "int8"), gpu=True),
+    Mutant("int8-open-loop-anchor-cuda", CU8, "av[j] = __fadd_rn(av[j], __fmul_rn(q, scale));",
+           "av[j] = LawaElem<P>::to_float(p[j]);", narrowed(CUDA, "int8"), gpu=True),
     # -- the history, the wrapper, checkpoints, torch.compile ---------------------------
     Mutant("swap-in-misses-moved-storage", HIST,
            "        for b, _ in held:\n            b.check_params()\n", "", MOVED),
@@ -236,7 +269,7 @@ MUTANTS = [
     Mutant("count-is-every-push", HIST,
            'return min(n, self.k) if self.mode == "uniform" else n', "return n", ("tests/test_wrapper.py",)),
     Mutant("custom-op-hides-a-mutation", "lawa_optim/compiled.py",
-           'mutates_args=("ring", "total", "pushes")', 'mutates_args=("ring", "total")',
+           'mutates_args=("ring", "total", "pushes", "scales")', 'mutates_args=("ring", "total", "scales")',
            ("tests/test_compile.py", "-k", "opcheck")),
     # -- parameters that share memory, changes to parameters, swaps, integrations -------
     Mutant("alias-gets-a-slice-of-its-own", HIST,

@@ -266,9 +266,9 @@ def swap_in_int8(b: "Bucket", coefficients: Tensor) -> None:
     if cpu_kernels.runs(b, "swap"):
         cpu_kernels.swap_in_int8(b, n, coefficients)
         return
-    torch._foreach_copy_(b.views(b.backup), b.params)
     slots = [(n - 1 - i) % (b.k - 1) for i in range(1, coefficients.numel())]
     for i, p in enumerate(b.params):
         lo, numel = b.offsets[i], b.numels[i]
         terms = [b.total[lo:lo + numel]] + [dequantised(b, s, i) for s in slots]
+        b.view(b.backup, i).copy_(p)
         p.copy_(b.view(weighted_sum(terms, coefficients), i, base=lo))

@@ -423,7 +423,7 @@ def _swap_int8_tile(src, anchor, backup, ring, scales, coef, start, cnt, n, D, N
     idx = start + rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
     mask = idx < cnt if MASKED else None
     p = tl.load(src + idx, mask=mask)
-    tl.store(backup + idx, p, mask=mask)
+    tl.store(backup + idx, value=p, mask=mask)
     s = tl.zeros((TILE, QBLOCK), dtype=tl.float32)
     c = tl.zeros((TILE, QBLOCK), dtype=tl.float32)
     s, c = _csum_add(s, c, tl.load(coef) * tl.load(anchor + idx, mask=mask))
