@@ -33,6 +33,7 @@ from lawa_optim import _cli
 METHODS = {
     "LAWA k, float32 history": ("lawa", {}),
     "LAWA k, bfloat16 history": ("lawa", {"history_dtype": torch.bfloat16}),
+    "LAWA k, int8 history": ("lawa", {"history_dtype": torch.int8}),
     "LAWA mode='ema'": ("lawa", {"mode": "ema"}),
     "swa_utils.AveragedModel (EMA)": ("averaged_model", {}),
     "Lightning EMAWeightAveraging": ("lightning", {}),
