@@ -329,13 +329,27 @@ def _param_tensors(
     }
     out = {key: _tensor(entry[key], key, where, opt.target, *specs[key]) for key in present}
     if int8:
-        _check_int8(out, where)
+        _check_int8(out, p, entry["lawa_anchor"], where)
     return out
 
 
-def _check_int8(tensors: dict[str, Tensor], where: str) -> None:
-    """Codes and scales an 8-bit push can write: codes in [-127, 127], scales 0, positive
-    and finite, or NaN (a block that restarted)."""
+def memory_order(t: Tensor) -> tuple[int, ...]:
+    """The dimensions of ``t`` longer than 1 from the outermost in memory to the innermost."""
+    return tuple(d for _, d in sorted((-t.stride(d), d) for d in range(t.dim()) if t.shape[d] > 1))
+
+
+def _check_int8(tensors: dict[str, Tensor], p: Tensor, anchor: Tensor, where: str) -> None:
+    """Codes and scales an 8-bit push can write (codes in [-127, 127]; scales 0, positive
+    and finite, or NaN: a block that restarted), saved from a parameter laid out in memory
+    as ``p`` is: its blocks are runs of 256 elements in memory order."""
+    if memory_order(anchor) != memory_order(p):
+        raise ValueError(
+            f"{where}: lawa_anchor is laid out in memory in the dimension order "
+            f"{memory_order(anchor)} (strides {anchor.stride()}), the parameter in {memory_order(p)} "
+            f"(strides {p.stride()}); an 8-bit history's blocks are runs of 256 elements in the "
+            "parameter's memory order, so it loads only into a parameter of the memory format "
+            "it was saved from (e.g. convert the model with .to(memory_format=...) first)"
+        )
     codes, scales = tensors["lawa_history"], tensors["lawa_scales"]
     if codes.numel() and int(codes.min()) < -127:
         raise ValueError(f"{where}: lawa_history holds the code {int(codes.min())}; an 8-bit history's codes lie in [-127, 127]")

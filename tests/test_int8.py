@@ -257,3 +257,22 @@ def test_accuracy_command_refuses_bad_arguments_in_one_line(args, message, capsy
         int8_accuracy.main(args)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_a_checkpoint_loads_only_into_the_memory_format_it_was_saved_from():
+    """The blocks are runs of 256 elements in memory order: a channels_last weight's
+    history refuses to load into a contiguous one (and to export for it), changing nothing."""
+    m = model()
+    opt = int8_lawa(m)
+    walk(opt, 3)
+    sd = opt.state_dict()
+    other = model()
+    other[2].to(memory_format=torch.contiguous_format)
+    fresh = int8_lawa(other)
+    walk(fresh, 1)
+    before = fingerprint(fresh)
+    with pytest.raises(ValueError, match="memory format it was saved from"):
+        fresh.load_state_dict(sd)
+    assert_same(fingerprint(fresh), before)
+    with pytest.raises(ValueError, match="memory format it was saved from"):
+        export_average(other, sd)
