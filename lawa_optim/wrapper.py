@@ -98,7 +98,11 @@ class LAWA(WrappedOptimizer):
             float32 (float64 for float64 parameters) and adds the stored, rounded
             values, so the average is the mean of what is stored. ``torch.float16``
             holds magnitudes up to 65504: the first snapshot that stores an infinity
-            for a finite weight warns.
+            for a finite weight warns. ``torch.int8``: an 8-bit history (uniform mode,
+            float32/bfloat16/float16 parameters; about 9.1 bytes per parameter at
+            k=6): int8 differences between consecutive snapshots, one float32 scale per
+            block of 256 elements, against a float32 copy of the newest snapshot; see
+            the guarantee below.
         backend: ``"auto"`` (default: the CUDA extension, then Triton on a GPU, else
             pure torch), ``"torch"``, ``"triton"`` or ``"cuda"``.
         recompute_every: rebuild the running sum from the ring every this many
@@ -118,6 +122,13 @@ class LAWA(WrappedOptimizer):
     slots in float64. bfloat16 and float16 parameters get the float32 average rounded
     once to their dtype: within that bound plus half an ulp of their dtype (at most
     2**-8 of the average for bfloat16, 2**-11 for float16).
+
+    With ``history_dtype=torch.int8``, each stored snapshot differs from the weights it
+    stored by at most (1/254 + 5u) of the largest change of its 256-element block since
+    the previous stored snapshot plus one rounding of its magnitude (the first one is
+    exact), and the average of c snapshots is within the mean of those errors plus
+    ``(c + 4) u * M``: its error scales with how far the weights move between snapshots,
+    not with their size.
 
     The history is allocated at the first :meth:`step` or :meth:`snapshot`:
     ``k * D`` elements of ``history_dtype`` plus ``D`` float32 (D: the number of
