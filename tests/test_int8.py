@@ -244,21 +244,6 @@ def test_random_walk_error_is_within_1_percent_of_the_signal(tmp_path, capsys):
         assert r["measured"] == 34 and r["within_bound"] and 0 < r["max_ratio"] <= 0.01
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--k", "1"], "argument --k: must be an int >= 2"),
-    (["--drifts", "0.1,x"], "argument --drifts: must be comma-separated numbers in (0, 1)"),
-    (["--snapshots", "6"], "argument --snapshots: must exceed --k (6)"),
-    (["--out", "/nonexistent/acc.json"], "argument --out: the folder"),
-])
-def test_accuracy_command_refuses_bad_arguments_in_one_line(args, message, capsys):
-    from benchmarks import int8_accuracy
-
-    with pytest.raises(SystemExit) as exc:
-        int8_accuracy.main(args)
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and message in err and err.count("\n") == 1
-
-
 def test_a_checkpoint_loads_only_into_the_memory_format_it_was_saved_from():
     """The blocks are runs of 256 elements in memory order: a channels_last weight's
     history refuses to load into a contiguous one (and to export for it), changing nothing."""
