@@ -160,3 +160,17 @@ def test_lookahead_against_hand_computation():
     assert p.item() == pytest.approx(0.8)
     with pytest.raises(ValueError, match="alpha must be in"):
         Lookahead(torch.optim.SGD([p], lr=0.1), alpha=0.0)
+
+
+def test_int8_history_comparison_fast_run(data_dir, tmp_path):
+    """examples/int8_history.py: both averages per epoch for every seed, the first epoch's
+    equal (one snapshot, stored exactly in both), and a summary row per epoch."""
+    from examples import int8_history
+
+    result = int8_history.main(["--fast", "--jobs", "1", "--data-dir", str(data_dir), "--out", str(tmp_path)])
+    cfg = int8_history.FAST
+    assert len(result["results"]) == cfg.seeds and len(result["summary"]) == cfg.epochs
+    for r in result["results"]:
+        assert len(r["fp32"]["loss"]) == len(r["int8"]["loss"]) == cfg.epochs
+        assert r["fp32"]["loss"][0] == r["int8"]["loss"][0]
+    assert (tmp_path / "int8_history.json").is_file() and (tmp_path / "int8_history.txt").is_file()
