@@ -426,7 +426,8 @@ def check_int8_swaps(b: Bucket, c: Int8Contract, what: str) -> None:
             swap_in(b, last)
         for i, (p, want) in enumerate(zip(b.params, c.weighted(weights))):
             got = memory_order(p)
-            assert_same_bits(got, want, f"{at}: parameter {i}")
+            # A NaN's payload after the cast to the parameter dtype is the backend's (ops: cast).
+            assert_same_bits(got, want, f"{at}: parameter {i}", any_nan=True)
             exact, bound = c.bound(weights, i)
             bound = bound + torch.finfo(p.dtype).eps * exact.abs()
             err = (got.double() - exact).abs()
