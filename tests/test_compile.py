@@ -84,11 +84,12 @@ def sgd_and_snapshot(params: list[nn.Parameter], opt: LAWA, x: torch.Tensor) -> 
     opt.snapshot()
 
 
-def run_steps(backend: str | None, mode: str):
+def run_steps(backend: str | None, mode: str, history_dtype: torch.dtype | None = None):
     """7 compiled (or, for ``None``, eager) steps after one eager snapshot."""
     model = make()
     params = list(model.parameters())
-    opt = LAWA(torch.optim.SGD(params, lr=0.1), k=K, mode=mode, decay=0.5, recompute_every=2)
+    opt = LAWA(torch.optim.SGD(params, lr=0.1), k=K, mode=mode, decay=0.5, recompute_every=2,
+               history_dtype=history_dtype)
     opt.snapshot()  # allocates the history before compiling
     cnt = CompileCounterWithBackend(backend or "eager")
     fn = sgd_and_snapshot if backend is None else torch.compile(sgd_and_snapshot, fullgraph=True, backend=cnt)
@@ -136,6 +137,22 @@ def test_compiled_snapshot_equals_eager_bit_for_bit(mode):
     assert torch.equal(fast.total, eager.total) and torch.equal(fast.pushes, eager.pushes)
     if mode == "uniform":
         assert torch.equal(fast.ring, eager.ring)
+
+
+def test_compiled_int8_snapshot_equals_eager_bit_for_bit():
+    """The 8-bit history through the op: codes, scales, anchor and counter as eager leaves them."""
+    (eager, _, _), (fast, _, frames) = run_steps(None, "uniform", torch.int8), run_steps("aot_eager", "uniform", torch.int8)
+    assert frames == 1
+    for name in ("ring", "scales", "total", "pushes"):
+        assert torch.equal(getattr(fast, name), getattr(eager, name)), name
+
+
+def test_int8_snapshot_op_passes_opcheck():
+    model = make()
+    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1), k=K, history_dtype=torch.int8)
+    opt.snapshot()
+    b = opt._history.buckets[0]
+    torch.library.opcheck(compiled._snapshot, (b.params, b.ring, b.total, b.pushes, b.key, None, b.scales))
 
 
 @pytest.mark.parametrize("mode", ["uniform", "ema"])

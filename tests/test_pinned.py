@@ -224,7 +224,7 @@ def sgd_pair(hdtype, seed=0):
 
 
 @needs_cuda
-@pytest.mark.parametrize("hdtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hdtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
 def test_pinned_snapshots_equal_the_device_history_bit_for_bit(hdtype):
     pinned, device = sgd_pair(hdtype)
     g = torch.Generator().manual_seed(1)
@@ -239,6 +239,8 @@ def test_pinned_snapshots_equal_the_device_history_bit_for_bit(hdtype):
     assert isinstance(b.offload.transfer, CudaTransfer) and b.ring.is_pinned()
     b.wait()
     assert torch.equal(bits(b.ring), bits(r.ring.cpu())) and torch.equal(bits(b.total), bits(r.total.cpu()))
+    if hdtype == torch.int8:
+        assert torch.equal(bits(b.scales), bits(r.scales.cpu()))
     for opt in (pinned, device):
         opt.swap_to_average()
     for p, q in zip(pinned.param_groups[0]["params"], device.param_groups[0]["params"]):
