@@ -13,6 +13,8 @@ at the limit, so a hang costs that stage only, and what the others wrote stays):
 - ``report``: ``benchmarks/report.py``: flat 64M and 256M elements in float32 and bfloat16
   and the ResNet-50 and GPT-2 small parameter lists, every operation and backend;
 - ``overlap``: ``benchmarks/overlap.py``, the pinned snapshot of a 1B-parameter model;
+- ``int8``: ``benchmarks.int8_push``, the 8-bit history's snapshot beside the bfloat16
+  ring's on GPT-2 small's parameters;
 - ``memcheck``: ``compute-sanitizer --tool memcheck`` over ``benchmarks.device_checks exercise``.
 
 Without CUDA the stages that need it are skipped with the reason and the report runs on
@@ -173,6 +175,20 @@ def _collect_overlap(ctx: Context, result: dict) -> None:
         result["note"] = ", ".join(f"{r['mode']} +{r['extra_steps_per_snapshot']:.3f} steps" for r in records)
 
 
+def _int8(ctx: Context) -> list[str] | str:
+    return _needs_cuda(ctx) or [sys.executable, "-m", "benchmarks.int8_push", "--device", "cuda",
+                                "--out", str(ctx.out / f"{ctx.env.get('slug')}-int8-push.json"),
+                                *(["--model", "resnet50", "--repeats", "3"] if ctx.tiny else [])]
+
+
+def _collect_int8(ctx: Context, result: dict) -> None:
+    record = _read_json(ctx.out / f"{ctx.env.get('slug')}-int8-push.json")
+    if isinstance(record, dict):
+        t = record["push_seconds"]
+        result["note"] = (f"int8 push {t['int8']['median'] * 1e3:.2f} ms, bfloat16 {t['bfloat16']['median'] * 1e3:.2f} ms "
+                          f"(ratio {record['int8_over_bfloat16']['median']:.2f})")
+
+
 def _env(ctx: Context) -> list[str]:
     return [sys.executable, "-m", "benchmarks.device_checks", "env", str(ctx.logs / "env.json")]
 
@@ -191,6 +207,7 @@ STAGES = [
     Stage("tests", 150, 60, _tests, _collect_tests),
     Stage("report", 150, 100, _report, _collect_report),
     Stage("overlap", 100, 60, _overlap, _collect_overlap),
+    Stage("int8", 60, 20, _int8, _collect_int8),
     # Every allocation its own cudaMalloc, so memcheck sees an access past any tensor.
     Stage("memcheck", 75, 45, _memcheck, _collect_memcheck, {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}),
 ]

@@ -2,6 +2,7 @@
 
     python -m benchmarks.int8_push                   # GPT-2 small, k=6: about a minute
     python -m benchmarks.int8_push --model resnet50 --repeats 5 --out /tmp/push.json
+    python -m benchmarks.int8_push --device cuda --out DIR/int8-push.json   # on a GPU (CUDA, else Triton)
 
 Float32 parameters of the model (random weights), two histories over them with k
 snapshots already taken: ``history_dtype=torch.bfloat16`` (the raw ring, its running sum
@@ -35,23 +36,33 @@ from lawa_optim.history import Bucket
 SPEED = 0.8
 
 
-def measure(model: str, k: int, repeats: int) -> dict:
-    """Per-repetition times of k pushes in a row, for both histories."""
-    w = model_params(model, torch.float32, torch.device("cpu"))
-    buckets = {name: Bucket(w.params, k, "uniform", dtype, "device", "torch")
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model: str, k: int, repeats: int, device: torch.device = torch.device("cpu")) -> dict:
+    """Per-repetition times of k pushes in a row, for both histories (on the CPU the fused
+    C kernels, on a GPU the backend ``auto`` picks)."""
+    w = model_params(model, torch.float32, device)
+    backend = "torch" if device.type == "cpu" else "auto"
+    buckets = {name: Bucket(w.params, k, "uniform", dtype, "device", backend)
                for name, dtype in (("bfloat16", torch.bfloat16), ("int8", torch.int8))}
     calls = {name: in_a_row(lambda i, b=b: ops.push(b), k) for name, b in buckets.items()}
-    for call in calls.values():  # fill the rings, build the work tables
+    for call in calls.values():  # fill the rings, build the work tables, compile
         call()
     times: dict[str, list[float]] = {name: [] for name in calls}
     for r in range(repeats):
         for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+            _sync(device)
             start = time.perf_counter()
             calls[name]()
+            _sync(device)
             times[name].append((time.perf_counter() - start) / k)
     ratios = [a / b for a, b in zip(times["int8"], times["bfloat16"])]
     return {
         "model": model, "numel": w.numel, "k": k, "repeats": repeats,
+        "backends": {name: b.backend for name, b in buckets.items()},
         "push_seconds": {name: {"median": statistics.median(t), "min": min(t), "max": max(t), "all": t}
                          for name, t in times.items()},
         "int8_over_bfloat16": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
@@ -64,14 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="gpt2-small", choices=sorted(MODELS), help="parameter list (default gpt2-small)")
     parser.add_argument("--k", type=_cli.int_at_least(2), default=6, help="snapshots averaged (default 6)")
     parser.add_argument("--repeats", type=_cli.int_at_least(1), default=9, help="interleaved repetitions (default 9)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the weights live (default cpu)")
     parser.add_argument("--out", type=_cli.output_file, default=None,
                         help="JSON file to write (default benchmarks/results/int8-push-<model>.json)")
     args = parser.parse_args(argv)
-    if cpu_kernels.library() is None:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda is not available here")
+    if device.type == "cpu" and cpu_kernels.library() is None:
         parser.error("the fused CPU kernels cannot be built here: nothing to compare")
     out = args.out or RESULTS / f"int8-push-{args.model}.json"
-    record = measure(args.model, args.k, args.repeats)
-    record.update(machine=device_name(torch.device("cpu")), torch=torch.__version__,
+    record = measure(args.model, args.k, args.repeats, device)
+    record.update(machine=device_name(device), torch=torch.__version__,
                   command="python -m benchmarks.int8_push " + " ".join(sys.argv[1:] if argv is None else argv))
     for name, t in record["push_seconds"].items():
         print(f"{name:9} push: median {t['median'] * 1e3:8.2f} ms (range {t['min'] * 1e3:.2f}-{t['max'] * 1e3:.2f}), "

@@ -383,9 +383,9 @@ def test_gpu_proof_without_a_gpu_runs_what_it_can_and_says_what_it_skipped(tmp_p
     assert slug.startswith(report.machine_slug(CPU).rsplit("-", 2)[0])
     summary = json.loads(found.read_text())
     stages = {s["stage"]: s for s in summary["stages"]}
-    assert list(stages) == ["env", "build", "tests", "report", "overlap", "memcheck"]
+    assert list(stages) == ["env", "build", "tests", "report", "overlap", "int8", "memcheck"]
     assert stages["env"]["status"] == stages["report"]["status"] == "ok"
-    for name in ("build", "tests", "memcheck", "overlap"):
+    for name in ("build", "tests", "memcheck", "overlap", "int8"):
         assert stages[name]["status"] == "skipped" and stages[name]["reason"].startswith("no CUDA device here")
     assert [t["target"] for t in summary["targets"]] == [t.name for t in targets.GPU]
     assert all(t["status"] == "skipped" and t["reason"].startswith("no CUDA device here") for t in summary["targets"])

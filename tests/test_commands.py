@@ -61,6 +61,7 @@ REFUSED = [
     ("int8_accuracy", ["--out", f"{MISSING}/a.json"], "--out"),
     ("int8_push", ["--repeats", "0"], "--repeats"),
     ("int8_push", ["--model", "nosuchmodel"], "--model"),
+    ("int8_push", ["--device", "tpu"], "--device"),
     ("int8_push", ["--out", f"{MISSING}/p.json"], "--out"),
     ("int8_history", ["--jobs", "0"], "--jobs"),
     ("int8_history", ["--data-dir", "/nonexistent"], "--data-dir"),
