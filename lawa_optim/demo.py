@@ -18,8 +18,10 @@ statistics and the words of the verdict are in :mod:`lawa_optim.paired`.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +39,27 @@ BATCH_SIZE = 32
 VAL_SIZE = 600
 #: Snapshots LAWA averages (the paper's default).
 K = 6
+
+
+def source_version() -> dict[str, object]:
+    """The git commit of this checkout of ``lawa_optim`` and the tracked files that differ
+    from it, for the record of every result file: ``{"commit", "modified", "text"}``
+    (``commit`` None where the package does not run from a git checkout of its own)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel").strip()).resolve() != root:  # an installed copy inside another repository
+            raise ValueError(root)
+        commit, status = git("rev-parse", "HEAD").strip(), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return {"commit": None, "modified": None, "text": "unknown (lawa_optim does not run from a git checkout)"}
+    modified = [line[3:] for line in status.splitlines()]
+    state = f"modified: {', '.join(modified)}" if modified else "clean tree"
+    return {"commit": commit, "modified": modified, "text": f"git commit {commit} ({state})"}
 
 
 def load_digits() -> tuple[Tensor, Tensor]:
