@@ -18,13 +18,15 @@ every other interval is exploratory.
 Run from the repository root: ``python -m examples.lawa_experiment`` (20 seeds, about
 16 minutes on 2 idle CPU cores; ``--fast`` for a smoke run of seconds). It writes
 ``lawa_experiment.json``, ``lawa_experiment.csv``, ``lawa_experiment.txt`` and two
-plots to ``--out``, each with the commit of the code that produced it.
+plots to ``--out``, each with the commit of the code that produced it. Interrupted
+(Ctrl-C) after two seeds or more, it summarises the seeds that finished and says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -348,17 +350,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     load = os.getloadavg()
     t0 = time.perf_counter()
     work = partial(runs.run_seed, cfg=cfg, data_dir=args.data_dir)
+    results: list[dict] = []
+    interrupted = None
     with multiprocessing.get_context("spawn").Pool(args.jobs) if args.jobs > 1 else nullcontext() as pool:
-        results = []
-        for r in (pool.imap(work, range(cfg.seeds)) if pool else map(work, range(cfg.seeds))):
-            results.append(r)
-            print(f"seed {r['seed']} done ({len(results)} of {cfg.seeds}, {time.perf_counter() - t0:.0f} s)",
-                  file=sys.stderr, flush=True)
+        try:
+            for r in (pool.imap(work, range(cfg.seeds)) if pool else map(work, range(cfg.seeds))):
+                results.append(r)
+                print(f"seed {r['seed']} done ({len(results)} of {cfg.seeds}, {time.perf_counter() - t0:.0f} s)",
+                      file=sys.stderr, flush=True)
+        except KeyboardInterrupt:  # summarise the seeds that finished, and say so
+            if len(results) < 2:
+                raise
+            interrupted = f"interrupted after {len(results)} of {cfg.seeds} seeds: the summary covers seeds 0-{len(results) - 1}"
+            print(interrupted, file=sys.stderr, flush=True)
+            cfg = dataclasses.replace(cfg, seeds=len(results))
     seconds = time.perf_counter() - t0
     s = summarise(results, cfg)
     command = command_line(sys.argv[1:] if argv is None else argv)
     cpu = sum(r["cost"]["cpu_s"] for r in results)
-    head = [f"command: {command}", f"code: {code['text']}",
+    head = [f"command: {command}", f"code: {code['text']}", *([interrupted] if interrupted else []),
             f"{cfg.seeds} seeds, {seconds:.0f} s wall on {args.jobs} process(es) x 1 thread (load average before "
             f"{load[0]:.2f}, after {os.getloadavg()[0]:.2f}); {cpu:.0f} CPU seconds in all, about {cpu / args.jobs:.0f} s "
             f"of wall time on {args.jobs} idle core(s) (CPU seconds / {args.jobs}); torch {torch.__version__}",
@@ -368,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print("\n".join(lines))
     (out / "lawa_experiment.txt").write_text("\n".join(lines) + "\n")
     (out / "lawa_experiment.json").write_text(json.dumps(_jsonable({
-        "command": command, "code": code, "config": cfg.__dict__, "seconds": seconds, "cpu_seconds": cpu, "load_before": load,
+        "command": command, "code": code, "interrupted": interrupted, "config": cfg.__dict__, "seconds": seconds, "cpu_seconds": cpu, "load_before": load,
         "load_after": os.getloadavg(), "machine": machine(args.jobs), "margins": MARGINS,
         "summary": s, "runs": results}), indent=1))
     with open(out / "lawa_experiment.csv", "w", newline="") as f:

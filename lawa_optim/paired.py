@@ -108,9 +108,11 @@ class Paired:
         return -1 if self.hi < 0 else (1 if self.lo > 0 else 0)
 
     def text(self, fmt: str = "+.4f") -> str:
-        """``"+0.0123 [+0.0040, +0.0210]"``: the mean and its interval (the mean alone for one seed)."""
-        if self.n < 2:
-            return f"{self.mean:{fmt}} (one seed: no interval)"
+        """``"+0.0123 [+0.0040, +0.0210]"``: the mean and its interval; the mean alone below
+        :data:`MIN_SEEDS` seeds, where an interval would claim what the seeds cannot show
+        (two seeds that happen to agree give one of zero width)."""
+        if self.n < MIN_SEEDS:
+            return f"{self.mean:{fmt}} (mean of {self.n} seed(s), no interval)"
         return f"{self.mean:{fmt}} [{self.lo:{fmt}}, {self.hi:{fmt}}]"
 
 
