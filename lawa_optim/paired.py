@@ -50,28 +50,33 @@ def t_quantile(p: float, df: int) -> float:
     """The ``p`` quantile of Student's t distribution with ``df`` degrees of freedom.
 
     With ``t = sqrt(df) tan(theta)`` the density becomes proportional to
-    ``cos(theta) ** (df - 1)`` on ``(-pi/2, pi/2)``, smooth and bounded: its integral by
-    Simpson's rule (2048 intervals, float64) is accurate to about 1e-12, and bisection
-    on ``theta`` finds the quantile."""
+    ``cos(theta) ** (df - 1)`` on ``(-pi/2, pi/2)``, smooth and bounded; its integral
+    from 0 (Simpson's rule, 2048 intervals) against the closed-form total, solved for
+    ``theta`` by Newton's method kept inside a shrinking bracket, is accurate to 1e-9 or better."""
     if df < 1:
         raise ValueError(f"df must be an int >= 1, got {df!r}")
     if not 0.0 < p < 1.0:
         raise ValueError(f"p must be in (0, 1), got {p!r}")
     if p < 0.5:
         return -t_quantile(1.0 - p, df)
-    w = torch.ones(2049, dtype=torch.float64)
-    w[1:-1:2], w[2:-1:2] = 4.0, 2.0
+    # the integral of cos ** (df - 1) over [0, pi/2]
+    half = math.exp(0.5 * math.log(math.pi) + math.lgamma(df / 2) - math.lgamma((df + 1) / 2)) / 2
+    target = (2 * p - 1) * half
+    weights = [1.0] + [4.0 if i % 2 else 2.0 for i in range(1, 2048)] + [1.0]
 
-    def mass(theta: float) -> float:  # integral of cos ** (df - 1) over [0, theta]
-        x = torch.linspace(0.0, theta, 2049, dtype=torch.float64)
-        return theta / 2048 / 3 * float((w * torch.cos(x) ** (df - 1)).sum())
+    def mass(theta: float) -> float:
+        h = theta / 2048
+        return h / 3 * sum(w * math.cos(i * h) ** (df - 1) for i, w in enumerate(weights))
 
-    target = (p - 0.5) * 2 * mass(math.pi / 2)
-    lo, hi = 0.0, math.pi / 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if mass(mid) < target else (lo, mid)
-    return math.sqrt(df) * math.tan((lo + hi) / 2)
+    lo, hi, theta = 0.0, math.pi / 2, math.atan(1.0 / math.sqrt(df))
+    for _ in range(200):
+        f = mass(theta) - target
+        if abs(f) <= 1e-14 * half or hi - lo < 1e-15:
+            break
+        lo, hi = (theta, hi) if f < 0 else (lo, theta)
+        step = theta - f / math.cos(theta) ** (df - 1)
+        theta = step if lo < step < hi else (lo + hi) / 2
+    return math.sqrt(df) * math.tan(theta)
 
 
 def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float]:
