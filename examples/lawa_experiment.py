@@ -16,7 +16,7 @@ was fixed before the run and is reported with family-wise 95 % intervals (Bonfer
 every other interval is exploratory.
 
 Run from the repository root: ``python -m examples.lawa_experiment`` (20 seeds, about
-16 minutes on 2 idle CPU cores; ``--fast`` for a smoke run of seconds). It writes
+13 minutes on 2 idle CPU cores; ``--fast`` for a smoke run of seconds). It writes
 ``lawa_experiment.json``, ``lawa_experiment.csv``, ``lawa_experiment.txt`` and two
 plots to ``--out``, each with the commit of the code that produced it. Interrupted
 (Ctrl-C) after two seeds or more, it summarises the seeds that finished and says so.
