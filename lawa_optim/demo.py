@@ -226,12 +226,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     """Run the demo; returns the per-seed curves and the verdict."""
     args = _parse(argv)
     torch.set_num_threads(1)  # a 6k-parameter CNN gains nothing from more threads
+    code = source_version()  # when the code is loaded, before anything is written
     x, y = load_digits()
     t0 = time.perf_counter()
     runs = [run_seed(seed, args.epochs, x, y) for seed in range(args.seeds)]
     seconds = time.perf_counter() - t0
     n = args.seeds
-    code = source_version()
     print(f"LAWA k={K} vs live weights: digits CNN, SGD lr={LR} (cosine over {args.epochs} epochs) momentum={MOMENTUM} "
           f"batch={BATCH_SIZE}; {n} seed(s), each with its own split ({VAL_SIZE} validation images), init and batch order")
     print(f"code: {code['text']}")
