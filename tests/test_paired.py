@@ -44,7 +44,7 @@ def test_t_interval_by_hand():
 
 def test_t_interval_covers_at_ten_seeds():
     # 4000 samples of 10 normal values: the 95 % interval holds the true mean in 95 %
-    # of them (binomial standard error 0.0034); a percentile bootstrap gives about 91 %
+    # of them (binomial standard error 0.0034); a percentile bootstrap covers about 90 % here
     g = torch.Generator().manual_seed(0)
     samples = (torch.randn(4000, 10, generator=g, dtype=torch.float64) + 1.5).tolist()
     covered = sum(lo <= 1.5 <= hi for lo, hi in map(t_interval, samples))
