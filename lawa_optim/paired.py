@@ -25,8 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import torch
-
 LEVEL = 0.95
 #: Fewer seeds than this carry no verdict: with 5, even every seed agreeing in sign is
 #: not significant at 5 % by a sign test (2 / 2**5 = 0.0625); with 6 it is (0.031).
@@ -45,7 +43,7 @@ ACC_TARGET_GAP = 0.01
 MARGINS = {"loss": 0.005, "acc": 0.005, "epochs": 1.0}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def t_quantile(p: float, df: int) -> float:
     """The ``p`` quantile of Student's t distribution with ``df`` degrees of freedom.
 
