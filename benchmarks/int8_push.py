@@ -41,9 +41,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(model: str, k: int, repeats: int, device: torch.device = torch.device("cpu")) -> dict:
-    """Per-repetition times of k pushes in a row, for both histories (on the CPU the fused
-    C kernels, on a GPU the backend ``auto`` picks)."""
+def measure(model: str, k: int, repeats: int, device: torch.device | None = None) -> dict:
+    """Per-repetition times of k pushes in a row, for both histories (on the CPU, the
+    default, the fused C kernels; on a GPU the backend ``auto`` picks)."""
+    device = device or torch.device("cpu")
     w = model_params(model, torch.float32, device)
     backend = "torch" if device.type == "cpu" else "auto"
     buckets = {name: Bucket(w.params, k, "uniform", dtype, "device", backend)

@@ -114,8 +114,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     command = " ".join(["python -m examples.int8_history", *(sys.argv[1:] if argv is None else argv)])
     lines = [f"command: {command}",
              f"{cfg.seeds} seeds x {cfg.epochs} epochs (cosine), LAWA k={K}, {seconds:.0f} s on {args.jobs} process(es)",
-             "validation loss of the 8-bit history's average relative to the float32 history's: "
-             "mean [95% Student-t interval over seeds], largest |difference| of a seed; accuracy difference (int8 - fp32)",
+             ("validation loss of the 8-bit history's average relative to the float32 history's: "
+              "mean [95% Student-t interval over seeds], largest |difference| of a seed; accuracy difference (int8 - fp32)"),
              ""]
     for r in rows:
         p, a = r["relative_loss"], r["acc"]

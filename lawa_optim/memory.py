@@ -128,7 +128,13 @@ def history_bytes(
     """
     # Imported here: lawa_optim.history imports this module for Bucket.memory().
     from lawa_optim.history import (
-        FLOAT_DTYPES, accumulation_dtype, blocks, check_history_dtype, is_int, is_int8, layout,
+        FLOAT_DTYPES,
+        accumulation_dtype,
+        blocks,
+        check_history_dtype,
+        is_int,
+        is_int8,
+        layout,
     )
     from lawa_optim.wrapper import MODES, STORAGES
 

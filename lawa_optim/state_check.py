@@ -43,7 +43,14 @@ import torch
 from torch import Tensor
 
 from lawa_optim.distributed import is_sharded, local, local_of_saved
-from lawa_optim.history import History, accumulation_dtype, is_int, is_int8, param_blocks, parameter_owners
+from lawa_optim.history import (
+    History,
+    accumulation_dtype,
+    is_int,
+    is_int8,
+    param_blocks,
+    parameter_owners,
+)
 
 if TYPE_CHECKING:
     from lawa_optim.wrapper import LAWA
