@@ -172,6 +172,12 @@ class LAWA(WrappedOptimizer):
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
         check_history_dtype(history_dtype, mode)
+        if history_dtype == torch.int8 and recompute_every is not None:
+            raise ValueError(
+                f"recompute_every={recompute_every!r} sets how often the running sum is rebuilt, but "
+                "history_dtype=torch.int8 keeps no running sum (its anchor is a snapshot, exact at "
+                "every push): leave recompute_every=None"
+            )
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
         if recompute_every is not None and (not is_int(recompute_every) or not 1 <= recompute_every <= MAX_COUNT):

@@ -51,6 +51,11 @@ def test_ema_keeps_no_ring_so_int8_is_refused():
         history_bytes(model(), history_dtype=torch.int8, mode="ema")
 
 
+def test_recompute_every_has_no_sum_to_rebuild():
+    with pytest.raises(ValueError, match="keeps no running sum"):
+        LAWA(torch.optim.SGD(model().parameters(), lr=0.1), history_dtype=torch.int8, recompute_every=3)
+
+
 def test_float64_parameters_are_refused_changing_nothing():
     m = model().double()
     with pytest.raises(ValueError, match="float64.*history_dtype=None"):
