@@ -126,7 +126,7 @@ def runs(b: "Bucket", op: str = "push") -> bool:
         and b.device.type == "cpu"
         and (op != "swap" or b.param_device.type == "cpu")
         and b.dtype in DTYPE_CODES
-        and (b.history_dtype in DTYPE_CODES or b.int8)
+        and (b.history_dtype in DTYPE_CODES or b.history_dtype == torch.int8)
         and library() is not None
         and (op != "ema" or ema_rounding() is not None)
     )
