@@ -379,3 +379,18 @@ def test_ddp_ranks_agree_with_reference(tmp_path, ref):
         torch.testing.assert_close(rec["out_avg"], ref["saved"]["out_avg"])
         assert_all_close(rec["live"], ref["saved"]["live"])
         assert "snapshots pushed" in rec["misuse"] and "rank 1: {'steps': 10" in rec["misuse"]
+
+
+def fsdp_int8_refused(rank: int, world: int, out: Path) -> None:
+    model = shard(make_model(0))
+    try:
+        LAWA(torch.optim.SGD(model.parameters(), lr=LR), k=K, history_dtype=torch.int8)
+    except ValueError as exc:
+        Path(out, f"refused{rank}.txt").write_text(str(exc))
+
+
+def test_fsdp_parameters_refuse_an_8bit_history(tmp_path):
+    """Sharded parameters and history_dtype=torch.int8: a ValueError that says why, on every rank."""
+    run_ranks(fsdp_int8_refused, 2, tmp_path)
+    for r in range(2):
+        assert "sharded DTensor (FSDP2)" in (tmp_path / f"refused{r}.txt").read_text()
