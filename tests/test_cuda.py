@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,12 @@ def test_int8_kernels_move_codes_and_anchor_with_128_bit_accesses(nvcc_build):
             assert (ld, st) == (width + 4 + 1, 2 * width), f"sm_{arch} {name}"
             assert len(re.findall(r"\brem\.[su]64\b", body)) == 1, f"sm_{arch} {name}"
         assert not re.search(r"\bfma\.", body), f"sm_{arch} {name}"
+
+
+def test_an_extension_without_the_8bit_kernels_is_not_used_for_them(monkeypatch):
+    """A prebuilt extension from before the 8-bit kernels runs the other histories and
+    names the reason for an 8-bit one, so ``auto`` picks another backend."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "_ext", types.SimpleNamespace(push=None))
+    assert ops.unavailable("cuda", probe("cuda", history_dtype=torch.float32)) is None
+    assert "without the 8-bit kernels" in ops.unavailable("cuda", probe("cuda", history_dtype=torch.int8))

@@ -139,7 +139,10 @@ def unavailable(bucket: "Bucket") -> str | None:
         return "CUDA is not available (no GPU, or a CPU-only build of torch)"
     if bucket.device.type != "cuda":
         return f"the history is on {bucket.device}; the CUDA kernels need it on a CUDA device"
-    return extension_error()
+    error = extension_error()
+    if error is None and bucket.history_dtype == torch.int8 and not hasattr(_ext, "push_int8"):
+        return "the CUDA extension in use was built without the 8-bit kernels (csrc/lawa_int8.cu): rebuild it"
+    return error
 
 
 def _kernels() -> ModuleType:
