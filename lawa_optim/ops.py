@@ -8,7 +8,8 @@ never branch on the backend. A backend module provides:
 ``unavailable(bucket) -> str | None``
     why it cannot run the bucket (``None`` when it can). Only ``device``,
     ``param_device``, ``dtype`` and ``history_dtype`` of the bucket are read; what every
-    fused backend needs (one device, :data:`FUSED_DTYPES`) is checked here, once.
+    fused backend needs (one device, :data:`FUSED_DTYPES`; the history may also be the
+    8-bit one below) is checked here, once.
 ``push(bucket)``
     uniform snapshot with ``n = pushes``: ``s = n % k``; ``old = ring[s]`` (0 while
     ``n < k``); ``ring[s] = cast(param)``. Then, when ``(n + 1) % refresh_every == 0``
