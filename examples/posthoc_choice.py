@@ -46,7 +46,7 @@ from examples import lawa_runs as runs
 from lawa_optim import LAWA, export_average, profiles, update_bn
 from lawa_optim._cli import Parser, int_at_least, output_dir
 from lawa_optim.demo import evaluate, source_version, train_epoch
-from lawa_optim.paired import LEVEL, MARGINS, Paired, conclusion, paired
+from lawa_optim.paired import LEVEL, MARGINS, conclusion, paired
 
 #: The experiment's sizes (seed s draws the same split as the experiment's seed s).
 FULL = exp.FULL  # 20 seeds
@@ -173,7 +173,7 @@ def summarise(results: Sequence[dict], k: int) -> dict:
 def report(s: dict, n: int) -> list[str]:
     """The human-readable summary."""
     say = lambda p, m: conclusion(p, MARGINS[m], "lower", "higher")  # noqa: E731
-    metric = lambda name: "loss" if name.endswith("loss") or "loss" in name.split(", ")[-1] else "acc"  # noqa: E731
+    metric = lambda name: "loss" if "loss" in name.split(", ")[-1] else "acc"  # noqa: E731
     level = exp.planned_level(len(s["planned"]))
     L = [f"== planned: mean [{100 * level:.1f}% interval, family-wise 95% (Bonferroni over {len(s['planned'])})] =="]
     for name, p in s["planned"].items():
@@ -181,8 +181,8 @@ def report(s: dict, n: int) -> list[str]:
     L += ["", f"== exploratory: mean [{100 * LEVEL:.0f}% interval] =="]
     for name, p in s["exploratory"].items():
         L.append(f"{name}: {p.text()} ({say(p, metric(name))}; lower in {p.below} of {p.n} seeds, higher in {p.above})")
-    L += ["", f"== candidates (from the saved state dict of a ring of {s['ring']}; BatchNorm refreshed): times picked "
-          f"on validation loss, means over {n} seeds, and test loss minus window({FIXED}) =="]
+    L += ["", (f"== candidates (from the saved state dict of a ring of {s['ring']}; BatchNorm refreshed): times picked "
+               f"on validation loss, means over {n} seeds, and test loss minus window({FIXED}) ==")]
     L.append(f"{'candidate':<11} {'picked':>6} {'val loss':>9} {'test loss':>9} {'test acc':>8} "
              f"{'test loss - window(' + str(FIXED) + ')':>27}")
     for name, c in s["candidates"].items():
@@ -236,12 +236,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 f"incomplete: {done} of {cfg.seeds} seeds finished; the summary covers seeds 0-{done - 1}")
             cpu = sum(r["cost"]["cpu_s"] for r in results)
             head = [f"command: {command}", f"code: {code['text']}", *([status] if status else []),
-                    f"{done} seeds, {cfg.epochs} epochs each, ring of {args.k}; {seconds:.0f} s wall in 1 process x 1 "
-                    f"thread, {cpu:.0f} CPU seconds (load average before {load[0]:.2f}, now {os.getloadavg()[0]:.2f}); "
-                    f"torch {torch.__version__}",
-                    f"choice on the validation split ({cfg.val} images per seed), evaluation on the test file "
-                    f"({results[0]['test_images']} images); 'equal within' = the whole interval inside the margin "
-                    f"({', '.join(f'{k} {v:g}' for k, v in MARGINS.items() if k != 'epochs')})", ""]
+                    (f"{done} seeds, {cfg.epochs} epochs each, ring of {args.k}; {seconds:.0f} s wall in 1 process x 1 "
+                     f"thread, {cpu:.0f} CPU seconds (load average before {load[0]:.2f}, now {os.getloadavg()[0]:.2f}); "
+                     f"torch {torch.__version__}"),
+                    (f"choice on the validation split ({cfg.val} images per seed), evaluation on the test file "
+                     f"({results[0]['test_images']} images); 'equal within' = the whole interval inside the margin "
+                     f"({', '.join(f'{k} {v:g}' for k, v in MARGINS.items() if k != 'epochs')})"), ""]
             lines = head + report(s, done)
             (out / "posthoc_choice.txt").write_text("\n".join(lines) + "\n")
             (out / "posthoc_choice.json").write_text(json.dumps(exp._jsonable({
