@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from lawa_optim.distributed import as_global
+from lawa_optim import posthoc
 from lawa_optim.history import History
 from lawa_optim.state_check import KEYS, Checked, Layout, check, dtype_name
 
@@ -63,15 +64,20 @@ def save_history(opt: "LAWA", sd: dict[str, Any]) -> None:
             "pushes": 0 if gen is None else pushes[gen],
             "swapped": opt.is_swapped,
         }
+        if hist.mode == "phema":
+            group["lawa"].update(posthoc.saved(hist, gen))
     ids = _param_ids(opt, sd)
     state = sd["state"]
     for b in hist.buckets:
         for i, p in enumerate(b.sources):
             # A fresh dict: the packed entries are the live optimizer's state dicts.
             entry = dict(state.get(ids[id(p)], {}))
-            if hist.mode == "uniform":
+            if hist.mode != "ema":
                 entry["lawa_history"] = as_global(b.history_view(i), p, lead=hist.k)
+            if hist.mode == "uniform":
                 entry["lawa_sum"] = as_global(b.view(b.total, i), p)
+            elif hist.mode == "phema":
+                entry["lawa_phema"] = as_global(b.history_view(i, b.emas), p, lead=len(hist.sigma_rels))
             else:
                 entry["lawa_ema"] = as_global(b.view(b.total, i), p)
             if b.backup is not None:
@@ -120,16 +126,23 @@ def read_history(opt: "LAWA", sd: dict[str, Any]) -> Checked:
     for b in old.buckets:
         b.wait()  # a pending copy into the old ring lands, or its failure raises, before any change
     checked = check(Layout.of(opt), sd)
-    hist = History(old.k, old.mode, old.history_dtype, old.storage, old.requested_backend, old.recompute_every)
+    hist = History(
+        old.k, old.mode, old.history_dtype, old.storage, old.requested_backend, old.recompute_every, old.sigma_rels
+    )
     for end in checked.generation_ends:
         hist.extend(opt.param_groups[:end])
     for gen, buckets in enumerate(hist.generations):
         for b in buckets:
             b.pushes.fill_(checked.pushes[gen])
+            if checked.phema is not None:
+                b.steps, b.slots = checked.phema[gen][0], list(checked.phema[gen][1])
             for i, p in enumerate(b.sources):
                 got = checked.tensors[id(p)]
-                if hist.mode == "uniform":
+                if hist.mode != "ema":
                     b.history_view(i).copy_(got["lawa_history"])
+                if hist.mode == "phema":
+                    b.history_view(i, b.emas).copy_(got["lawa_phema"])
+                elif hist.mode == "uniform":
                     if "lawa_sum" in got:
                         b.view(b.total, i).copy_(got["lawa_sum"])
                 else:
