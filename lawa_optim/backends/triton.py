@@ -125,7 +125,7 @@ def ema_update(b: "Bucket", decay: float) -> None:
 
 def phema_update(b: "Bucket", alphas: Tensor) -> None:
     """Fold the parameters into every power-function EMA of ``b.emas``, one launch."""
-    _launch(_k.phema_kernel, b, b.emas, alphas, b.D, b.emas.shape[0], **NO_FUSION)
+    _launch(_k.phema_kernel, b, b.emas, alphas, b.D, E=b.emas.shape[0], **NO_FUSION)
 
 
 def swap_in(b: "Bucket", last: int | None, weights: Tensor | None = None) -> None:
@@ -181,7 +181,7 @@ def _variants() -> dict[str, tuple]:
                 extra = NO_FUSION if mode == "weighted" else {}
                 out[f"swap_in:{mode}:{pn}:{hn}"] = (_k.swap_in_kernel, args,
                                                     {**P, "MODE": _SWAP_MODES[mode], **extra})
-        out[f"phema:{pn}"] = (_k.phema_kernel, (table, total, total, D, 2), {**P, **NO_FUSION})
+        out[f"phema:{pn}"] = (_k.phema_kernel, (table, total, total, D), {**P, "E": 2, **NO_FUSION})
         out[f"swap_back:{pn}"] = (_k.swap_back_kernel, (table, bufs[p]), P)
         out[f"recompute:{pn}"] = (_k.recompute_kernel, (bufs[p], total, pushes, D, k),
                                   {"CHUNK": CHUNK, "BLOCK": BLOCK})

@@ -174,11 +174,13 @@ def ema_kernel(table, total, pushes, decay, alpha, PDTYPE: tl.constexpr, BLOCK: 
 
 
 @triton.jit
-def _phema_block(src, emas, alphas, idx, cnt, D, E, MASKED: tl.constexpr):
+def _phema_block(src, emas, alphas, idx, cnt, D, E: tl.constexpr, MASKED: tl.constexpr):
     mask = idx < cnt if MASKED else None
     p = _to_f32(tl.load(src + idx, mask=mask))  # read once for every width
     row = emas
-    for e in range(0, E):
+    # Unrolled (E is a compile-time constant, the few widths of one LAWA): the rows' loads
+    # are independent and issue together.
+    for e in tl.static_range(E):
         a = tl.load(alphas + e)
         m = tl.load(row + idx, mask=mask)
         # Launched with enable_fp_fusion=False: the product and the sum round separately.
@@ -187,8 +189,8 @@ def _phema_block(src, emas, alphas, idx, cnt, D, E, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _phema_chunk(addr, off, cnt, emas, alphas, D, E, ALIGNED: tl.constexpr, PDTYPE: tl.constexpr,
-                 BLOCK: tl.constexpr):
+def _phema_chunk(addr, off, cnt, emas, alphas, D, E: tl.constexpr, ALIGNED: tl.constexpr,
+                 PDTYPE: tl.constexpr, BLOCK: tl.constexpr):
     src = _param(addr, ALIGNED, PDTYPE)
     whole = cnt - cnt % BLOCK
     for start in range(0, whole, BLOCK):
@@ -198,7 +200,7 @@ def _phema_chunk(addr, off, cnt, emas, alphas, D, E, ALIGNED: tl.constexpr, PDTY
 
 
 @triton.jit
-def phema_kernel(table, emas, alphas, D, E, PDTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def phema_kernel(table, emas, alphas, D, E: tl.constexpr, PDTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """For each of the ``E`` rows of ``emas``: ``ema = param`` where ``alphas[e] == 1``,
     else ``ema + alphas[e] * (param - ema)``."""
     addr, off, cnt = _row(table)
