@@ -197,9 +197,11 @@ def _from_state_dict(
                 "keeps no power-function EMAs to synthesise from"
             )
         fits = {}
+        group_generation = [group["lawa"]["generation"] for group in groups]
         for gen, (n, (_, slots)) in enumerate(zip(checked.pushes, checked.phema)):
             if n > 0:
-                fits[gen] = posthoc.fit_slots(n, k, slots, sigma_rels, sigma_rel, posthoc.MAX_FIT_ERROR)
+                where = posthoc.added_later(group_generation, gen)
+                fits[gen] = posthoc.fit_slots(n, k, slots, sigma_rels, sigma_rel, posthoc.MAX_FIT_ERROR, where)
         if not fits:
             raise RuntimeError("export_average(): source holds no snapshot yet (saved before the first snapshot)")
         for g, group in enumerate(groups):

@@ -109,13 +109,13 @@ def push(hist: "History") -> bool:
 
 def fit_slots(
     n: int, k: int, slots: Sequence[tuple[int, int] | None], sigma_rels: Sequence[float], sigma_rel: float,
-    max_error: float,
+    max_error: float, where: str = "",
 ) -> tuple[int, phema.Fit]:
     """The fit of the EMA of width ``sigma_rel`` at the newest of the ``min(n, k)``
     snapshots held after ``n`` pushes into the slots ``slots`` (``(t, width index)``
     each): ``(t, fit)``, its coefficients newest first. ``ValueError`` naming the error,
     the width asked for and the widths and steps stored when the error exceeds
-    ``max_error``."""
+    ``max_error`` (``where`` names the parameters, when they are not all)."""
     times, gs = [], []
     for j in range(min(n, k)):
         t, e = slots[(n - 1 - j) % k]
@@ -124,7 +124,7 @@ def fit_slots(
     result = phema.fit(times, gs, times[0], phema.sigma_rel_to_gamma(sigma_rel))
     if result.error > max_error:
         raise ValueError(
-            f"sigma_rel={sigma_rel!r} cannot be synthesised from the stored snapshots: the "
+            f"sigma_rel={sigma_rel!r} cannot be synthesised from the stored snapshots{where}: the "
             f"fit's relative profile error is {result.error:.2%}, above max_fit_error="
             f"{max_error!r}. Stored: widths {list(sigma_rels)} at steps {sorted(set(times))}; ask "
             "for a width between the stored ones, keep more snapshots (a larger k) or widths "
@@ -139,17 +139,26 @@ def fit(hist: "History", sigma_rel: float, max_error: float) -> tuple[dict["Buck
     ``RuntimeError`` when nothing is stored. Reads only."""
     fitted: dict[Bucket, tuple[float, ...]] = {}
     fits = []
-    for gen in hist.generations:
+    for g, gen in enumerate(hist.generations):
         stored = [(b, int(b.pushes.item())) for b in gen]
         stored = [(b, n) for b, n in stored if n > 0]
         if stored:
             b, n = stored[0]
-            fits.append(fit_slots(n, b.k, b.slots, hist.sigma_rels, sigma_rel, max_error))
+            where = added_later(hist.group_generation, g)
+            fits.append(fit_slots(n, b.k, b.slots, hist.sigma_rels, sigma_rel, max_error, where))
             for b, _ in stored:
                 fitted[b] = tuple(fits[-1][1].weights)
     if not fits:
         raise RuntimeError("no snapshot of the EMAs is stored yet: call opt.snapshot() (or set every=)")
     return fitted, summary(sigma_rel, fits)
+
+
+def added_later(group_generation: Sequence[int | None], gen: int) -> str:
+    """How an error names the param groups of generation ``gen`` when it is not the first."""
+    if gen == 0:
+        return ""
+    groups = [str(g) for g, x in enumerate(group_generation) if x == gen]
+    return f" of param group{'s' * (len(groups) > 1)} {', '.join(groups)} (added later, fitted on its own steps)"
 
 
 def summary(sigma_rel: float, fits: list[tuple[int, phema.Fit]]) -> PostHocFit:
