@@ -11,7 +11,9 @@ running sum. The baselines work on per-parameter views of that same ring and sum
   average, as the paper's code does (O(k) per average).
 
 The ``foreach`` push adds ``new - old`` in two roundings (``total - old + new``), so its
-sum can differ from the fused one in the last bit; the ring it writes is identical.
+sum can differ from the fused one in the last bit; the ring it writes is identical. The
+recompute baselines sum the slots plainly, where the history's refresh compensates its
+sum (:mod:`lawa_optim.ops`): equal to float32 rounding.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ enum LawaDtype : int { kLawaFloat32 = 0, kLawaBFloat16 = 1, kLawaFloat16 = 2 };
 
 // What swap_in writes into the parameters.
 enum LawaAverage : int {
-  kLawaMean = 0,  // total / min(pushes, k)
+  kLawaMean = 0,  // total / min(pushes, k) (the float64 mean of the slots where total is not finite)
   kLawaEma = 1,   // total as is
   kLawaLast = 2,  // mean of the `last` newest ring slots
 };
@@ -47,8 +47,9 @@ struct LawaLaunch {
 
 // With n = pushes: ring[n % k] = cast(param), and total += float(new) - float(old) (old = 0
 // while n < k), the difference rounded first; or, when (n + 1) % refresh_every == 0,
-// total = 0 + ring[0] + ... + ring[min(n + 1, k) - 1] in slot order (the new slot
-// included). `ring` is (k, D), `total` is (D,).
+// total = csum(ring[0], ..., ring[min(n + 1, k) - 1]) in slot order (the new slot
+// included; csum is the compensated sum of lawa_optim/ops.py). `ring` is (k, D), `total`
+// is (D,).
 cudaError_t lawa_push(const LawaLaunch& launch, LawaDtype param_dtype, LawaDtype history_dtype,
                       void* ring, float* total, const int64_t* pushes, int64_t D, int64_t k,
                       int64_t refresh_every);
@@ -64,7 +65,7 @@ cudaError_t lawa_phema_update(const LawaLaunch& launch, LawaDtype param_dtype, f
                               const float* alphas, int64_t D, int64_t E);
 
 // backup = param (bit for bit), then param = cast(average), see LawaAverage. `ring`
-// may be null for kLawaMean and kLawaEma; `last` is used by kLawaLast only.
+// may be null for kLawaEma only; `last` is used by kLawaLast only.
 cudaError_t lawa_swap_in(const LawaLaunch& launch, LawaDtype param_dtype, LawaDtype history_dtype,
                          LawaAverage average, void* backup, const float* total, const void* ring,
                          const int64_t* pushes, int64_t D, int64_t k, int64_t last);
@@ -80,6 +81,6 @@ cudaError_t lawa_swap_weighted(const LawaLaunch& launch, LawaDtype param_dtype,
 // param = backup (bit for bit).
 cudaError_t lawa_swap_back(const LawaLaunch& launch, LawaDtype param_dtype, const void* backup);
 
-// total = 0 + ring[0] + ... + ring[min(pushes, k) - 1] in slot order.
+// total = csum(ring[0], ..., ring[min(pushes, k) - 1]) in slot order (lawa_optim/ops.py).
 cudaError_t lawa_recompute(const LawaLaunch& launch, LawaDtype history_dtype, const void* ring,
                            float* total, const int64_t* pushes, int64_t D, int64_t k);

@@ -15,6 +15,33 @@ namespace {
 template <LawaDtype D>
 using Raw = typename LawaElem<D>::Raw;
 
+// csum of lawa_optim.ops (Neumaier's compensated sum): s += x, the rounding error of that
+// addition added to c; the sum is lawa_csum_result(s, c).
+__device__ __forceinline__ void lawa_csum_add(float& s, float& c, float x) {
+  const float t = __fadd_rn(s, x);
+  c = __fadd_rn(c, fabsf(s) >= fabsf(x) ? __fadd_rn(__fsub_rn(s, t), x) : __fadd_rn(__fsub_rn(x, t), s));
+  s = t;
+}
+
+__device__ __forceinline__ float lawa_csum_result(float s, float c) {
+  return isfinite(s) ? __fadd_rn(s, c) : s;
+}
+
+// wide of lawa_optim.ops: the `count` slots of one element (`ring` at slot 0), from slot
+// `first` on, stepping back through the ring (newest first) or forward (slot order),
+// summed in double. Runs only where a float32 sum is not finite.
+template <LawaDtype H>
+__device__ __forceinline__ float lawa_wide(const Raw<H>* ring, int64_t D, int64_t k, int64_t first,
+                                        bool newest_first, int64_t count) {
+  double w = 0.0;
+  int64_t s = first;
+  for (int64_t i = 0; i < count; ++i) {
+    w = __dadd_rn(w, double(LawaElem<H>::to_float(__ldca(ring + s * D))));
+    s = newest_first ? (s == 0 ? k : s) - 1 : s + 1;
+  }
+  return __double2float_rn(__ddiv_rn(w, double(count)));
+}
+
 // ring[n % k] = cast(param); total += float(new) - float(old), old = 0 while n < k; at a
 // refresh ((n + 1) % refresh_every == 0) total is rebuilt from the filled slots instead.
 template <LawaDtype P, LawaDtype H>
@@ -63,19 +90,28 @@ struct PushOp {
     }
     LawaChunk<kLawaFloat32, W> t;
     if (v.refresh) {
-      // The sum of the filled slots in slot order, from zero, as recompute leaves it; the
-      // slot being written contributes the new value.
+      // csum of the filled slots in slot order, as recompute leaves it; the slot being
+      // written contributes the new value.
 #pragma unroll
       for (int j = 0; j < W; ++j) {
         t.v[j] = 0.0f;
       }
       const Raw<H>* row = v.ring + e;
+      float c[W];
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        c[j] = 0.0f;
+      }
       for (int64_t s = 0; s < v.filled; ++s, row += D) {
         const LawaChunk<H, W> r = s == v.s ? h : lawa_load<H, W>(row);
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-          t.v[j] = __fadd_rn(t.v[j], LawaElem<H>::to_float(r.v[j]));
+          lawa_csum_add(t.v[j], c[j], LawaElem<H>::to_float(r.v[j]));
         }
+      }
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        t.v[j] = lawa_csum_result(t.v[j], c[j]);
       }
     } else {
       t = lawa_load<kLawaFloat32, W>(v.total + e);
@@ -144,7 +180,8 @@ struct EmaOp {
   }
 };
 
-// backup = param, then param = cast(average), the division an IEEE one. One kernel per
+// backup = param, then param = cast(average), the division an IEEE one, or where the float32
+// sum is not finite the float64 mean of the same slots (lawa_wide). One kernel per
 // kind of average keeps each small: with all three in one, bfloat16 and float16
 // parameters spilled 12-16 bytes on sm_90.
 template <LawaDtype P, LawaDtype H, LawaAverage A>
@@ -161,8 +198,9 @@ struct SwapInOp {
     Raw<P>* param;
     Raw<P>* backup;
     const float* total;
-    const Raw<H>* ring;  // slot 0 of the segment's slice (kLawaLast only)
+    const Raw<H>* ring;  // slot 0 of the segment's slice (not in kLawaEma)
     int64_t newest;      // slot of the newest snapshot (kLawaLast only)
+    int64_t slots;       // snapshots averaged
     float count;         // divisor of the mean
     bool vec;
   };
@@ -172,8 +210,9 @@ struct SwapInOp {
     v.param = static_cast<Raw<P>*>(seg.param) + lo;
     v.backup = backup + seg.offset + lo;
     v.total = total + seg.offset + lo;
-    v.ring = A == kLawaLast ? ring + seg.offset + lo : nullptr;
+    v.ring = A == kLawaEma ? nullptr : ring + seg.offset + lo;
     v.newest = A == kLawaLast ? (n - 1) % k : 0;
+    v.slots = A == kLawaLast ? last : (n < k ? n : k);
     v.count = float(A == kLawaLast ? last : (n < k ? n : k));
     v.vec = lawa_aligned(v.param) && lawa_aligned(v.backup);
     if (A == kLawaLast) {
@@ -190,9 +229,11 @@ struct SwapInOp {
     lawa_store<P, W>(v.backup + e, p);
     float avg[W];
     if constexpr (A == kLawaLast) {
+      float c[W];
 #pragma unroll
       for (int j = 0; j < W; ++j) {
         avg[j] = 0.0f;
+        c[j] = 0.0f;
       }
       // The newest slot first, as the contract accumulates them; stepping back through
       // the ring wraps with a compare, not a 64-bit % k per slot.
@@ -201,19 +242,26 @@ struct SwapInOp {
         const LawaChunk<H, W> r = lawa_load<H, W>(v.ring + s * D + e);
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-          avg[j] = __fadd_rn(avg[j], LawaElem<H>::to_float(r.v[j]));
+          lawa_csum_add(avg[j], c[j], LawaElem<H>::to_float(r.v[j]));
         }
         s = (s == 0 ? k : s) - 1;
       }
 #pragma unroll
       for (int j = 0; j < W; ++j) {
-        avg[j] = __fdiv_rn(avg[j], v.count);
+        const float sum = lawa_csum_result(avg[j], c[j]);
+        avg[j] = isfinite(sum) ? __fdiv_rn(sum, v.count)
+                               : lawa_wide<H>(v.ring + e + j, D, k, v.newest, true, v.slots);
       }
     } else {
       const LawaChunk<kLawaFloat32, W> t = lawa_load<kLawaFloat32, W>(v.total + e);
 #pragma unroll
       for (int j = 0; j < W; ++j) {
-        avg[j] = A == kLawaMean ? __fdiv_rn(t.v[j], v.count) : t.v[j];
+        if (A == kLawaEma) {
+          avg[j] = t.v[j];
+        } else {
+          avg[j] = isfinite(t.v[j]) ? __fdiv_rn(t.v[j], v.count)
+                                    : lawa_wide<H>(v.ring + e + j, D, k, 0, false, v.slots);
+        }
       }
     }
     LawaChunk<P, W> out;
@@ -319,7 +367,7 @@ struct SwapBackOp {
   }
 };
 
-// total = 0 + ring[0] + ... + ring[min(n, k) - 1], in slot order.
+// total = csum(ring[0], ..., ring[min(n, k) - 1]), in slot order.
 template <LawaDtype H>
 struct RecomputeOp {
   const Raw<H>* ring;
@@ -351,12 +399,21 @@ struct RecomputeOp {
     for (int j = 0; j < W; ++j) {
       t.v[j] = 0.0f;
     }
+    float c[W];
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      c[j] = 0.0f;
+    }
     for (int64_t s = 0; s < v.filled; ++s) {
       const LawaChunk<H, W> r = lawa_load<H, W>(v.ring + s * D + e);
 #pragma unroll
       for (int j = 0; j < W; ++j) {
-        t.v[j] = __fadd_rn(t.v[j], LawaElem<H>::to_float(r.v[j]));
+        lawa_csum_add(t.v[j], c[j], LawaElem<H>::to_float(r.v[j]));
       }
+    }
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      t.v[j] = lawa_csum_result(t.v[j], c[j]);
     }
     lawa_store<kLawaFloat32, W>(v.total + e, t);
   }
@@ -390,8 +447,8 @@ cudaError_t lawa_ema_update(const LawaLaunch& launch, LawaDtype param_dtype, flo
 cudaError_t lawa_swap_in(const LawaLaunch& launch, LawaDtype param_dtype, LawaDtype history_dtype,
                          LawaAverage average, void* backup, const float* total, const void* ring,
                          const int64_t* pushes, int64_t D, int64_t k, int64_t last) {
-  if (average == kLawaLast && (ring == nullptr || last < 1 || last > k)) {
-    return cudaErrorInvalidValue;
+  if ((average != kLawaEma && ring == nullptr) || (average == kLawaLast && (last < 1 || last > k))) {
+    return cudaErrorInvalidValue;  // the mean reads the ring where the sum is not finite
   }
   return lawa_dispatch(param_dtype, [&](auto p) {
     return lawa_dispatch(history_dtype, [&](auto h) {

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lawa_optim import posthoc, weighting
-from lawa_optim.backends.reference import weighted_sum
+from lawa_optim.backends.reference import compensated_sum, weighted_sum, wide_where_overflowed
 from lawa_optim.bn import update_bn
 from lawa_optim.history import FLOAT_DTYPES, accumulation_dtype, is_int
 from lawa_optim.state_check import Layout, check, dtype_name, shown
@@ -261,7 +261,7 @@ def _match(model: nn.Module, groups: list) -> list[tuple[str, Tensor]]:
         raise ValueError("source has param_names in some param groups but not in all")
     if all(named):
         lookup = dict(model.named_parameters(remove_duplicate=False))
-        out, seen = [], {}
+        out, seen, given = [], {}, {}
         for g, group in enumerate(groups):
             names = group["param_names"]
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -271,7 +271,14 @@ def _match(model: nn.Module, groups: list) -> list[tuple[str, Tensor]]:
                     f"param group {g} of source has {len(group['params'])} parameters but "
                     f"{len(names)} param_names"
                 )
-            for name in names:
+            for pid, name in zip(group["params"], names):
+                if _key(pid) in given:
+                    # One id twice: torch saves a parameter listed twice so (see parameter_owners).
+                    first = given[_key(pid)]
+                    if first[0] != name:
+                        raise ValueError(f"source names its parameter {pid!r} both {first[0]!r} and {name!r}")
+                    out.append(first)
+                    continue
                 p = lookup.get(name)
                 if p is None:
                     raise ValueError(
@@ -281,16 +288,29 @@ def _match(model: nn.Module, groups: list) -> list[tuple[str, Tensor]]:
                 if id(p) in seen:
                     raise ValueError(f"source names {seen[id(p)]!r} and {name!r}, one parameter of model, twice")
                 seen[id(p)] = name
+                given[_key(pid)] = (name, p)
                 out.append((name, p))
         return out
     params = list(model.named_parameters())
-    if len(params) != len(saved):
+    # A parameter listed twice is saved under one id twice: it is one parameter of model.
+    distinct = list(dict.fromkeys(map(_key, saved)))
+    if len(params) != len(distinct):
         raise ValueError(
-            f"source holds {len(saved)} parameters and carries no param_names, so they map to "
+            f"source holds {len(distinct)} parameters and carries no param_names, so they map to "
             f"model.parameters() in order, but model has {len(params)}; build the optimizer "
             "from model.named_parameters() to map by name"
         )
-    return params
+    of = dict(zip(distinct, params))
+    return [of[_key(pid)] for pid in saved]
+
+
+def _key(pid: Any) -> Any:
+    """``pid`` as a dict key: an unhashable id (refused by the check) stands for itself."""
+    try:
+        hash(pid)
+    except TypeError:
+        return ("unhashable", id(pid))
+    return pid
 
 
 def _some(named: Mapping[str, Tensor]) -> str:
@@ -305,8 +325,9 @@ def _average(
     """One parameter's average from its checked saved history after ``pushes`` pushes,
     with the arithmetic of a swap (``lawa_optim.ops``): the weighted sum of the newest
     slots with ``weights``, else the running sum (or, where a 0.1.0 checkpoint saved
-    none, the slots summed in slot order in the accumulation dtype) divided by the
-    count, rounded to the parameter's dtype."""
+    none, the compensated sum of the slots in slot order, as a refresh computes it)
+    divided by the count, the float64 mean of the slots where that sum is not finite,
+    rounded to the parameter's dtype."""
     count = min(pushes, k)
     if weights is not None:
         history = saved["lawa_history"]
@@ -317,14 +338,15 @@ def _average(
     elif mode == "phema":
         avg = saved["lawa_phema"][0]
     else:
+        history = saved["lawa_history"]
+        slots = [history[s] for s in range(count)]
         total = saved.get("lawa_sum")
         if total is None:
-            history = saved["lawa_history"]
-            total = torch.zeros(history.shape[1:], dtype=accumulation_dtype(p.dtype), device=history.device)
-            for s in range(count):
-                total.add_(history[s])
+            like = torch.zeros(history.shape[1:], dtype=accumulation_dtype(p.dtype), device=history.device)
+            total = compensated_sum(slots, like)
         # A 0-dim tensor divides exactly as the kernels do (a Python float may not on CUDA).
         avg = total / torch.tensor(float(count), dtype=total.dtype, device=total.device)
+        avg = wide_where_overflowed(avg, total, slots)
     return avg.to(device=p.device, dtype=p.dtype, memory_format=torch.contiguous_format, copy=True)
 
 

@@ -13,16 +13,21 @@ Parameters are grouped into buckets that share a device and a dtype. A bucket ke
 The O(1) update ``total += new - old`` cancels catastrophically when magnitudes
 change (two snapshots at 1e8 then two at 1.0 leave 0.0 for k = 2) and keeps a NaN
 forever. So every ``refresh_every``-th push (default: every k-th, the one that
-completes a pass over the ring) rebuilds ``total`` exactly from the ring instead, in
-the same pass. The kernels decide that from ``pushes`` on the device, so compiled
-and graph-captured snapshots refresh at the right push too. Hence the guarantee: at
-most ``refresh_every`` snapshots after a value has left the window it no longer
-affects the average, which is then the mean of the stored window up to float32
-rounding of k terms.
+completes a pass over the ring) rebuilds ``total`` from the ring instead, in the same
+pass, with a compensated sum whose error does not grow with k. The kernels decide that
+from ``pushes`` on the device, so compiled and graph-captured snapshots refresh at the
+right push too. Hence the guarantee (README, "The numerical guarantee"): at most
+``refresh_every`` snapshots after a value has left the window it no longer affects the
+average, which is then the mean of the stored window within ``(4 + r (1 + 2/k)) 2**-24``
+of the largest magnitude, ``r`` snapshots after the last refresh, whatever k.
 
 Each parameter owns a slice of the flat buffers that starts on a multiple of
 ``ALIGN`` elements and holds its elements in the parameter's *memory* order, so a
 snapshot of a ``channels_last`` weight is a plain linear copy for every backend.
+A parameter is counted once, by its memory (:func:`parameter_owners`): entries of the
+param groups that cover the same bytes as an earlier one, with the same dtype, shape
+and strides, are aliases that have no slice of their own, so no backend ever backs up
+or writes one memory twice; memory shared in any other way is refused.
 
 The kernels themselves live in :mod:`lawa_optim.ops`; this module only lays out
 memory and keeps the bookkeeping (which buckets exist, whether parameters moved).
@@ -30,6 +35,7 @@ memory and keeps the bookkeeping (which buckets exist, whether parameters moved)
 
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 from collections.abc import Sequence
@@ -102,9 +108,14 @@ class Bucket:
         storage: str,
         backend: str,
         refresh_every: int | None = None,
+        sharing: "Sharing | None" = None,
         widths: int = 0,
     ) -> None:
         self.sources = list(params)
+        #: Optimizer parameters that share the memory of one of ``sources`` (no slice of
+        #: their own): watched for moves, never written.
+        self.aliases: list[Tensor] = []
+        self.sharing = sharing
         self.sharded = any(map(is_sharded, self.sources))
         self.params = [local(p) for p in self.sources]
         self.k = k
@@ -140,9 +151,12 @@ class Bucket:
         self.pushes = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.backup: Tensor | None = None
         self.cache: dict = {}
+        #: Whether a snapshot already warned that float16 history stored an infinity.
+        self.range_warned = False
         self._ptrs = [p.data_ptr() for p in self.params]
         self._dtypes = [self.dtype] * len(self.params)
         self._strides = [p.stride() for p in self.params]
+        self._shapes = [p.shape for p in self.params]
         self.backend = ops.resolve(backend, self)
         # Weights on a GPU, ring in pinned host memory: snapshots copy asynchronously.
         self.offload = Offload(self) if pin and mode == "uniform" and self.param_device.type == "cuda" else None
@@ -214,30 +228,34 @@ class Bucket:
         if self.sharded:
             # FSDP2 may point a DTensor at a new local tensor (lazy init, state loading).
             self.params = [local(p) for p in self.sources]
+        watched = self.params + [local(a) for a in self.aliases]
         try:
-            ptrs = list(map(Tensor.data_ptr, self.params))
+            ptrs = list(map(Tensor.data_ptr, watched))
         except RuntimeError:  # a parameter made sparse has no storage: the loop names it
             ptrs = None
-        if ptrs == self._ptrs and list(map(_dtype_of, self.params)) == self._dtypes:
+        if ptrs == self._ptrs and list(map(_dtype_of, watched)) == self._dtypes:
             return
         for i, p in enumerate(self.params):
             fits = (
                 p.layout == torch.strided
                 and p.dtype == self.dtype
                 and p.device == self.param_device
-                and p.numel() == self.numels[i]
+                and p.shape == self._shapes[i]
                 and p.stride() == self._strides[i]
             )
             if not fits:
                 raise RuntimeError(
                     f"parameter {i} of a LAWA bucket changed dtype, shape, layout or device since the "
                     f"history was built "
-                    f"(was {self.dtype}, stride {self._strides[i]}, {self.numels[i]} elements on "
+                    f"(was {self.dtype}, shape {tuple(self._shapes[i])}, stride {self._strides[i]} on "
                     f"{self.param_device}; now {_describe(p)}); the history holds it as it was. "
                     "Convert the model back (e.g. `model.float()`), or build a new LAWA optimizer "
                     "after converting, moving or reshaping the model"
                 )
+        if self.sharing is not None:
+            self.sharing.check()
         self._ptrs = ptrs
+        self._dtypes = [self.dtype] * len(watched)
         self.cache.clear()
 
 
@@ -249,8 +267,8 @@ def _nbytes(t: Tensor | None) -> int:
 
 
 def _describe(p: Tensor) -> str:
-    layout = f"stride {p.stride()}" if p.layout == torch.strided else f"layout {p.layout}"
-    return f"{p.dtype}, {layout}, {p.numel()} elements on {p.device}"
+    layout = f"shape {tuple(p.shape)}, stride {p.stride()}" if p.layout == torch.strided else f"layout {p.layout}"
+    return f"{p.dtype}, {layout} on {p.device}"
 
 
 def history_device(param_device: torch.device, storage: str) -> torch.device:
@@ -263,6 +281,107 @@ def _bucket_params(params: Sequence[Tensor]) -> list[list[Tensor]]:
     for p in params:
         groups.setdefault((p.device, p.dtype), []).append(p)
     return list(groups.values())
+
+
+Position = tuple[int, int]  # (param group, index in the group)
+
+
+def parameter_owners(param_groups: Sequence[dict]) -> list[list[Position]]:
+    """Which entry of ``param_groups`` holds each parameter's history: LAWA counts a
+    parameter once, by its memory.
+
+    Two entries are one parameter when they are the same tensor, or when they cover the
+    same bytes of one device with the same dtype, shape and strides (``SGD([p, p])``, a
+    tied weight listed twice, two ``Parameter`` objects viewing one storage). The first
+    of them in ``param_groups`` order owns the slice; the others are aliases. Returns,
+    per group and index, the position ``(group, index)`` of the entry's owner (its own
+    position for an owner). Raises ``RuntimeError`` naming both entries when two of them
+    share memory in any other way (overlapping bytes, or the same bytes seen with
+    another dtype, shape or strides): no average can be written into both.
+    """
+    owners: list[list[Position]] = []
+    first: dict[int, Position] = {}
+    spans = []
+    for g, group in enumerate(param_groups):
+        row = []
+        for i, p in enumerate(group["params"]):
+            pos = first.setdefault(id(p), (g, i))
+            row.append(pos)
+            t = local(p)
+            if pos == (g, i) and t.numel() > 0:  # an empty tensor shares no byte
+                start = t.data_ptr()
+                spans.append((str(t.device), start, start + t.numel() * t.element_size(), g, i, t))
+        owners.append(row)
+    spans.sort(key=lambda s: (s[0], s[1], -s[2], s[3], s[4]))
+    reach = None  # of the spans seen on this device, the one reaching furthest
+    for span in spans:
+        device, start, end, g, i, t = span
+        if reach is None or reach[0] != device or start >= reach[2]:
+            reach = span
+            continue
+        _, _, _, h, j, u = reach
+        if (start, end, t.dtype, t.shape, t.stride()) != (reach[1], reach[2], u.dtype, u.shape, u.stride()):
+            a, b = sorted([(g, i, t), (h, j, u)], key=lambda x: x[:2])
+            raise RuntimeError(
+                f"{_where(*a)} and {_where(*b)} share memory on {device} without being the "
+                "same parameter (overlapping bytes, or the same bytes with another dtype, shape "
+                "or strides); LAWA counts a parameter once by its memory and cannot write an "
+                "average into both: give each parameter memory of its own (e.g. "
+                "`p.data = p.data.clone()`), or pass the optimizer only one of them"
+            )
+        owners[g][i] = owners[h][j]
+    return owners
+
+
+def _where(g: int, i: int, t: Tensor) -> str:
+    return f"parameter {i} of param group {g} ({t.dtype}, shape {tuple(t.shape)}, stride {t.stride()})"
+
+
+class Sharing:
+    """Which built parameters share memory (:func:`parameter_owners`), kept by the history
+    and checked again by every bucket that notices a moved parameter: the layout holds
+    one slice per owner, so a change in who shares with whom no longer fits it."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[Tensor]] = []  # the parameters of each built group
+        self.owners: list[list[Position]] = []
+
+    def extend(self, new: Sequence[dict]) -> list[list[Position]]:
+        """The owners of the built groups followed by ``new``; raises (changing nothing)
+        when they share memory in a way the rule refuses or the history cannot hold."""
+        owners = parameter_owners([{"params": ps} for ps in self.groups] + list(new))
+        self._compare(owners[: len(self.groups)])
+        built = len(self.groups)
+        for g, row in enumerate(owners[built:], built):
+            for i, (h, j) in enumerate(row):
+                if h < built:
+                    raise RuntimeError(
+                        f"parameter {i} of param group {g} shares the memory of parameter {j} of "
+                        f"param group {h}, whose history was built before: a parameter joins "
+                        "the history once, with its first param group; leave it out of the "
+                        "added group"
+                    )
+        return owners
+
+    def check(self) -> None:
+        """Raise ``RuntimeError`` when the built parameters no longer share memory as
+        they did when the history was built."""
+        self._compare(parameter_owners([{"params": ps} for ps in self.groups]))
+
+    def _compare(self, owners: list[list[Position]]) -> None:
+        for g, (now, then) in enumerate(zip(owners, self.owners)):
+            for i, (a, b) in enumerate(zip(now, then)):
+                if a != b:
+                    raise RuntimeError(
+                        f"parameter {i} of param group {g} shared memory with "
+                        f"{_owner(b, (g, i))} when the LAWA history was built and now shares it "
+                        f"with {_owner(a, (g, i))}; the history holds one slice per memory as it "
+                        "was: undo the change, or build a new LAWA optimizer after it"
+                    )
+
+
+def _owner(owner: Position, pos: Position) -> str:
+    return "no other parameter" if owner == pos else f"parameter {owner[1]} of param group {owner[0]}"
 
 
 def check_param(p: Tensor, where: str) -> None:
@@ -312,6 +431,35 @@ def resolve_storage(storage: str) -> str:
     return storage
 
 
+#: float16's largest finite value; a finite value of magnitude FLOAT16_OVERFLOW or more
+#: rounds to infinity in float16.
+FLOAT16_MAX, FLOAT16_OVERFLOW = 65504.0, 65520.0
+
+
+def warn_float16_overflow(b: Bucket) -> None:
+    """Warn, once per bucket, at a snapshot of wider parameters into float16 history that
+    stores an infinity for a finite weight. One more read of the weights and a host sync
+    per snapshot, in this configuration only."""
+    peak = torch.stack(torch._foreach_norm(b.params, math.inf)).max() if b.params else None
+    if peak is None or float(peak) < FLOAT16_OVERFLOW:
+        return
+    over = sum(int(((p.abs() >= FLOAT16_OVERFLOW) & p.isfinite()).sum()) for p in b.params)
+    if over == 0:  # the peak is an infinity of the weights themselves: stored as it is
+        return
+    b.range_warned = True
+    largest = max(float(p.abs().masked_fill(~p.isfinite(), 0).max()) for p in b.params if p.numel())
+    warnings.warn(
+        f"LAWA snapshot {int(b.pushes.item()) + 1} stores {over} finite weight element(s) as "
+        f"infinity: history_dtype=torch.float16 holds magnitudes up to {FLOAT16_MAX:g} (its "
+        f"largest finite value) and these weights reach {largest:.6g}, so averages over the "
+        "windows that hold this snapshot are infinite there. Use history_dtype=torch.bfloat16 "
+        "(float32's range at the same memory) or None; this is the only such warning for "
+        "these parameters",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
 def snapshot_bucket(b: Bucket, decay: float | None) -> None:
     """One bucket's snapshot: push into the ring (``decay=None``; nothing in EMA mode) or
     fold into the exponential average with ``decay``. The caller has run
@@ -319,6 +467,8 @@ def snapshot_bucket(b: Bucket, decay: float | None) -> None:
     if decay is not None:
         ops.ema_update(b, decay)
     elif b.mode == "uniform":
+        if b.history_dtype == torch.float16 and b.dtype != torch.float16 and not b.range_warned:
+            warn_float16_overflow(b)
         if b.offload is not None:
             b.offload.push()
         else:
@@ -354,7 +504,12 @@ class History:
         self.recompute_every = recompute_every  # None: every k pushes
         self.generations: list[list[Bucket]] = []
         self.group_generation: list[int] = []  # generation of each built param group
-        self.group_params: list[list[Tensor]] = []  # the parameters of each built group
+        self.sharing = Sharing()
+
+    @property
+    def group_params(self) -> list[list[Tensor]]:
+        """The parameters of each built group, aliases included."""
+        return self.sharing.groups
 
     @property
     def buckets(self) -> list[Bucket]:
@@ -370,17 +525,48 @@ class History:
     # eagerly (one graph break, once), so compiled snapshots find them allocated.
     @torch.compiler.disable
     def _add_generation(self, new: Sequence[dict]) -> None:
-        params = [p for g in new for p in g["params"]]
+        sharing = self.sharing
+        built = len(sharing.groups)
+        owners = sharing.extend(new)
+        # An alias has no slice: only the owner of each memory joins a bucket.
+        params = [
+            p for g, group in enumerate(new, built)
+            for i, p in enumerate(group["params"]) if owners[g][i] == (g, i)
+        ]
         buckets = [
             Bucket(
                 ps, self.k, self.mode, self.history_dtype, self.storage, self.requested_backend,
-                self.recompute_every, len(self.sigma_rels),
+                self.recompute_every, sharing, widths=len(self.sigma_rels),
             )
             for ps in _bucket_params(params)
         ]
         self.group_generation.extend([len(self.generations)] * len(new))
-        self.group_params.extend(list(g["params"]) for g in new)
+        sharing.groups.extend(list(g["params"]) for g in new)
+        sharing.owners = owners
         self.generations.append(buckets)
+        bucket_of = {id(p): b for b in buckets for p in b.sources}
+        for alias, owner in self.aliases():
+            b = bucket_of.get(id(owner))
+            if b is not None:
+                b.aliases.append(alias)
+
+    def placed(self) -> list[list[tuple[Bucket, int]]]:
+        """Per built group and index: the bucket and the index in it of the slice that
+        holds the parameter (its owner's, for an alias)."""
+        at = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.sources)}
+        groups = self.sharing.groups
+        return [[at[id(groups[h][j])] for h, j in row] for row in self.sharing.owners]
+
+    def aliases(self) -> list[tuple[Tensor, Tensor]]:
+        """``(alias, owner)`` for every built parameter that is another tensor than the
+        owner of its memory (the same tensor listed twice is not one)."""
+        groups = self.sharing.groups
+        return [
+            (groups[g][i], groups[h][j])
+            for g, row in enumerate(self.sharing.owners)
+            for i, (h, j) in enumerate(row)
+            if groups[g][i] is not groups[h][j]
+        ]
 
     def check_groups(self, param_groups: Sequence[dict]) -> None:
         """Raise ``RuntimeError`` when a parameter of the history was removed from or

@@ -34,11 +34,14 @@ never branch on the backend. A backend module provides:
     ``alphas`` holds it to float32's relative precision and the weights still sum to 1.
     The parameters are read once for all ``E`` rows; ``pushes`` is not read.
 ``swap_in(bucket, last)``
-    ``backup = param`` (exact), then ``param = cast(avg)`` where ``avg`` is
-    ``total / min(n, k)`` (``total`` itself in EMA mode; in phema mode ``total`` is
-    ``emas[0]``, the live EMA of the first width) or, for ``last = j``, the
-    sum of the ``j`` newest slots ``(n - 1 - i) % k``, ``i = 0 .. j-1``, accumulated in
-    that order from 0 in the accumulation dtype, divided by ``j`` (IEEE division).
+    ``backup = param`` (exact), then ``param = cast(avg)``. In EMA mode ``avg = total`` (in phema mode
+    ``total`` is ``emas[0]``, the live EMA of the first width).
+    Otherwise ``avg = S / c`` (IEEE division) with ``c = min(n, k)`` and ``S = total``,
+    or for ``last = j`` with ``c = j`` and ``S = csum`` of the ``j`` newest slots
+    ``(n - 1 - i) % k``, ``i = 0 .. j-1``, in that order. Where ``S`` is not finite
+    (the float32 sum overflowed, or it holds a NaN or an infinity), ``avg`` is instead
+    ``wide`` of the same ``c`` slots (slot order ``0 .. c-1`` for the mean, newest first
+    for ``last``).
 ``swap_in(bucket, None, weights)``
     ``backup = param`` (exact), then ``param = cast(s + c)``, the weighted sum of the
     ``m = len(weights)`` newest slots: ``weights`` is a 1-D tensor of ``m <= min(n, k)``
@@ -54,8 +57,23 @@ never branch on the backend. A backend module provides:
 ``swap_back(bucket)``
     ``param = backup`` (exact).
 ``recompute(bucket)``
-    ``total = 0 + ring[0] + ... + ring[min(n, k) - 1]`` in slot order, each slot
-    widened to the accumulation dtype and added with one rounding.
+    ``total = csum(ring[0], ..., ring[min(n, k) - 1])``, in slot order.
+
+The arithmetic, per element, every operation rounded to nearest even, no contraction
+into fused multiply-adds (``acc`` is the accumulation dtype, float32 but for float64
+parameters):
+
+``csum(x_0, ..., x_{m-1})``
+    Neumaier's compensated sum, whose error does not grow with ``m``:
+    ``s = c = +0``; for each ``x`` (widened exactly to ``acc``), in order:
+    ``t = s + x``; ``c += (s - t) + x`` if ``|s| >= |x|`` else ``c += (x - t) + s``;
+    ``s = t``. The result is ``s + c`` where ``s`` is finite, else ``s``.
+``wide(x_0, ..., x_{c-1})``
+    ``w = +0.0`` in float64; ``w += float64(x)`` for each ``x`` in order; the result
+    is ``w / c`` in float64, rounded to ``acc``. A window of finite values thus never
+    averages to an infinity; a NaN or an infinity in it stays one.
+``cast``
+    ``Tensor.to``: round to nearest even into the destination dtype.
 
 The dispatcher advances ``pushes`` after ``push`` and ``ema_update``; backends only
 read it.

@@ -19,7 +19,7 @@ buckets are fitted on their own clock.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -179,12 +179,14 @@ def saved(hist: "History", gen: int | None) -> dict[str, Any]:
 
 
 def check_saved(
-    k: int, sigma_rels: tuple[float, ...], metas: list[dict], gens: list[int | None], pushes: list[int]
+    k: int, sigma_rels: tuple[float, ...], metas: list[dict], gens: list[int | None], pushes: list[int],
+    counter: Callable[[dict, str, int], int],
 ) -> list[tuple[int, list]]:
     """Each generation's ``(t, slots)`` from the checked ``lawa`` settings of a state dict
     (``pushes``: each generation's snapshot count); ``ValueError`` naming the first field
     that no run of a LAWA with these ``k`` and ``sigma_rels`` can leave: the widths must be
-    this LAWA's; ``phema_steps`` an int, 0 for groups not built; every group of a
+    this LAWA's; ``phema_steps`` a count that ``counter(meta, key, group)`` accepts (the
+    check of the other counters), 0 for groups not built; every group of a
     generation the same; and ``phema_slots`` one entry per slot, where the ``min(pushes,
     k)`` newest pushes ``q`` hold ``[t, q % E]`` (snapshots push every width, in order)
     with ``1 <= t <= phema_steps``, ``t`` never growing backwards and shared by the pushes of
@@ -198,9 +200,7 @@ def check_saved(
         widths = m["sigma_rels"]
         if not isinstance(widths, (list, tuple)) or [float(x) if isinstance(x, (int, float)) else x for x in widths] != list(sigma_rels):
             raise ValueError(f"state_dict was saved with sigma_rels={widths!r}, this LAWA has sigma_rels={list(sigma_rels)}")
-        t = m["phema_steps"]
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= 2**63 - 1:
-            raise ValueError(f"param group {g}: lawa 'phema_steps' must be an int in [0, 2**63 - 1], got {t!r}")
+        t = counter(m, "phema_steps", g)
         slots = m["phema_slots"]
         if not isinstance(slots, (list, tuple)) or len(slots) != k:
             raise ValueError(f"param group {g}: lawa 'phema_slots' must be a list of k={k} entries, got {slots!r:.200}")

@@ -11,9 +11,11 @@ Saving only reads. The running sum is saved as it is (a view in the accumulation
 dtype, which the wrapped optimizer's loader never sees, so nothing casts it), so a
 resumed run continues bit for bit. Version 0.1.0 saved no ``lawa_sum``: its
 ``state_dict()`` rebuilt the sum from the ring in place, so rebuilding it from the ring
-on load gives exactly what that run held after saving.
+on load gives what that run held after saving (to the last bits: this version's
+refresh sums the slots compensated, 0.1.0's in plain float32).
 
-Loading checks everything (:mod:`lawa_optim.state_check`) before it changes anything,
+Loading checks everything (:mod:`lawa_optim.state_check`, and the wrapped optimizer's
+part with :mod:`lawa_optim.optimizer_check`) before it changes anything,
 builds and fills a new history, loads the wrapped optimizer and only then installs the
 history, so a refused dict or a failed allocation leaves the optimizer as it was.
 """
@@ -26,9 +28,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lawa_optim.distributed import as_global
 from lawa_optim import posthoc
+from lawa_optim.distributed import as_global
 from lawa_optim.history import History
+from lawa_optim.optimizer_check import check_optimizer
 from lawa_optim.state_check import KEYS, Checked, Layout, check, dtype_name
 
 if TYPE_CHECKING:
@@ -68,21 +71,23 @@ def save_history(opt: "LAWA", sd: dict[str, Any]) -> None:
             group["lawa"].update(posthoc.saved(hist, gen))
     ids = _param_ids(opt, sd)
     state = sd["state"]
-    for b in hist.buckets:
-        for i, p in enumerate(b.sources):
-            # A fresh dict: the packed entries are the live optimizer's state dicts.
-            entry = dict(state.get(ids[id(p)], {}))
-            if hist.mode != "ema":
-                entry["lawa_history"] = as_global(b.history_view(i), p, lead=hist.k)
-            if hist.mode == "uniform":
-                entry["lawa_sum"] = as_global(b.view(b.total, i), p)
-            elif hist.mode == "phema":
-                entry["lawa_phema"] = as_global(b.history_view(i, b.emas), p, lead=len(hist.sigma_rels))
-            else:
-                entry["lawa_ema"] = as_global(b.view(b.total, i), p)
-            if b.backup is not None:
-                entry["lawa_backup"] = as_global(b.view(b.backup, i), p)
-            state[ids[id(p)]] = entry
+    # An alias saves its owner's slice: torch gives a tensor listed twice one id (written
+    # once), another tensor on the same memory an id and an entry of its own.
+    placed = zip(chain.from_iterable(hist.group_params), chain.from_iterable(hist.placed()))
+    for pid, (p, (b, i)) in {ids[id(p)]: (p, bi) for p, bi in placed}.items():
+        # A fresh dict: the packed entries are the live optimizer's state dicts.
+        entry = dict(state.get(pid, {}))
+        if hist.mode != "ema":
+            entry["lawa_history"] = as_global(b.history_view(i), p, lead=hist.k)
+        if hist.mode == "uniform":
+            entry["lawa_sum"] = as_global(b.view(b.total, i), p)
+        elif hist.mode == "phema":
+            entry["lawa_phema"] = as_global(b.history_view(i, b.emas), p, lead=len(hist.sigma_rels))
+        else:
+            entry["lawa_ema"] = as_global(b.view(b.total, i), p)
+        if b.backup is not None:
+            entry["lawa_backup"] = as_global(b.view(b.backup, i), p)
+        state[pid] = entry
 
 
 def _copied(value: Any) -> Any:
@@ -126,6 +131,7 @@ def read_history(opt: "LAWA", sd: dict[str, Any]) -> Checked:
     for b in old.buckets:
         b.wait()  # a pending copy into the old ring lands, or its failure raises, before any change
     checked = check(Layout.of(opt), sd)
+    check_optimizer(opt._inner, opt.param_groups, sd)
     hist = History(
         old.k, old.mode, old.history_dtype, old.storage, old.requested_backend, old.recompute_every, old.sigma_rels
     )

@@ -9,8 +9,8 @@ before the optimizer changes. What is refused:
   every group holding ``k``, ``mode``, ``history_dtype`` (equal to this LAWA's),
   ``steps``, ``pushes``, ``generation`` and ``swapped``; ``decay``, ``every``,
   ``start`` and ``recompute_every`` are saved for reference only, never loaded;
-* counters: ``steps`` and ``pushes`` Python ints (not bools) in ``[0, 2**63 - 1]``
-  (``pushes`` is an int64 on the device), ``steps`` and ``swapped`` (a bool) the same
+* counters: ``steps`` and ``pushes`` Python ints (not bools) in ``[0, 2**62]``
+  (:data:`MAX_COUNT`), ``steps`` and ``swapped`` (a bool) the same
   in every group. ``pushes`` must be what a run can reach: equal within a generation,
   0 for groups not built and for generations without parameters, never larger in a
   later generation than in an earlier one (every snapshot pushes every generation, and
@@ -18,14 +18,22 @@ before the optimizer changes. What is refused:
   ``pushes`` bound each other in no way: explicit snapshots need no step;
 * generations: ``None`` (not built) or ints, the built groups first, numbered from 0
   without gaps;
+* state ids: hashable, and one id at two places of ``param_groups`` only where the live
+  parameters there are one parameter (:func:`lawa_optim.history.parameter_owners`: torch saves a parameter
+  listed twice under one id);
 * tensors: exactly the keys the mode saves (``lawa_backup`` exactly where a swap
   changed the weights; ``lawa_sum`` for every parameter or for none), each a dense
   (strided), non-meta tensor of exactly the dtype the history holds (history: the
   history dtype; sum and EMA: the accumulation dtype; backup: the parameter's dtype;
   nothing is cast) and of the parameter's shape (with ``k`` in front for the history);
+  no other ``lawa_*`` key;
 * in ``mode="phema"``: ``sigma_rels`` equal to this LAWA's, and each generation's EMA
   step count and slot records what a run can leave (:func:`lawa_optim.posthoc.check_saved`);
   ``lawa_phema`` (the EMAs, the number of widths in front) beside ``lawa_history``.
+
+Parameter names (torch's ``param_names``) are matched before, by
+:func:`lawa_optim.names.match_names`.
+The wrapped optimizer's part is checked by :mod:`lawa_optim.optimizer_check`.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import torch
 from torch import Tensor
 
 from lawa_optim.distributed import is_sharded, local, local_of_saved
-from lawa_optim.history import History, accumulation_dtype, is_int
+from lawa_optim.history import History, accumulation_dtype, is_int, parameter_owners
 from lawa_optim.posthoc import check_saved
 
 if TYPE_CHECKING:
@@ -47,7 +55,11 @@ if TYPE_CHECKING:
 #: The per-parameter keys of the history in ``state[i]``.
 KEYS = ("lawa_history", "lawa_sum", "lawa_ema", "lawa_phema", "lawa_backup")
 _REQUIRED = ("k", "mode", "history_dtype", "steps", "pushes", "generation", "swapped")
-_INT64_MAX = 2**63 - 1
+#: The largest snapshot count (``pushes``), step count and ``recompute_every`` accepted.
+#: No run reaches it (2**62 snapshots), and below it nothing the kernels compute from these
+#: in int64 (``pushes + 1``, ``(n + 1) % recompute_every``, slot ``n % k``) overflows; Triton
+#: passes a value of at most 2**63 - 1 as an int64 and the C and CUDA kernels take int64.
+MAX_COUNT = 2**62
 
 
 @dataclass(frozen=True)
@@ -131,7 +143,7 @@ def check(opt: Layout, sd: Any) -> Checked:
         )
     phema = None
     if opt.mode == "phema":
-        phema = check_saved(opt.k, opt.sigma_rels, metas, gens, pushes)
+        phema = check_saved(opt.k, opt.sigma_rels, metas, gens, pushes, _counter)
     return Checked(steps, swapped, pushes, ends, tensors, has_sum=sums == {True}, phema=phema)
 
 
@@ -151,7 +163,35 @@ def _groups(opt: Layout, sd: Any) -> list[dict]:
                 f"param group {g} of the state_dict has {len(group['params'])} parameters, "
                 f"this optimizer's has {len(live['params'])}"
             )
+    _check_ids(opt, groups)
     return groups
+
+
+def _check_ids(opt: Layout, groups: list[dict]) -> None:
+    """Every state id hashable, and one id at two places only for one parameter (by
+    :func:`lawa_optim.history.parameter_owners`, the rule the history follows)."""
+    first: dict[Any, tuple[int, int]] = {}
+    owners = None
+    for g, (group, live) in enumerate(zip(groups, opt.param_groups)):
+        for i, pid in enumerate(group["params"]):
+            try:
+                hash(pid)
+            except TypeError:
+                raise ValueError(
+                    f"param group {g} of the state_dict: params[{i}] is {pid!r:.80}, which is not a "
+                    "state id (ids are hashable, ints as state_dict() saves them)"
+                ) from None
+            if pid not in first:
+                first[pid] = (g, i)
+                continue
+            g0, i0 = first[pid]
+            owners = owners or parameter_owners(opt.param_groups)
+            if owners[g0][i0] != owners[g][i]:
+                raise ValueError(
+                    f"the state_dict gives parameter {i0} of param group {g0} and parameter {i} of "
+                    f"param group {g} one state id ({pid!r}), but they are two parameters of "
+                    f"{opt.target}: a saved parameter's state can belong to one parameter only"
+                )
 
 
 def _metas(opt: Layout, groups: list[dict]) -> list[dict]:
@@ -179,8 +219,8 @@ def _metas(opt: Layout, groups: list[dict]) -> list[dict]:
 
 def _counter(m: dict, key: str, g: int) -> int:
     value = m[key]
-    if not is_int(value) or not 0 <= value <= _INT64_MAX:
-        raise ValueError(f"param group {g}: lawa {key!r} must be an int in [0, 2**63 - 1], got {shown(value)}")
+    if not is_int(value) or not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"param group {g}: lawa {key!r} must be an int in [0, 2**62], got {shown(value)}")
     return value
 
 
@@ -240,6 +280,12 @@ def _param_tensors(
     opt: Layout, p: Tensor, entry: dict, where: str, gen: int | None, backed_up: bool
 ) -> dict[str, Tensor]:
     """The checked local tensors of one parameter's history in ``entry``."""
+    unknown = [key for key in entry if isinstance(key, str) and key.startswith("lawa_") and key not in KEYS]
+    if unknown:
+        raise ValueError(
+            f"{where}: the state_dict holds {unknown[0]!r}, which LAWA does not save "
+            f"(its keys: {', '.join(KEYS)}); it would land in the wrapped optimizer's state"
+        )
     present = [key for key in KEYS if key in entry]
     if gen is None:
         if present:

@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import MultiStepLR
 
-from lawa_optim.history import Bucket, accumulation_dtype, is_int
+from lawa_optim.history import Bucket, accumulation_dtype, is_int, parameter_owners
 from lawa_optim.wrapper import LAWA
 from lawa_optim.wrapping import WrappedOptimizer
 
@@ -93,6 +93,9 @@ class TWA(WrappedOptimizer):
             ``param_groups``, ``state`` and ``defaults`` are shared, not copied. One
             that already has state (the momentum buffers of the training run) is
             refused rather than cleared, so the training optimizer can resume as it was.
+            Each memory is listed once (SGD steps every entry, and a weight listed twice
+            would move twice as far and leave the span); where ``history`` lists one
+            twice, or two tensors on one memory, the first of them stands for it.
         history: a uniform-mode :class:`~lawa_optim.LAWA` holding at least one
             snapshot. It is only read: its ring, counters and weights are untouched,
             and it is not stepped.
@@ -165,9 +168,21 @@ class TWA(WrappedOptimizer):
                 "history holds sharded (DTensor, e.g. FSDP2) parameters; TWA projects onto the span "
                 "of whole snapshots and supports unsharded parameters only"
             )
+        for g, row in enumerate(parameter_owners(optimizer.param_groups)):
+            for i, (h, j) in enumerate(row):
+                if (h, j) != (g, i):
+                    raise ValueError(
+                        f"optimizer lists the memory of parameter {j} of param group {h} again, as "
+                        f"parameter {i} of param group {g}: SGD steps every entry, so that memory would "
+                        "move further than the rest of the weights and leave the span of the snapshots; "
+                        "list each parameter once"
+                    )
         hist_ids = {id(p) for b in buckets for p in b.sources}
         opt_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        missing = _outside([{"params": ps} for ps in history._history.group_params], opt_ids)
+        # An alias in history stands for the parameter that owns its memory.
+        sharing = history._history.sharing
+        owners = [{"params": [sharing.groups[h][j] for h, j in row]} for row in sharing.owners]
+        missing = _outside(owners, opt_ids)
         if missing:
             raise ValueError(
                 f"{len(missing)} parameter(s) of history are not in optimizer (the first: {missing[0]}); "
@@ -184,7 +199,7 @@ class TWA(WrappedOptimizer):
         self.num_snapshots = count if last is None else last
         self._buckets: list[Bucket] = buckets
         self._slots = [_newest_slots(int(b.pushes.item()), b.k, self.num_snapshots) for b in buckets]
-        self._segments = _segments(buckets, blocks)
+        self._segments = _segments(buckets, blocks, history._history.aliases())
         self.num_blocks = 1 + max(s.block for s in self._segments)
         self._scaled = False  # whether paper_schedule scaled the learning rate
         self._basis, self._coef = self._orthonormalise()
@@ -336,9 +351,13 @@ def _outside(param_groups: Sequence[dict], ids: set[int]) -> list[str]:
     ]
 
 
-def _segments(buckets: list[Bucket], blocks: Sequence[Iterable[Tensor]] | None) -> list[_Segment]:
-    """Split the parameters of ``buckets`` into per-block, per-bucket segments."""
+def _segments(
+    buckets: list[Bucket], blocks: Sequence[Iterable[Tensor]] | None, aliases: Sequence[tuple[Tensor, Tensor]] = (),
+) -> list[_Segment]:
+    """Split the parameters of ``buckets`` into per-block, per-bucket segments (an alias
+    in ``blocks`` stands for its owner)."""
     where = {id(p): (j, i) for j, b in enumerate(buckets) for i, p in enumerate(b.sources)}
+    owner_of = {id(a): o for a, o in aliases}
     if blocks is None:
         groups = [[p for b in buckets for p in b.sources]]
     else:
@@ -356,6 +375,7 @@ def _segments(buckets: list[Bucket], blocks: Sequence[Iterable[Tensor]] | None) 
         for k, g in enumerate(groups):
             if not g:
                 raise ValueError(f"blocks[{k}] is empty; every block needs at least one parameter")
+            g[:] = dict.fromkeys(owner_of.get(id(p), p) for p in g)  # one memory, once
             for p in g:
                 if id(p) not in where:
                     raise ValueError(f"blocks[{k}] holds a tensor of shape {tuple(p.shape)} that is not a parameter of history")

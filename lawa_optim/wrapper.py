@@ -12,9 +12,10 @@ scalers and hooks act on the real optimizer.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +25,8 @@ from lawa_optim import compiled, ops, posthoc, weighting
 from lawa_optim.history import FLOAT_DTYPES, History, check_param, is_int, resolve_storage
 from lawa_optim.memory import Memory
 from lawa_optim.state import install, read_history, save_history, strip_lawa
+from lawa_optim.names import match_names
+from lawa_optim.state_check import MAX_COUNT, shown
 from lawa_optim.wrapping import WrappedOptimizer
 
 MODES = ("uniform", "ema", "phema")
@@ -42,6 +45,19 @@ class _Run:
     started: bool = True  # steps >= start, kept as a flag: see LAWA._count_step
     swapped: bool = False
     last_fit: posthoc.PostHocFit | None = None
+    #: Held while a swap runs: a second one from another thread fails instead of backing
+    #: up the average as the training weights.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    # A lock cannot be copied or pickled; a copy gets its own.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
 
 
 class LAWA(WrappedOptimizer):
@@ -95,17 +111,29 @@ class LAWA(WrappedOptimizer):
         history_dtype: dtype of the stored snapshots (default: the parameters'
             dtype; ``torch.bfloat16`` halves the memory). The running sum is always
             float32 (float64 for float64 parameters) and adds the stored, rounded
-            values, so the average is exactly the mean of what is stored.
+            values, so the average is the mean of what is stored. ``torch.float16``
+            holds magnitudes up to 65504: the first snapshot that stores an infinity
+            for a finite weight warns.
         backend: ``"auto"`` (default: the CUDA extension, then Triton on a GPU, else
             pure torch), ``"torch"``, ``"triton"`` or ``"cuda"``.
-        recompute_every: rebuild the running sum exactly from the ring every this many
+        recompute_every: rebuild the running sum from the ring every this many
             snapshots, in the same pass as the push that comes due; ``None`` (default):
-            every ``k`` snapshots. With the default, at most ``k`` snapshots after a
-            value has left the window (a NaN or inf included) it no longer affects the
-            average, which is then the mean of the stored window to float32 rounding
-            (within 1e-5 of the largest magnitude in the window). A value other than
-            ``k`` trades that bound for fewer (larger) or more (smaller) refreshes.
-            Not with ``mode="phema"``, which keeps no running sum.
+            every ``k`` snapshots. See "Numerical guarantee" below. Not with
+            ``mode="phema"``, which keeps no running sum.
+
+    Numerical guarantee (README, "The numerical guarantee"; u = 2**-24, M the largest
+    magnitude among the snapshots in the window and those that left it since the last
+    refresh): with the defaults and ``k <= 162``, at most ``k`` snapshots after a value
+    has left the window (a NaN or inf included) it no longer affects the average, which
+    is then the mean of the stored window within 1e-5 of M. Exactly: right after a
+    refresh within ``4u * M`` for any ``k`` up to 2**20 (compensated summation; so is
+    ``last=j`` at any time), and each snapshot since the refresh adds at most
+    ``(1 + 2/k) u * M`` (``(k + 5) u * M`` in all with the defaults; ``recompute_every=N``,
+    ``N <= k``, bounds it by ``(N + 5) u * M``). A window of finite values never averages
+    to an infinity: where the float32 sum is not finite, the swap averages the stored
+    slots in float64. bfloat16 and float16 parameters get the float32 average rounded
+    once to their dtype: within that bound plus half an ulp of their dtype (at most
+    2**-8 of the average for bfloat16, 2**-11 for float16).
 
     The history is allocated at the first :meth:`step` or :meth:`snapshot`:
     ``k * D`` elements of ``history_dtype`` plus ``D`` float32 (D: the number of
@@ -159,8 +187,8 @@ class LAWA(WrappedOptimizer):
             )
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-        if recompute_every is not None and (not is_int(recompute_every) or recompute_every < 1):
-            raise ValueError(f"recompute_every must be None or an int >= 1, got {recompute_every!r}")
+        if recompute_every is not None and (not is_int(recompute_every) or not 1 <= recompute_every <= MAX_COUNT):
+            raise ValueError(f"recompute_every must be None or an int in [1, 2**62], got {recompute_every!r}")
         for g, group in enumerate(optimizer.param_groups):
             for i, p in enumerate(group["params"]):
                 check_param(p, f"parameter {i} of param group {g}")
@@ -316,6 +344,22 @@ class LAWA(WrappedOptimizer):
         return True
 
     # -- swapping ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def _swapping(self, what: str) -> Iterator[None]:
+        """Hold the swap lock for ``what``, or raise ``RuntimeError`` when another thread
+        holds it: two swaps at once would back up each other's writes."""
+        lock = self._run.lock
+        if not lock.acquire(blocking=False):
+            raise RuntimeError(
+                f"{what} while another thread is swapping the weights of this LAWA "
+                "(swap_to_average, swap_back or training_weights); swaps are not safe to run "
+                "concurrently: swap from one thread, or serialise the calls with a lock of your own"
+            )
+        try:
+            yield
+        finally:
+            lock.release()
+
     def swap_to_average(
         self,
         last: int | None = None,
@@ -371,6 +415,10 @@ class LAWA(WrappedOptimizer):
                     "weights profiles.window(j))"
                 )
             weights = weighting.parse(weights)
+        with self._swapping("swap_to_average()"):
+            self._swap_in(last, weights, sigma_rel)
+
+    def _swap_in(self, last: int | None, weights: tuple[float, ...] | None, sigma_rel: float | None) -> None:
         self._require_not_swapped("swap_to_average()")
         if sigma_rel is not None and self.mode != "phema":
             raise RuntimeError(
@@ -396,7 +444,7 @@ class LAWA(WrappedOptimizer):
         if sigma_rel is not None:
             self._run.last_fit = fit
             if fit.error > posthoc.WARN_FIT_ERROR:
-                warnings.warn(posthoc.describe(fit), UserWarning, stacklevel=2)
+                warnings.warn(posthoc.describe(fit), UserWarning, stacklevel=3)
 
     def _check_held(self, last: int | None, weights: tuple[float, ...] | None) -> None:
         """The checks of a swap that reads the stored snapshots."""
@@ -421,10 +469,11 @@ class LAWA(WrappedOptimizer):
 
     def swap_back(self) -> None:
         """Restore the training weights saved by :meth:`swap_to_average`, bit for bit."""
-        if not self._run.swapped:
-            raise RuntimeError("swap_back() without swap_to_average(): the weights are already the training weights")
-        self._history.swap_back()
-        self._run.swapped = False
+        with self._swapping("swap_back()"):
+            if not self._run.swapped:
+                raise RuntimeError("swap_back() without swap_to_average(): the weights are already the training weights")
+            self._history.swap_back()
+            self._run.swapped = False
 
     @contextlib.contextmanager
     def averaged(
@@ -453,18 +502,20 @@ class LAWA(WrappedOptimizer):
         swap it changes nothing.
         """
         run = self._run
-        if not run.swapped:
+        with self._swapping("training_weights()"):
+            held = self._history.set_aside() if run.swapped else None
+            run.swapped = False
+        if held is None:
             yield self
             return
-        held = self._history.set_aside()
-        run.swapped = False
         try:
             yield self
         finally:
             if run.swapped:  # the block swapped an average in and left it there
                 self.swap_back()
-            self._history.restore(held)
-            run.swapped = True
+            with self._swapping("leaving training_weights()"):
+                self._history.restore(held)
+                run.swapped = True
 
     # -- checkpoints ------------------------------------------------------------
     @torch._disable_dynamo
@@ -499,16 +550,25 @@ class LAWA(WrappedOptimizer):
         ``k``, mode, history dtype or parameter layout; a missing, mistyped or impossible
         counter; a tensor of another dtype, shape or layout: nothing is cast) raises
         ``ValueError`` naming the field and leaves this optimizer as it was (see
-        :mod:`lawa_optim.state_check`). Every tensor is copied, the wrapped optimizer's
-        state included: editing the dict afterwards changes nothing here. ``every``,
+        :mod:`lawa_optim.state_check`), and so does a wrapped optimizer's part that the
+        wrapped optimizer would not load as its own (:mod:`lawa_optim.optimizer_check`);
+        anything but a dict raises ``TypeError``. Where both sides have parameter names,
+        they are matched by name (:func:`lawa_optim.names.match_names`). Every tensor is
+        copied, the wrapped optimizer's state included: editing the dict afterwards changes nothing here. ``every``,
         ``start``, ``decay`` and ``recompute_every`` keep the values given to the
         constructor."""
         self._require_not_swapped("load_state_dict()")
-        state_dict = state_dict.copy()
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"state_dict must be a dict saved by LAWA.state_dict(), got {type(state_dict).__name__} "
+                f"{shown(state_dict)}"
+            )
+        state_dict = dict(state_dict)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        state_dict = match_names(self.param_groups, state_dict)
         loaded = read_history(self, state_dict)  # checks, allocates and copies; changes nothing
         self._inner.load_state_dict(strip_lawa(state_dict))
         install(self, loaded)

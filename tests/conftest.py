@@ -339,24 +339,42 @@ class Contract:
             t += new[i].to(self.acc) - (0.0 if old is None else old[i].to(self.acc))
 
     def recompute(self) -> None:
-        """``total = 0 + slot 0 + slot 1 + ...`` over the filled slots, in slot order."""
+        """``total = csum(slot 0, slot 1, ...)`` over the filled slots, in slot order."""
         for i, t in enumerate(self.total):
-            t.zero_()
-            for s in range(min(self.n, self.k)):
-                t += self.slot(s)[i].to(self.acc)
+            t.copy_(self.csum([self.slot(s)[i] for s in range(min(self.n, self.k))], t))
+
+    def csum(self, slots: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """Neumaier's compensated sum of ``slots`` in order, in the accumulation dtype."""
+        s, c = torch.zeros_like(like), torch.zeros_like(like)
+        for x in slots:
+            x = x.to(self.acc)
+            t = s + x
+            big = s.abs() >= x.abs()
+            c = c + (torch.where(big, s - t, x - t) + torch.where(big, x, s))
+            s = t
+        return torch.where(s.isfinite(), s + c, s)
 
     def average(self, last: int | None = None) -> list[torch.Tensor]:
-        """What ``swap_in`` writes: ``total / min(n, k)``, or the ``last`` newest snapshots
-        summed newest first from zero and divided by ``last``, cast to the parameter dtype."""
+        """What ``swap_in`` writes: ``total / min(n, k)``, or the compensated sum of the
+        ``last`` newest snapshots (newest first) divided by ``last``; where that sum is not
+        finite, the same snapshots summed in float64 and divided there; cast to the
+        parameter dtype."""
         out = []
         for i, t in enumerate(self.total):
             if last is None:
-                acc, count = t, min(self.n, self.k)
+                count = min(self.n, self.k)
+                held = [self.slot(s)[i] for s in range(count)]
+                acc = t
             else:
-                acc, count = torch.zeros_like(t), last
-                for snap in reversed(self.snaps[-last:]):
-                    acc += snap[i].to(self.acc)
-            out.append((acc / torch.full_like(acc, float(count))).to(self.pdtype))  # IEEE division
+                count = last
+                held = [snap[i] for snap in reversed(self.snaps[-last:])]
+                acc = self.csum(held, t)
+            avg = acc / torch.full_like(acc, float(count))  # IEEE division
+            wide = torch.zeros_like(acc, dtype=torch.float64)
+            for x in held:
+                wide = wide + x.double()
+            wide = (wide / torch.full_like(wide, float(count))).to(self.acc)
+            out.append(torch.where(acc.isfinite(), avg, wide).to(self.pdtype))
         return out
 
     def weighted(self, weights: list[float]) -> list[torch.Tensor]:

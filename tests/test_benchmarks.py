@@ -149,14 +149,15 @@ def test_swap_in_baselines_write_the_average_and_keep_the_weights(name):
 
 
 @pytest.mark.parametrize("name", ["foreach", "loop"])
-def test_recompute_baselines_match_the_op_bit_for_bit(setup, name):
+def test_recompute_baselines_match_the_op(setup, name):
+    """The baselines sum the slots plainly, the op compensated: equal to float32 rounding."""
     b = setup.uniform
     ops.recompute(b)
     expected = b.total.clone()
     for t in setup.lists.total:  # the baselines see the parameters' slices, not the padding
         t.fill_(7.0)
     baselines.BASELINES["recompute"][name](setup.lists, K)
-    assert torch.equal(b.total, expected)
+    assert ((b.total - expected).abs() <= K * 2.0**-24 * b.ring[:K].float().abs().sum(0)).all()
 
 
 @pytest.mark.parametrize("name", ["foreach", "loop"])

@@ -19,6 +19,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 from lawa_optim import LAWA, compiled
+from lawa_optim.backends.reference import compensated_sum
 
 from conftest import COPIES, assert_same, fingerprint
 
@@ -110,11 +111,12 @@ def test_fullgraph_step_with_snapshot(backend, mode):
         for n in range(len(snaps) - K, len(snaps)):  # slot n % K holds snapshot n
             for i, w in enumerate(snaps[n]):
                 assert torch.equal(b.view(b.ring[n % K], i), w)
-        # Push 8 refreshed the sum (every 2): exactly the slot sum, in slot order, from the
-        # recorded weights: slot 0 holds snapshot 6, slot 1 snapshot 7, slot 2 snapshot 5.
+        # Push 8 refreshed the sum (every 2): exactly the compensated slot sum, in slot order,
+        # from the recorded weights: slot 0 holds snapshot 6, slot 1 snapshot 7, slot 2
+        # snapshot 5.
         for i in range(len(snaps[0])):
-            expected = torch.zeros_like(snaps[0][i]) + snaps[6][i] + snaps[7][i] + snaps[5][i]
-            assert torch.equal(b.view(b.total, i), expected)
+            slots = [snaps[6][i], snaps[7][i], snaps[5][i]]
+            assert torch.equal(b.view(b.total, i), compensated_sum(slots, torch.zeros_like(slots[0])))
     else:
         # decay 0.5: both products are exact, so the one rounding of their sum is the
         # same fused or not.

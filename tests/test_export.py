@@ -267,7 +267,7 @@ def mismatches():
         "some-names": (some_names, True, "param_names in some param groups"),
         "plain-optimizer": (plain_optimizer, False, "not saved by LAWA.state_dict()"),
         "no-history": (no_history, False, r"model parameter .emb.weight.\): the state_dict holds no lawa_history"),
-        "bad-counter": (bad_counter, False, r"lawa 'pushes' must be an int in \[0, 2\*\*63 - 1\], got -1"),
+        "bad-counter": (bad_counter, False, r"lawa 'pushes' must be an int in \[0, 2\*\*62\], got -1"),
     }
 
 

@@ -233,3 +233,31 @@ def test_sparse_and_meta_parameters_are_refused_at_construction(name):
     assert len(opt.param_groups) == len(opt.optimizer.param_groups) == 1
     opt.snapshot()  # no generation was added: the history goes on as before
     assert opt._history.counts() == [2]
+
+
+def test_a_shape_change_with_the_same_size_and_strides_is_refused():
+    """A (6, 1) weight replaced by a (1, 6) tensor with strides (1, 1): the same element
+    count and strides, another shape; the history's views would keep the old one."""
+    p = torch.nn.Parameter(torch.zeros(6, 1))
+    opt = LAWA(torch.optim.SGD([p], lr=0.1), k=2)
+    opt.snapshot()
+    p.data = torch.empty_strided((1, 6), (1, 1)).fill_(1.0)
+    assert p.stride() == (1, 1) and p.numel() == 6
+    before = fingerprint(opt)
+    for call in (opt.snapshot, opt.swap_to_average, opt.state_dict):
+        with pytest.raises(RuntimeError, match=r"was torch.float32, shape \(6, 1\).*now torch.float32, shape \(1, 6\)"):
+            call()
+        assert_same(before, fingerprint(opt))
+
+
+def test_a_memory_format_change_after_the_history_is_built_is_refused(runner):
+    p = torch.nn.Parameter(torch.randn(2, 3, 4, 5, device=DEVICE))
+    opt = LAWA(torch.optim.SGD([p], lr=0.1), k=2, backend=runner)
+    opt.snapshot()
+    opt.snapshot()
+    p.data = p.data.contiguous(memory_format=torch.channels_last)
+    before = fingerprint(opt)
+    for call in (opt.snapshot, opt.swap_to_average, opt.state_dict):
+        with pytest.raises(RuntimeError, match=r"stride \(60, 20, 5, 1\).*now torch.float32, shape \(2, 3, 4, 5\), stride \(60, 1, 15, 3\)"):
+            call()
+        assert_same(before, fingerprint(opt))

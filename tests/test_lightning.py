@@ -1,12 +1,13 @@
 """LAWACallback with the real Lightning (``lightning.pytorch`` and ``pytorch_lightning``):
 validation on the average, checkpoints with the training weights, bit-identical resume."""
 
+import copy
 import importlib
 import warnings
 
 import pytest
 import torch
-from conftest import assert_same
+from conftest import assert_same, fingerprint
 from torch import nn
 
 from lawa_optim import LAWA, export_average
@@ -324,3 +325,65 @@ def test_optimizers_it_cannot_wrap_are_refused(tmp_path):
         with pytest.raises(error, match=message):
             fit(pl, tmp_path, 1, module=module, checkpoints=0, enable_checkpointing=False, accumulate_grad_batches=1)
         assert_same(weights(module), before)
+
+
+def test_two_callbacks_are_refused_naming_the_cause(tmp_path):
+    pl = next(iter(LIGHTNING.values()))
+    from lawa_optim.integrations.lightning import LAWACallback
+
+    module = module_class(pl)()
+    before = weights(module)
+    callbacks = [LAWACallback(k=2), LAWACallback(k=3)]
+    trainer = pl.Trainer(max_epochs=1, callbacks=callbacks, accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="the Trainer has 2 LAWACallbacks") as info:
+            trainer.fit(module, *loaders())
+    assert "configure_optimizers" not in str(info.value)
+    assert all(cb.lawa is None for cb in callbacks)
+    assert not any(isinstance(o, LAWA) for o in trainer.strategy.optimizers)
+    assert_same(weights(module), before)
+
+
+def renamed(sd, old, new):
+    """``sd`` with the saved name ``old`` replaced by ``new`` (of the same length)."""
+    assert len(old) == len(new) and old != new
+    sd = copy.deepcopy(sd)
+    for g in sd["param_groups"]:
+        g["param_names"] = [new if n == old else n for n in g["param_names"]]
+    return sd
+
+
+def test_names_of_equal_length_that_differ_are_refused_by_the_shared_check():
+    """The check on load compares the names, not their lengths (``record_names``, shared
+    by the integrations), and changes nothing when it refuses."""
+    from lawa_optim.integrations._common import record_names
+
+    model = nn.ModuleDict({"enc": nn.Linear(3, 3), "dec": nn.Linear(3, 3)})
+    lawa = LAWA(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=2)
+    record_names(lawa, model)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    lawa.step()
+    lawa.snapshot()
+    saved = lawa.state_dict()
+    assert saved["param_groups"][0]["param_names"] == ["enc.weight", "enc.bias", "dec.weight", "dec.bias"]
+    before = fingerprint(lawa, model=model)
+    with pytest.raises(ValueError, match="parameter 0 of param group 0 of the state_dict is 'dec.weight', "
+                                         "this optimizer's is 'enc.weight'"):
+        lawa.load_state_dict(renamed(saved, "enc.weight", "dec.weight"))
+    assert_same(fingerprint(lawa, model=model), before)
+    lawa.load_state_dict(saved)
+
+
+def test_a_checkpoint_with_names_of_equal_length_that_differ_is_refused(run):
+    _, _, (module, callback, _, _) = run
+    lawa = callback.lawa
+    saved = lawa.state_dict()
+    before = fingerprint(lawa, model=module)
+    with pytest.raises(ValueError, match="parameter 1 of param group 0 of the state_dict is 'net.2.bias', "
+                                         "this optimizer's is 'net.0.bias'"):
+        lawa.load_state_dict(renamed(saved, "net.0.bias", "net.2.bias"))
+    assert_same(fingerprint(lawa, model=module), before)

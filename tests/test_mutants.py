@@ -7,7 +7,9 @@ from tools.mutants import MUTANTS, Mutant, problems
 
 def test_every_mutant_still_applies():
     assert problems() == []
-    assert {m.name for m in MUTANTS if m.gpu} == {"slot-index-cuda", "count-cuda", "weighted-newest-slot-cuda"}
+    assert {m.name for m in MUTANTS if m.gpu} == {
+        "slot-index-cuda", "count-cuda", "weighted-newest-slot-cuda", "sum-uncompensated-cuda",
+    }
 
 
 def test_a_stale_or_idle_edit_is_named(tmp_path):

@@ -98,6 +98,7 @@ SCENARIOS = {
     "slow compiler": ("{tmp}/slow-cc", None, 2.0),
     "compiler with arguments": ("'{tmp}/wrapper with space' --mark " + native.compiler()[0], None,
                                 native.COMPILE_TIMEOUT_S),
+    "unbalanced quote": ("'" + native.compiler()[0], None, native.COMPILE_TIMEOUT_S),
 }
 
 
@@ -121,7 +122,10 @@ def runs(tmp_path_factory):
         script(tmp / "wrapper with space", f"#!/bin/sh\necho \"$1\" > '{tmp}/wrapper.log'\nshift\nexec \"$@\"\n")
         cc = None if cc is None else cc.format(tmp=tmp)
         build_dir = tmp / "cache"
-        lib = library_path(cc, build_dir)
+        try:
+            lib = library_path(cc, build_dir)
+        except native.BuildError:  # a CC that does not split has no library path
+            lib = build_dir / "none.so"
         if damage is not None:
             damage(lib, tmp)
         env = {**os.environ, native.BUILD_DIR_ENV: str(build_dir), "PYTHONPATH": str(ROOT)}
@@ -169,6 +173,15 @@ def test_a_compiler_command_with_arguments_is_split_like_a_shell(runs):
     assert line == "fused True 0", stderr
     assert (tmp / "wrapper.log").read_text().strip() == "--mark"
     assert_in_place(lib)
+
+
+def test_a_compiler_command_that_does_not_split_warns_and_the_plain_code_runs(runs):
+    """``CC="'gcc"`` (an unbalanced quote): the documented warning, then the plain code."""
+    rc, line, stderr, lib, tmp = runs["unbalanced quote"]
+    assert rc == 0, f"exit code {rc}\n{stderr[-3000:]}"
+    assert line == "plain True 1", stderr  # one warning for two optimizers
+    assert "cannot be split as a shell command (No closing quotation)" in stderr
+    assert not lib.parent.exists(), "nothing built, no cache made"
 
 
 def test_a_failing_compiler_leaves_no_library_and_says_why(tmp_path, monkeypatch):

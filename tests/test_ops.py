@@ -150,6 +150,29 @@ def test_uniform_contract(runner, pdtype, hdtype):
                 swaps={2: (None, 1, 2), 3: (None,), 8: (None, 1, 2, 3)}, recompute_at=(0, 2, 8))
 
 
+@pytest.mark.parametrize("pdtype,hdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)],
+                         ids=dtype_id)
+def test_sums_beyond_the_float32_range(runner, pdtype, hdtype):
+    """Snapshots of up to 3.3e38 in magnitude overflow many float32 sums (the refreshed,
+    the updated and those of ``last``); where a sum is not finite the swap takes the
+    contract's float64 ``wide`` mean of the slots instead, bit for bit on every backend."""
+    params = make_params(DEVICE, pdtype, seed=7)
+    b = Bucket(params, 3, "uniform", hdtype, "device", runner)
+    c = Contract(params, 3, hdtype)
+    overflowed = 0
+    for n in range(1, 5):  # filling, the refresh, an update
+        g = torch.Generator().manual_seed(n)
+        for p in params:
+            p.copy_((torch.rand(p.shape, generator=g, dtype=torch.float64) * 2 - 1) * 3.3e38)
+        ops.push(b)
+        c.push(b.params)
+        for i in range(len(params)):
+            assert_same_bits(b.view(b.total, i), c.total[i], f"push {n}: sum of parameter {i}")
+            overflowed += int((~c.total[i].isfinite()).sum())
+        check_swaps(b, c, (None, *range(1, min(n, 3) + 1)), f"after {n} pushes")
+    assert overflowed > 100, "too few sums overflow to test the fallback"
+
+
 @pytest.mark.parametrize("k,refresh_every", [(1, None), (2, 5), (3, 2), (4, 1)])
 def test_refresh_period(runner, k, refresh_every):
     """Refreshes at every push, while the ring fills, rarer than every k and out of step

@@ -8,8 +8,9 @@ import torch
 from conftest import Gate, assert_same, empty_first_group, fingerprint, offloaded, roundtrip
 from torch import nn
 
-from lawa_optim import LAWA
+from lawa_optim import LAWA, export_average
 from lawa_optim.history import History
+from lawa_optim.state_check import MAX_COUNT
 
 
 def make(device, seed, backend="torch", **kwargs):
@@ -157,13 +158,14 @@ def test_checkpoint_without_running_sum_resumes_exactly():
 
 
 # -- loads are exact, independent copies ----------------------------------------------------
-def make_groups(seed, **kwargs):
-    """Two param groups over two buckets (float32 weights and a bfloat16 scale)."""
+def make_groups(seed, inner=torch.optim.Adam, **kwargs):
+    """Two param groups over two buckets (float32 weights and a bfloat16 scale), in an
+    ``inner`` optimizer (Adam) wrapped in a LAWA built with ``kwargs``."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 2))
     scale = nn.Parameter(torch.randn(2).to(torch.bfloat16))
     groups = [{"params": list(model[0].parameters())}, {"params": [*model[2].parameters(), scale], "lr": 1e-3}]
-    return model, scale, LAWA(torch.optim.Adam(groups, lr=1e-2), **kwargs)
+    return model, scale, LAWA(inner(groups, lr=1e-2), **kwargs)
 
 
 def train(model, scale, opt, epochs):
@@ -254,11 +256,13 @@ def plain_optimizer(sd):
             del e[key]
 
 
-BAD_COUNTERS = [None, "5", -1, 5.0, True, 10**30, 2**63]
+#: The counters' bound is lawa_optim.state_check.MAX_COUNT = 2**62 (accepted: see
+#: test_counters_at_the_bound_load_and_push).
+BAD_COUNTERS = [None, "5", -1, 5.0, True, 10**30, 2**62 + 1, 2**63 - 1, 2**63, 2**64 + 1]
 REFUSED = [
     *[
         pytest.param("uniform", False, lawa(name, bad),
-                     rf"param group 0: lawa '{name}' must be an int in \[0, 2\*\*63 - 1\], got {bad!r}",
+                     rf"param group 0: lawa '{name}' must be an int in \[0, 2\*\*62\], got {bad!r}",
                      id=f"{name}={bad!r}")
         for name in ("pushes", "steps") for bad in BAD_COUNTERS
     ],
@@ -387,7 +391,7 @@ REFUSED = [
              r"saved with sigma_rels=\[0.05, 0.2\], this LAWA has sigma_rels=\[0.05, 0.1\]"),
             ("sigma_rels-str", lawa("sigma_rels", "0.05"), "saved with sigma_rels='0.05'"),
             ("steps-missing", no_lawa("phema_steps"), r"param group 0: 'lawa' lacks 'phema_steps' \(mode 'phema'\)"),
-            ("steps-negative", lawa("phema_steps", -1), r"lawa 'phema_steps' must be an int in \[0, 2\*\*63 - 1\], got -1"),
+            ("steps-negative", lawa("phema_steps", -1), r"lawa 'phema_steps' must be an int in \[0, 2\*\*62\], got -1"),
             ("steps-bool", lawa("phema_steps", True), "lawa 'phema_steps' must be an int"),
             ("steps-below-slots", lawa("phema_steps", 14), r"slot 0 \(push 9\) cannot hold \(15, 1\)"),
             ("steps-differ", lawa("phema_steps", 16, (1,)), "differ from its generation's other groups"),
@@ -547,3 +551,371 @@ def test_empty_first_generation_round_trips():
     assert opt2.num_snapshots == 2
     with opt2.averaged():
         assert torch.equal(q.detach(), torch.full((3,), 1.5))
+
+
+# -- the wrapped optimizer's part -----------------------------------------------------------
+def sgd_momentum(groups, lr):
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+
+
+def sgd_dict(adam_hyperparameters):
+    """Replace the dict by one of the same layout saved from LAWA(SGD(momentum=0.9));
+    with ``adam_hyperparameters`` its param groups also get Adam's."""
+    def edit(sd):
+        model, scale, opt = make_groups(0, inner=sgd_momentum, k=3)
+        train(model, scale, opt, range(5))
+        other = roundtrip(opt.state_dict())
+        if adam_hyperparameters:
+            for group, adam in zip(other["param_groups"], sd["param_groups"]):
+                group.update({key: value for key, value in adam.items() if key not in group})
+        sd.clear()
+        sd.update(other)
+    return edit
+
+
+def set_param_id(g, i, pid):
+    return lambda sd: sd["param_groups"][g]["params"].__setitem__(i, pid)
+
+
+WRAPPED_REFUSED = {
+    "sgd-into-adam": (sgd_dict(False), "param group 0 of the state_dict lacks 'betas', a hyperparameter of Adam"),
+    "sgd-state-into-adam": (sgd_dict(True), r"state\[0\] holds the keys \['momentum_buffer'\], but Adam saves "
+                            r"\['exp_avg', 'exp_avg_sq', 'step'\] for parameter 0 of param group 0"),
+    "lr-missing": (lambda sd: sd["param_groups"][1].pop("lr"), "param group 1 of the state_dict lacks 'lr'"),
+    "lr-str": (lambda sd: sd["param_groups"][0].update(lr="0.01"),
+               "param group 0 of the state_dict: Adam cannot step with its hyperparameters"),
+    "amsgrad-without-its-state": (lambda sd: sd["param_groups"][0].update(amsgrad=True),
+                                  r"Adam saves \['exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', 'step'\]"),
+    "exp-avg-shape": (entry("exp_avg", lambda t: t.flatten()),
+                      r"state\[0\]\['exp_avg'\] has shape \(35,\) but parameter 0 of param group 0 has shape \(7, 5\)"),
+    "exp-avg-shape-bias": (entry("exp_avg", lambda t: t[:1], pids=(3,)),
+                           r"state\[3\]\['exp_avg'\] has shape \(1,\) but parameter 1 of param group 1 has shape \(2,\)"),
+    "exp-avg-float64": (entry("exp_avg", lambda t: t.double()),
+                        r"state\[0\]\['exp_avg'\] has dtype torch.float64, Adam holds torch.float32"),
+    "exp-avg-float32-for-bfloat16": (entry("exp_avg_sq", lambda t: t.float(), pids=(4,)),
+                                     r"state\[4\]\['exp_avg_sq'\] has dtype torch.float32, Adam holds torch.bfloat16"),
+    "exp-avg-meta": (entry("exp_avg", lambda t: t.to("meta")), r"state\[0\]\['exp_avg'\] is on the meta device"),
+    "step-meta": (entry("step", lambda t: t.to("meta"), pids=(2,)), r"state\[2\]\['step'\] is on the meta device"),
+    "step-shape": (entry("step", lambda t: t.expand(3)), r"state\[0\]\['step'\] has shape \(3,\), Adam holds \(\)"),
+    "step-str": (entry("step", lambda t: "15"), r"state\[0\]\['step'\] must be a tensor, got '15'"),
+    "exp-avg-sq-missing": (entry("exp_avg_sq", None), r"state\[0\] holds the keys \['exp_avg', 'step'\], but Adam saves"),
+    "momentum-extra": (entry("momentum_buffer", lambda _: torch.zeros(7, 5)),
+                       r"state\[0\] holds the keys \['exp_avg', 'exp_avg_sq', 'momentum_buffer', 'step'\]"),
+    "lawa-extra": (entry("lawa_extra", lambda _: torch.zeros(1), pids=(2,)),
+                   "parameter 0 of param group 1: the state_dict holds 'lawa_extra', which LAWA does not save"),
+    "one-id-for-two": (set_param_id(0, 1, 0), r"gives parameter 0 of param group 0 and parameter 1 of param group 0 "
+                       r"one state id \(0\), but they are two parameters"),
+    "one-id-across-groups": (set_param_id(1, 1, 2), r"gives parameter 0 of param group 1 and parameter 1 of "
+                             r"param group 1 one state id \(2\)"),
+    "unhashable-id": (set_param_id(1, 2, [4]), r"param group 1 of the state_dict: params\[2\] is \[4\], which is not a state id"),
+}
+
+
+@pytest.mark.parametrize("target", ["fresh", "trained"])
+@pytest.mark.parametrize("case", WRAPPED_REFUSED)
+def test_wrapped_optimizers_part_is_checked_before_anything_changes(case, target):
+    """Against what Adam saves: learned from a probe where the live Adam has no state yet
+    (``fresh``: nothing built, nothing stepped), the same where it has (``trained``)."""
+    edit, match = WRAPPED_REFUSED[case]
+    sd = saved_dict("uniform", False)
+    edit(sd)
+    opt = loaded_target("uniform") if target == "trained" else make_groups(1, k=3)[2]
+    before = fingerprint(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert_same(before, fingerprint(opt))
+
+
+@pytest.mark.parametrize("value", [None, "sd.pt", 3, 2.5, [("state", {})]], ids=repr)
+def test_a_state_dict_that_is_no_dict_is_refused_naming_it(value):
+    opt = loaded_target("uniform")
+    before = fingerprint(opt)
+    with pytest.raises(TypeError, match=rf"state_dict must be a dict saved by LAWA.state_dict\(\), got {type(value).__name__}"):
+        opt.load_state_dict(value)
+    assert_same(before, fingerprint(opt))
+
+
+def test_wrapped_optimizers_parts_that_torch_loads_are_loaded():
+    """No false refusals: a step saved as a number (old torch versions), group keys that
+    Adam's own loader fills in (saved before torch had them), a key Adam does not use (an
+    LR scheduler's ``initial_lr``), and a dict saved with ``amsgrad=True``, whose state
+    keys the probe learns from the saved hyperparameters."""
+    sd = saved_dict("uniform", False)
+    for pid, state in sd["state"].items():
+        state["step"] = float(state["step"])
+    for group in sd["param_groups"]:
+        del group["decoupled_weight_decay"], group["maximize"]
+        group["initial_lr"] = 0.5
+    opt = loaded_target("uniform")
+    opt.load_state_dict(sd)
+    for p in opt.state:
+        assert torch.equal(opt.state[p]["step"], torch.tensor(15.0))
+    assert [(g["initial_lr"], g["decoupled_weight_decay"], g["maximize"]) for g in opt.param_groups] == [(0.5, False, False)] * 2
+
+    model, scale, amsgrad = make_groups(0, inner=lambda groups, lr: torch.optim.Adam(groups, lr=lr, amsgrad=True), k=3)
+    train(model, scale, amsgrad, range(2))
+    opt = loaded_target("uniform")
+    opt.load_state_dict(roundtrip(amsgrad.state_dict()))
+    assert all("max_exp_avg_sq" in s for s in opt.state.values()) and len(opt.state) == 5
+
+
+class Scaled(torch.optim.SGD):
+    """An optimizer outside torch.optim whose constructor needs an argument of its own."""
+
+    def __init__(self, params, scale, lr=0.1):
+        super().__init__(params, lr=lr * scale, momentum=0.9)
+
+
+def test_optimizer_that_cannot_be_probed_is_checked_against_its_live_state():
+    def scaled(groups, lr):
+        return Scaled(groups, 2.0, lr)
+
+    model, scale, opt = make_groups(0, inner=scaled, k=3)
+    train(model, scale, opt, range(3))
+    saved = roundtrip(opt.state_dict())
+    fresh = make_groups(1, inner=scaled, k=3)[2]
+    trained = make_groups(1, inner=scaled, k=3)
+    train(*trained, range(1))
+    for target, edit, match in [
+        (fresh, entry("momentum_buffer", lambda t: t.to("meta")), r"state\[0\]\['momentum_buffer'\] is on the meta device"),
+        (trained[2], entry("momentum_buffer", lambda t: t.flatten()),
+         r"state\[0\]\['momentum_buffer'\] has shape \(35,\) but parameter 0 of param group 0 has shape \(7, 5\)"),
+        (trained[2], entry("exp_avg", lambda t: torch.zeros(7, 5)), r"state\[0\] holds the keys \['exp_avg', 'momentum_buffer'\]"),
+    ]:
+        sd = copy.deepcopy(saved)
+        edit(sd)
+        before = fingerprint(target)
+        with pytest.raises(ValueError, match=match):
+            target.load_state_dict(sd)
+        assert_same(before, fingerprint(target))
+    for target in (fresh, trained[2]):
+        target.load_state_dict(copy.deepcopy(saved))
+        assert torch.equal(target.state[target.param_groups[0]["params"][0]]["momentum_buffer"], saved["state"][0]["momentum_buffer"])
+
+
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
+@pytest.mark.parametrize("twin", ["same-tensor", "same-memory"])
+def test_one_state_id_for_one_parameter_listed_twice_is_loaded(twin):
+    """torch saves a parameter listed twice under one id: such a dict loads where the two
+    places hold one parameter (the same tensor, or the same elements of the same memory)."""
+    p = nn.Parameter(torch.arange(4.0))
+    opt = LAWA(torch.optim.SGD([p, p], lr=0.1, momentum=0.9), k=2)
+    p.grad = torch.ones(4)
+    opt.step()
+    opt.snapshot()
+    sd = roundtrip(opt.state_dict())
+    (pid, again) = sd["param_groups"][0]["params"]
+    assert pid == again
+    q = nn.Parameter(torch.zeros(4))
+    twins = [q, q] if twin == "same-tensor" else [q, nn.Parameter(q.data)]
+    opt2 = LAWA(torch.optim.SGD(twins, lr=0.1, momentum=0.9), k=2)
+    opt2.load_state_dict(sd)
+    assert opt2.num_snapshots == 1
+    # torch's loader gives the state to the last place that names the id
+    assert torch.equal(opt2.state[twins[-1]]["momentum_buffer"], sd["state"][pid]["momentum_buffer"])
+    reread = opt2.state_dict()
+    for i in reread["param_groups"][0]["params"]:
+        assert torch.equal(reread["state"][i]["lawa_history"], sd["state"][pid]["lawa_history"])
+
+
+def test_counters_at_the_bound_load_and_push(runner):
+    """``pushes``, ``steps`` and ``recompute_every`` at 2**62 (MAX_COUNT) are accepted, and
+    the next snapshot writes slot 2**62 % 3 = 1 with no refresh ((2**62 + 1) % 2**62 != 0):
+    the average is the mean of the saved window with that slot replaced."""
+    sd = saved_dict("uniform", False)
+    for group in sd["param_groups"]:
+        group["lawa"].update(pushes=MAX_COUNT, steps=MAX_COUNT)
+    model, scale, opt = make_groups(1, k=3, backend=runner, recompute_every=MAX_COUNT)
+    opt.load_state_dict(sd)
+    assert opt.steps == MAX_COUNT and opt.num_snapshots == 3
+    params = [p for g in opt.param_groups for p in g["params"]]
+    expected = []
+    for i, p in enumerate(params):
+        window = sd["state"][i]["lawa_history"].double().clone()
+        window[MAX_COUNT % 3] = p.detach().to(window.dtype).double()
+        expected.append(window.mean(0))
+    assert opt.snapshot()
+    assert [int(b.pushes) for b in opt._history.buckets] == [MAX_COUNT + 1] * 2
+    with opt.averaged():
+        for p, want in zip(params, expected):
+            tol = 1e-6 if p.dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(p.detach().double(), want, rtol=tol, atol=tol)
+
+
+# -- parameter names -------------------------------------------------------------------------
+NAMES = ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+def named(seed, order=NAMES, names=True):
+    """Two layers of the same shapes, so that only names tell their parameters apart; an
+    Adam over them in ``order``, built from (name, parameter) pairs or (``names=False``)
+    from the bare parameters."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    own = dict(model.named_parameters())
+    params = [(n, own[n]) for n in order] if names else [own[n] for n in order]
+    return model, LAWA(torch.optim.Adam(params, lr=1e-2), k=3)
+
+
+def run(model, opt, epochs):
+    for e in epochs:
+        g = torch.Generator().manual_seed(e)
+        for _ in range(2):
+            model(torch.randn(8, 4, generator=g)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        opt.snapshot()
+
+
+def test_names_in_another_order_load_by_name():
+    """The live optimizer lists the second layer first: every parameter gets the history
+    and the Adam state saved under its name, its names stay its own, the two ways of
+    exporting agree with the saving run's average, and both runs go on alike."""
+    model, opt = named(0)
+    run(model, opt, range(4))
+    saved = roundtrip(opt.state_dict())
+    order = ["2.weight", "2.bias", "0.weight", "0.bias"]
+    model2, opt2 = named(1, order)
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(saved)
+    assert opt2.param_groups[0]["param_names"] == order
+    expected = export_average(model, opt)
+    assert_same(export_average(model2, opt2), expected)
+    assert_same(export_average(model2, opt2.state_dict()), expected)
+    own, own2 = dict(model.named_parameters()), dict(model2.named_parameters())
+    for name in NAMES:
+        assert_same(opt2.state[own2[name]], opt.state[own[name]], name)
+    run(model, opt, range(4, 6))
+    run(model2, opt2, range(4, 6))
+    assert_same(export_average(model2, opt2), export_average(model, opt))
+
+
+@pytest.mark.parametrize("rename,match", [
+    ({2: "head.weight"}, "parameter 2 of param group 0 is named 'head.weight' in the state_dict and '2.weight' in this optimizer"),
+    ({0: "0.bias"}, "parameter 0 of param group 0 is named '0.bias' in the state_dict and '0.weight'"),
+], ids=["other-name", "a-name-twice"])
+def test_other_names_are_refused_naming_the_first(rename, match):
+    model, opt = named(0)
+    run(model, opt, range(2))
+    sd = roundtrip(opt.state_dict())
+    for i, name in rename.items():
+        sd["param_groups"][0]["param_names"][i] = name
+    model2, opt2 = named(1)
+    run(model2, opt2, range(1))
+    before = fingerprint(opt2)
+    with pytest.raises(ValueError, match=match):
+        opt2.load_state_dict(sd)
+    assert_same(before, fingerprint(opt2))
+
+
+def test_named_dict_leaves_an_unnamed_optimizer_unnamed():
+    """By position, and the optimizer keeps no names: its state dicts carry none, and it
+    still takes a param group without names (torch refuses one in a named optimizer)."""
+    model, opt = named(0)
+    run(model, opt, range(4))
+    saved = roundtrip(opt.state_dict())
+    model2, opt2 = named(1, names=False)
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(saved)
+    assert not any("param_names" in g for g in opt2.param_groups)
+    assert not any("param_names" in g for g in opt2.state_dict()["param_groups"])
+    expected = export_average(model, opt)
+    assert_same(export_average(model2, opt2), expected)
+    assert_same(export_average(model2, opt2.state_dict()), expected)
+    opt2.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+
+
+# -- resuming right after loading -----------------------------------------------------------
+def weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_mean(model, opt, window):
+    """Inside ``opt.averaged()`` the model holds the mean of ``window`` (lists of weights),
+    computed here in float64."""
+    with opt.averaged():
+        for i, p in enumerate(model.parameters()):
+            want = torch.stack([w[i].double() for w in window]).mean(0)
+            torch.testing.assert_close(p.detach().double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_checkpoint_without_running_sum_swaps_and_pushes_right_after_loading(backend, device):
+    """A 0.1.0 checkpoint (no lawa_sum) after 4 snapshots with k=3: the next push (n = 4) is
+    no refresh, so nothing but the load rebuilds the sum. Right after loading the average
+    is the mean of the last 3 snapshots, and after one more snapshot of the 3 newest."""
+    model, opt = make(device, 0, backend, k=3)
+    snaps = []
+    for e in range(4):
+        epoch(model, opt, e)
+        snaps.append(weights(model))
+    saved = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    for state in saved["opt"]["state"].values():
+        del state["lawa_sum"]
+    model2, opt2 = make(device, 1, backend, k=3)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    assert (4 + 1) % 3 != 0
+    assert_mean(model2, opt2, snaps[1:4])
+    epoch(model2, opt2, 4)
+    snaps.append(weights(model2))
+    assert_mean(model2, opt2, snaps[2:5])
+
+
+@pytest.mark.parametrize("built", [False, True], ids=["group-not-built", "group-built"])
+def test_saved_while_swapped_with_a_group_without_snapshot(built):
+    """A group added after the last snapshot (built by a step, or not built yet) holds no
+    snapshot, so the swap left it as it was and saved no backup for it. The resumed run
+    swaps back to the training weights, the new group unchanged, and goes on like the run
+    that never stopped."""
+    model, opt = make("cpu", 0, k=3)
+    for e in range(4):
+        epoch(model, opt, e)
+    extra = nn.Parameter(torch.full((3,), 5.0))
+    opt.add_param_group({"params": [extra], "lr": 0.0})
+    if built:
+        opt.step()  # no gradients: changes no weight, builds the group's history
+    training = weights(model)
+    opt.swap_to_average()
+    saved = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    assert [g["lawa"]["generation"] for g in saved["opt"]["param_groups"]] == [0, 1 if built else None]
+    assert "lawa_backup" in saved["opt"]["state"][0] and "lawa_backup" not in saved["opt"]["state"].get(4, {})
+
+    model2, opt2 = make("cpu", 1, k=3)
+    extra2 = nn.Parameter(torch.full((3,), 5.0))
+    opt2.add_param_group({"params": [extra2], "lr": 0.0})
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.is_swapped
+    opt2.swap_back()
+    opt.swap_back()
+    assert_same(weights(model2), training)
+    assert torch.equal(extra2.detach(), torch.full((3,), 5.0))
+    for o, m, x in ((opt, model, extra), (opt2, model2, extra2)):
+        epoch(m, o, 4)
+        x.data.fill_(7.0)
+        o.snapshot()
+    assert opt2._history.counts() == opt._history.counts() == [3, 2]
+    with opt.averaged(), opt2.averaged():
+        assert_same(weights(model2), weights(model))
+        assert torch.equal(extra2.detach(), torch.full((3,), 6.0))
+    assert_same(fingerprint(opt2)["buffers"], fingerprint(opt)["buffers"])
+
+
+@pytest.mark.parametrize("epochs,started", [(5, True), (2, False)], ids=["after-start", "before-start"])
+def test_snapshot_right_after_loading_follows_start(epochs, started):
+    """start=9: a dict saved after 15 steps snapshots at once after loading, before any
+    step (and like the run that never stopped); one saved after 6 steps does not."""
+    model, opt = make("cpu", 0, k=3, start=9)
+    for e in range(epochs):
+        epoch(model, opt, e)
+    saved = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    model2, opt2 = make("cpu", 1, k=3, start=9)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.snapshot() is started
+    assert opt.snapshot() is started
+    assert opt2.num_snapshots == opt.num_snapshots == (3 if started else 0)
+    assert_same(fingerprint(opt2)["buffers"], fingerprint(opt)["buffers"])
+    if started:
+        with opt.averaged(), opt2.averaged():
+            assert_same(weights(model2), weights(model))

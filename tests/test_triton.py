@@ -240,7 +240,8 @@ def expected_vectors(name: str) -> tuple[int, int]:
     if op == "swap_in":
         mode, p, *h = dtypes
         avg = ["float32"] if mode in ("ema", "mean") else h  # total, or the ring's slots
-        return vectors(p, *avg) + vectors(*avg), vectors(p, p) + vectors(p)
+        wide = 2 * vectors(*h)  # the float64 sum where a sum is not finite reads the slots too
+        return vectors(p, *avg) + vectors(*avg) + wide, vectors(p, p) + vectors(p)
     p = dtypes[0]
     if op == "push":
         h = dtypes[1]  # parameter, old slot, sum, the other slots at a refresh

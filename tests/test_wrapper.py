@@ -1,14 +1,16 @@
 """The LAWA wrapper: averages against hand-kept snapshots, cadence, swaps, errors, hooks."""
 
 import copy
+import threading
 import warnings
 
 import pytest
 import torch
-from conftest import COPIES, DEVICE, assert_same, empty_first_group, fingerprint
+from conftest import COPIES, DEVICE, TIMEOUT, assert_same, empty_first_group, fingerprint
 from torch import nn
 
 from lawa_optim import LAWA
+from lawa_optim.history import History
 
 
 def make_model(device, seed=0):
@@ -457,6 +459,9 @@ BAD_ARGS = [
     ({"history_dtype": torch.int8}, ValueError, "history_dtype must be"),
     ({"backend": "numba"}, ValueError, "backend must be one of"),
     ({"recompute_every": 0}, ValueError, "recompute_every must be"),
+    # The bound 2**62 (lawa_optim.state_check.MAX_COUNT) is accepted: test_counters_at_the_bound_load_and_push.
+    *[({"recompute_every": n}, ValueError, r"recompute_every must be None or an int in \[1, 2\*\*62\]")
+      for n in (2**62 + 1, 2**63 - 1, 2**63, 2**64 + 1)],
 ]
 
 
@@ -578,3 +583,102 @@ def test_backward_through_a_swap_fails_loudly(backend, device):
         pass
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("second", ["swap_to_average", "swap_back", "training_weights"])
+@pytest.mark.parametrize("first", ["swap_to_average", "swap_back"])
+def test_a_swap_from_another_thread_while_one_runs_fails_and_changes_nothing(monkeypatch, first, second):
+    """The first swap is held inside the history, where it writes the weights; a second
+    one from another thread then raises instead of backing up what the first wrote."""
+    p = nn.Parameter(torch.zeros(5))
+    opt = LAWA(torch.optim.SGD([p], lr=0.1), k=2)
+    for value in (1.0, 3.0):
+        p.data.fill_(value)
+        opt.snapshot()
+    p.data.fill_(7.0)
+    if first == "swap_back":
+        opt.swap_to_average()
+    inside, release = threading.Event(), threading.Event()
+    method = {"swap_to_average": "swap_in", "swap_back": "swap_back"}[first]
+    real = getattr(History, method)
+
+    def held(self, *args):
+        inside.set()
+        assert release.wait(TIMEOUT)
+        return real(self, *args)
+
+    monkeypatch.setattr(History, method, held)
+    worker = threading.Thread(target=getattr(opt, first))
+    worker.start()
+    try:
+        assert inside.wait(TIMEOUT)
+        before = fingerprint(opt)
+        with pytest.raises(RuntimeError, match="another thread is swapping the weights of this LAWA"):
+            if second == "training_weights":
+                with opt.training_weights():
+                    pass
+            else:
+                getattr(opt, second)()
+        assert_same(before, fingerprint(opt))
+    finally:
+        release.set()
+        worker.join(TIMEOUT)
+    assert opt.is_swapped == (first == "swap_to_average")
+    if opt.is_swapped:
+        assert torch.equal(p.detach(), torch.full((5,), 2.0))
+        opt.swap_back()
+    assert torch.equal(p.detach(), torch.full((5,), 7.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_floating_dtype_outside_the_accepted_ones_is_refused_naming_it(dtype):
+    """float8 is floating point to torch, but neither the kernels nor the running sum
+    take it: refused at construction and by add_param_group, naming the dtype."""
+    odd = torch.zeros(4, dtype=dtype)
+    with pytest.raises(TypeError, match=f"parameter 1 of param group 0 has dtype {dtype}; .*accepted: torch.float32"):
+        LAWA(torch.optim.SGD([nn.Parameter(torch.ones(2)), odd], lr=0.1))
+    model = make_model("cpu")
+    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1), k=2)
+    opt.snapshot()
+    before = fingerprint(opt)
+    with pytest.raises(TypeError, match=f"parameter 0 of the added param group has dtype {dtype}"):
+        opt.add_param_group({"params": [odd]})
+    assert_same(before, fingerprint(opt))
+
+
+def test_weights_changed_inside_training_weights_are_what_swap_back_restores(backend, device):
+    model = make_model(device)
+    opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1), k=3, backend=backend)
+    for epoch in range(3):
+        train_step(model, opt, epoch)
+        opt.snapshot()
+    with opt.averaged():
+        average = weights(model)
+        with opt.training_weights():
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(-2.0).add_(0.5)  # e.g. a checkpoint of other training weights loaded here
+            changed = weights(model)
+        assert all(torch.equal(p, a) for p, a in zip(model.parameters(), average))
+    assert all(torch.equal(p, c) for p, c in zip(model.parameters(), changed))
+
+
+@pytest.mark.parametrize("every,start,taken", [
+    (3, 6, [6, 9]),  # a snapshot exactly at step == start
+    (3, 5, [6, 9]),
+    (3, 0, [3, 6, 9]),
+    (None, 4, [4, 5, 6, 7, 8, 9]),  # explicit snapshots: the first one counts at step == start
+])
+def test_snapshots_begin_exactly_at_step_start(every, start, taken):
+    p = nn.Parameter(torch.zeros(3))
+    opt = LAWA(torch.optim.SGD([p], lr=0.1), k=10, every=every, start=start)
+    for t in range(1, 10):
+        with torch.no_grad():
+            p.fill_(float(2**t))  # a sum that names the steps taken
+        p.grad = torch.zeros(3)
+        opt.step()
+        if every is None:
+            assert opt.snapshot() is (t >= start)
+    assert opt.num_snapshots == len(taken)
+    with opt.averaged():
+        assert torch.equal(p.detach(), torch.full((3,), sum(2.0**t for t in taken) / len(taken)))

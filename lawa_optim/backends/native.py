@@ -52,7 +52,10 @@ def cache_root() -> Path:
 
 def compiler() -> list[str]:
     """``$CC`` (default ``cc``) split as a shell splits it: ``CC="ccache gcc"`` works."""
-    cc = shlex.split(os.environ.get("CC") or "cc")
+    try:
+        cc = shlex.split(os.environ.get("CC") or "cc")
+    except ValueError as exc:  # an unbalanced quote: "No closing quotation"
+        raise BuildError(f"CC={os.environ['CC']!r} cannot be split as a shell command ({exc})") from None
     if not cc:
         raise BuildError("CC is set to an empty command")
     return cc

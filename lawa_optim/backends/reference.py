@@ -13,7 +13,7 @@ the readable fallback and the definition they are tested against.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -139,12 +139,13 @@ def swap_in(b: "Bucket", last: int | None, weights: Tensor | None = None) -> Non
         elif b.mode != "uniform":  # the EMA; in phema mode total is emas[0]
             avg = b.total[lo:hi]
         elif last is None:
+            slots = [b.ring[s, lo:hi] for s in range(min(n, b.k))]
             avg = b.total[lo:hi] / _scalar(min(n, b.k), b)
+            avg = wide_where_overflowed(avg, b.total[lo:hi], slots)
         else:
-            avg = torch.zeros(hi - lo, dtype=b.total.dtype, device=b.device)
-            for i in range(last):
-                avg.add_(b.ring[(n - 1 - i) % b.k, lo:hi])
-            avg.div_(_scalar(last, b))
+            slots = [b.ring[(n - 1 - i) % b.k, lo:hi] for i in range(last)]
+            total = compensated_sum(slots, b.total[lo:hi])
+            avg = wide_where_overflowed(total / _scalar(last, b), total, slots)
         torch._foreach_copy_(b.params[i0:i1], [b.view(avg, i, base=lo) for i in range(i0, i1)])
 
 
@@ -175,6 +176,34 @@ def recompute(b: "Bucket") -> None:
 
 
 def _sum_slots(b: "Bucket", filled: int) -> None:
-    b.total.zero_()
-    for s in range(filled):
-        b.total.add_(b.ring[s])
+    for lo, hi, _, _ in _cache(b)["chunks"]:
+        b.total[lo:hi] = compensated_sum([b.ring[s, lo:hi] for s in range(filled)], b.total[lo:hi])
+
+
+def compensated_sum(terms: Iterable[Tensor], like: Tensor) -> Tensor:
+    """The sum of ``terms`` (each shaped like ``like``) in ``like``'s dtype, in order,
+    compensated as :mod:`lawa_optim.ops` defines it (Neumaier's summation), so its error
+    does not grow with the number of terms; where the plain running sum ends up not
+    finite, the result is that sum."""
+    s, c = torch.zeros_like(like), torch.zeros_like(like)
+    for x in terms:
+        x = x.to(like.dtype)
+        t = s + x
+        c += torch.where(s.abs() >= x.abs(), (s - t) + x, (x - t) + s)
+        s = t
+    return torch.where(s.isfinite(), s + c, s)
+
+
+def wide_where_overflowed(avg: Tensor, total: Tensor, slots: Sequence[Tensor]) -> Tensor:
+    """``avg``, except where ``total`` (the sum it was divided from) is not finite: there
+    the ``len(slots)`` slots summed in that order from 0 in float64, divided by their
+    count in float64 and rounded to ``avg``'s dtype, so a sum that overflowed float32
+    still gives the (finite) mean. A NaN or an infinity among the slots stays one."""
+    bad = ~total.isfinite()
+    if not bool(bad.any()):
+        return avg
+    wide = torch.zeros_like(total, dtype=torch.float64)
+    for x in slots:
+        wide += x.to(torch.float64)
+    wide /= torch.tensor(float(len(slots)), dtype=torch.float64, device=wide.device)
+    return torch.where(bad, wide.to(avg.dtype), avg)

@@ -13,9 +13,10 @@ so one misaligned view leaves the other rows vectorized), and walks its chunk as
 unmasked loop over whole ``BLOCK``s plus one masked tail: a mask whose bound comes
 from the table would make every access scalar.
 
-All arithmetic is float32. On a GPU the casts are the hardware's (``cvt.rn``), the
-instruction torch's CUDA cast and the CUDA backend use, so every backend writes the
-same bits, NaN included (0x7FFF for bfloat16 and float16). Triton's interpreter
+All arithmetic is float32, but for the float64 ``wide`` sum of a swap whose float32 sum
+is not finite. On a GPU the casts are the hardware's (``cvt.rn``), the instruction
+torch's CUDA cast and the CUDA backend use, so every backend writes the same bits, NaN
+included (0x7FFF for bfloat16 and float16). Triton's interpreter
 truncates a float32 -> bfloat16 cast where torch rounds to nearest even, so there
 the rounding is done by hand on the bit pattern, with torch's CPU NaN (0x7FC0).
 """
@@ -72,6 +73,50 @@ def _from_f32(x, DTYPE: tl.constexpr):
     return x.to(DTYPE)
 
 
+#: The largest finite float32: ``|x| <= FLT_MAX`` is False for infinities and NaN alike.
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def _finite(x):
+    return tl.abs(x) <= FLT_MAX
+
+
+@triton.jit
+def _csum_add(s, c, x):
+    """One step of ``csum`` (:mod:`lawa_optim.ops`, Neumaier's compensated sum): ``s + x``,
+    and the rounding error of that addition added to ``c``."""
+    t = s + x
+    c += tl.where(tl.abs(s) >= tl.abs(x), (s - t) + x, (x - t) + s)
+    return t, c
+
+
+@triton.jit
+def _csum_result(s, c):
+    return tl.where(_finite(s), s + c, s)
+
+
+@triton.jit
+def _wide_where(avg, total, ring, off, idx, mask, n, D, K, count, NEWEST_FIRST: tl.constexpr):
+    """``avg``, except where ``total`` is not finite: there ``wide`` of :mod:`lawa_optim.ops`
+    over the ``count`` slots (slot order, or newest first), summed in float64. The loop
+    runs only for blocks that hold such an element."""
+    bad = ~_finite(total)
+    if tl.max(bad.to(tl.int32), axis=0) > 0:
+        w = tl.zeros(idx.shape, dtype=tl.float64)
+        row = ring + off
+        for i in range(0, count):
+            if NEWEST_FIRST:
+                x = tl.load(ring + ((n - 1 - i) % K) * D + off + idx, mask=mask)
+            else:
+                x = tl.load(row + idx, mask=mask)
+                row += D  # a 64-bit pointer step: i * D may exceed 2**31
+            w += _to_f32(x).to(tl.float64)
+        wide = w / (tl.zeros(idx.shape, tl.float64) + count)  # div.rn.f64: float64 has no approximate one
+        avg = tl.where(bad, wide.to(tl.float32), avg)
+    return avg
+
+
 # -- push ---------------------------------------------------------------------------
 
 
@@ -83,17 +128,19 @@ def _push_block(src, ring, slot, total, idx, cnt, s, full, refresh, filled, D,
     if new.dtype != HDTYPE:  # a same-dtype snapshot is a copy of the bits, NaN payloads included
         new = _from_f32(_to_f32(new), HDTYPE)
     if refresh:
-        # The sum of the filled slots in slot order, from zero, as recompute leaves it;
-        # the slot just written contributes the value in registers.
+        # csum of the filled slots in slot order, as recompute leaves it; the slot just
+        # written contributes the value in registers.
         acc = tl.zeros(idx.shape, dtype=tl.float32)
+        comp = tl.zeros(idx.shape, dtype=tl.float32)
         row = ring
         for j in range(0, filled):
             if j == s:
-                acc += _to_f32(new)
+                x = _to_f32(new)
             else:
-                acc += _to_f32(tl.load(row + idx, mask=mask))
+                x = _to_f32(tl.load(row + idx, mask=mask))
+            acc, comp = _csum_add(acc, comp, x)
             row += D  # a 64-bit pointer step: j * D may exceed 2**31
-        t = acc
+        t = _csum_result(acc, comp)
     else:
         # While the ring fills (n < K) the overwritten slot counts as zero. Selected, not
         # masked: a scalar load mask is a vector mask on the GPU but the interpreter
@@ -223,7 +270,9 @@ def _swap_in_block(src, ring, off, total, backup, weights, idx, cnt, n, D, K, la
         avg = tl.load(total + idx, mask=mask)
     elif MODE == 1:
         # div_rn: plain `/` may lower to an approximate division on the GPU.
-        avg = tl.math.div_rn(tl.load(total + idx, mask=mask), tl.zeros(idx.shape, tl.float32) + tl.minimum(n, K))
+        t = tl.load(total + idx, mask=mask)
+        avg = tl.math.div_rn(t, tl.zeros(idx.shape, tl.float32) + tl.minimum(n, K))
+        avg = _wide_where(avg, t, ring, off, idx, mask, n, D, K, tl.minimum(n, K), False)
     elif MODE == 3:
         # Neumaier's compensated sum of the products, newest first; launched with
         # enable_fp_fusion=False so that no product and sum fuse into one rounding.
@@ -238,9 +287,13 @@ def _swap_in_block(src, ring, off, total, backup, weights, idx, cnt, n, D, K, la
         avg = s + c
     else:
         acc = tl.zeros(idx.shape, dtype=tl.float32)
+        comp = tl.zeros(idx.shape, dtype=tl.float32)
         for i in range(0, last):
-            acc += _to_f32(tl.load(ring + ((n - 1 - i) % K) * D + off + idx, mask=mask))
+            x = _to_f32(tl.load(ring + ((n - 1 - i) % K) * D + off + idx, mask=mask))
+            acc, comp = _csum_add(acc, comp, x)
+        acc = _csum_result(acc, comp)
         avg = tl.math.div_rn(acc, tl.zeros(idx.shape, tl.float32) + last)
+        avg = _wide_where(avg, acc, ring, off, idx, mask, n, D, K, last, True)
     tl.store(src + idx, _from_f32(avg, PDTYPE), mask=mask)
 
 
@@ -261,9 +314,10 @@ def _swap_in_chunk(addr, off, cnt, ring, total, backup, weights, n, D, K, last, 
 def swap_in_kernel(table, ring, total, backup, weights, pushes, D, K, last, PDTYPE: tl.constexpr,
                    MODE: tl.constexpr, BLOCK: tl.constexpr):
     """``backup = param``; ``param = avg``. MODE 0: avg = total (EMA); 1: total / min(n, K);
-    2: the ``last`` newest slots summed newest first from zero, divided by ``last``;
-    3: the ``last`` newest slots weighted by the float32 ``weights`` (newest first),
-    summed with Neumaier's compensation."""
+    2: csum of the ``last`` newest slots, newest first, divided by ``last``; in modes 1 and
+    2 ``wide`` of the same slots where that sum is not finite; 3: the ``last`` newest
+    slots weighted by the float32 ``weights`` (newest first), summed with Neumaier's
+    compensation."""
     addr, off, cnt = _row(table)
     n = tl.load(pushes)
     if addr % 16 == 0:
@@ -303,7 +357,7 @@ def swap_back_kernel(table, backup, PDTYPE: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def recompute_kernel(ring, total, pushes, D, K, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """``total = 0 + ring[0] + ... + ring[min(n, K) - 1]`` in slot order, over all of
+    """``total = csum(ring[0], ..., ring[min(n, K) - 1])`` in slot order, over all of
     ``total`` (padding included, as the reference zeroes it): no table, program ``p``
     takes elements ``[p * CHUNK, (p + 1) * CHUNK)``."""
     off = tl.program_id(0).to(tl.int64) * CHUNK
@@ -313,8 +367,9 @@ def recompute_kernel(ring, total, pushes, D, K, CHUNK: tl.constexpr, BLOCK: tl.c
         idx = start + tl.arange(0, BLOCK)
         mask = idx < cnt
         acc = tl.zeros([BLOCK], dtype=tl.float32)
+        comp = tl.zeros([BLOCK], dtype=tl.float32)
         row = ring + off
         for s in range(0, filled):
-            acc += _to_f32(tl.load(row + idx, mask=mask))
+            acc, comp = _csum_add(acc, comp, _to_f32(tl.load(row + idx, mask=mask)))
             row += D  # slot s: a 64-bit pointer step, as s * D may exceed 2**31
-        tl.store(total + off + idx, acc, mask=mask)
+        tl.store(total + off + idx, _csum_result(acc, comp), mask=mask)

@@ -80,6 +80,13 @@ class LAWACallback(*_bases):
         self._swapped = False  # whether the swap in place now is this callback's
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        mine = [cb for cb in trainer.callbacks if isinstance(cb, LAWACallback)]
+        if len(mine) > 1:
+            # Checked by the first of them, before it wraps: the second would find a LAWA.
+            raise ValueError(
+                f"the Trainer has {len(mine)} LAWACallbacks; each would wrap the one optimizer "
+                "in a LAWA of its own: pass one LAWACallback in Trainer(callbacks=...)"
+            )
         optimizers = trainer.strategy.optimizers
         if len(optimizers) != 1:
             raise ValueError(
