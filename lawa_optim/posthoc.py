@@ -49,6 +49,7 @@ class PostHocFit:
             parameters present from the start; later ones at their own newest).
         weights: the coefficients over the stored snapshots, newest first, as
             ``weights=`` takes them (of the parameters present from the start).
+        times: the step ``t`` of each of those snapshots, newest first.
         error: the relative L2 distance of the combined profile from the target
             profile (:class:`lawa_optim.phema.Fit`), the largest over all parameters.
     """
@@ -56,6 +57,7 @@ class PostHocFit:
     sigma_rel: float
     time: int
     weights: tuple[float, ...]
+    times: tuple[int, ...]
     error: float
 
 
@@ -110,10 +112,10 @@ def push(hist: "History") -> bool:
 def fit_slots(
     n: int, k: int, slots: Sequence[tuple[int, int] | None], sigma_rels: Sequence[float], sigma_rel: float,
     max_error: float, where: str = "",
-) -> tuple[int, phema.Fit]:
+) -> tuple[list[int], phema.Fit]:
     """The fit of the EMA of width ``sigma_rel`` at the newest of the ``min(n, k)``
     snapshots held after ``n`` pushes into the slots ``slots`` (``(t, width index)``
-    each): ``(t, fit)``, its coefficients newest first. ``ValueError`` naming the error,
+    each): ``(times, fit)``, the snapshots' steps and the coefficients, newest first. ``ValueError`` naming the error,
     the width asked for and the widths and steps stored when the error exceeds
     ``max_error`` (``where`` names the parameters, when they are not all)."""
     times, gs = [], []
@@ -130,7 +132,7 @@ def fit_slots(
             "for a width between the stored ones, keep more snapshots (a larger k) or widths "
             "closer to it"
         )
-    return times[0], result
+    return times, result
 
 
 def fit(hist: "History", sigma_rel: float, max_error: float) -> tuple[dict["Bucket", tuple[float, ...]], PostHocFit]:
@@ -161,10 +163,10 @@ def added_later(group_generation: Sequence[int | None], gen: int) -> str:
     return f" of param group{'s' * (len(groups) > 1)} {', '.join(groups)} (added later, fitted on its own steps)"
 
 
-def summary(sigma_rel: float, fits: list[tuple[int, phema.Fit]]) -> PostHocFit:
+def summary(sigma_rel: float, fits: list[tuple[list[int], phema.Fit]]) -> PostHocFit:
     """The :class:`PostHocFit` of the fits of each generation, oldest first."""
-    time, first = fits[0]
-    return PostHocFit(float(sigma_rel), time, tuple(first.weights), max(f.error for _, f in fits))
+    times, first = fits[0]
+    return PostHocFit(float(sigma_rel), times[0], tuple(first.weights), tuple(times), max(f.error for _, f in fits))
 
 
 def saved(hist: "History", gen: int | None) -> dict[str, Any]:
