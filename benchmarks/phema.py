@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 from benchmarks.report import RESULTS, device_name, machine_slug
 from benchmarks.workloads import model_params
 from lawa_optim import ops, phema
+from lawa_optim._cli import Parser, int_at_least, output_file
 from lawa_optim.backends import cpu_kernels
 from lawa_optim.history import Bucket
 
@@ -90,23 +90,14 @@ def line(r: dict) -> str:
     )
 
 
-class Parser(argparse.ArgumentParser):
-    """Bad input: one line on stderr and exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     p = Parser(prog="python -m benchmarks.phema", description=__doc__.split("\n\n")[0])
     p.add_argument("--widths", type=int, nargs="+", default=[2, 4], choices=sorted(SIGMA_RELS),
                    help="numbers of EMAs to time (2 4)")
-    p.add_argument("--rounds", type=int, default=9, help="interleaved rounds (9)")
-    p.add_argument("--out", type=Path, default=None, help="JSON file (default: benchmarks/results/phema-<machine>.json)")
+    p.add_argument("--rounds", type=int_at_least(1), default=9, help="interleaved rounds (9)")
+    p.add_argument("--out", type=output_file, default=None,
+                   help="JSON file (default: benchmarks/results/phema-<machine>.json)")
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error(f"--rounds must be >= 1, got {args.rounds}")
     out = args.out or RESULTS / f"phema-{machine_slug(torch.device('cpu'))}.json"
     records = []
     for widths in args.widths:

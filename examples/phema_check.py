@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from lawa_optim import LAWA, phema
+from lawa_optim._cli import Parser, int_at_least, output_dir
 
 #: Widths the LAWA and PostHocEMA keep (EDM2's pair).
 STORED = (0.05, 0.10)
@@ -41,38 +42,17 @@ STORED = (0.05, 0.10)
 WIDTHS = (0.02, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.10, 0.12, 0.15, 0.25)
 
 
-class Parser(argparse.ArgumentParser):
-    """Bad input: one line on stderr and exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-positive.__name__ = "positive int"
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(prog="python -m examples.phema_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, type=Path, help="folder for phema_check.json and .txt")
-    p.add_argument("--steps", type=positive, default=4000, help="optimizer steps (4000)")
-    p.add_argument("--every", type=positive, default=400, help="snapshot interval in steps (400)")
-    p.add_argument("--k", type=positive, default=8, help="ring slots (8: 4 snapshot times x 2 widths)")
+    p.add_argument("--out", required=True, type=output_dir, help="folder for phema_check.json and .txt")
+    p.add_argument("--steps", type=int_at_least(1), default=4000, help="optimizer steps (4000)")
+    p.add_argument("--every", type=int_at_least(1), default=400, help="snapshot interval in steps (400)")
+    p.add_argument("--k", type=int_at_least(len(STORED)), default=8,
+                   help="ring slots, at least one per stored width (8: 4 snapshot times x 2 widths)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.every > args.steps:
-        p.error(f"--every {args.every} is more than --steps {args.steps}: no snapshot would be taken")
-    if args.k < len(STORED):
-        p.error(f"--k {args.k} cannot hold one snapshot of each of the {len(STORED)} widths")
-    if args.out.exists() and not args.out.is_dir():
-        p.error(f"--out {str(args.out)!r} exists and is not a folder")
+        p.error(f"argument --every: {args.every} is more than --steps {args.steps}: no snapshot would be taken")
     return args
 
 
