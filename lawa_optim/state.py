@@ -3,8 +3,11 @@
 The layout is chosen so that ``torch.distributed.checkpoint`` handles it: per-parameter
 tensors under ``state[i]`` (``lawa_history``: a ``(k, *shape)`` view of the ring and
 ``lawa_sum``: the running sum, in uniform mode; ``lawa_ema``: the average in EMA mode;
-``lawa_backup``: the training weights while swapped) and small counters and settings
-under ``param_groups[g]["lawa"]``, with no extra top-level keys. DTensor parameters get
+``lawa_history`` and ``lawa_phema``, the ``(E, *shape)`` power-function EMAs, in phema
+mode; ``lawa_backup``: the training weights while swapped) and small counters and
+settings under ``param_groups[g]["lawa"]`` (in phema mode also the widths, the EMA step
+count and each slot's ``[t, width index]``: :func:`lawa_optim.posthoc.saved`), with no
+extra top-level keys. DTensor parameters get
 DTensor views of their local history (see :mod:`lawa_optim.distributed`).
 
 Saving only reads. The running sum is saved as it is (a view in the accumulation
