@@ -172,6 +172,8 @@ class Bucket:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        if state.get("emas") is not None:  # pickle copies tensors one by one: total is emas[0] again
+            self.total = self.emas[0]
         self.cache = {}
         self._ptrs = []  # the first check_params looks at every parameter
         self.key = compiled.register(self)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_same, assert_same_bits, fingerprint, roundtrip
+from conftest import COPIES, assert_same, assert_same_bits, fingerprint, roundtrip
 from torch import nn
 
 from lawa_optim import LAWA, export_average, history_bytes, phema, posthoc
@@ -342,3 +342,23 @@ def test_export_from_the_live_lawa_a_state_dict_and_a_file(tmp_path):
     uniform.snapshot()
     with pytest.raises(ValueError, match="sigma_rel= needs a checkpoint of mode 'phema'; source has mode='uniform'"):
         export_average(uniform_model, uniform.state_dict(), sigma_rel=0.08)
+
+
+@pytest.mark.parametrize("how", COPIES)
+def test_a_copy_goes_on_like_the_original(how):
+    """deepcopy, pickle and state dicts: the copy's EMAs, ring and records are its own
+    (its plain swap still reads its first EMA), and both go on bit for bit alike."""
+    model, opt, _ = trained(steps=25)
+    model2, opt2 = COPIES[how]((model, opt))
+    (b,), (b2,) = opt._history.buckets, opt2._history.buckets
+    assert b2.emas.data_ptr() != b.emas.data_ptr() and b2.total.data_ptr() == b2.emas.data_ptr()
+    assert (b2.steps, b2.slots) == (b.steps, b.slots)
+    for m, o in ((model, opt), (model2, opt2)):
+        train(m, o, 15, first=25)
+    out = []
+    for m, o in ((model, opt), (model2, opt2)):
+        with o.averaged(sigma_rel=0.08):
+            fitted = weights_now(m)
+        with o.averaged():
+            out.append((fitted, weights_now(m), o._history.buckets[0].emas.clone()))
+    assert_same(out[0], out[1])
