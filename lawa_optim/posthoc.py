@@ -18,7 +18,9 @@ buckets are fitted on their own clock.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lawa_optim import ops, phema
+from lawa_optim.history import FLOAT16_MAX, FLOAT16_OVERFLOW
 
 if TYPE_CHECKING:
     from lawa_optim.history import Bucket, History
@@ -78,13 +81,19 @@ def check_sigma_rels(sigma_rels: object) -> tuple[float, ...]:
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=8)
+def _gammas(sigma_rels: tuple[float, ...]) -> list[float]:
+    # Solved once per set of widths, not at every step.
+    return [phema.sigma_rel_to_gamma(s) for s in sigma_rels]
+
+
 @torch.no_grad()
 def update(hist: "History") -> None:
     """One optimizer step into every EMA of every bucket: one fused pass per bucket."""
     buckets = hist.buckets
     for b in buckets:  # all checked before any is updated: a refusal leaves every t equal
         b.check_params()
-    exponents = [phema.sigma_rel_to_gamma(s) for s in hist.sigma_rels]
+    exponents = _gammas(hist.sigma_rels)
     for b in buckets:
         t = b.steps + 1
         alphas = torch.tensor([phema.alpha(t, g) for g in exponents], dtype=b.emas.dtype)
@@ -100,6 +109,8 @@ def push(hist: "History") -> bool:
     for b in buckets:
         b.check_params()
     for b in buckets:
+        if b.history_dtype == torch.float16 and not b.range_warned:
+            _warn_float16_overflow(b)
         n = int(b.pushes.item())
         for e in range(b.emas.shape[0]):
             s = (n + e) % b.k
@@ -107,6 +118,21 @@ def push(hist: "History") -> bool:
             b.slots[s] = (b.steps, e)
         b.pushes.add_(b.emas.shape[0])
     return bool(buckets)
+
+
+def _warn_float16_overflow(b: "Bucket") -> None:
+    """Warn, once per bucket, at a push of EMAs that float16 history stores as infinity."""
+    over = int(((b.emas.abs() >= FLOAT16_OVERFLOW) & b.emas.isfinite()).sum())
+    if over:
+        b.range_warned = True
+        warnings.warn(
+            f"LAWA(mode='phema') stores {over} finite EMA element(s) as infinity: "
+            f"history_dtype=torch.float16 holds magnitudes up to {FLOAT16_MAX:g}, so averages "
+            "synthesised from this snapshot are infinite there. Use history_dtype=torch.bfloat16 "
+            "or None; this is the only such warning for these parameters",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def fit_slots(

@@ -6,6 +6,7 @@ float64 weighted sum of the ring's rows. Refusals leave everything as it was
 (``conftest.fingerprint``)."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -362,3 +363,16 @@ def test_a_copy_goes_on_like_the_original(how):
         with o.averaged():
             out.append((fitted, weights_now(m), o._history.buckets[0].emas.clone()))
     assert_same(out[0], out[1])
+
+
+def test_a_float16_ring_warns_once_when_an_ema_overflows_it():
+    p = nn.Parameter(torch.tensor([1.0, 7e4]))
+    opt = LAWA(torch.optim.SGD([p], lr=0.1), k=2, mode="phema", history_dtype=torch.float16)
+    opt.step()
+    with pytest.warns(RuntimeWarning, match=r"stores 2 finite EMA element\(s\) as infinity"):
+        assert opt.snapshot()
+    (b,) = opt._history.buckets
+    assert torch.isinf(b.ring[:, 1]).all() and b.range_warned
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.snapshot()  # once per bucket
