@@ -137,8 +137,9 @@ class LAWA(WrappedOptimizer):
 
     The history is allocated at the first :meth:`step` or :meth:`snapshot`:
     ``k * D`` elements of ``history_dtype`` plus ``D`` float32 (D: the number of
-    parameter elements, each parameter padded to 64 elements), and a backup of the
-    weights only while the average is swapped in. Parameters added with
+    parameter elements, each parameter padded to 64 elements; in phema mode ``D`` float32
+    per width instead, the EMAs), and a backup of the weights only while the average is
+    swapped in. Parameters added with
     :meth:`add_param_group` join the history from the next snapshot on, with their own
     count: until they have ``k`` snapshots their average covers fewer, newer snapshots
     than the older parameters', and a swap leaves them untouched until their first one.
