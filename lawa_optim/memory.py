@@ -39,7 +39,9 @@ class Memory:
         history: the ring of snapshots and its snapshot counters; for an 8-bit history
             its int8 delta codes and its anchor (the newest snapshot, float32).
         sum: the running sum (float32; float64 for float64 parameters), or the
-            average itself in EMA mode; 0 for an 8-bit history, which keeps none.
+            average itself in EMA mode, or in phema mode the power-function EMAs, one
+            row per width (``mode="phema"`` keeps no running sum); 0 for an 8-bit
+            history, which keeps none.
         scales: quantisation scales of an 8-bit history (float32, one per block of 256
             elements and delta slot; 0 for the other formats).
         staging: the page-locked copy of the weights that ``storage="pinned"`` keeps
@@ -110,6 +112,7 @@ def history_bytes(
     mode: str = "uniform",
     storage: str = "device",
     swapped: bool = False,
+    sigma_rels: Any = None,
 ) -> Memory:
     """The :class:`Memory` that ``LAWA(opt, k, history_dtype=..., mode=..., storage=...)``
     over ``params`` will hold, computed from shapes and dtypes alone.
@@ -118,7 +121,9 @@ def history_bytes(
     tensor)`` pairs, param-group dicts); meta tensors work, so the cost of a model that
     does not fit yet can be read off a model built under ``torch.device("meta")``.
     ``swapped=True`` adds the backup that :meth:`lawa_optim.LAWA.swap_to_average`
-    allocates while the average is swapped in. Nothing is allocated.
+    allocates while the average is swapped in. ``sigma_rels`` (``mode="phema"`` only,
+    default ``(0.05, 0.10)``) gives the widths, one float32 EMA each. Nothing is
+    allocated.
 
     Example::
 
@@ -145,6 +150,13 @@ def history_bytes(
     check_history_dtype(history_dtype, mode)
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    widths = 0
+    if mode == "phema":
+        from lawa_optim.posthoc import SIGMA_RELS, check_sigma_rels
+
+        widths = len(check_sigma_rels(SIGMA_RELS if sigma_rels is None else sigma_rels))
+    elif sigma_rels is not None:
+        raise ValueError(f"sigma_rels= is for mode='phema', got mode={mode!r}")
     if not isinstance(swapped, bool):
         raise TypeError(f"swapped must be a bool, got {type(swapped).__name__}")
     buckets: dict[tuple, list[Tensor]] = {}
@@ -172,11 +184,11 @@ def history_bytes(
         if int8:
             history = (k - 1) * D + 4 * D + 8
         else:
-            history = k * D * slot + 8 if mode == "uniform" else 8
+            history = k * D * slot + 8 if mode != "ema" else 8
         total += Memory(
             parameters=sum(numels),
             history=history,
-            sum=0 if int8 else D * accumulation_dtype(dtype).itemsize,
+            sum=0 if int8 else max(widths, 1) * D * accumulation_dtype(dtype).itemsize,
             scales=4 * (k - 1) * blocks(numels)[1] if int8 else 0,
             staging=D * width if storage == "pinned" and mode == "uniform" and device.type == "cuda" else 0,
             backup=D * width if swapped else 0,

@@ -30,8 +30,11 @@ COMMANDS = {
     "int8_push": (["-m", "benchmarks.int8_push"], "benchmarks.int8_push", "python -m benchmarks.int8_push"),
     "int8_history": (["-m", "examples.int8_history"], "examples.int8_history", "python -m examples.int8_history"),
     "experiment": (["-m", "examples.lawa_experiment"], "examples.lawa_experiment", "python -m examples.lawa_experiment"),
+    "posthoc": (["-m", "examples.posthoc_choice"], "examples.posthoc_choice", "python -m examples.posthoc_choice"),
     "demo": (["-m", "lawa_optim.demo"], "lawa_optim.demo", "python -m lawa_optim.demo"),
     "mutants": (["-m", "tools.mutants"], "tools.mutants", "python -m tools.mutants"),
+    "phema_check": (["-m", "examples.phema_check"], "examples.phema_check", "python -m examples.phema_check"),
+    "phema_bench": (["-m", "benchmarks.phema"], "benchmarks.phema", "python -m benchmarks.phema"),
     "distributed": (["examples/train_distributed.py"], "examples.train_distributed",
                     "torchrun --nproc-per-node 2 examples/train_distributed.py"),
 }
@@ -69,6 +72,11 @@ REFUSED = [
     ("experiment", ["--data-dir", "/nonexistent"], "--data-dir"),
     ("experiment", ["--jobs", "0"], "--jobs"),
     ("experiment", ["--out", f"{MISSING}/results"], "--out"),
+    ("posthoc", ["--data-dir", "/nonexistent"], "--data-dir"),
+    ("posthoc", ["--k", "5"], "--k"),
+    ("posthoc", ["--epochs", "5"], "--epochs"),
+    ("posthoc", ["--seeds", "0"], "--seeds"),
+    ("posthoc", ["--out", f"{MISSING}/results"], "--out"),
     ("demo", ["--out", f"{MISSING}/x.png"], "--out"),
     ("demo", ["--out", "."], "--out"),
     ("demo", ["--seeds", "0"], "--seeds"),
@@ -76,6 +84,14 @@ REFUSED = [
     ("mutants", ["--timeout", "-1"], "--timeout"),
     ("mutants", ["--only", "nosuchmutant"], "--only"),
     ("distributed", ["--epochs", "0"], "--epochs"),
+    ("phema_check", ["--out", f"{MISSING}/results"], "--out"),
+    ("phema_check", [], "--out"),
+    ("phema_check", ["--out", "x", "--steps", "0"], "--steps"),
+    ("phema_check", ["--out", "x", "--k", "1"], "--k"),
+    ("phema_check", ["--out", "x", "--steps", "10", "--every", "20"], "--every"),
+    ("phema_bench", ["--rounds", "0"], "--rounds"),
+    ("phema_bench", ["--widths", "9"], "--widths"),
+    ("phema_bench", ["--out", f"{MISSING}/p.json"], "--out"),
 ]
 
 
