@@ -51,6 +51,13 @@ def test_ema_keeps_no_ring_so_int8_is_refused():
         history_bytes(model(), history_dtype=torch.int8, mode="ema")
 
 
+def test_phema_mode_refuses_an_8bit_history():
+    with pytest.raises(ValueError, match="8-bit ring of mode='uniform'; mode='phema'"):
+        LAWA(torch.optim.SGD(model().parameters(), lr=0.1), history_dtype=torch.int8, mode="phema")
+    with pytest.raises(ValueError, match="mode='phema'"):
+        history_bytes(model(), history_dtype=torch.int8, mode="phema")
+
+
 def test_recompute_every_has_no_sum_to_rebuild():
     with pytest.raises(ValueError, match="keeps no running sum"):
         LAWA(torch.optim.SGD(model().parameters(), lr=0.1), history_dtype=torch.int8, recompute_every=3)
