@@ -93,9 +93,24 @@ FIRST = [next(case for case in REFUSED if case[0] == command) for command in COM
 def test_the_command_refuses_it_before_any_work(command, args, name):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # as after `pip install -e .`
     # The timeout only stops a command that went to work: a refusal takes a second.
-    r = subprocess.run([sys.executable, *COMMANDS[command][0], *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=60)
-    check_refusal(command, name, r.returncode, r.stdout, r.stderr)
+    r = subprocess.run([sys.executable, "-X", "importtime", *COMMANDS[command][0], *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    # -X importtime writes "import time: self | cumulative | module" to stderr, one line per import
+    imports = [line for line in r.stderr.splitlines() if line.startswith("import time:")]
+    stderr = "".join(f"{line}\n" for line in r.stderr.splitlines() if not line.startswith("import time:"))
+    check_refusal(command, name, r.returncode, r.stdout, stderr)
+    imported = {line.rsplit("|", 1)[1].strip() for line in imports[1:]}  # the first line is the header
+    assert "lawa_optim._cli" in imported, imports  # the lines are there, and read right
+    # Refused before torch (seconds to import) is loaded: a refusal costs the start of Python
+    assert not {m for m in imported if m == "torch" or m.startswith("torch.")}, command
+
+
+def test_the_model_names_the_commands_accept_are_the_workloads():
+    """``--models``/``--model`` are checked against a tuple that needs no torch; it must
+    name exactly the parameter lists the benchmarks build."""
+    from benchmarks import targets, workloads
+
+    assert sorted(targets.MODELS) == sorted(workloads.MODELS)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
