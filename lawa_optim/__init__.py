@@ -8,7 +8,8 @@ swap together; ``export_average`` returns the averaged weights as a fresh state 
 from a live ``LAWA`` or a checkpoint; ``profiles`` builds coefficients for ``weights=``
 (any weighting of the stored snapshots, chosen after training); ``history_bytes`` tells
 what a history will cost in memory before anything is allocated (``LAWA.memory()``
-what it holds).
+what it holds); ``LAWA(mode="phema")`` keeps power-function EMAs and synthesises any
+width after training from its ring (``posthoc``; the EDM2 math in ``phema``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lawa_optim import profiles
+    from lawa_optim import phema, posthoc, profiles
     from lawa_optim.bn import update_bn
     from lawa_optim.distributed import check_in_sync
     from lawa_optim.export import export_average
@@ -25,14 +26,16 @@ if TYPE_CHECKING:
     from lawa_optim.twa import TWA
     from lawa_optim.wrapper import LAWA
 
-__all__ = ["LAWA", "TWA", "Memory", "check_in_sync", "export_average", "history_bytes", "profiles", "update_bn"]
+__all__ = ["LAWA", "TWA", "Memory", "check_in_sync", "export_average", "history_bytes", "phema", "posthoc", "profiles",
+           "update_bn"]
 __version__ = "0.2.0"
 
 #: Public name -> the submodule that defines it. Imported on first use (PEP 562), so that
 #: the commands under ``lawa_optim`` (``python -m lawa_optim.demo``) and the argument
 #: checks in ``lawa_optim._cli`` answer before torch is imported.
 _SOURCES = {"LAWA": "wrapper", "TWA": "twa", "Memory": "memory", "check_in_sync": "distributed",
-            "export_average": "export", "history_bytes": "memory", "profiles": "profiles", "update_bn": "bn"}
+            "export_average": "export", "history_bytes": "memory", "phema": "phema", "posthoc": "posthoc",
+            "profiles": "profiles", "update_bn": "bn"}
 
 
 def __getattr__(name: str) -> object:
