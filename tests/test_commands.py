@@ -130,3 +130,20 @@ def test_help_shows_the_command_a_user_types(command, capsys):
     assert e.value.code == 0
     usage = " ".join(capsys.readouterr().out.split())  # argparse wraps a long usage line
     assert usage.startswith(f"usage: {COMMANDS[command][2]} [-h]")
+
+
+def test_the_package_imports_its_public_names_on_first_use():
+    """``lawa_optim`` loads no torch by itself (the commands' checks import it) and still
+    gives every name of ``__all__``, each from its own module."""
+    code = ("import sys, lawa_optim; assert 'torch' not in sys.modules, 'torch imported'; "
+            "from lawa_optim import *; from lawa_optim import LAWA; import lawa_optim.wrapper as w; "
+            "assert LAWA is w.LAWA and set(lawa_optim.__all__) <= set(dir(lawa_optim)); "
+            "[getattr(lawa_optim, n) for n in lawa_optim.__all__]; print(sorted(lawa_optim.__all__))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    import lawa_optim
+
+    assert r.stdout.split() == str(sorted(lawa_optim.__all__)).split()
+    with pytest.raises(AttributeError, match="no attribute 'nosuchname'"):
+        lawa_optim.nosuchname  # noqa: B018
