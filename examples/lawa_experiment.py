@@ -337,10 +337,11 @@ def _jsonable(x):
 KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
-def command_line(argv: Sequence[str]) -> str:
-    """The command as typed, with the kernel-choosing environment variables that are set."""
+def command_line(argv: Sequence[str], module: str = "examples.lawa_experiment") -> str:
+    """The command as typed (``python -m module``), with the kernel-choosing environment
+    variables that are set."""
     env = [f"{k}={os.environ[k]}" for k in KERNEL_ENV if k in os.environ]
-    return " ".join([*env, "python -m examples.lawa_experiment", *argv])
+    return " ".join([*env, f"python -m {module}", *argv])
 
 
 def machine(jobs: int) -> dict:
