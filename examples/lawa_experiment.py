@@ -43,6 +43,7 @@ from functools import partial
 from pathlib import Path
 
 from examples import fashion_mnist
+from examples.lawa_sizes import FAST, FULL
 from lawa_optim._cli import Parser, int_at_least, output_dir
 
 DEFAULT_OUT = "lawa_experiment_results"  # untracked (.gitignore)
@@ -76,11 +77,6 @@ from lawa_optim.demo import source_version  # noqa: E402
 from lawa_optim.paired import (LEVEL, MARGINS, Paired, Reach, conclusion, paired, per_epoch, per_phase,  # noqa: E402
                                phases, reach, reach_text, targets)
 
-FULL = runs.Config(seeds=20, epochs=30, short=15, train=10_000, holdout=2_000, val=2_000, bn=1_000, batch=128,
-                   twa_starts=(10, 20), twa_epochs=2)
-#: The smoke run the tests use (on a tiny IDX file of 200 images).
-FAST = runs.Config(seeds=2, epochs=4, short=2, train=128, holdout=32, val=32, bn=32, batch=32,
-                   twa_starts=(2,), twa_epochs=1)
 METRICS = ("loss", "acc")
 
 
