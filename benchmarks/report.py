@@ -42,7 +42,7 @@ def _parser() -> Parser:
     ap = Parser(prog="python benchmarks/report.py", description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="1M..256M elements, all operations, 7 repeats")
     ap.add_argument("--sizes", nargs="*", type=parse_size, help="flat sizes in elements, e.g. 64M (default: by --full)")
-    ap.add_argument("--dtypes", nargs="+", choices=DTYPE_NAMES, default=["float32"],
+    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPE_NAMES), default=["float32"],
                     help="dtypes of the flat sizes (weights and history; default float32)")
     ap.add_argument("--k", type=int_at_least(1), default=6, help="snapshots in the ring (default 6, the paper's)")
     ap.add_argument("--models", nargs="*", choices=sorted(targets.MODELS),
