@@ -17,12 +17,10 @@ median and range reported. Writes one JSON record per E.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import statistics
 import time
-from pathlib import Path
 
 from benchmarks import RESULTS
 from lawa_optim._cli import Parser, int_at_least, output_file
