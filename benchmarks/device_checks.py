@@ -24,13 +24,27 @@ import subprocess
 import time
 from pathlib import Path
 
-import torch
-
-from benchmarks import suite
-from benchmarks.report import device_name, machine_slug
-from lawa_optim import ops
 from lawa_optim._cli import Parser, output_file
-from lawa_optim.history import Bucket
+
+
+def _parser() -> Parser:
+    ap = Parser(prog="python -m benchmarks.device_checks", description=__doc__.split("\n")[0])
+    commands = ap.add_subparsers(dest="command", required=True)
+    commands.add_parser("env", help="versions, device, tools -> JSON").add_argument("path", type=output_file)
+    commands.add_parser("build", help="build the CUDA extension, timed -> JSON").add_argument("path", type=output_file)
+    commands.add_parser("exercise", help="every fused op once (for compute-sanitizer)")
+    return ap
+
+
+if __name__ == "__main__":  # answer a bad argument or --help before the imports below, which take seconds
+    _parser().parse_args()
+
+import torch  # noqa: E402
+
+from benchmarks import suite  # noqa: E402
+from benchmarks.report import device_name, machine_slug  # noqa: E402
+from lawa_optim import ops  # noqa: E402
+from lawa_optim.history import Bucket  # noqa: E402
 
 #: (parameter dtype, history dtype) pairs exercised.
 DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16))
@@ -142,12 +156,7 @@ def _swap_and_back(b: Bucket, last: int | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: see the module docstring."""
-    ap = Parser(prog="python -m benchmarks.device_checks", description=__doc__.split("\n")[0])
-    commands = ap.add_subparsers(dest="command", required=True)
-    commands.add_parser("env", help="versions, device, tools -> JSON").add_argument("path", type=output_file)
-    commands.add_parser("build", help="build the CUDA extension, timed -> JSON").add_argument("path", type=output_file)
-    commands.add_parser("exercise", help="every fused op once (for compute-sanitizer)")
-    args = ap.parse_args(argv)
+    args = _parser().parse_args(argv)
     if args.command == "env":
         env(args.path)
     elif args.command == "build":

@@ -37,25 +37,49 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
-
 from examples import fashion_mnist
-from examples import lawa_experiment as exp
-from examples import lawa_runs as runs
-from lawa_optim import LAWA, export_average, profiles, update_bn
+from examples.lawa_sizes import FAST, FULL  # the experiment's: seed s draws the same split as its seed s
 from lawa_optim._cli import Parser, int_at_least, output_dir
-from lawa_optim.demo import evaluate, source_version, train_epoch
-from lawa_optim.paired import LEVEL, MARGINS, conclusion, paired
 
-#: The experiment's sizes (seed s draws the same split as the experiment's seed s).
-FULL = exp.FULL  # 20 seeds
-FAST = exp.FAST  # the tests' sizes, on tiny IDX files
 FIXED = 6  # the paper's default window, the baseline
 #: Decays of the truncated EMAs among the candidates (library convention: 1 - decay on the newest).
 EMA_DECAYS = (0.5, 0.7, 0.8)
 DEFAULT_OUT = "posthoc_choice_results"  # untracked (.gitignore)
 METRICS = ("loss", "acc")
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = Parser(prog="python -m examples.posthoc_choice", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=output_dir, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/, not tracked)")
+    p.add_argument("--seeds", type=int_at_least(1), default=FULL.seeds, help=f"seeds 0..N-1 (default {FULL.seeds})")
+    p.add_argument("--epochs", type=int_at_least(FIXED), default=FULL.epochs,
+                   help=f"epochs of the cosine run, at least {FIXED} (default {FULL.epochs})")
+    p.add_argument("--k", type=int_at_least(FIXED), default=10,
+                   help=f"snapshots the ring holds, at least {FIXED} (default 10)")
+    p.add_argument("--data-dir", default=None,
+                   help=f"directory with the Fashion-MNIST IDX files, training and test (default {fashion_mnist.DEFAULT_DIR})")
+    p.add_argument("--fast", action="store_true", help="tiny image counts (128 training images) for a smoke run")
+    args = p.parse_args(argv)
+    try:
+        for split in ("train", "test"):
+            for name in fashion_mnist.FILES[split]:
+                fashion_mnist.find(fashion_mnist.DEFAULT_DIR if args.data_dir is None else Path(args.data_dir), name)
+    except FileNotFoundError as e:
+        p.error(f"argument --data-dir: {e}")
+    return args
+
+
+if __name__ == "__main__":  # answer a bad argument or --help before the imports below, which take seconds
+    _parse(None)
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from examples import lawa_experiment as exp  # noqa: E402
+from examples import lawa_runs as runs  # noqa: E402
+from lawa_optim import LAWA, export_average, profiles, update_bn  # noqa: E402
+from lawa_optim.demo import evaluate, source_version, train_epoch  # noqa: E402
+from lawa_optim.paired import LEVEL, MARGINS, conclusion, paired  # noqa: E402
 
 
 def candidates(held: int) -> dict[str, Tensor]:
@@ -191,27 +215,6 @@ def report(s: dict, n: int) -> list[str]:
     L.append("EMA weight older than the ring, left out and the rest renormalised: "
              + ", ".join(f"{k} {v:.3f}" for k, v in s["truncated_ema_mass"].items()))
     return L
-
-
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = Parser(prog="python -m examples.posthoc_choice", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=output_dir, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/, not tracked)")
-    p.add_argument("--seeds", type=int_at_least(1), default=FULL.seeds, help=f"seeds 0..N-1 (default {FULL.seeds})")
-    p.add_argument("--epochs", type=int_at_least(FIXED), default=FULL.epochs,
-                   help=f"epochs of the cosine run, at least {FIXED} (default {FULL.epochs})")
-    p.add_argument("--k", type=int_at_least(FIXED), default=10,
-                   help=f"snapshots the ring holds, at least {FIXED} (default 10)")
-    p.add_argument("--data-dir", default=None,
-                   help=f"directory with the Fashion-MNIST IDX files, training and test (default {fashion_mnist.DEFAULT_DIR})")
-    p.add_argument("--fast", action="store_true", help="tiny image counts (128 training images) for a smoke run")
-    args = p.parse_args(argv)
-    try:
-        for split in ("train", "test"):
-            for name in fashion_mnist.FILES[split]:
-                fashion_mnist.find(fashion_mnist.DEFAULT_DIR if args.data_dir is None else Path(args.data_dir), name)
-    except FileNotFoundError as e:
-        p.error(f"argument --data-dir: {e}")
-    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
