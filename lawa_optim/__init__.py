@@ -20,4 +20,4 @@ from lawa_optim.twa import TWA
 from lawa_optim.wrapper import LAWA
 
 __all__ = ["LAWA", "TWA", "Memory", "check_in_sync", "export_average", "history_bytes", "profiles", "update_bn"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

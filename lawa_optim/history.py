@@ -139,6 +139,9 @@ class Bucket:
         )
         self.pushes = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.backup: Tensor | None = None
+        #: The parameters' version counters right after an in-place swap-in (the average
+        #: exchanged with the running mean, no backup); ``None`` when not so swapped.
+        self.exchanged: list[int] | None = None
         self.cache: dict = {}
         #: Whether a snapshot already warned that float16 history stored an infinity.
         self.range_warned = False
@@ -448,6 +451,12 @@ def warn_float16_overflow(b: Bucket) -> None:
     )
 
 
+def _finite(t: Tensor) -> bool:
+    """Whether every element of ``t`` is finite: one read, no temporary of its size."""
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def snapshot_bucket(b: Bucket, decay: float | None) -> None:
     """One bucket's snapshot: push into the ring (``decay=None``; nothing in EMA mode) or
     fold into the exponential average with ``decay``. The caller has run
@@ -633,14 +642,21 @@ class History:
         return max(self.counts(), default=0)
 
     @torch.no_grad()
-    def swap_in(self, last: int | None, weights: tuple[float, ...] | None = None) -> None:
-        """Back up the weights and write the average into the parameters in place: the
-        weighted sum of the newest snapshots with ``weights`` (checked by
+    def swap_in(
+        self, last: int | None, weights: tuple[float, ...] | None = None, backup: str | None = None
+    ) -> None:
+        """Write the average into the parameters in place, keeping the training weights:
+        the weighted sum of the newest snapshots with ``weights`` (checked by
         :func:`lawa_optim.weighting.parse`; a generation holding fewer snapshots takes
         :func:`lawa_optim.weighting.fit` of them).
 
-        Every bucket is checked and every backup allocated before the first weight is
-        written, so a refusal or an allocation failure leaves the training weights in place.
+        The full average (``last`` and ``weights`` None) of float32, bfloat16 and float64
+        parameters is exchanged with the running mean where it is finite, allocating
+        nothing; otherwise, or with ``backup`` (``"device"``: beside the parameters,
+        ``"cpu"``: in host memory), the weights are copied into a backup first (on the
+        history's device when ``backup`` is None). Every bucket is checked and every
+        backup allocated before the first weight is written, so a refusal or an
+        allocation failure leaves the training weights in place.
         """
         self.reshard()
         held = [(b, b.count()) for b in self.buckets]
@@ -648,13 +664,30 @@ class History:
         for b, _ in held:
             b.check_params()
         coefficients = {} if weights is None else self._coefficients(weights, held)
-        backups = [torch.empty(b.D, dtype=b.dtype, device=b.device, pin_memory=b.pinned) for b, _ in held]
-        for (b, n), backup in zip(held, backups):
-            b.backup = backup
-            if weights is None:
-                ops.swap_in(b, None if last is None else min(last, n))
-            else:
-                ops.swap_in(b, None, coefficients[b])
+        plans = [self._backup_for(b, last, weights, backup) for b, _ in held]
+        for (b, n), plan in zip(held, plans):
+            self._swap_bucket(b, n, last, coefficients.get(b), plan)
+
+    @staticmethod
+    def _backup_for(b: Bucket, last: int | None, weights: Any, backup: str | None) -> Tensor | None:
+        """The backup buffer a swap of ``b`` needs, allocated; ``None`` for the in-place swap."""
+        if backup is None and last is None and weights is None and ops.exchanges(b) and _finite(b.total):
+            return None
+        if backup == "cpu":
+            pin = b.param_device.type == "cuda"
+            return torch.empty(b.D, dtype=b.dtype, device="cpu", pin_memory=pin)
+        device = b.param_device if backup == "device" else b.device
+        return torch.empty(b.D, dtype=b.dtype, device=device, pin_memory=b.pinned and device == b.device)
+
+    @staticmethod
+    def _swap_bucket(b: Bucket, n: int, last: int | None, coefficients: Tensor | None, backup: Tensor | None) -> None:
+        b.backup = backup
+        if coefficients is not None:
+            ops.swap_in(b, None, coefficients)
+        else:
+            ops.swap_in(b, None if last is None else min(last, n))
+        if backup is None:
+            b.exchanged = [p._version for p in b.params]
 
     def _coefficients(self, weights: tuple[float, ...], held: list[tuple[Bucket, int]]) -> dict[Bucket, Tensor]:
         """Each held bucket's coefficients in its accumulation dtype, on its device."""
@@ -670,42 +703,75 @@ class History:
 
     @torch.no_grad()
     def swap_back(self) -> None:
-        """Restore the backed-up training weights bit for bit and free the backups."""
+        """Restore the training weights bit for bit and free the backups."""
         self.reshard()
-        swapped = [b for b in self.buckets if b.backup is not None]
+        swapped = self.swapped()
         for b in swapped:
             b.check_params()  # fused backends write through cached addresses
         for b in swapped:
-            ops.swap_back(b)
-            b.backup = None
+            self._unswap(b)
+
+    def swapped(self) -> list[Bucket]:
+        """The buckets holding an average."""
+        return [b for b in self.buckets if b.backup is not None or b.exchanged is not None]
+
+    @staticmethod
+    def _unswap(b: Bucket) -> None:
+        exchanged = b.exchanged
+        ops.swap_back(b)
+        b.backup = b.exchanged = None
+        if exchanged is not None and exchanged != [p._version - 1 for p in b.params]:
+            # Written while swapped: the training weights came back whole, but the mean's
+            # high half (bfloat16) or all of it (float32) came from what was written.
+            if b.mode == "uniform":
+                History.recompute(b)
+                what = "the running mean was rebuilt from the stored snapshots (a refresh)"
+            else:
+                what = "the EMA now holds what was written into them (its low half for bfloat16)"
+            warnings.warn(
+                f"the parameters were written while the average was swapped in: {what}. Write "
+                "into the averaged parameters only after swap_to_average(backup='device'), "
+                "whose swap keeps the history untouched",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     @torch.no_grad()
-    def set_aside(self) -> list[tuple[Bucket, Tensor, Tensor]]:
-        """Put the training weights back into swapped parameters, keeping a copy of what
-        they held (the average, whatever ``last`` made it) for :meth:`restore`:
-        ``(bucket, that copy, the backup buffer)`` per swapped bucket."""
+    def set_aside(self) -> list[tuple[Bucket, Tensor | None, Tensor | None]]:
+        """Put the training weights back into swapped parameters, keeping what they held
+        (the average, whatever ``last`` made it) for :meth:`restore`: ``(bucket, a copy of
+        it, the backup buffer)`` per swapped bucket; ``(bucket, None, None)`` for a bucket
+        swapped in place, which :meth:`restore` swaps in again (nothing to copy)."""
         self.reshard()
-        swapped = [b for b in self.buckets if b.backup is not None]
+        swapped = self.swapped()
         for b in swapped:
             b.check_params()
-        held = [(b, torch.empty_like(b.backup), b.backup) for b in swapped]
+        held = [(b, None, None) if b.backup is None else (b, torch.empty_like(b.backup), b.backup) for b in swapped]
         for b, average, backup in held:
+            if backup is None:
+                self._unswap(b)
+                continue
             torch._foreach_copy_(b.views(average), b.params)
             torch._foreach_copy_(b.params, b.views(backup))
             b.backup = None
         return held
 
     @torch.no_grad()
-    def restore(self, held: list[tuple[Bucket, Tensor, Tensor]]) -> None:
+    def restore(self, held: list[tuple[Bucket, Tensor | None, Tensor | None]]) -> None:
         """Undo :meth:`set_aside`: the parameters' values now become the backup, and the
-        copy set aside goes back into the parameters bit for bit."""
+        copy set aside goes back into the parameters bit for bit (a bucket swapped in
+        place swaps the full average in again)."""
         self.reshard()
         for b, _, _ in held:
             b.check_params()
-        for b, average, backup in held:
-            torch._foreach_copy_(b.views(backup), b.params)
+        plans = [self._backup_for(b, None, None, None) if average is None else backup for b, average, backup in held]
+        for (b, average, _), plan in zip(held, plans):
+            if average is None:
+                self._swap_bucket(b, b.count(), None, None, plan)
+                continue
+            torch._foreach_copy_(b.views(plan), b.params)
             torch._foreach_copy_(b.params, b.views(average))
-            b.backup = backup
+            b.backup = plan
 
     def reshard(self) -> None:
         """Make FSDP2 modules read their shards again before a swap writes them (see

@@ -22,9 +22,10 @@ before the optimizer changes. What is refused:
   parameters there are one parameter (:func:`lawa_optim.history.parameter_owners`: torch saves a parameter
   listed twice under one id);
 * tensors: exactly the keys the mode saves (``lawa_backup`` exactly where a swap
-  changed the weights; ``lawa_sum`` for every parameter or for none), each a dense
+  changed the weights; ``lawa_mean`` for every parameter or for none; version 0.2.0's
+  ``lawa_sum`` is checked and not used), each a dense
   (strided), non-meta tensor of exactly the dtype the history holds (history: the
-  history dtype; sum and EMA: the accumulation dtype; backup: the parameter's dtype;
+  history dtype; mean, sum and EMA: the accumulation dtype; backup: the parameter's dtype;
   nothing is cast) and of the parameter's shape (with ``k`` in front for the history);
   no other ``lawa_*`` key.
 
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
     from lawa_optim.wrapper import LAWA
 
 #: The per-parameter keys of the history in ``state[i]``.
-KEYS = ("lawa_history", "lawa_sum", "lawa_ema", "lawa_backup")
+KEYS = ("lawa_history", "lawa_mean", "lawa_sum", "lawa_ema", "lawa_backup")
 _REQUIRED = ("k", "mode", "history_dtype", "steps", "pushes", "generation", "swapped")
 #: The largest snapshot count (``pushes``), step count and ``recompute_every`` accepted.
 #: No run reaches it (2**62 snapshots), and below it nothing the kernels compute from these
@@ -87,7 +88,7 @@ class Checked:
     pushes: list[int]  # per generation
     generation_ends: list[int]  # per generation: one past its last param group
     tensors: dict[int, dict[str, Tensor]]  # id(parameter) -> key -> the saved local tensor
-    has_sum: bool
+    has_mean: bool
     history: History | None = None  # filled by lawa_optim.state.read_history
 
 
@@ -129,13 +130,13 @@ def check(opt: Layout, sd: Any) -> Checked:
             got = _param_tensors(opt, p, entry, where, gen, swapped and gen is not None and pushes[gen] > 0)
             if gen is not None:
                 tensors[id(p)] = got
-                sums.add("lawa_sum" in got)
+                sums.add("lawa_mean" in got)
     if opt.mode == "uniform" and len(sums) > 1:
         raise ValueError(
-            "the state_dict holds lawa_sum for some parameters and not for others; a state dict "
-            "from state_dict() holds it for every parameter (version 0.1.0's for none)"
+            "the state_dict holds lawa_mean for some parameters and not for others; a state dict "
+            "from state_dict() holds it for every parameter (versions 0.1.0 and 0.2.0 for none)"
         )
-    return Checked(steps, swapped, pushes, ends, tensors, has_sum=sums == {True})
+    return Checked(steps, swapped, pushes, ends, tensors, has_mean=sums == {True})
 
 
 def _groups(opt: Layout, sd: Any) -> list[dict]:
@@ -284,7 +285,8 @@ def _param_tensors(
         return {}
     uniform = opt.mode == "uniform"
     needed = ["lawa_history"] if uniform else ["lawa_ema"]
-    allowed = {"lawa_history", "lawa_sum"} if uniform else {"lawa_ema"}
+    # lawa_sum: version 0.2.0's running sum, checked and then not used (the mean is rebuilt).
+    allowed = {"lawa_history", "lawa_mean", "lawa_sum"} if uniform else {"lawa_ema"}
     if backed_up:
         needed.append("lawa_backup")
         allowed.add("lawa_backup")
@@ -313,6 +315,7 @@ def _param_tensors(
     hdtype = opt.history_dtype or p.dtype
     specs = {
         "lawa_history": (hdtype, "the history dtype", (opt.k, *shape), (opt.k, *local_shape)),
+        "lawa_mean": (acc, "the running mean's dtype", shape, local_shape),
         "lawa_sum": (acc, "the running sum's dtype", shape, local_shape),
         "lawa_ema": (acc, "the running average's dtype", shape, local_shape),
         "lawa_backup": (p.dtype, "the parameter's dtype", shape, local_shape),

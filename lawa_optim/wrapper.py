@@ -30,6 +30,8 @@ from lawa_optim.wrapping import WrappedOptimizer
 
 MODES = ("uniform", "ema")
 STORAGES = ("device", "pinned", "cpu")
+#: Where ``swap_to_average(backup=...)`` keeps a copy of the training weights.
+BACKUPS = (None, "device", "cpu")
 
 
 @dataclass
@@ -313,9 +315,23 @@ class LAWA(WrappedOptimizer):
             lock.release()
 
     def swap_to_average(
-        self, last: int | None = None, *, weights: Sequence[float] | torch.Tensor | None = None
+        self,
+        last: int | None = None,
+        *,
+        weights: Sequence[float] | torch.Tensor | None = None,
+        backup: str | None = None,
     ) -> None:
         """Write the average into the parameters in place (``data_ptr`` unchanged).
+
+        The full average (no ``last``, no ``weights``) of float32, bfloat16 and float64
+        parameters allocates nothing: it trades places with the running mean (for
+        bfloat16, the weight's 16 bits and the mean's low 16 bits share one word), so the
+        history holds the training weights until :meth:`swap_back`. Anything else, and
+        a mean that is not finite somewhere, copies the training weights into a backup
+        of the parameters' size first. ``backup="device"`` (beside the parameters) or
+        ``"cpu"`` (host memory) asks for that copy always, leaving the history untouched
+        while swapped (another thread may then snapshot-read it, or write into the
+        averaged parameters); another value raises ``ValueError``.
 
         ``last=j`` (uniform mode, ``1 <= j <= num_snapshots``) averages only the ``j``
         newest snapshots: another type raises ``TypeError``, another value
@@ -338,6 +354,8 @@ class LAWA(WrappedOptimizer):
         """
         if last is not None and not is_int(last):
             raise TypeError(f"last must be None or an int, got {type(last).__name__} {last!r}")
+        if backup is not None and (not isinstance(backup, str) or backup not in BACKUPS):
+            raise ValueError(f"backup must be one of {BACKUPS}, got {backup!r}")
         if weights is not None:
             if last is not None:
                 raise ValueError(
@@ -346,9 +364,9 @@ class LAWA(WrappedOptimizer):
                 )
             weights = weighting.parse(weights)
         with self._swapping("swap_to_average()"):
-            self._swap_in(last, weights)
+            self._swap_in(last, weights, backup)
 
-    def _swap_in(self, last: int | None, weights: tuple[float, ...] | None) -> None:
+    def _swap_in(self, last: int | None, weights: tuple[float, ...] | None, backup: str | None) -> None:
         self._require_not_swapped("swap_to_average()")
         count = self.num_snapshots
         if count == 0:
@@ -370,7 +388,7 @@ class LAWA(WrappedOptimizer):
             weighting.check_length(weights, count)
         self._history.check_groups(self.param_groups)
         compiled.warn_if_frozen()
-        self._history.swap_in(last, weights)
+        self._history.swap_in(last, weights, backup)
         self._run.swapped = True
 
     def swap_back(self) -> None:
@@ -383,12 +401,16 @@ class LAWA(WrappedOptimizer):
 
     @contextlib.contextmanager
     def averaged(
-        self, last: int | None = None, *, weights: Sequence[float] | torch.Tensor | None = None
+        self,
+        last: int | None = None,
+        *,
+        weights: Sequence[float] | torch.Tensor | None = None,
+        backup: str | None = None,
     ) -> Iterator["LAWA"]:
-        """Context manager: the parameters hold the average inside (``last`` and
-        ``weights`` as for :meth:`swap_to_average`), the training weights after, even
+        """Context manager: the parameters hold the average inside (``last``, ``weights``
+        and ``backup`` as for :meth:`swap_to_average`), the training weights after, even
         when the body raises."""
-        self.swap_to_average(last, weights=weights)
+        self.swap_to_average(last, weights=weights, backup=backup)
         try:
             yield self
         finally:

@@ -61,6 +61,7 @@ SIGNATURES = {
     "lawa_cpu_swap_in": [_p, _i64, _int, _int, _p, _p, _p, _i64, _i64, _i64, _int, _i64, _int],
     "lawa_cpu_swap_weighted": [_p, _i64, _int, _int, _p, _p, _i64, _i64, _i64, _p, _i64, _int],
     "lawa_cpu_swap_back": [_p, _i64, _int, _p, _int],
+    "lawa_cpu_exchange": [_p, _i64, _int, _p, _int, _int],
 }
 #: Modes of lawa_cpu_swap_in.
 SWAP_EMA, SWAP_MEAN, SWAP_LAST = 0, 1, 2
@@ -218,3 +219,13 @@ def swap_back(b: "Bucket") -> None:
     _check(_lib.lawa_cpu_swap_back(
         table.data_ptr(), table.shape[0], DTYPE_CODES[b.dtype], b.backup.data_ptr(), _threads(table),
     ), "swap-back", b)
+
+
+def exchange(b: "Bucket", back: bool) -> None:
+    """The in-place swap of :mod:`lawa_optim.ops` between ``b.params`` (float32 or
+    bfloat16) and the running mean in ``b.total``: swap-in, or swap-back with ``back``."""
+    table = _table(b, b.params)
+    _check(_lib.lawa_cpu_exchange(
+        table.data_ptr(), table.shape[0], DTYPE_CODES[b.dtype], b.total.data_ptr(), int(back),
+        _threads(table),
+    ), "exchange", b)
