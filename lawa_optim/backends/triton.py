@@ -112,8 +112,9 @@ def _f32(x: float) -> float:
 
 
 def push(b: "Bucket") -> None:
-    """Write the parameters into slot ``pushes % k``; update ``total`` by new - old, or
-    rebuild it from the ring at a refresh (decided in the kernel from ``pushes``)."""
+    """Write the parameters into slot ``pushes % k``; move the running mean ``total`` by
+    (new - old) / k, or rebuild it from the ring at a refresh (decided in the kernel
+    from ``pushes``)."""
     _launch(_k.push_kernel, b, b.ring, b.total, b.pushes, b.D, b.k, b.refresh_every,
             HDTYPE=_k.TL_DTYPES[b.history_dtype])
 
@@ -123,9 +124,18 @@ def ema_update(b: "Bucket", decay: float) -> None:
     _launch(_k.ema_kernel, b, b.total, b.pushes, _f32(decay), _f32(1.0 - decay))
 
 
+def exchanges(b: "Bucket") -> bool:
+    """float32 and bfloat16 parameters swap their full average in place."""
+    return b.dtype in (torch.float32, torch.bfloat16)
+
+
 def swap_in(b: "Bucket", last: int | None, weights: Tensor | None = None) -> None:
     """Copy the parameters into ``b.backup`` and write the average into them (with
-    ``weights``: their weighted sum; a tensor argument, so no vector recompiles)."""
+    ``weights``: their weighted sum; a tensor argument, so no vector recompiles);
+    without a backup, exchange the full average with the running mean in place."""
+    if b.backup is None:
+        _launch(_k.exchange_kernel, b, b.total, BACK=False)
+        return
     if weights is not None:
         _launch(_k.swap_in_kernel, b, b.ring, b.total, b.backup, weights, b.pushes, b.D, b.k, weights.numel(),
                 MODE=3, **NO_FUSION)
@@ -135,7 +145,10 @@ def swap_in(b: "Bucket", last: int | None, weights: Tensor | None = None) -> Non
 
 
 def swap_back(b: "Bucket") -> None:
-    """Copy ``b.backup`` back into the parameters."""
+    """Copy ``b.backup`` back into the parameters, or undo the in-place swap."""
+    if b.backup is None:
+        _launch(_k.exchange_kernel, b, b.total, BACK=True)
+        return
     _launch(_k.swap_back_kernel, b, b.backup)
 
 
@@ -177,6 +190,10 @@ def _variants() -> dict[str, tuple]:
                 out[f"swap_in:{mode}:{pn}:{hn}"] = (_k.swap_in_kernel, args,
                                                     {**P, "MODE": _SWAP_MODES[mode], **extra})
         out[f"swap_back:{pn}"] = (_k.swap_back_kernel, (table, bufs[p]), P)
+        if p != torch.float16:  # float16 parameters keep a backup
+            for back in (False, True):
+                out[f"exchange:{'back' if back else 'in'}:{pn}"] = (_k.exchange_kernel, (table, total),
+                                                                    {**P, "BACK": back})
         out[f"recompute:{pn}"] = (_k.recompute_kernel, (bufs[p], total, pushes, D, k),
                                   {"CHUNK": CHUNK, "BLOCK": BLOCK})
     return out
