@@ -233,13 +233,24 @@ void recompute(const at::Tensor& table, int64_t num_tiles, const at::Tensor& rin
                "recompute");
 }
 
+void exchange(const at::Tensor& table, int64_t num_tiles, at::ScalarType param_dtype, const at::Tensor& total,
+              bool back) {
+  const c10::cuda::CUDAGuard guard(table.device());
+  const LawaLaunch launch = launch_of(table, num_tiles);
+  check_buffer(total, "total", table.device(), at::kFloat);
+  check_flat(total, "total", total.numel());
+  const LawaDtype dtype = lawa_dtype(param_dtype, "the parameters");
+  TORCH_CHECK(dtype != kLawaFloat16, "the in-place swap takes float32 or bfloat16 parameters, got float16");
+  check_launch(lawa_exchange(launch, dtype, total.data_ptr<float>(), back), "exchange");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CUDA kernels of the LAWA history (Kaddour 2022, arXiv:2209.14981)";
   m.def("make_table", &make_table, "Device pointer table of a bucket and its number of tiles",
         py::arg("params"), py::arg("offsets"), py::arg("D"));
-  m.def("push", &push, "Snapshot into the ring and update or refresh the running sum",
+  m.def("push", &push, "Snapshot into the ring and update or refresh the running mean",
         py::arg("table"), py::arg("num_tiles"), py::arg("param_dtype"), py::arg("ring"),
         py::arg("total"), py::arg("pushes"), py::arg("refresh_every"));
   m.def("ema_update", &ema_update, "Fold the weights into the exponential average",
@@ -254,6 +265,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weights"), py::arg("pushes"));
   m.def("swap_back", &swap_back, "Restore the weights from the backup", py::arg("table"),
         py::arg("num_tiles"), py::arg("backup"));
-  m.def("recompute", &recompute, "Recompute the running sum from the ring", py::arg("table"),
+  m.def("recompute", &recompute, "Recompute the running mean from the ring", py::arg("table"),
         py::arg("num_tiles"), py::arg("ring"), py::arg("total"), py::arg("pushes"));
+  m.def("exchange", &exchange, "Swap the full average in place with the running mean, or back",
+        py::arg("table"), py::arg("num_tiles"), py::arg("param_dtype"), py::arg("total"), py::arg("back"));
 }

@@ -157,7 +157,7 @@ def _table(b: "Bucket") -> tuple[Tensor, int]:
 
 
 def push(b: "Bucket") -> None:
-    """Write the weights into ring slot ``pushes % k``; update the running sum, or rebuild it
+    """Write the weights into ring slot ``pushes % k``; update the running mean, or rebuild it
     from the ring at a refresh (decided in the kernel from ``pushes``)."""
     table, tiles = _table(b)
     _kernels().push(table, tiles, b.dtype, b.ring, b.total, b.pushes, b.refresh_every)
@@ -169,10 +169,19 @@ def ema_update(b: "Bucket", decay: float) -> None:
     _kernels().ema_update(table, tiles, b.dtype, b.total, b.pushes, float(decay))
 
 
+def exchanges(b: "Bucket") -> bool:
+    """float32 and bfloat16 parameters swap their full average in place."""
+    return b.dtype in (torch.float32, torch.bfloat16)
+
+
 def swap_in(b: "Bucket", last: int | None, weights: Tensor | None = None) -> None:
     """Copy the weights into ``b.backup`` and write the average into them (with
-    ``weights``: the weighted sum of the newest snapshots)."""
+    ``weights``: the weighted sum of the newest snapshots); without a backup, exchange
+    the full average with the running mean in place."""
     table, tiles = _table(b)
+    if b.backup is None:
+        _kernels().exchange(table, tiles, b.dtype, b.total, False)
+        return
     if weights is not None:
         _kernels().swap_weighted(table, tiles, b.backup, b.ring, weights.contiguous(), b.pushes)
         return
@@ -180,8 +189,11 @@ def swap_in(b: "Bucket", last: int | None, weights: Tensor | None = None) -> Non
 
 
 def swap_back(b: "Bucket") -> None:
-    """Copy ``b.backup`` back into the weights."""
+    """Copy ``b.backup`` back into the weights, or undo the in-place swap."""
     table, tiles = _table(b)
+    if b.backup is None:
+        _kernels().exchange(table, tiles, b.dtype, b.total, True)
+        return
     _kernels().swap_back(table, tiles, b.backup)
 
 
