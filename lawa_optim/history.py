@@ -717,10 +717,10 @@ class History:
 
     @staticmethod
     def _unswap(b: Bucket) -> None:
-        exchanged = b.exchanged
+        written = b.exchanged is not None and b.exchanged != [p._version for p in b.params]
         ops.swap_back(b)
         b.backup = b.exchanged = None
-        if exchanged is not None and exchanged != [p._version - 1 for p in b.params]:
+        if written:
             # Written while swapped: the training weights came back whole, but the mean's
             # high half (bfloat16) or all of it (float32) came from what was written.
             if b.mode == "uniform":
