@@ -140,7 +140,8 @@ class Bucket:
         self.pushes = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.backup: Tensor | None = None
         #: The parameters' version counters right after an in-place swap-in (the average
-        #: exchanged with the running mean, no backup); ``None`` when not so swapped.
+        #: exchanged with the running mean, no backup; -1 where not known); ``None`` when
+        #: not so swapped.
         self.exchanged: list[int] | None = None
         self.cache: dict = {}
         #: Whether a snapshot already warned that float16 history stored an infinity.
@@ -157,9 +158,13 @@ class Bucket:
     # A copy (deepcopy, pickle) gets its own key: with the original's, a compiled snapshot
     # of the copy would push the original's weights into the original's history. The
     # pointer tables are the original's addresses: the copy builds its own.
+    # A copy's parameters count their versions afresh: it cannot tell a write while
+    # swapped from the copying (-1: not known).
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["key"], state["cache"]
+        if self.exchanged is not None:
+            state["exchanged"] = [-1] * len(self.exchanged)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -717,7 +722,9 @@ class History:
 
     @staticmethod
     def _unswap(b: Bucket) -> None:
-        written = b.exchanged is not None and b.exchanged != [p._version for p in b.params]
+        written = b.exchanged is not None and any(
+            v not in (-1, p._version) for v, p in zip(b.exchanged, b.params)
+        )
         ops.swap_back(b)
         b.backup = b.exchanged = None
         if written:

@@ -202,6 +202,7 @@ def fingerprint(opt: LAWA | None = None, *, model: nn.Module | None = None) -> d
                 for b in hist.buckets
             ],
             "run": (opt.steps, opt.is_swapped, opt._run.started, opt.num_snapshots),
+            "exchanged": [b.exchanged for b in hist.buckets],
             "settings": (opt.k, opt.mode, opt.every, opt.start, opt.decay, hist.history_dtype, hist.storage,
                          hist.requested_backend, hist.recompute_every),
             "state": {id(p): copy.deepcopy(dict(s)) for p, s in opt.state.items()},

@@ -175,7 +175,7 @@ def exchange(b: "Bucket", back: bool) -> None:
 def unexchanged(param: Tensor, word: Tensor) -> tuple[Tensor, Tensor]:
     """The running mean and the training weights that the in-place swap keeps in a
     parameter ``param`` and its slice ``word`` of ``total``, as new tensors."""
-    mean, weights = word.clone(), param.clone()
+    mean, weights = word.detach().clone(), param.detach().clone()
     _exchange(weights, mean, back=True)
     return mean, weights
 
