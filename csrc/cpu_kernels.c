@@ -460,3 +460,12 @@ int lawa_cpu_exchange(const int64_t *rows, int64_t nrows, int pdtype, void *tota
     }
     return 0;
 }
+
+/* 1 when every one of the n float32 values at x is finite, else 0: the in-place swap
+ * exchanges a finite mean only. One read, no allocation. */
+int lawa_cpu_all_finite(const void *x, int64_t n) {
+    const uint32_t *restrict bits = x;
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < n; i++) bad |= (bits[i] & 0x7f800000u) == 0x7f800000u;
+    return bad == 0;
+}

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from lawa_optim import compiled, ops, weighting
+from lawa_optim.backends import cpu_kernels
 from lawa_optim.distributed import is_sharded, local, reshard_fsdp
 from lawa_optim.memory import Memory
 from lawa_optim.offload import Offload
@@ -457,9 +458,13 @@ def warn_float16_overflow(b: Bucket) -> None:
 
 
 def _finite(t: Tensor) -> bool:
-    """Whether every element of ``t`` is finite: one read, no temporary of its size."""
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    """Whether every element of ``t`` is finite: one read, no temporary of its size (on
+    the CPU not even the code pages a first torch reduction maps)."""
+    finite = cpu_kernels.all_finite(t)
+    if finite is None:
+        lo, hi = torch.aminmax(t)
+        finite = bool(torch.isfinite(lo) & torch.isfinite(hi))
+    return finite
 
 
 def snapshot_bucket(b: Bucket, decay: float | None) -> None:
@@ -661,7 +666,8 @@ class History:
         ``"cpu"``: in host memory), the weights are copied into a backup first (on the
         history's device when ``backup`` is None). Every bucket is checked and every
         backup allocated before the first weight is written, so a refusal or an
-        allocation failure leaves the training weights in place.
+        allocation failure leaves the training weights in place; a kernel that refuses
+        a bucket (writing nothing) has the buckets swapped before it swapped back.
         """
         self.reshard()
         held = [(b, b.count()) for b in self.buckets]
@@ -670,8 +676,16 @@ class History:
             b.check_params()
         coefficients = {} if weights is None else self._coefficients(weights, held)
         plans = [self._backup_for(b, last, weights, backup) for b, _ in held]
-        for (b, n), plan in zip(held, plans):
-            self._swap_bucket(b, n, last, coefficients.get(b), plan)
+        done = []
+        try:
+            for (b, n), plan in zip(held, plans):
+                self._swap_bucket(b, n, last, coefficients.get(b), plan)
+                done.append(b)
+        except BaseException:
+            # A kernel that refused a bucket wrote nothing in it: undo the buckets before it.
+            for b in done:
+                self._unswap(b)
+            raise
 
     @staticmethod
     def _backup_for(b: Bucket, last: int | None, weights: Any, backup: str | None) -> Tensor | None:
@@ -687,10 +701,14 @@ class History:
     @staticmethod
     def _swap_bucket(b: Bucket, n: int, last: int | None, coefficients: Tensor | None, backup: Tensor | None) -> None:
         b.backup = backup
-        if coefficients is not None:
-            ops.swap_in(b, None, coefficients)
-        else:
-            ops.swap_in(b, None if last is None else min(last, n))
+        try:
+            if coefficients is not None:
+                ops.swap_in(b, None, coefficients)
+            else:
+                ops.swap_in(b, None if last is None else min(last, n))
+        except BaseException:
+            b.backup = None
+            raise
         if backup is None:
             b.exchanged = [p._version for p in b.params]
 

@@ -425,7 +425,7 @@ def test_memory_benchmark_measures_what_memory_reports():
     # a few MB of first-use allocations (the optimizer, the kernels' library) aside
     assert lawa["held_bytes"] == pytest.approx(lawa["memory_total"], rel=0.01, abs=8e6)
     assert lawa["memory_total"] > 3 * 4 * n  # 2 float32 slots and a float32 sum
-    assert lawa["swap_peak_bytes"] == pytest.approx(4 * n, rel=0.05)  # the backup
+    assert lawa["swap_peak_bytes"] <= 0.01 * 4 * n  # in place: no backup
     assert peer["held_bytes"] == pytest.approx(4 * n, rel=0.05) and "swap_peak_bytes" not in peer
 
 

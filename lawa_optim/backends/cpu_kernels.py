@@ -62,6 +62,7 @@ SIGNATURES = {
     "lawa_cpu_swap_weighted": [_p, _i64, _int, _int, _p, _p, _i64, _i64, _i64, _p, _i64, _int],
     "lawa_cpu_swap_back": [_p, _i64, _int, _p, _int],
     "lawa_cpu_exchange": [_p, _i64, _int, _p, _int, _int],
+    "lawa_cpu_all_finite": [_p, _i64],
 }
 #: Modes of lawa_cpu_swap_in.
 SWAP_EMA, SWAP_MEAN, SWAP_LAST = 0, 1, 2
@@ -229,3 +230,11 @@ def exchange(b: "Bucket", back: bool) -> None:
         table.data_ptr(), table.shape[0], DTYPE_CODES[b.dtype], b.total.data_ptr(), int(back),
         _threads(table),
     ), "exchange", b)
+
+
+def all_finite(t: Tensor) -> bool | None:
+    """Whether every element of the contiguous float32 CPU tensor ``t`` is finite, in one
+    read that allocates nothing; ``None`` when the kernels are not available."""
+    if not enabled or t.dtype != torch.float32 or t.device.type != "cpu" or library() is None:
+        return None
+    return bool(_lib.lawa_cpu_all_finite(t.data_ptr(), t.numel()))
