@@ -21,7 +21,6 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 from benchmarks import suite
 from benchmarks.report import device_name, machine_slug
 from lawa_optim import ops
+from lawa_optim._cli import Parser, output_file
 from lawa_optim.history import Bucket
 
 #: (parameter dtype, history dtype) pairs exercised.
@@ -142,18 +142,21 @@ def _swap_and_back(b: Bucket, last: int | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: see the module docstring."""
-    args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["env"] and len(args) == 2:
-        env(Path(args[1]))
-    elif args[:1] == ["build"] and len(args) == 2:
-        build(Path(args[1]))
-    elif args == ["exercise"]:
+    ap = Parser(prog="python -m benchmarks.device_checks", description=__doc__.split("\n")[0])
+    commands = ap.add_subparsers(dest="command", required=True)
+    commands.add_parser("env", help="versions, device, tools -> JSON").add_argument("path", type=output_file)
+    commands.add_parser("build", help="build the CUDA extension, timed -> JSON").add_argument("path", type=output_file)
+    commands.add_parser("exercise", help="every fused op once (for compute-sanitizer)")
+    args = ap.parse_args(argv)
+    if args.command == "env":
+        env(args.path)
+    elif args.command == "build":
+        build(args.path)
+    else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         here = suite.backends_here(device, torch.float32)[0]
         backends = [name for name in here if device.type == "cpu" or name != "torch"]  # the fused ones on a GPU
         print(f"exercised {exercise(device, backends)} buckets on {device_name(device)} with {backends}")
-    else:
-        raise SystemExit(f"usage: python -m benchmarks.device_checks env PATH | build PATH | exercise; got {args}")
 
 
 if __name__ == "__main__":

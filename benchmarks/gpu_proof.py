@@ -26,7 +26,6 @@ that ran finished cleanly; a missed target is a result, not an error.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import re
@@ -41,6 +40,7 @@ from pathlib import Path
 
 from benchmarks import targets
 from benchmarks.stages import ROOT, Context, Interrupted, Stage, run_stages
+from lawa_optim._cli import Parser, output_dir
 
 #: The test files that run kernels on a GPU when one is present: the fused kernels against
 #: the reference on the GPU (the bucket beyond 2**31 elements included), CUDA graphs, the
@@ -241,8 +241,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: see the module docstring. Returns the exit status."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="folder for the results, plot, logs and summary")
+    ap = Parser(prog="python -m benchmarks.gpu_proof", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=output_dir, required=True, help="folder for the results, plot, logs and summary")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes: checks that every stage runs, measures nothing")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

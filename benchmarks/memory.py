@@ -15,7 +15,6 @@ Linux only (``/proc``).
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import gc
 import json
@@ -28,6 +27,7 @@ import torch
 
 from benchmarks.report import RESULTS, device_name
 from benchmarks.workloads import MODELS
+from lawa_optim import _cli
 
 #: What each row measures, by name: (kind, options, swap options).
 METHODS = {
@@ -135,19 +135,15 @@ def averaged_peak(dtype: torch.dtype, history_dtype: torch.dtype | None, paramet
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
+    parser = _cli.Parser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gpt2-small", choices=sorted(MODELS), help="parameter list (default gpt2-small)")
-    parser.add_argument("--k", type=int, default=6, help="snapshots averaged (default 6)")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--k", type=_cli.int_at_least(1), default=6, help="snapshots averaged (default 6)")
+    parser.add_argument("--out", type=_cli.output_file, default=None,
                         help="JSON file to write (default benchmarks/results/memory-<model>.json)")
     args = parser.parse_args(argv)
-    if args.k < 1:
-        parser.error(f"argument --k: must be >= 1, got {args.k}")
     if not Path("/proc/self/clear_refs").exists():
         parser.error("needs Linux's /proc/self/status and /proc/self/clear_refs to read resident memory")
     out = args.out or RESULTS / f"memory-{args.model}.json"
-    if not out.parent.is_dir():
-        parser.error(f"argument --out: directory {str(out.parent)!r} does not exist")
 
     rows = []
     spawn = multiprocessing.get_context("spawn")

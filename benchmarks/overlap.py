@@ -21,15 +21,14 @@ may also refresh the running sum from the ring).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from benchmarks.report import RESULTS, machine_slug, parse_size
+from lawa_optim._cli import Parser, int_at_least, output_dir
 from lawa_optim.history import History
 
 #: 2^30 float32 weights: a 1B-parameter model (4 GiB), in tensors of 64M elements.
@@ -100,11 +99,11 @@ def _snapshot_record(mode: str, hist: History, params: list[torch.Tensor], k: in
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Command line: measure, print, and write ``<machine>-pinned.json`` under ``--out``."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = Parser(prog="python -m benchmarks.overlap", description=__doc__.split("\n")[0])
     ap.add_argument("--numel", type=parse_size, default=NUMEL, help="float32 weights (default 1G, 4 GiB)")
-    ap.add_argument("--k", type=int, default=6, help="snapshots in the ring (default 6)")
-    ap.add_argument("--steps", type=int, default=30, help="training steps per timed window (default 30)")
-    ap.add_argument("--out", type=Path, default=RESULTS, help=f"output folder (default {RESULTS})")
+    ap.add_argument("--k", type=int_at_least(1), default=6, help="snapshots in the ring (default 6)")
+    ap.add_argument("--steps", type=int_at_least(1), default=30, help="training steps per timed window (default 30)")
+    ap.add_argument("--out", type=output_dir, default=RESULTS, help=f"output folder (default {RESULTS})")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.overlap needs a CUDA GPU: it times copies from the GPU to pinned host memory")

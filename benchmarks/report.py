@@ -36,7 +36,8 @@ import torch  # noqa: E402
 
 from benchmarks import suite, targets  # noqa: E402
 from benchmarks.plot import plot  # noqa: E402
-from benchmarks.workloads import flat_params, model_params  # noqa: E402
+from benchmarks.workloads import MODELS, flat_params, model_params  # noqa: E402
+from lawa_optim._cli import Parser, int_at_least, output_dir, positive_float  # noqa: E402
 
 QUICK = {"sizes": [1 << 20, 1 << 22, 1 << 24, 1 << 26], "size_ops": ("snapshot",),
          "models": ["resnet50", "gpt2-small"], "repeats": 5}
@@ -231,16 +232,17 @@ def parse_size(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Command line: see the module docstring."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = Parser(prog="python benchmarks/report.py", description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="1M..256M elements, all operations, 7 repeats")
     ap.add_argument("--sizes", nargs="*", type=parse_size, help="flat sizes in elements, e.g. 64M (default: by --full)")
     ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32"],
                     help="dtypes of the flat sizes (weights and history; default float32)")
-    ap.add_argument("--k", type=int, default=6, help="snapshots in the ring (default 6, the paper's)")
-    ap.add_argument("--models", nargs="*", help="model parameter lists (default: resnet50 gpt2-small)")
-    ap.add_argument("--repeats", type=int, help="least timed rounds per measurement (median reported)")
-    ap.add_argument("--seconds", type=float, default=1.0, help="least seconds of timed rounds per measurement")
-    ap.add_argument("--out", type=Path, default=RESULTS, help=f"output folder (default {RESULTS})")
+    ap.add_argument("--k", type=int_at_least(1), default=6, help="snapshots in the ring (default 6, the paper's)")
+    ap.add_argument("--models", nargs="*", choices=sorted(MODELS),
+                    help="model parameter lists (default: resnet50 gpt2-small)")
+    ap.add_argument("--repeats", type=int_at_least(1), help="least timed rounds per measurement (median reported)")
+    ap.add_argument("--seconds", type=positive_float, default=1.0, help="least seconds of timed rounds per measurement")
+    ap.add_argument("--out", type=output_dir, default=RESULTS, help=f"output folder (default {RESULTS})")
     args = ap.parse_args(argv)
     cfg = FULL if args.full else QUICK
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

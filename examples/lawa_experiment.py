@@ -41,6 +41,7 @@ import torch
 
 from examples import lawa_runs as runs
 from examples.lawa_plots import plot_all
+from lawa_optim._cli import Parser, int_at_least, output_dir
 from lawa_optim.paired import MARGINS, conclusion, paired, per_epoch, per_phase, reach, reach_text, targets
 
 FULL = runs.Config(seeds=10, epochs=30, short=15, train=10_000, holdout=2_000, val=2_000, bn=1_000, batch=128,
@@ -233,16 +234,19 @@ def machine(jobs: int) -> dict:
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m examples.lawa_experiment", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/, not tracked)")
+    p = Parser(prog="python -m examples.lawa_experiment", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=output_dir, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/, not tracked)")
     p.add_argument("--data-dir", default=None,
                    help=f"directory with the Fashion-MNIST IDX files (default {runs.fashion_mnist.DEFAULT_DIR})")
     p.add_argument("--fast", action="store_true", help="tiny smoke run (2 seeds, 4 epochs, 128 training images)")
-    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+    p.add_argument("--jobs", type=int_at_least(1), default=min(2, os.cpu_count() or 1),
                    help="seeds trained in parallel, one thread each (default: 2, or 1 on one core)")
     args = p.parse_args(argv)
-    if args.jobs < 1:
-        p.error(f"--jobs must be an int >= 1, got {args.jobs}")
+    try:  # here, not in the worker processes that read them
+        for name in runs.fashion_mnist.FILES["train"]:
+            runs.fashion_mnist.find(runs.fashion_mnist.DEFAULT_DIR if args.data_dir is None else Path(args.data_dir), name)
+    except FileNotFoundError as e:
+        p.error(f"argument --data-dir: {e}")
     return args
 
 

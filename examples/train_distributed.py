@@ -11,7 +11,6 @@ loads them into a fresh model and checks that the average is the same.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 
 import torch
@@ -27,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from lawa_optim import LAWA, check_in_sync
+from lawa_optim._cli import Parser, int_at_least
 
 
 def build(ddp: bool, seed: int) -> tuple[nn.Module, LAWA]:
@@ -72,11 +72,13 @@ def checkpoint(model: nn.Module, opt: LAWA, path: str, save: bool) -> None:
     set_optimizer_state_dict(model, opt, osd)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    """Train, evaluate the average, save and reload it; run under torchrun."""
+    parser = Parser(prog="torchrun --nproc-per-node 2 examples/train_distributed.py",
+                    description=__doc__.splitlines()[0])
     parser.add_argument("--ddp", action="store_true", help="DDP instead of FSDP2")
-    parser.add_argument("--epochs", type=int, default=12)
-    args = parser.parse_args()
+    parser.add_argument("--epochs", type=int_at_least(1), default=12, help="training epochs (default 12)")
+    args = parser.parse_args(argv)
     dist.init_process_group("gloo")
     try:
         rank = dist.get_rank()

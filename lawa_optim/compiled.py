@@ -35,7 +35,13 @@ def register(bucket: "Bucket") -> int:
     return key
 
 
-@torch.library.custom_op("lawa_optim::snapshot", mutates_args=("ring", "total", "pushes"))
+# The schema is spelled out: torch 2.6 and older cannot infer one from postponed (string)
+# annotations such as ``list[Tensor]``.
+@torch.library.custom_op(
+    "lawa_optim::snapshot",
+    mutates_args=("ring", "total", "pushes"),
+    schema="(Tensor[] params, Tensor(a1!)? ring, Tensor(a2!) total, Tensor(a3!) pushes, SymInt key, float? decay) -> ()",
+)
 def _snapshot(
     params: list[Tensor],
     ring: Tensor | None,

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lawa_optim._cli import Parser, int_at_least, output_file
 from lawa_optim.paired import MARGINS, conclusion, paired, per_epoch, per_phase, reach, reach_text, targets
 from lawa_optim.wrapper import LAWA
 
@@ -178,15 +179,12 @@ def plot(runs: Sequence[dict[str, list[float]]], out: str, title: str, k: int = 
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lawa_optim.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=20, help="training epochs per seed (default 20)")
-    p.add_argument("--seeds", type=int, default=10, help="number of seeds, 0..N-1 (default 10)")
-    p.add_argument("--out", default="lawa_demo.png", help="plot path (default lawa_demo.png); '' for none")
-    args = p.parse_args(argv)
-    for name in ("epochs", "seeds"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be an int >= 1, got {getattr(args, name)}")
-    return args
+    p = Parser(prog="python -m lawa_optim.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--epochs", type=int_at_least(1), default=20, help="training epochs per seed (default 20)")
+    p.add_argument("--seeds", type=int_at_least(1), default=10, help="number of seeds, 0..N-1 (default 10)")
+    p.add_argument("--out", type=lambda t: t and output_file(t), default="lawa_demo.png",
+                   help="plot path (default lawa_demo.png); '' for none")
+    return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:

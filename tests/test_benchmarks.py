@@ -427,15 +427,3 @@ def test_memory_benchmark_measures_what_memory_reports():
     assert lawa["memory_total"] > 3 * 4 * n  # 2 float32 slots and a float32 sum
     assert lawa["swap_peak_bytes"] <= 0.01 * 4 * n  # in place: no backup
     assert peer["held_bytes"] == pytest.approx(4 * n, rel=0.05) and "swap_peak_bytes" not in peer
-
-
-def test_memory_benchmark_refuses_bad_arguments(capsys):
-    from benchmarks import memory
-
-    for argv, word in ((["--k", "0"], "--k"), (["--model", "nosuch"], "--model"),
-                       (["--out", "/nonexistent/dir/m.json"], "--out")):
-        with pytest.raises(SystemExit) as exc:
-            memory.main(argv)
-        assert exc.value.code == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert word in err[-1] and err[0].startswith("usage: python -m benchmarks.memory")

@@ -263,7 +263,9 @@ def test_ema_matches_a_torch_that_rounds_twice():
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["DEFAULT", "False", "True"]
+    *capability, rounding, same = out.stdout.split()
+    assert " ".join(capability) in ("DEFAULT", "NO AVX")  # torch 2.6 names it "NO AVX"
+    assert [rounding, same] == ["False", "True"]
 
 
 def test_refusals_of_the_c_entry_points_write_nothing():

@@ -21,7 +21,6 @@ Run it before finishing any change to the kernels or the history::
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.stages import run_group
+from lawa_optim._cli import Parser, positive_float
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Seconds one mutant's tests may run before the run counts as hung.
@@ -363,16 +363,16 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m tools.mutants", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run these mutants only")
     parser.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
-    parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help=f"seconds per mutant (default {TIMEOUT_S})")
+    parser.add_argument("--timeout", type=positive_float, default=TIMEOUT_S, help=f"seconds per mutant (default {TIMEOUT_S})")
     args = parser.parse_args(argv)
     chosen = MUTANTS
     if args.only:
         unknown = sorted(set(args.only) - {m.name for m in MUTANTS})
         if unknown:
-            parser.error(f"no mutant named {', '.join(unknown)}; --list shows them")
+            parser.error(f"argument --only: no mutant named {', '.join(unknown)}; --list shows them")
         chosen = [m for m in MUTANTS if m.name in args.only]
     if args.list:
         for m in chosen:

@@ -1,0 +1,107 @@
+"""Every command of the repository refuses a bad argument before any work: exit status 2
+and one line on stderr naming the argument, as argparse words it, no traceback; and its
+``--help`` shows the command a user types. Each refusal is checked in this process
+(``main(argv)``), and the first of each command also as the user meets it, in a
+subprocess."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: How each command is typed (after ``python``), its module, and the name its ``--help`` shows.
+COMMANDS = {
+    "report": (["benchmarks/report.py"], "benchmarks.report", "python benchmarks/report.py"),
+    "report-module": (["-m", "benchmarks.report"], "benchmarks.report", "python benchmarks/report.py"),
+    "gpu_proof": (["-m", "benchmarks.gpu_proof"], "benchmarks.gpu_proof", "python -m benchmarks.gpu_proof"),
+    "overlap": (["-m", "benchmarks.overlap"], "benchmarks.overlap", "python -m benchmarks.overlap"),
+    "device_checks": (["-m", "benchmarks.device_checks"], "benchmarks.device_checks",
+                      "python -m benchmarks.device_checks"),
+    "memory": (["-m", "benchmarks.memory"], "benchmarks.memory", "python -m benchmarks.memory"),
+    "experiment": (["-m", "examples.lawa_experiment"], "examples.lawa_experiment", "python -m examples.lawa_experiment"),
+    "demo": (["-m", "lawa_optim.demo"], "lawa_optim.demo", "python -m lawa_optim.demo"),
+    "mutants": (["-m", "tools.mutants"], "tools.mutants", "python -m tools.mutants"),
+    "distributed": (["examples/train_distributed.py"], "examples.train_distributed",
+                    "torchrun --nproc-per-node 2 examples/train_distributed.py"),
+}
+MISSING = "/nonexistent/dir"
+
+#: (command, arguments, the argument the refusal must name)
+REFUSED = [
+    ("report", ["--k", "0"], "--k"),
+    ("report-module", ["--models", "nosuchmodel"], "--models"),
+    ("report", ["--repeats", "0"], "--repeats"),
+    ("report", ["--seconds", "-1"], "--seconds"),
+    ("report", ["--sizes", "0"], "--sizes"),
+    ("report", ["--out", f"{MISSING}/results"], "--out"),
+    ("gpu_proof", ["--out", f"{MISSING}/results"], "--out"),
+    ("gpu_proof", [], "--out"),
+    ("overlap", ["--k", "0"], "--k"),
+    ("overlap", ["--steps", "-1"], "--steps"),
+    ("overlap", ["--out", f"{MISSING}/results"], "--out"),
+    ("device_checks", ["env", f"{MISSING}/env.json"], "path"),
+    ("device_checks", ["nosuchcheck"], "command"),
+    ("memory", ["--k", "0"], "--k"),
+    ("memory", ["--model", "nosuchmodel"], "--model"),
+    ("memory", ["--out", f"{MISSING}/m.json"], "--out"),
+    ("experiment", ["--data-dir", "/nonexistent"], "--data-dir"),
+    ("experiment", ["--jobs", "0"], "--jobs"),
+    ("experiment", ["--out", f"{MISSING}/results"], "--out"),
+    ("demo", ["--out", f"{MISSING}/x.png"], "--out"),
+    ("demo", ["--out", "."], "--out"),
+    ("demo", ["--seeds", "0"], "--seeds"),
+    ("demo", ["--epochs", "-2"], "--epochs"),
+    ("mutants", ["--timeout", "-1"], "--timeout"),
+    ("mutants", ["--only", "nosuchmutant"], "--only"),
+    ("distributed", ["--epochs", "0"], "--epochs"),
+]
+
+
+def check_refusal(command: str, name: str, status: int, stdout: str, stderr: str) -> None:
+    assert status == 2, stderr
+    (line,) = stderr.splitlines()  # one line: no usage, no traceback
+    prog, error = line.split(": error: ", 1)  # a subcommand's prog adds its name
+    assert prog.startswith(COMMANDS[command][2]), line
+    assert error.startswith(f"argument {name}: ") or error.endswith(f"required: {name}"), line
+    assert stdout == ""
+
+
+def ids(cases) -> list[str]:
+    return [" ".join([c, *a]) for c, a, _ in cases]
+
+
+@pytest.mark.parametrize("command, args, name", REFUSED, ids=ids(REFUSED))
+def test_a_bad_argument_is_refused_in_one_line(command, args, name, capsys):
+    main = importlib.import_module(COMMANDS[command][1]).main
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    out = capsys.readouterr()
+    check_refusal(command, name, e.value.code, out.out, out.err)
+
+
+FIRST = [next(case for case in REFUSED if case[0] == command) for command in COMMANDS]
+
+
+@pytest.mark.parametrize("command, args, name", FIRST, ids=ids(FIRST))
+def test_the_command_refuses_it_before_any_work(command, args, name):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # as after `pip install -e .`
+    # The timeout only stops a command that went to work: a refusal takes a second.
+    r = subprocess.run([sys.executable, *COMMANDS[command][0], *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    check_refusal(command, name, r.returncode, r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_the_command_a_user_types(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(COMMANDS[command][1]).main(["--help"])
+    assert e.value.code == 0
+    usage = " ".join(capsys.readouterr().out.split())  # argparse wraps a long usage line
+    assert usage.startswith(f"usage: {COMMANDS[command][2]} [-h]")
