@@ -3,23 +3,32 @@
 Parameters are grouped into buckets that share a device and a dtype. A bucket keeps
 
 * ``ring``: ``(k, D)`` in the history dtype, one row ("slot") per snapshot;
-* ``total``: ``(D,)`` running sum of the filled slots *as stored* (float32; float64
+* ``total``: ``(D,)`` running mean of the filled slots *as stored* (float32; float64
   for float64 parameters), or the exponential average itself in EMA mode;
 * ``pushes``: a one-element int64 tensor beside the ring counting snapshots ever
   pushed. Slot ``s`` holds the snapshot number ``n`` with ``n % k == s``, the next
   push writes slot ``pushes % k`` and ``min(pushes, k)`` slots are filled. It lives on
   the device (not in a Python int) so kernels read it without a host sync.
 
-The O(1) update ``total += new - old`` cancels catastrophically when magnitudes
+The O(1) update ``total += (new - old) / k`` cancels catastrophically when magnitudes
 change (two snapshots at 1e8 then two at 1.0 leave 0.0 for k = 2) and keeps a NaN
 forever. So every ``refresh_every``-th push (default: every k-th, the one that
 completes a pass over the ring) rebuilds ``total`` from the ring instead, in the same
-pass, with a compensated sum whose error does not grow with k. The kernels decide that
-from ``pushes`` on the device, so compiled and graph-captured snapshots refresh at the
-right push too. Hence the guarantee (README, "The numerical guarantee"): at most
-``refresh_every`` snapshots after a value has left the window it no longer affects the
-average, which is then the mean of the stored window within ``(4 + r (1 + 2/k)) 2**-24``
-of the largest magnitude, ``r`` snapshots after the last refresh, whatever k.
+pass, with a compensated sum whose error does not grow with k, divided by the count.
+The kernels decide that from ``pushes`` on the device, so compiled and graph-captured
+snapshots refresh at the right push too. Hence the guarantee (README, "The numerical
+guarantee"): at most ``refresh_every`` snapshots after a value has left the window it
+no longer affects the average, which is then the mean of the stored window within
+``(4 + r (1 + 4/k)) 2**-24`` of the largest magnitude, ``r`` snapshots after the last
+refresh, whatever k (while the ring first fills, the n-th snapshot adds ``(1 + 4/n)
+2**-24``).
+
+Because ``total`` is the average itself, the full average swaps in without a copy
+(:meth:`History.swap_in`): float32 and float64 parameters exchange their bits with it,
+a bfloat16 parameter takes the mean rounded (ties away from zero) and the mean's word
+keeps the weight's 16 bits beside its own low 16 bits; the swap-back undoes both
+exactly. The int8 history's float32 anchor can be exchanged the same way where it holds
+the average.
 
 Each parameter owns a slice of the flat buffers that starts on a multiple of
 ``ALIGN`` elements and holds its elements in the parameter's *memory* order, so a

@@ -96,35 +96,39 @@ class LAWA(WrappedOptimizer):
             default), ``"pinned"`` (page-locked host memory; needs CUDA, else ``"cpu"``
             with a warning) or ``"cpu"`` (pageable host memory).
         history_dtype: dtype of the stored snapshots (default: the parameters'
-            dtype; ``torch.bfloat16`` halves the memory). The running sum is always
-            float32 (float64 for float64 parameters) and adds the stored, rounded
+            dtype; ``torch.bfloat16`` halves the memory). The running mean is always
+            float32 (float64 for float64 parameters) and averages the stored, rounded
             values, so the average is the mean of what is stored. ``torch.float16``
             holds magnitudes up to 65504: the first snapshot that stores an infinity
             for a finite weight warns.
         backend: ``"auto"`` (default: the CUDA extension, then Triton on a GPU, else
             pure torch), ``"torch"``, ``"triton"`` or ``"cuda"``.
-        recompute_every: rebuild the running sum from the ring every this many
+        recompute_every: rebuild the running mean from the ring every this many
             snapshots, in the same pass as the push that comes due; ``None`` (default):
             every ``k`` snapshots. See "Numerical guarantee" below.
 
     Numerical guarantee (README, "The numerical guarantee"; u = 2**-24, M the largest
     magnitude among the snapshots in the window and those that left it since the last
-    refresh): with the defaults and ``k <= 162``, at most ``k`` snapshots after a value
+    refresh): with the defaults and ``k <= 151``, at most ``k`` snapshots after a value
     has left the window (a NaN or inf included) it no longer affects the average, which
     is then the mean of the stored window within 1e-5 of M. Exactly: right after a
     refresh within ``4u * M`` for any ``k`` up to 2**20 (compensated summation; so is
     ``last=j`` at any time), and each snapshot since the refresh adds at most
-    ``(1 + 2/k) u * M`` (``(k + 5) u * M`` in all with the defaults; ``recompute_every=N``,
-    ``N <= k``, bounds it by ``(N + 5) u * M``). A window of finite values never averages
-    to an infinity: where the float32 sum is not finite, the swap averages the stored
-    slots in float64. bfloat16 and float16 parameters get the float32 average rounded
-    once to their dtype: within that bound plus half an ulp of their dtype (at most
-    2**-8 of the average for bfloat16, 2**-11 for float16).
+    ``(1 + 4/k) u * M`` (one rounding of the mean, two of its step; the n-th while the
+    ring first fills ``(1 + 4/n) u * M``): under ``(k + 4 ln k + 7) u * M`` in all with
+    the defaults; ``recompute_every=N``, ``N <= k``, bounds it by ``(N + 4 ln N + 7) u *
+    M``. A window of finite values never averages to an infinity: where the float32
+    mean is not finite, the swap averages the stored slots in float64. bfloat16 and
+    float16 parameters get the float32 average rounded once to their dtype (to nearest;
+    ties away from zero for bfloat16): within that bound plus half an ulp of their dtype
+    (at most 2**-8 of the average for bfloat16, 2**-11 for float16).
 
     The history is allocated at the first :meth:`step` or :meth:`snapshot`:
     ``k * D`` elements of ``history_dtype`` plus ``D`` float32 (D: the number of
-    parameter elements, each parameter padded to 64 elements), and a backup of the
-    weights only while the average is swapped in. Parameters added with
+    parameter elements, each parameter padded to 64 elements). Swapping the full average
+    in allocates nothing for float32, bfloat16 and float64 parameters; a backup of the
+    weights exists only while swapped with ``last=``, ``weights=`` or ``backup=``, for
+    float16 parameters, or where the mean is not finite. Parameters added with
     :meth:`add_param_group` join the history from the next snapshot on, with their own
     count: until they have ``k`` snapshots their average covers fewer, newer snapshots
     than the older parameters', and a swap leaves them untouched until their first one.
@@ -422,8 +426,9 @@ class LAWA(WrappedOptimizer):
         parameters hold the training weights and the LAWA is not swapped (so a checkpoint
         saved there holds the training weights and a history to resume from); after
         it, the parameters hold again exactly what they held before (an average swapped
-        in with ``last=`` or ``weights=`` included) and the training weights are the backup. Outside a
-        swap it changes nothing.
+        in with ``last=`` or ``weights=`` included; the full average swapped in place is
+        swapped in again, so a snapshot taken inside shows) and the training weights are
+        kept as before. Outside a swap it changes nothing.
         """
         run = self._run
         with self._swapping("training_weights()"):
@@ -447,11 +452,12 @@ class LAWA(WrappedOptimizer):
         """The wrapped optimizer's state dict plus the history; reads only.
 
         Each parameter's history is a ``(k, *shape)`` view into the ring under
-        ``state[i]["lawa_history"]`` and its slice of the running sum under
-        ``"lawa_sum"`` (``"lawa_ema"`` in EMA mode; ``"lawa_backup"`` for the training
+        ``state[i]["lawa_history"]`` and its slice of the running mean under
+        ``"lawa_mean"`` (``"lawa_ema"`` in EMA mode; ``"lawa_backup"`` for the training
         weights while swapped); counters and settings are under
-        ``param_groups[g]["lawa"]``. The tensors are views of the live history: save or
-        copy them before the next snapshot. Saving changes nothing, and a run resumed
+        ``param_groups[g]["lawa"]``. The tensors are views of the live history (new
+        tensors for the mean and the training weights while the full average is swapped
+        in place): save or copy them before the next snapshot. Saving changes nothing, and a run resumed
         from the dict continues bit for bit like the run that saved it.
         """
         for hook in self._optimizer_state_dict_pre_hooks.values():
