@@ -220,7 +220,7 @@ class Bucket:
             history=_nbytes(self.ring) + _nbytes(self.pushes),
             sum=_nbytes(self.total),
             staging=self.offload.nbytes() if self.offload is not None else 0,
-            backup=_nbytes(self.backup),
+            backup=0 if in_ring(self, self.backup) else _nbytes(self.backup),
         )
 
     def check_params(self) -> None:
@@ -266,6 +266,11 @@ class Bucket:
 
 
 _dtype_of = operator.attrgetter("dtype")
+
+
+def in_ring(b: "Bucket", t: Tensor | None) -> bool:
+    """Whether ``t`` is a view of ``b``'s ring (a backup that is the newest slot)."""
+    return t is not None and b.ring is not None and t.untyped_storage().data_ptr() == b.ring.untyped_storage().data_ptr()
 
 
 def _nbytes(t: Tensor | None) -> int:
@@ -464,6 +469,31 @@ def warn_float16_overflow(b: Bucket) -> None:
         RuntimeWarning,
         stacklevel=2,
     )
+
+
+#: Elements compared at a time by :func:`_newest_holds_the_weights` (bounded temporaries).
+COMPARE_PIECE = 1 << 18
+
+
+def _newest_holds_the_weights(b: Bucket) -> bool:
+    """Whether the newest ring slot holds every parameter's bits (the history stores the
+    parameters' dtype, on their device, and nothing wrote into them since the snapshot):
+    then it is their backup. Compared bit for bit, piece by piece (version counters miss
+    writes through ``.data``)."""
+    if b.ring is None or b.history_dtype != b.dtype or b.device != b.param_device:
+        return False
+    n = int(b.pushes.item())
+    if n == 0:
+        return False
+    slot = b.ring[(n - 1) % b.k]
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[b.dtype.itemsize]
+    for p, off, size in zip(b.params, b.offsets, b.numels):
+        flat = p.detach().as_strided((size,), (1,), p.storage_offset()).view(ints)
+        kept = slot[off:off + size].view(ints)
+        for lo in range(0, size, COMPARE_PIECE):
+            if not torch.equal(flat[lo:lo + COMPARE_PIECE], kept[lo:lo + COMPARE_PIECE]):
+                return False
+    return True
 
 
 def _finite(t: Tensor) -> bool:
@@ -684,7 +714,7 @@ class History:
         for b, _ in held:
             b.check_params()
         coefficients = {} if weights is None else self._coefficients(weights, held)
-        plans = [self._backup_for(b, last, weights, backup) for b, _ in held]
+        plans = [self._backup_for(b, last is None and weights is None, backup) for b, _ in held]
         done = []
         try:
             for (b, n), plan in zip(held, plans):
@@ -697,10 +727,14 @@ class History:
             raise
 
     @staticmethod
-    def _backup_for(b: Bucket, last: int | None, weights: Any, backup: str | None) -> Tensor | None:
-        """The backup buffer a swap of ``b`` needs, allocated; ``None`` for the in-place swap."""
-        if backup is None and last is None and weights is None and ops.exchanges(b) and _finite(b.total):
+    def _backup_for(b: Bucket, full: bool, backup: str | None) -> Tensor | None:
+        """The backup buffer a swap of ``b`` (of the ``full`` average, or not) needs:
+        ``None`` for the in-place swap, the newest ring slot where it holds the weights bit
+        for bit, else a new buffer."""
+        if backup is None and full and ops.exchanges(b) and _finite(b.total):
             return None
+        if backup is None and _newest_holds_the_weights(b):
+            return b.ring[(int(b.pushes.item()) - 1) % b.k]
         if backup == "cpu":
             pin = b.param_device.type == "cuda"
             return torch.empty(b.D, dtype=b.dtype, device="cpu", pin_memory=pin)
@@ -780,7 +814,8 @@ class History:
         swapped = self.swapped()
         for b in swapped:
             b.check_params()
-        held = [(b, None, None) if b.backup is None else (b, torch.empty_like(b.backup), b.backup) for b in swapped]
+        held = [(b, None, None) if b.backup is None else (b, torch.empty(b.D, dtype=b.dtype, device=b.backup.device), b.backup)
+                for b in swapped]
         for b, average, backup in held:
             if backup is None:
                 self._unswap(b)
@@ -798,7 +833,12 @@ class History:
         self.reshard()
         for b, _, _ in held:
             b.check_params()
-        plans = [self._backup_for(b, None, None, None) if average is None else backup for b, average, backup in held]
+        # A backup that was the newest ring slot serves again only if it still holds what the
+        # parameters hold now (the block may have changed them): the ring is never written.
+        plans = [
+            self._backup_for(b, average is None, None) if average is None or in_ring(b, backup) else backup
+            for b, average, backup in held
+        ]
         for (b, average, _), plan in zip(held, plans):
             if average is None:
                 self._swap_bucket(b, b.count(), None, None, plan)

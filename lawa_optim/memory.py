@@ -120,9 +120,11 @@ def history_bytes(
     does not fit yet can be read off a model built under ``torch.device("meta")``.
     ``swapped=True`` adds the backup that :meth:`lawa_optim.LAWA.swap_to_average` of the
     full average allocates while it is swapped in: one for float16 parameters only (the
-    others trade places with the running mean; so do those of a mean that is not finite,
-    and every swap with ``last=``, ``weights=`` or ``backup=``, which back up every
-    parameter: ``D`` elements of its dtype). Nothing is allocated.
+    others trade places with the running mean). Not predicted: a mean that is not finite,
+    and swaps with ``last=``, ``weights=`` or ``backup=``, which back up every parameter
+    (``D`` elements of its dtype), unless, right after a snapshot into a history of the
+    parameters' dtype, the newest slot holds them (then nothing, float16 included).
+    Nothing is allocated.
 
     Example::
 

@@ -281,7 +281,7 @@ def test_device_checks_swap_measures_no_allocation_and_notices_a_backup(tmp_path
     # In a fresh process: this one's freed memory could hold a backup without growing.
     code = ("import torch; from pathlib import Path; from benchmarks import device_checks; "
             "from lawa_optim.history import History; backup_for = History._backup_for; "
-            "History._backup_for = staticmethod(lambda b, *args: backup_for(b, None, None, 'device')); "
+            "History._backup_for = staticmethod(lambda b, *args: backup_for(b, True, 'device')); "
             f"device_checks.swap_memory(Path({str(tmp_path / 'backup.json')!r}), torch.device('cpu'), ['torch'], 8 << 20)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

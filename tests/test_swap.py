@@ -187,9 +187,10 @@ def test_a_write_while_swapped_in_place_warns_and_keeps_the_training_weights(mod
 
 def test_a_mean_that_is_not_finite_is_swapped_with_a_backup():
     """An infinity in the window leaves no finite mean to exchange: that swap backs the
-    weights up (and averages the stored slots in float64 where the mean is not finite)."""
+    weights up (and averages the stored slots in float64 where the mean is not finite;
+    bfloat16 history, so the newest slot cannot be the backup)."""
     p = nn.Parameter(torch.ones(10))
-    opt = LAWA(torch.optim.SGD([p], lr=0.1), k=2)
+    opt = LAWA(torch.optim.SGD([p], lr=0.1), k=2, history_dtype=torch.bfloat16)
     opt.snapshot()
     with torch.no_grad():
         p[3] = float("inf")
@@ -204,6 +205,52 @@ def test_a_mean_that_is_not_finite_is_swapped_with_a_backup():
     opt.snapshot()  # the infinity has left the window and the refresh the mean
     with opt.averaged():
         assert opt.memory().backup == 0 and bool((p == 2.0).all())
+
+
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kwargs", [{"last": 2}, {"weights": [0.7, 0.3]}, {}], ids=["last", "weights", "full"])
+def test_right_after_a_snapshot_the_newest_slot_is_the_backup(backend, pdtype, kwargs):
+    """History of the parameters' dtype: the newest slot holds the weights bit for bit
+    until they change, so ``last=``, ``weights=`` and float16's full average back up
+    into it (nothing allocated, the ring unchanged); once the weights changed, even
+    through ``.data`` (no version counter sees it), a buffer is allocated instead."""
+    if backend == "triton" and pdtype == torch.float16 and not kwargs:
+        pytest.skip("one float16 case is enough for the Triton interpreter")
+    model, opt = model_and_opt(backend, pdtype, None)
+    train(model, opt, range(4))
+    before = state(model, opt)
+    with opt.averaged(backup="device", **kwargs):
+        with_backup = [p.detach().clone() for p in model.parameters()]
+    with opt.averaged(**kwargs):
+        assert opt.memory().backup == 0
+        assert_same([p.detach().clone() for p in model.parameters()], with_backup)
+        if kwargs or pdtype == torch.float16:  # (the full average of the others: in place)
+            assert_same([[t.clone() for t in (b.ring, b.total, b.pushes)] for b in opt._history.buckets],
+                        before["buffers"])
+    assert_same(state(model, opt), before)
+    model[0].weight.data[0, 0] += 1.0
+    before = state(model, opt)
+    with opt.averaged(**kwargs):
+        assert opt.memory().backup > 0 or (not kwargs and pdtype != torch.float16)
+    assert_same(state(model, opt), before)
+
+
+def test_training_weights_changed_inside_a_swap_backed_up_in_the_ring_leave_the_ring_alone(backend):
+    """``last=j`` backed up in the newest slot; inside ``training_weights()`` the weights
+    change: leaving it backs them up into a new buffer, never into the ring."""
+    model, opt = model_and_opt(backend, torch.float32, None)
+    train(model, opt, range(4))
+    ring = [b.ring.clone() for b in opt._history.buckets]
+    with opt.averaged(last=2):
+        average = [p.detach().clone() for p in model.parameters()]
+        with opt.training_weights():
+            with torch.no_grad():
+                model[0].weight.add_(1.0)
+            changed = [p.detach().clone() for p in model.parameters()]
+        assert opt.memory().backup > 0
+        assert_same([p.detach().clone() for p in model.parameters()], average)
+    assert_same([p.detach().clone() for p in model.parameters()], changed)
+    assert_same([b.ring.clone() for b in opt._history.buckets], ring)
 
 
 def test_a_bucket_that_fails_to_swap_leaves_every_training_weight_in_place(monkeypatch):
