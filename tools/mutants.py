@@ -312,7 +312,7 @@ MUTANTS = [
            "            for b in done:\n                self._unswap(b)\n", "",
            ("tests/test_swap.py", "-k", "fails_to_swap")),
     Mutant("in-place-for-last-j", HIST,
-           "if backup is None and last is None and weights is None", "if backup is None and weights is None",
+           "self._backup_for(b, last is None and weights is None, backup)", "self._backup_for(b, weights is None, backup)",
            ("tests/test_wrapper.py", "-k", "newest_snapshots")),
     Mutant("newest-slot-not-compared", HIST,
            "            if not torch.equal(flat[lo:lo + COMPARE_PIECE], kept[lo:lo + COMPARE_PIECE]):",
