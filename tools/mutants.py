@@ -318,7 +318,7 @@ MUTANTS = [
            "            if not torch.equal(flat[lo:lo + COMPARE_PIECE], kept[lo:lo + COMPARE_PIECE]):",
            "            if False:", ("tests/test_swap.py", "-k", "newest_slot_is_the_backup and not triton")),
     Mutant("saved-while-swapped-holds-the-words", "lawa_optim/state.py",
-           "            mean, backup = unexchanged(b.params[i], mean)\n", "",
+           "            mean, backup = unexchanged(b.params[i], mean)\n", "            pass\n",
            ("tests/test_swap.py", "-k", "saved_while_swapped")),
     Mutant("unbalanced-cc-raises", "lawa_optim/backends/native.py",
            "    except ValueError as exc:  # an unbalanced quote", "    except OSError as exc:  # an unbalanced quote",
