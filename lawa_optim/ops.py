@@ -30,6 +30,8 @@ never branch on the backend. A backend module provides:
     mean or ``S`` is not finite (it overflowed, or it holds a NaN or an infinity),
     ``avg`` is instead ``wide`` of the same ``c`` slots (slot order ``0 .. c-1`` for the
     mean, newest first for ``last``).
+    ``backup`` may be the newest ring slot where it holds ``param`` bit for bit (the
+    history checks): writing it then changes no bit of the ring.
 ``swap_in(bucket, None)`` with ``backup is None`` (the in-place swap)
     the full average without a copy; only for float32, bfloat16 and float64 parameters
     whose ``total`` is finite (the caller checks), so ``avg = total`` exactly as above.
