@@ -701,9 +701,11 @@ class History:
 
         The full average (``last`` and ``weights`` None) of float32, bfloat16 and float64
         parameters is exchanged with the running mean where it is finite, allocating
-        nothing; otherwise, or with ``backup`` (``"device"``: beside the parameters,
-        ``"cpu"``: in host memory), the weights are copied into a backup first (on the
-        history's device when ``backup`` is None). Every bucket is checked and every
+        nothing. Otherwise the newest ring slot is the backup where it holds the weights
+        bit for bit (right after a snapshot into a history of their dtype), and else, or
+        with ``backup`` (``"device"``: beside the parameters, ``"cpu"``: in host memory),
+        the weights are copied into a new backup first (on the history's device when
+        ``backup`` is None). Every bucket is checked and every
         backup allocated before the first weight is written, so a refusal or an
         allocation failure leaves the training weights in place; a kernel that refuses
         a bucket (writing nothing) has the buckets swapped before it swapped back.
