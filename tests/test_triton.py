@@ -249,8 +249,13 @@ def expected_vectors(name: str) -> tuple[int, int]:
         return vectors(p, *avg) + vectors(*avg) + wide, vectors(p, p) + vectors(p)
     p = dtypes[0]
     if op == "push":
-        h = dtypes[1]  # parameter, old slot, sum, the other slots at a refresh
-        return vectors(p, h, "float32", h) + vectors(h, "float32", h), 2 * vectors(h, "float32")
+        # parameter, old slot, mean, the other slots at a refresh, and the slots again
+        # where the refresh's sum is not finite (its float64 mean)
+        h = dtypes[1]
+        return vectors(p, h, "float32", h) + vectors(h, "float32", h) + 2 * vectors(h), 2 * vectors(h, "float32")
+    if op == "exchange":  # parameter and mean, both read and written
+        p = dtypes[-1]
+        return vectors(p, "float32") + vectors("float32"), vectors(p, "float32") + vectors("float32")
     if op == "ema":
         return vectors(p, "float32") + vectors("float32"), 2 * vectors("float32")
     assert op == "swap_back"
@@ -265,6 +270,7 @@ def test_compile_ptx_names_every_variant(compiled):
         | {f"swap_in:ema:{p}" for p in d}
         | {f"swap_in:{m}:{p}:{h}" for m in ("mean", "last", "weighted") for p in d for h in d}
         | {f"swap_back:{p}" for p in d} | {f"recompute:{h}" for h in d}
+        | {f"exchange:{way}:{p}" for way in ("in", "back") for p in ("float32", "bfloat16")}
     )
     assert names == expected
     assert {k.split(":", 1)[0] for k in compiled} == {"80", "90"}
@@ -273,28 +279,33 @@ def test_compile_ptx_names_every_variant(compiled):
 def test_every_access_of_an_aligned_parameter_is_128_bit(compiled):
     """sm_80 and sm_90: the counts of ld/st.global.v4 are exactly those of fully vectorized
     loops, so a stream that falls back to 32- or 16-bit accesses fails this. The recompute
-    reads no parameter: one vector load of a slot per step, and every global access but the
+    reads no parameter: one vector load of a slot per step (and one in the float64 loop
+    that runs where a sum is not finite), and every global access but the
     load of the snapshot counter is 128-bit (how often the compiler repeats the store of
     the sum in its loop versions is its own affair)."""
     for key, facts in compiled.items():
         name = key.split(":", 1)[1]
         if name.startswith("recompute"):
-            assert facts["ld_v4"] == vectors(name.split(":")[1]) and facts["ld"] == facts["ld_v4"] + 1, key
+            # the slots, and again where their sum is not finite (the float64 mean)
+            assert facts["ld_v4"] == 2 * vectors(name.split(":")[1]) and facts["ld"] == facts["ld_v4"] + 1, key
             assert facts["st"] == facts["st_v4"] > 0, key
             continue
         assert (facts["ld_v4"], facts["st_v4"]) == expected_vectors(name), key
 
 
 def test_compiled_arithmetic_is_the_contract(compiled):
-    """IEEE division, torch's fused multiply-add in the EMA and none in the weighted
-    swap-in, and on the GPU the hardware's round-to-nearest-even casts (the instruction
-    torch's CUDA cast uses), not the interpreter's hand-written rounding."""
+    """IEEE division (the running mean's step, last=j's mean), torch's fused multiply-add
+    in the EMA and none in the weighted swap-in, and on the GPU the hardware's
+    round-to-nearest-even casts (the instruction torch's CUDA cast uses), not the
+    interpreter's hand-written rounding; the exchange only moves bits."""
     for key, facts in compiled.items():
         ops = facts["ops"]
         assert not any(o.startswith(("div.approx", "div.full")) for o in ops), key
         name = key.split(":", 1)[1]
-        if name.startswith(("swap_in:mean", "swap_in:last")):
+        if name.startswith(("swap_in:last", "push", "recompute")):
             assert "div.rn.f32" in ops, key
+        if name.startswith("exchange"):
+            assert not any(o.startswith(("div", "fma", "cvt.rn", "cvt.rz")) for o in ops), key
         if name.startswith("ema"):
             assert "fma.rn.f32" in ops, key
         if name.startswith("swap_in:weighted"):
