@@ -95,7 +95,7 @@ def is_int(x: Any) -> bool:
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the running sum for parameters of ``dtype``."""
+    """Dtype of the running mean for parameters of ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

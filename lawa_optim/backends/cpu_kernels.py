@@ -1,14 +1,14 @@
 """The CPU fast path of the torch backend: every operation of the history fused in C.
 
 LAWA (Kaddour 2022, arXiv:2209.14981) updates its history with ``slot = new;
-total += new - old``. In plain torch that takes five passes over memory (48 bytes per
-float32 element); ``csrc/cpu_kernels.c`` does it in one (20 bytes), and folds the exact
-refresh of the sum into the push that completes a pass over the ring, reading the
-other slots block by block in the same pass, so the guarantee of
+total += (new - old) / k`` (the running mean). In plain torch that takes six passes over
+memory; ``csrc/cpu_kernels.c`` does it in one (20 bytes per float32 element), and folds
+the exact refresh of the mean into the push that completes a pass over the ring,
+reading the other slots block by block in the same pass, so the guarantee of
 :mod:`lawa_optim.history` holds as it does for the plain code: at most
 ``refresh_every`` pushes after a value (NaN and inf included) has left the window, it
-no longer affects the sum. The EMA update, the swap-in (mean, EMA, ``last=j``, weighted)
-and the swap-back are fused the same way.
+no longer affects the mean. The EMA update, the swap-in (mean, EMA, ``last=j``,
+weighted), the swap-back and the in-place exchange are fused the same way.
 
 Every result is bit for bit what the plain torch code of
 :mod:`lawa_optim.backends.reference` leaves, as :mod:`lawa_optim.ops` specifies, for
@@ -166,7 +166,7 @@ def _check(rc: int, op: str, b: "Bucket") -> None:
 
 def push(b: "Bucket", n: int, sources: Sequence[Tensor]) -> None:
     """Push number ``n`` of ``sources`` (CPU tensors of ``b.dtype``, one per parameter,
-    dense) into ``b``, refreshing the sum when ``n + 1`` is a multiple of
+    dense) into ``b``, refreshing the mean when ``n + 1`` is a multiple of
     ``b.refresh_every``; call only when :func:`runs` says it can."""
     table = _table(b, sources)
     _check(_lib.lawa_cpu_push(

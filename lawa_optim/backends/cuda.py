@@ -2,7 +2,7 @@
 
 LAWA (Kaddour 2022, "Stop Wasting My Time! Saving Days of ImageNet and BERT Training
 with Latest Weight Averaging", arXiv:2209.14981) averages the k latest weight
-snapshots; the kernels in ``csrc/`` update the ring buffer and the float32 running sum
+snapshots; the kernels in ``csrc/`` update the ring buffer and the float32 running mean
 of a whole bucket in one launch each, reading the snapshot counter on the device.
 
 The extension is taken from ``lawa_optim._lawa_cuda`` when it was built ahead of time
@@ -101,7 +101,7 @@ def _load() -> ModuleType:
         sources=[str(s) for s in sources],
         extra_include_paths=[str(src)],
         extra_cflags=["-O3"],
-        # No --use_fast_math: the running sum and the means must round as IEEE float32.
+        # No --use_fast_math: the running mean and the averages must round as IEEE float32.
         extra_cuda_cflags=["-O3", "-std=c++17"],
         build_directory=str(unlocked(directory)),
         verbose=False,

@@ -7,7 +7,7 @@ needs one float32 chunk of scratch, not a second copy of the model). It reads th
 snapshot counter with ``.item()``, a host sync on a GPU: the fused backends don't.
 On the CPU every operation runs the one-pass C kernels of
 :mod:`lawa_optim.backends.cpu_kernels` when they can be built: the same bits (a NaN's
-payload aside), with the refresh of the sum fused into the push; the code below stays
+payload aside), with the refresh of the mean fused into the push; the code below stays
 the readable fallback and the definition they are tested against.
 """
 
