@@ -1,8 +1,9 @@
 """The CPU fast path of the torch backend: every operation of the history fused in C.
 
 LAWA (Kaddour 2022, arXiv:2209.14981) updates its history with ``slot = new;
-total += (new - old) / k`` (the running mean). In plain torch that takes six passes over
-memory; ``csrc/cpu_kernels.c`` does it in one (20 bytes per float32 element), and folds
+total += (new - old) / k`` (the running mean). In plain torch that takes several passes
+over memory; ``csrc/cpu_kernels.c`` does it in one (20 bytes per float32 element: the
+parameter read, the slot and the mean read and written), and folds
 the exact refresh of the mean into the push that completes a pass over the ring,
 reading the other slots block by block in the same pass, so the guarantee of
 :mod:`lawa_optim.history` holds as it does for the plain code: at most
