@@ -159,7 +159,7 @@ def resolve(requested: str, bucket: "Bucket") -> str:
 
 
 def push(bucket: "Bucket") -> None:
-    """Write the current weights into the next ring slot and update the running sum."""
+    """Write the current weights into the next ring slot and update the running mean."""
     _module(bucket.backend).push(bucket)
     bucket.pushes.add_(1)
 
