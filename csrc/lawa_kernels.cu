@@ -217,7 +217,7 @@ struct SwapInOp {
     const Raw<H>* ring;  // slot 0 of the segment's slice (not in kLawaEma)
     int64_t newest;      // slot of the newest snapshot (kLawaLast only)
     int64_t slots;       // snapshots averaged
-    float count;         // divisor of the mean
+    float count;         // divisor of last=j's mean (kLawaLast only)
     bool vec;
   };
 
@@ -229,7 +229,7 @@ struct SwapInOp {
     v.ring = A == kLawaEma ? nullptr : ring + seg.offset + lo;
     v.newest = A == kLawaLast ? (n - 1) % k : 0;
     v.slots = A == kLawaLast ? last : (n < k ? n : k);
-    v.count = float(A == kLawaLast ? last : (n < k ? n : k));
+    v.count = float(last);
     v.vec = lawa_aligned(v.param) && lawa_aligned(v.backup);
     if (A == kLawaLast) {
       v.vec = v.vec && lawa_aligned(v.ring) && (D * int64_t(sizeof(Raw<H>))) % 16 == 0;

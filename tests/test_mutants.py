@@ -9,6 +9,7 @@ def test_every_mutant_still_applies():
     assert problems() == []
     assert {m.name for m in MUTANTS if m.gpu} == {
         "slot-index-cuda", "count-cuda", "weighted-newest-slot-cuda", "sum-uncompensated-cuda",
+        "exchange-keeps-the-wrong-half-cuda", "mean-step-not-divided-cuda",
     }
 
 

@@ -205,7 +205,7 @@ MUTANTS = [
     Mutant("sum-uncompensated-cuda", CU, "  return isfinite(s) ? __fadd_rn(s, c) : s;", "  return (void)c, s;", CUDA,
            gpu=True),
     Mutant("count-cuda", CU,
-           "float(A == kLawaLast ? last : (n < k ? n : k));", "float(A == kLawaLast ? last : k);", CUDA, gpu=True),
+           "const float count = float(v.filled);", "const float count = float(k);", CUDA, gpu=True),
     Mutant("weighted-newest-slot-cuda", CU, "    v.newest = (n - 1) % k;\n", "    v.newest = n % k;\n", CUDA, gpu=True),
     # -- the history, the wrapper, checkpoints, torch.compile ---------------------------
     Mutant("swap-in-misses-moved-storage", HIST,
