@@ -155,8 +155,9 @@ PIECE = 1 << 18
 
 def exchanges(b: "Bucket") -> bool:
     """Whether the full average of ``b`` can be exchanged with its parameters in place:
-    float32, bfloat16 or float64 parameters (the running mean's width, or its high half)."""
-    return b.dtype in (torch.float32, torch.bfloat16, torch.float64)
+    float32, bfloat16 or float64 parameters (the running mean's width, or its high half)
+    over a history of floating-point snapshots, whose ``total`` is their running mean."""
+    return b.dtype in (torch.float32, torch.bfloat16, torch.float64) and b.history_dtype.is_floating_point
 
 
 def exchange(b: "Bucket", back: bool) -> None:

@@ -125,8 +125,9 @@ def ema_update(b: "Bucket", decay: float) -> None:
 
 
 def exchanges(b: "Bucket") -> bool:
-    """float32 and bfloat16 parameters swap their full average in place."""
-    return b.dtype in (torch.float32, torch.bfloat16)
+    """float32 and bfloat16 parameters over a floating-point history (``total`` is the
+    running mean) swap their full average in place."""
+    return b.dtype in (torch.float32, torch.bfloat16) and b.history_dtype.is_floating_point
 
 
 def swap_in(b: "Bucket", last: int | None, weights: Tensor | None = None) -> None:
