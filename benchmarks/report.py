@@ -38,12 +38,15 @@ from benchmarks import suite, targets  # noqa: E402
 from benchmarks.plot import plot  # noqa: E402
 from benchmarks.workloads import MODELS, flat_params, model_params  # noqa: E402
 from lawa_optim._cli import Parser, int_at_least, output_dir, positive_float  # noqa: E402
+from lawa_optim.demo import source_version  # noqa: E402
 
 QUICK = {"sizes": [1 << 20, 1 << 22, 1 << 24, 1 << 26], "size_ops": ("snapshot",),
          "models": ["resnet50", "gpt2-small"], "repeats": 5}
 FULL = {"sizes": [1 << s for s in range(20, 29, 2)], "size_ops": suite.OPS,
         "models": ["resnet50", "gpt2-small"], "repeats": 7}
 RESULTS = Path(__file__).resolve().parent / "results"
+#: Environment variables that set the threads the timed operations use.
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -71,10 +74,10 @@ def machine_slug(device: torch.device) -> str:
 
 
 def interleaved(calls: dict[str, Callable[[], None]], repeats: int, device: torch.device,
-                min_seconds: float = 1.0, max_rounds: int = 50) -> dict[str, float]:
-    """Median wall time of each call, timed round-robin so that load from other processes
-    on the machine falls on all of them alike: one warm-up round (compilation, caches),
-    then rounds until there are ``repeats`` and they took ``min_seconds``, or
+                min_seconds: float = 1.0, max_rounds: int = 50) -> dict[str, list[float]]:
+    """Wall times of each call, one per round, timed round-robin so that load from other
+    processes on the machine falls on all of them alike: one warm-up round (compilation,
+    caches), then rounds until there are ``repeats`` and they took ``min_seconds``, or
     ``max_rounds`` of them."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in calls}
@@ -94,13 +97,25 @@ def interleaved(calls: dict[str, Callable[[], None]], repeats: int, device: torc
         one_round()
         if rounds >= repeats and time.perf_counter() - start >= min_seconds:
             break
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def ratios(base: list[float], lawa: list[float], same_rounds: bool) -> dict[str, float]:
+    """How many times faster ``lawa`` is than ``base``: timed in the same rounds, the
+    median and range of the per-round ratios; timed in rounds of their own, the ratio of
+    the medians and the widest range the times allow."""
+    if same_rounds:
+        r = [b / t for b, t in zip(base, lawa)]
+        return {"median": statistics.median(r), "min": min(r), "max": max(r)}
+    return {"median": statistics.median(base) / statistics.median(lawa), "min": min(base) / max(lawa),
+            "max": max(base) / min(lawa)}
 
 
 def measure(workload, device: torch.device, k: int, op_names, repeats: int, min_seconds: float) -> list[dict]:
     """Records for every backend and operation on one workload; the roofline and the
     baselines are timed in the same rounds as the first backend. Times are per
-    operation: a row of ``calls`` operations, divided by ``calls``."""
+    operation: a row of ``calls`` operations, divided by ``calls``. Each speed-up is the
+    median of the per-round ratios, with their range under ``speedup_range``."""
     dtype = workload.params[0].dtype
     most = max(suite.nbytes(op, workload.numel, dtype, dtype, k) for op in op_names)
     src = torch.ones(most // 2 // dtype.itemsize, dtype=dtype, device=device)
@@ -109,7 +124,7 @@ def measure(workload, device: torch.device, k: int, op_names, repeats: int, min_
               "param_dtype": dtype_name(dtype), "history_dtype": dtype_name(dtype), "numel": workload.numel,
               "tensors": len(workload.params), "k": k, "torch": torch.__version__,
               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    base: dict[str, dict[str, float]] = {}
+    base: dict[str, dict[str, list[float]]] = {}
     records = []
     for backend, impls in suite.backends_here(device, dtype)[0].items():
         setup = suite.prepare(workload, backend, k)
@@ -118,17 +133,21 @@ def measure(workload, device: torch.device, k: int, op_names, repeats: int, min_
             if name not in base:
                 calls["roofline"] = suite.roofline(op, dst, src)
                 calls.update(op.baselines)
-            t = {key: s / op.calls for key, s in interleaved(calls, repeats, device, min_seconds).items()}
+            t = {key: [s / op.calls for s in times] for key, times in interleaved(calls, repeats, device, min_seconds).items()}
+            same_rounds = name not in base
             base.setdefault(name, {b: t[b] for b in ["roofline", *op.baselines]})
-            roof = op.nbytes / base[name]["roofline"] / 1e9
+            roof = op.nbytes / statistics.median(base[name]["roofline"]) / 1e9
             for impl in impls:
-                seconds = t[f"lawa:{impl}"]
+                seconds = statistics.median(t[f"lawa:{impl}"])
                 gbps = op.nbytes / seconds / 1e9
+                speed = {b: ratios(base[name][b], t[f"lawa:{impl}"], same_rounds) for b in op.baselines}
                 records.append({**common, "op": name, "backend": backend, "impl": impl, "calls": op.calls,
                                 "median_s": seconds, "bytes": op.nbytes, "gbps": gbps, "roofline_gbps": roof,
                                 "roofline_fraction": gbps / roof,
-                                "baseline_s": {b: base[name][b] for b in op.baselines},
-                                "speedup": {b: base[name][b] / seconds for b in op.baselines}})
+                                "baseline_s": {b: statistics.median(base[name][b]) for b in op.baselines},
+                                "speedup": {b: v["median"] for b, v in speed.items()},
+                                "speedup_range": {b: [v["min"], v["max"]] for b, v in speed.items()},
+                                "rounds": len(t[f"lawa:{impl}"]), "same_rounds_as_baselines": same_rounds})
         del setup
         gc.collect()
     return records
@@ -144,25 +163,45 @@ def memory_records(workload, k: int) -> list[dict]:
 
 
 def table(records: list[dict]) -> str:
-    """A fixed-width table of the timing records."""
+    """A fixed-width table of the timing records: each speed-up as the median of the
+    per-round ratios and their range, after the machine and its load."""
     head = f"{'workload':<12}{'dtype':<10}{'op':<11}{'backend':<16}{'ms':>9}{'GB/s':>8}{'roof GB/s':>10}" \
-           f"{'% roof':>8}{'x foreach':>10}{'x loop':>8}{'x authors':>10}"
-    lines = [head, "-" * len(head)]
+           f"{'% roof':>8}{'x foreach [range]':>20}{'x loop [range]':>20}{'x authors [range]':>20}"
+    lines = [run_line(r) for r in records if r["op"] == "run"] + [head, "-" * len(head)]
     for r in records:
         if "median_s" not in r:
             continue
-        sp = r["speedup"]
-        cell = lambda b: f"{sp[b]:.2f}" if b in sp else "-"  # noqa: E731
+        sp, rng = r["speedup"], r.get("speedup_range", {})
+        cell = lambda b: (f"{sp[b]:.2f} [{rng[b][0]:.2f}-{rng[b][1]:.2f}]" if b in rng  # noqa: E731
+                          else f"{sp[b]:.2f}" if b in sp else "-")
         lines.append(f"{r['workload']:<12}{r['param_dtype']:<10}{r['op']:<11}{r['backend'] + '/' + r['impl']:<16}"
                      f"{r['median_s'] * 1e3:>9.2f}{r['gbps']:>8.2f}{r['roofline_gbps']:>10.2f}"
                      f"{100 * r['roofline_fraction']:>7.0f}%"
-                     f"{cell('foreach'):>10}{cell('loop'):>8}{cell('authors'):>10}")
+                     f"{cell('foreach'):>20}{cell('loop'):>20}{cell('authors'):>20}")
     mem = [r for r in records if r["op"] == "memory"]
     if mem:
         lines += ["", f"extra memory held for k={mem[0]['k']} (MB):"]
         for r in mem:
             lines.append(f"  {r['workload']:<12}{r['approach']:<20}{r['bytes'] / 1e6:>10.0f}")
     return "\n".join(lines)
+
+
+def run_line(r: dict) -> str:
+    """The machine, its load and the code of a run record, in one paragraph."""
+    rounds = r.get("rounds", [])
+    return (f"{r['command']}\ncode: {r['code']['text']}\n{r['device_name']}, {r['cpu_count']} CPUs; load average "
+            f"(1, 5, 15 min) before {'/'.join(f'{x:.2f}' for x in r['load_before'])}, after "
+            f"{'/'.join(f'{x:.2f}' for x in r['load_after'])}; each ratio: median [range] of the per-round ratios"
+            + (f" over {', '.join(map(str, rounds))} interleaved rounds" if rounds else "") + "\n")
+
+
+def run_record(device: torch.device, command: str) -> dict:
+    """What a run's numbers depend on besides the code under test: the machine, its load
+    (updated as the run goes on), the command and the commit."""
+    return {"op": "run", "device": device.type, "device_name": device_name(device), "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+            "command": command, "code": source_version(), "load_before": list(os.getloadavg()),
+            "load_after": list(os.getloadavg())}
 
 
 def free_bytes(device: torch.device) -> int:
@@ -174,15 +213,18 @@ def free_bytes(device: torch.device) -> int:
 
 
 def run(sizes, size_ops, models, repeats: int, k: int, device: torch.device, out: Path | None,
-        dtypes=(torch.float32,), min_seconds: float = 1.0) -> list[dict]:
+        dtypes=(torch.float32,), min_seconds: float = 1.0, command: str = "") -> list[dict]:
     """Measure flat ``sizes`` in each of ``dtypes`` (operations ``size_ops``) and the float32
     parameter lists of ``models`` (every operation); print the table and the targets;
-    write JSON and PNG under ``out`` (None: print only)."""
+    write JSON and PNG under ``out`` (None: print only). The first record describes the
+    run (:func:`run_record`, with ``command``)."""
     path = None if out is None else out / f"{machine_slug(device)}.json"
-    records = [{"op": "unavailable", "device": device.type, "backend": name, "param_dtype": dtype_name(d),
+    info = run_record(device, command)
+    records = [info]
+    records += [{"op": "unavailable", "device": device.type, "backend": name, "param_dtype": dtype_name(d),
                 "reason": why}
                for d in dtypes for name, why in suite.backends_here(device, d)[1].items()]
-    for r in records:
+    for r in records[1:]:
         print(f"not timed: the {r['backend']} backend with {r['param_dtype']}: {r['reason']}")
     workloads = [(lambda n=n, d=d: flat_params(n, d, device), n, d, size_ops) for n in sizes for d in dtypes]
     workloads += [(lambda m=m: model_params(m, torch.float32, device), None, torch.float32, suite.OPS)
@@ -203,6 +245,8 @@ def run(sizes, size_ops, models, repeats: int, k: int, device: torch.device, out
         records += measure(w, device, k, op_names, repeats, min_seconds)
         if numel is None:
             records += memory_records(w, k)
+        info["load_after"] = list(os.getloadavg())
+        info["rounds"] = sorted({r["rounds"] for r in records if "median_s" in r})
         print(f"measured {w.name} {dtype_name(dtype)} in {time.perf_counter() - t0:.0f} s", flush=True)
         del w
         gc.collect()
@@ -246,9 +290,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     cfg = FULL if args.full else QUICK
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = [f"{k}={os.environ[k]}" for k in THREAD_ENV if k in os.environ]
+    command = " ".join([*env, "python benchmarks/report.py", *(sys.argv[1:] if argv is None else argv)])
     return run(cfg["sizes"] if args.sizes is None else args.sizes, cfg["size_ops"],
                cfg["models"] if args.models is None else args.models, args.repeats or cfg["repeats"], args.k,
-               device, args.out, [DTYPES[d] for d in args.dtypes], args.seconds)
+               device, args.out, [DTYPES[d] for d in args.dtypes], args.seconds, command)
 
 
 if __name__ == "__main__":

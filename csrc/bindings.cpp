@@ -154,6 +154,22 @@ void ema_update(const at::Tensor& table, int64_t num_tiles, at::ScalarType param
                "ema_update");
 }
 
+void phema_update(const at::Tensor& table, int64_t num_tiles, at::ScalarType param_dtype,
+                  const at::Tensor& emas, const at::Tensor& alphas) {
+  const c10::cuda::CUDAGuard guard(table.device());
+  const LawaLaunch launch = launch_of(table, num_tiles);
+  check_buffer(emas, "emas", table.device(), at::kFloat);
+  check_buffer(alphas, "alphas", table.device(), at::kFloat);
+  TORCH_CHECK(emas.dim() == 2 && emas.size(0) >= 1, "emas must have shape (E, D) with E >= 1, got ",
+              emas.sizes());
+  TORCH_CHECK(alphas.dim() == 1 && alphas.size(0) == emas.size(0), "alphas must have shape (",
+              emas.size(0), ",), one per row of emas, got ", alphas.sizes());
+  check_launch(lawa_phema_update(launch, lawa_dtype(param_dtype, "the parameters"),
+                                 emas.data_ptr<float>(), alphas.data_ptr<float>(), emas.size(1),
+                                 emas.size(0)),
+               "phema_update");
+}
+
 void swap_in(const at::Tensor& table, int64_t num_tiles, const std::string& mode,
              const at::Tensor& backup, const at::Tensor& total, const c10::optional<at::Tensor>& ring,
              const at::Tensor& pushes, c10::optional<int64_t> last) {
@@ -256,6 +272,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ema_update", &ema_update, "Fold the weights into the exponential average",
         py::arg("table"), py::arg("num_tiles"), py::arg("param_dtype"), py::arg("total"),
         py::arg("pushes"), py::arg("decay"));
+  m.def("phema_update", &phema_update, "Fold the weights into every power-function EMA",
+        py::arg("table"), py::arg("num_tiles"), py::arg("param_dtype"), py::arg("emas"),
+        py::arg("alphas"));
   m.def("swap_in", &swap_in, "Back up the weights and write the average into them",
         py::arg("table"), py::arg("num_tiles"), py::arg("mode"), py::arg("backup"), py::arg("total"),
         py::arg("ring"), py::arg("pushes"), py::arg("last"));

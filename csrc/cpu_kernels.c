@@ -469,3 +469,49 @@ int lawa_cpu_all_finite(const void *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) bad |= (bits[i] & 0x7f800000u) == 0x7f800000u;
     return bad == 0;
 }
+
+/* The power-function EMAs of mode="phema" (EDM2) over one row: for each of the E rows
+ * of emas (stride D), ema = param where alpha == 1 (the first step), else
+ * ema + alpha * (param - ema), each operation rounded once. The row's weights are widened
+ * block by block into a buffer that every EMA then reads from L1: the parameters are
+ * read from memory once whatever E. */
+#define DEFINE_PHEMA(P)                                                                     \
+    static void phema_##P(const void *src_, float *emas, int64_t D, int64_t E,              \
+                          const float *restrict alphas, int64_t n) {                        \
+        const P##_t *restrict src = src_;                                                   \
+        float theta[BLOCK];                                                                 \
+        for (int64_t b = 0; b < n; b += BLOCK) {                                            \
+            int64_t m = min64(BLOCK, n - b);                                                \
+            for (int64_t i = 0; i < m; i++) theta[i] = P##_to_f(src[b + i]);                \
+            for (int64_t e = 0; e < E; e++) {                                               \
+                float *restrict ema = emas + e * D + b;                                     \
+                float a = alphas[e];                                                        \
+                if (a == 1.0f) {                                                            \
+                    memcpy(ema, theta, (size_t)m * sizeof(float));                          \
+                } else {                                                                    \
+                    for (int64_t i = 0; i < m; i++) ema[i] = ema[i] + a * (theta[i] - ema[i]); \
+                }                                                                           \
+            }                                                                               \
+        }                                                                                   \
+    }
+
+DEFINE_PHEMA(f32)
+DEFINE_PHEMA(bf16)
+DEFINE_PHEMA(f16)
+
+typedef void (*phema_fn)(const void *, float *, int64_t, int64_t, const float *, int64_t);
+static const phema_fn PHEMA[3] = {phema_f32, phema_bf16, phema_f16};
+
+/* emas: E rows of D float32; alphas: E float32 coefficients 1 - beta_e(t). */
+int lawa_cpu_phema(const int64_t *rows, int64_t nrows, int pdtype, float *emas, int64_t D,
+                   int64_t E, const float *alphas, int nthreads) {
+    if (bad_dtype(pdtype)) return -1;
+    if (E < 1 || emas == NULL || alphas == NULL) return -2;
+    phema_fn fn = PHEMA[pdtype];
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < nrows; r++) {
+        const int64_t *row = rows + 3 * r;
+        fn((const void *)(intptr_t)row[0], emas + row[1], D, E, alphas, row[2]);
+    }
+    return 0;
+}

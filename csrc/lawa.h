@@ -58,9 +58,14 @@ cudaError_t lawa_push(const LawaLaunch& launch, LawaDtype param_dtype, LawaDtype
 cudaError_t lawa_ema_update(const LawaLaunch& launch, LawaDtype param_dtype, float* total,
                             const int64_t* pushes, float decay, float one_minus_decay);
 
+// The power-function EMAs of mode="phema" (EDM2): for e = 0 .. E - 1, emas[e] = float(param)
+// where alphas[e] == 1, else emas[e] + alphas[e] * (float(param) - emas[e]), each operation
+// rounded once (no FMA). `emas` is (E, D) float32; `alphas` E float32 in device memory.
+cudaError_t lawa_phema_update(const LawaLaunch& launch, LawaDtype param_dtype, float* emas,
+                              const float* alphas, int64_t D, int64_t E);
+
 // backup = param (bit for bit), then param = round(average) (lawa_optim/ops.py), see
-// LawaAverage. `ring`
-// may be null for kLawaEma only; `last` is used by kLawaLast only.
+// LawaAverage. `ring` may be null for kLawaEma only; `last` is used by kLawaLast only.
 cudaError_t lawa_swap_in(const LawaLaunch& launch, LawaDtype param_dtype, LawaDtype history_dtype,
                          LawaAverage average, void* backup, const float* total, const void* ring,
                          const int64_t* pushes, int64_t D, int64_t k, int64_t last);

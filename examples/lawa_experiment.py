@@ -11,18 +11,22 @@ own split, initialisation and batch order; see ``examples/lawa_runs.py``) it tra
 a BatchNorm CNN with cosine (main), step-decay and constant learning rates, a cosine
 run shortened to fewer epochs (the equal-compute baseline) and Lookahead, fits TWA
 from the cosine run's snapshots, and reports per-epoch paired differences with
-bootstrap 95 % intervals over the seeds.
+Student-t 95 % intervals over the seeds. A short list of comparisons, :data:`PLANNED`,
+was fixed before the run and is reported with family-wise 95 % intervals (Bonferroni);
+every other interval is exploratory.
 
-Run from the repository root: ``python -m examples.lawa_experiment`` (about 9
-minutes on 2 CPU cores; ``--fast`` for a smoke run of seconds). It writes
+Run from the repository root: ``python -m examples.lawa_experiment`` (20 seeds, about
+13 minutes on 2 idle CPU cores; ``--fast`` for a smoke run of seconds). It writes
 ``lawa_experiment.json``, ``lawa_experiment.csv``, ``lawa_experiment.txt`` and two
-plots to ``--out``.
+plots to ``--out``, each with the commit of the code that produced it. Interrupted
+(Ctrl-C) after two seeds or more, it summarises the seeds that finished and says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -33,6 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, is_dataclass
 from functools import partial
 from pathlib import Path
@@ -42,9 +47,11 @@ import torch
 from examples import lawa_runs as runs
 from examples.lawa_plots import plot_all
 from lawa_optim._cli import Parser, int_at_least, output_dir
-from lawa_optim.paired import MARGINS, conclusion, paired, per_epoch, per_phase, reach, reach_text, targets
+from lawa_optim.demo import source_version
+from lawa_optim.paired import (LEVEL, MARGINS, Paired, Reach, conclusion, paired, per_epoch, per_phase, phases,
+                               reach, reach_text, targets)
 
-FULL = runs.Config(seeds=10, epochs=30, short=15, train=10_000, holdout=2_000, val=2_000, bn=1_000, batch=128,
+FULL = runs.Config(seeds=20, epochs=30, short=15, train=10_000, holdout=2_000, val=2_000, bn=1_000, batch=128,
                    twa_starts=(10, 20), twa_epochs=2)
 #: The smoke run the tests use (on a tiny IDX file of 200 images).
 FAST = runs.Config(seeds=2, epochs=4, short=2, train=128, holdout=32, val=32, bn=32, batch=32,
@@ -78,8 +85,13 @@ def summarise(results: Sequence[dict], cfg: runs.Config) -> dict:
         if k != 6:
             add(f"cosine: LAWA k={k} - live, both refreshed", "cosine", f"lawa{k}", "cosine", "live_bn")
             add(f"cosine: LAWA k={k} - LAWA k=6", "cosine", f"lawa{k}", "cosine", "lawa6")
+    # the EMA puts 0.9 on the newest snapshot, about one snapshot's window: uniform k=1 (the
+    # live weights, refreshed like every average) and k=2 are its like-for-like baselines
+    add("cosine: EMA - live, both refreshed (uniform k=1)", "cosine", "ema", "cosine", "live_bn")
+    add("cosine: EMA - LAWA k=2", "cosine", "ema", "cosine", "lawa2")
     add("cosine: EMA - LAWA k=10", "cosine", "ema", "cosine", "lawa10")
     add("cosine: Lookahead - live, both refreshed", "lookahead", "lookahead", "cosine", "live_bn")
+    add("cosine: LAWA k=6 - Lookahead", "cosine", "lawa6", "lookahead", "lookahead")
     add("cosine: LAWA k=10 - Lookahead", "cosine", "lawa10", "lookahead", "lookahead")
     add("cosine: LAWA k=6 without - with BatchNorm refresh", "cosine", "lawa6_nobn", "cosine", "lawa6")
     add("cosine: live refreshed - live", "cosine", "live_bn", "cosine", "live")
@@ -93,14 +105,15 @@ def summarise(results: Sequence[dict], cfg: runs.Config) -> dict:
     for sched in runs.SCHEDULES:
         for live_key in ("live", "live_bn"):
             for m in METRICS:
-                live, lawa = _curves(results, sched, f"{live_key}_{m}"), _curves(results, sched, f"lawa6_{m}")
-                t = [targets(curve, m) for curve in live]
-                r = reach(live, lawa, t, higher_is_better=m == "acc")
-                # watching a refreshed curve at every epoch costs one refresh per epoch: epoch e costs
-                # e * (1 + c); the live weights' running statistics cost nothing
-                live_cost = 1 + c if live_key == "live_bn" else 1
-                costed = paired([h * live_cost for h in r.a_hits], [h * (1 + c) for h in r.b_hits])
-                s["reach"][f"{sched}/{live_key}/{m}"] = {"epochs": r, "refresh_counted": costed}
+                for target in TARGETS:
+                    live, lawa = _curves(results, sched, f"{live_key}_{m}"), _curves(results, sched, f"lawa6_{m}")
+                    t = [targets(curve, m, exact=target == "exact") for curve in live]
+                    r = reach(live, lawa, t, higher_is_better=m == "acc")
+                    # watching a refreshed curve at every epoch costs one refresh per epoch: epoch e costs
+                    # e * (1 + c); the live weights' running statistics cost nothing
+                    live_cost = 1 + c if live_key == "live_bn" else 1
+                    costed = paired([h * live_cost for h in r.a_hits], [h * (1 + c) for h in r.b_hits])
+                    s["reach"][f"{sched}/{live_key}/{m}/{target}"] = {"epochs": r, "refresh_counted": costed}
 
     T, Ts = cfg.epochs, cfg.short
     for m in METRICS:  # every side with refreshed BatchNorm statistics
@@ -127,7 +140,60 @@ def summarise(results: Sequence[dict], cfg: runs.Config) -> dict:
                 f"TWA-v - live at epoch {T} (the full run)": (fit["v"], at("live_bn", T)),
             }
             s["twa"][f"start {start}/{m}"] = {k: paired(a, b) for k, (a, b) in rows.items()}
+    s["planned"] = planned(results, cfg)
     return s
+
+
+#: Targets of "epochs to reach": relaxed (1.1 x the final loss, the final accuracy - 1
+#: point) and the final value itself.
+TARGETS = ("relaxed", "exact")
+
+
+def planned_names(cfg: runs.Config) -> tuple[str, ...]:
+    """The planned comparisons, fixed before the 20-seed run: the claims the README makes
+    (LAWA ahead during a cosine run and level at its end, the epochs it saves with and
+    without the live weights refreshed, the schedule shortened in advance, TWA against
+    training on). Every other interval is exploratory."""
+    first, last = phases(cfg.epochs)[1]
+    T, Ts, E = cfg.epochs, cfg.short, cfg.twa_starts[-1]
+    return (f"cosine: LAWA k=6 - live, validation loss, mean over epochs {first}-{last}",
+            f"cosine: LAWA k=6 - live, accuracy at epoch {T}",
+            "cosine: epochs LAWA k=6 saves reaching the live weights' final accuracy - 0.01",
+            "cosine: epochs LAWA k=6 saves reaching the refreshed live weights' final accuracy - 0.01",
+            f"LAWA k=6 at epoch {Ts} of the {T}-epoch cosine - cosine over {Ts} epochs, accuracy",
+            f"live at epoch {T} of the {T}-epoch cosine - cosine over {Ts} epochs, accuracy",
+            f"TWA-t from epoch {E} - LAWA k=6 at epoch {E + cfg.twa_epochs}, loss")
+
+
+#: Family-wise 95 % over the planned comparisons: each interval at 1 - 0.05 / m (Bonferroni).
+def planned_level(m: int) -> float:
+    """The level of each of ``m`` planned intervals."""
+    return 1 - (1 - LEVEL) / m
+
+
+def planned(results: Sequence[dict], cfg: runs.Config) -> dict[str, Paired | Reach]:
+    """The planned comparisons (:func:`planned_names`), each at :func:`planned_level`."""
+    names = planned_names(cfg)
+    level = planned_level(len(names))
+    first, last = phases(cfg.epochs)[1]
+    T, Ts, E = cfg.epochs, cfg.short, cfg.twa_starts[-1]
+    at = lambda run, key, e: [c[e - 1] for c in _curves(results, run, key)]  # noqa: E731
+    mid = lambda key: [sum(c[first - 1:last]) / (last - first + 1) for c in _curves(results, "cosine", key)]  # noqa: E731
+
+    def saves(live_key: str) -> Reach:
+        live = _curves(results, "cosine", f"{live_key}_acc")
+        return reach(live, _curves(results, "cosine", "lawa6_acc"), [targets(c, "acc") for c in live],
+                     higher_is_better=True, level=level)
+
+    short = [c[-1] for c in _curves(results, "short", "live_bn_acc")]
+    values = (paired(mid("lawa6_loss"), mid("live_loss"), level),
+              paired(at("cosine", "lawa6_acc", T), at("cosine", "live_acc", T), level),
+              saves("live"), saves("live_bn"),
+              paired(at("cosine", "lawa6_acc", Ts), short, level),
+              paired(at("cosine", "live_bn_acc", T), short, level),
+              paired([r["cosine"]["twa"][E]["t"]["loss"] for r in results], at("cosine", "lawa6_loss", E + cfg.twa_epochs),
+                     level))
+    return dict(zip(names, values))
 
 
 SECTIONS = (
@@ -136,9 +202,11 @@ SECTIONS = (
      tuple(f"{sched}: LAWA k=6 - live{ctl}" for sched in runs.SCHEDULES for ctl in ("", ", both refreshed"))),
     ("k sweep (cosine)", tuple(f"cosine: LAWA k={k} - {ref}" for k in runs.WINDOWS if k != 6
                                for ref in ("live, both refreshed", "LAWA k=6"))),
-    ("EMA vs uniform (paper's Appendix C: alpha 0.9 on the newest checkpoint, k = 10)", ("cosine: EMA - LAWA k=10",)),
+    ("EMA vs uniform (alpha 0.9 on the newest checkpoint, as in the paper's Appendix C, against uniform windows of "
+     "about the same length, k = 1 and 2, and the paper's k = 10)",
+     ("cosine: EMA - live, both refreshed (uniform k=1)", "cosine: EMA - LAWA k=2", "cosine: EMA - LAWA k=10")),
     ("Lookahead (paper's Appendix B: alpha 0.8, k 5; slow weights refreshed)",
-     ("cosine: Lookahead - live, both refreshed", "cosine: LAWA k=10 - Lookahead")),
+     ("cosine: Lookahead - live, both refreshed", "cosine: LAWA k=6 - Lookahead", "cosine: LAWA k=10 - Lookahead")),
     ("BatchNorm statistics", ("cosine: LAWA k=6 without - with BatchNorm refresh", "cosine: live refreshed - live",
                               "cosine: LAWA k=6 - live, neither refreshed")),
 )
@@ -150,6 +218,18 @@ def report(s: dict, cfg: runs.Config, results: Sequence[dict]) -> list[str]:
     n = cfg.seeds
     say = lambda p, m: conclusion(p, MARGINS[m], "lower", "higher")  # noqa: E731
     c = s["refresh_cost"]
+    level = planned_level(len(s["planned"]))
+    L += [f"== planned comparisons (fixed before the run): mean [{100 * level:.2f}% interval, family-wise 95% "
+          f"(Bonferroni over {len(s['planned'])})] =="]
+    for name, v in s["planned"].items():
+        if isinstance(v, Reach):
+            t = reach_text(v, "acc", "live", "LAWA")
+            L.append(f"{name}: {t.medians}; saved {t.saved} ({t.says})")
+        else:
+            m = "loss" if name.endswith("loss") or "validation loss" in name else "acc"
+            L.append(f"{name}: {v.text()} ({say(v, m)}; lower in {v.below} of {v.n} seeds, higher in {v.above})")
+    L += ["", f"Everything below is exploratory: unadjusted 95% intervals, {count_intervals(s) - len(s['planned'])} in "
+          "all (with the per-epoch ones in the CSV); read them as pointers, not as claims."]
     for title, names in SECTIONS:
         L += ["", f"== {title}: mean over each third of the run, and the last epoch =="]
         for name in names:
@@ -158,16 +238,16 @@ def report(s: dict, cfg: runs.Config, results: Sequence[dict]) -> list[str]:
                 L.append(f"{name}, {m}: " + "; ".join(f"epochs {a}-{b} {p.text()} ({say(p, m)})" for a, b, p in cmp["phases"])
                          + f"; epoch {cfg.epochs} {cmp['last'].text()} ({say(cmp['last'], m)})")
         if title.startswith("LAWA k=6"):
-            L.append(f"epochs to reach a target set from the live weights' final value (LAWA's saving; then in epochs of "
-                     f"compute, counting one BatchNorm refresh, {c['measured_epochs']:.3f} epochs as measured, per "
-                     "evaluated epoch of every refreshed curve):")
+            L.append(f"epochs to reach a target set from the live weights' final value (LAWA's saving, first epoch of "
+                     f"live minus first epoch of LAWA, per seed; then in epochs of compute, counting one BatchNorm "
+                     f"refresh, {c['measured_epochs']:.3f} epochs as measured, per evaluated epoch of every refreshed "
+                     "curve):")
             for key, r in s["reach"].items():
-                sched, live_key, m = key.split("/")
+                sched, live_key, m, target = key.split("/")
                 e = r["epochs"]
                 live = "live" if live_key == "live" else "live refreshed"
-                t = reach_text(e, m, live, "LAWA")
-                missed = f" ({e.b_missed} of {n} seeds never: counted as epoch {cfg.epochs + 1})" if e.b_missed else ""
-                L.append(f"  {sched}, {t.target} of {live}: {t.medians}{missed}; saved {t.saved} epochs ({t.says}); "
+                t = reach_text(e, m, live, "LAWA", exact=target == "exact")
+                L.append(f"  {sched}, {t.target} of {live}: {t.medians}; saved {t.saved} ({t.says}); "
                          f"with refreshes {r['refresh_counted'].text('+.1f')}")
     L += ["", "== per epoch, cosine: means over seeds; LAWA - live: mean [95% interval], seeds where LAWA is lower =="]
     L.append(f"{'epoch':>5} {'live loss':>9} {'LAWA-6':>7} {'LAWA-6 - live loss':>27} {'lower':>5} "
@@ -184,7 +264,7 @@ def report(s: dict, cfg: runs.Config, results: Sequence[dict]) -> list[str]:
           f"{cfg.epochs}-epoch run, BatchNorm refreshed on both sides ({c['measured_epochs']:.3f} epochs each) =="]
     for key, p in s["equal_compute"].items():
         label, m = key.rsplit("/", 1)
-        L.append(f"{label}, {m}: {p.text()} ({say(p, m)})")
+        L.append(f"{label}, {m}: {p.text()} ({say(p, m)}; lower in {p.below} of {p.n} seeds, higher in {p.above})")
     L += ["", f"== TWA from all snapshots held at epoch E, {cfg.twa_epochs} epochs' worth of steps with the papers' "
           f"schedule (lr {runs.TWA_LR_SCALE:g} x {runs.LR:g}, /10 at 50 % and 75 %), BatchNorm refreshed; "
           "compared with training on (live weights refreshed too) =="]
@@ -193,6 +273,20 @@ def report(s: dict, cfg: runs.Config, results: Sequence[dict]) -> list[str]:
         for label, p in rows.items():
             L.append(f"E = {start.split()[1]}, {m}: {label}: {p.text()} ({say(p, m)})")
     return L
+
+
+def count_intervals(x: object, seen: set[int] | None = None) -> int:
+    """The distinct intervals a summary holds."""
+    seen = set() if seen is None else seen
+    if isinstance(x, (Paired, Reach)):
+        new = id(x) not in seen
+        seen.add(id(x))
+        return int(new)
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(count_intervals(v, seen) for v in x)
+    return 0
 
 
 def per_epoch_rows(s: dict) -> list[list]:
@@ -256,34 +350,44 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cfg = FAST if args.fast else FULL
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    code = source_version()  # before anything is written: the output may be tracked
     load = os.getloadavg()
     t0 = time.perf_counter()
     work = partial(runs.run_seed, cfg=cfg, data_dir=args.data_dir)
-    if args.jobs == 1:
-        results = [work(seed) for seed in range(cfg.seeds)]
-    else:
-        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-            results = pool.map(work, range(cfg.seeds), chunksize=1)  # seeds take equally long
+    results: list[dict] = []
+    interrupted = None
+    with multiprocessing.get_context("spawn").Pool(args.jobs) if args.jobs > 1 else nullcontext() as pool:
+        try:
+            for r in (pool.imap(work, range(cfg.seeds)) if pool else map(work, range(cfg.seeds))):
+                results.append(r)
+                print(f"seed {r['seed']} done ({len(results)} of {cfg.seeds}, {time.perf_counter() - t0:.0f} s)",
+                      file=sys.stderr, flush=True)
+        except KeyboardInterrupt:  # summarise the seeds that finished, and say so
+            if len(results) < 2:
+                raise
+            interrupted = f"interrupted after {len(results)} of {cfg.seeds} seeds: the summary covers seeds 0-{len(results) - 1}"
+            print(interrupted, file=sys.stderr, flush=True)
+            cfg = dataclasses.replace(cfg, seeds=len(results))
     seconds = time.perf_counter() - t0
     s = summarise(results, cfg)
     command = command_line(sys.argv[1:] if argv is None else argv)
     cpu = sum(r["cost"]["cpu_s"] for r in results)
-    head = [f"command: {command}",
+    head = [f"command: {command}", f"code: {code['text']}", *([interrupted] if interrupted else []),
             f"{cfg.seeds} seeds, {seconds:.0f} s wall on {args.jobs} process(es) x 1 thread (load average before "
             f"{load[0]:.2f}, after {os.getloadavg()[0]:.2f}); {cpu:.0f} CPU seconds in all, about {cpu / args.jobs:.0f} s "
             f"of wall time on {args.jobs} idle core(s) (CPU seconds / {args.jobs}); torch {torch.__version__}",
-            "differences: mean [95% bootstrap interval over seeds]; 'equal within' = the whole interval inside the margin "
-            f"({', '.join(f'{k} {v:g}' for k, v in MARGINS.items())})", ""]
+            "differences: mean [95% Student-t interval over seeds] unless said otherwise; 'equal within' = the whole "
+            f"interval inside the margin ({', '.join(f'{k} {v:g}' for k, v in MARGINS.items())})", ""]
     lines = head + report(s, cfg, results)
     print("\n".join(lines))
     (out / "lawa_experiment.txt").write_text("\n".join(lines) + "\n")
     (out / "lawa_experiment.json").write_text(json.dumps(_jsonable({
-        "command": command, "config": cfg.__dict__, "seconds": seconds, "cpu_seconds": cpu, "load_before": load,
+        "command": command, "code": code, "interrupted": interrupted, "config": cfg.__dict__, "seconds": seconds, "cpu_seconds": cpu, "load_before": load,
         "load_after": os.getloadavg(), "machine": machine(args.jobs), "margins": MARGINS,
         "summary": s, "runs": results}), indent=1))
     with open(out / "lawa_experiment.csv", "w", newline="") as f:
         csv.writer(f).writerows(per_epoch_rows(s))
-    plot_all(results, s, cfg, out)
+    plot_all(results, s, cfg, out, note=f"{command}; code: {code['text']}")
     return {"results": results, "summary": s, "seconds": seconds}
 
 

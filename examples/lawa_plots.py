@@ -1,5 +1,5 @@
 """Plots of ``examples/lawa_experiment.py``: mean curves and paired differences with
-their bootstrap 95 % bands (LAWA, Kaddour 2022, arXiv:2209.14981)."""
+their Student-t 95 % bands (LAWA, Kaddour 2022, arXiv:2209.14981)."""
 
 from __future__ import annotations
 
@@ -19,14 +19,16 @@ def _mean(curves: Sequence[Sequence[float]]) -> list[float]:
     return [sum(c[e] for c in curves) / len(curves) for e in range(len(curves[0]))]
 
 
-def plot_all(results: Sequence[dict], s: dict, cfg: runs.Config, out: Path) -> bool:
+def plot_all(results: Sequence[dict], s: dict, cfg: runs.Config, out: Path, note: str = "") -> bool:
     """Write ``lawa_experiment_curves.png`` and ``lawa_experiment_findings.png`` to
-    ``out``; returns False (and writes nothing) when matplotlib is not installed."""
+    ``out``, each with ``note`` (the command and the code) at its foot; returns False
+    (and writes nothing) when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
     curves = [("cosine", "live", "live (cosine)"), ("cosine", "live_bn", "live, BatchNorm refreshed"),
@@ -55,32 +57,39 @@ def plot_all(results: Sequence[dict], s: dict, cfg: runs.Config, out: Path) -> b
     axes[1, 1].legend(fontsize=8)
     for ax in axes.flat:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.suptitle(f"Fashion-MNIST 14x14, BatchNorm CNN, {len(results)} seeds")
-    fig.tight_layout()
+    fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=6)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
     fig.savefig(out / "lawa_experiment_curves.png", dpi=100)
     plt.close(fig)
 
     panels = [
         ("k sweep (cosine): LAWA - live, both refreshed", [f"cosine: LAWA k={k} - live, both refreshed" for k in runs.WINDOWS],
          [f"k={k}" for k in runs.WINDOWS]),
-        ("EMA and Lookahead (cosine)", ["cosine: EMA - LAWA k=10", "cosine: LAWA k=10 - Lookahead",
-                                        "cosine: Lookahead - live, both refreshed"],
-         ["EMA - LAWA k=10", "LAWA k=10 - Lookahead", "Lookahead - live"]),
+        ("EMA (alpha 0.9) against uniform windows (cosine)",
+         ["cosine: EMA - live, both refreshed (uniform k=1)", "cosine: EMA - LAWA k=2", "cosine: EMA - LAWA k=10"],
+         ["EMA - uniform k=1 (live, refreshed)", "EMA - LAWA k=2", "EMA - LAWA k=10"]),
+        ("Lookahead (cosine)", ["cosine: LAWA k=6 - Lookahead", "cosine: LAWA k=10 - Lookahead",
+                                "cosine: Lookahead - live, both refreshed"],
+         ["LAWA k=6 - Lookahead", "LAWA k=10 - Lookahead", "Lookahead - live"]),
         ("BatchNorm (cosine)", ["cosine: LAWA k=6 without - with BatchNorm refresh", "cosine: live refreshed - live"],
          ["LAWA k=6: running - refreshed stats", "live: refreshed - running stats"]),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.4))
     for ax, (title, names, labels) in zip(axes, panels):
         for i, (name, label) in enumerate(zip(names, labels)):
             _band(ax, s["compare"][f"{name}/loss"]["per_epoch"], label, f"C{i}")
         ax.axhline(0, color="k", lw=0.8)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("validation loss difference (95% band)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=6)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(out / "lawa_experiment_findings.png", dpi=100)
     plt.close(fig)
     return True

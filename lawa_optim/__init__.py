@@ -8,10 +8,11 @@ swap together; ``export_average`` returns the averaged weights as a fresh state 
 from a live ``LAWA`` or a checkpoint; ``profiles`` builds coefficients for ``weights=``
 (any weighting of the stored snapshots, chosen after training); ``history_bytes`` tells
 what a history will cost in memory before anything is allocated (``LAWA.memory()``
-what it holds).
+what it holds); ``LAWA(mode="phema")`` keeps power-function EMAs and synthesises any
+width after training from its ring (``posthoc``; the EDM2 math in ``phema``).
 """
 
-from lawa_optim import profiles
+from lawa_optim import phema, posthoc, profiles
 from lawa_optim.bn import update_bn
 from lawa_optim.distributed import check_in_sync
 from lawa_optim.export import export_average
@@ -19,5 +20,6 @@ from lawa_optim.memory import Memory, history_bytes
 from lawa_optim.twa import TWA
 from lawa_optim.wrapper import LAWA
 
-__all__ = ["LAWA", "TWA", "Memory", "check_in_sync", "export_average", "history_bytes", "profiles", "update_bn"]
+__all__ = ["LAWA", "TWA", "Memory", "check_in_sync", "export_average", "history_bytes", "phema", "posthoc", "profiles",
+           "update_bn"]
 __version__ = "0.3.0"

@@ -6,10 +6,11 @@ after every epoch, both the live weights and the average of the k = 6 latest
 end-of-epoch snapshots, as in Latest Weight Averaging (Kaddour 2022, "Stop Wasting My
 Time! Saving Days of ImageNet and BERT Training with Latest Weight Averaging",
 arXiv:2209.14981). Every seed draws its own split, initialisation and batch order.
-It prints the per-epoch paired differences (LAWA minus live) with bootstrap 95 %
+It prints the per-epoch paired differences (LAWA minus live) with Student-t 95 %
 intervals over the seeds, the epochs each needs to reach targets set from the live
-weights' own final loss and accuracy (medians, and the paired saving with its
-interval), a verdict that states only what those intervals show, and saves a plot.
+weights' own final loss and accuracy (medians, and the per-seed saving: its mean with
+an interval and its median), a verdict that states only what those show (none with
+fewer than 6 seeds), and saves a plot of loss and accuracy.
 
 The model, training and evaluation helpers here are shared with ``examples/``; the
 statistics and the words of the verdict are in :mod:`lawa_optim.paired`.
@@ -18,15 +19,19 @@ statistics and the words of the verdict are in :mod:`lawa_optim.paired`.
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lawa_optim._cli import Parser, int_at_least, output_file
-from lawa_optim.paired import MARGINS, conclusion, paired, per_epoch, per_phase, reach, reach_text, targets
+from lawa_optim.paired import (MARGINS, MIN_SEEDS, conclusion, no_verdict, paired, per_epoch, per_phase, reach,
+                               reach_text, targets)
 from lawa_optim.wrapper import LAWA
 
 #: SGD settings of the demo: momentum 0.9 as in both papers; peak lr 0.1 and batch 32
@@ -38,6 +43,27 @@ BATCH_SIZE = 32
 VAL_SIZE = 600
 #: Snapshots LAWA averages (the paper's default).
 K = 6
+
+
+def source_version() -> dict[str, object]:
+    """The git commit of this checkout of ``lawa_optim`` and the tracked files that differ
+    from it, for the record of every result file: ``{"commit", "modified", "text"}``
+    (``commit`` None where the package does not run from a git checkout of its own)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel").strip()).resolve() != root:  # an installed copy inside another repository
+            raise ValueError(root)
+        commit, status = git("rev-parse", "HEAD").strip(), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return {"commit": None, "modified": None, "text": "unknown (lawa_optim does not run from a git checkout)"}
+    modified = [line[3:] for line in status.splitlines()]
+    state = f"modified: {', '.join(modified)}" if modified else "clean tree"
+    return {"commit": commit, "modified": modified, "text": f"git commit {commit} ({state})"}
 
 
 def load_digits() -> tuple[Tensor, Tensor]:
@@ -127,7 +153,8 @@ def verdict(runs: Sequence[dict[str, list[float]]], label: str = "LAWA") -> list
     """Plain-language comparison of curve ``avg`` with curve ``live``, from paired
     intervals and ``MARGINS`` only: the mean loss difference over each third of the run, both metrics
     at the last epoch, and the epochs each needs to reach the targets set from the
-    live weights' final values (per seed), as medians and as a paired saving."""
+    live weights' final values (per seed), as medians and as a per-seed saving. With
+    fewer than ``MIN_SEEDS`` seeds every line gives the numbers and says that they carry no verdict."""
     epochs = len(runs[0]["live_loss"])
     lines = []
     for first, last, p in per_phase(curves(runs, "avg_loss"), curves(runs, "live_loss")):
@@ -140,39 +167,45 @@ def verdict(runs: Sequence[dict[str, list[float]]], label: str = "LAWA") -> list
         live = curves(runs, f"live_{metric}")
         r = reach(live, curves(runs, f"avg_{metric}"), [targets(c, metric) for c in live], higher_is_better=metric == "acc")
         t = reach_text(r, metric, "live", label, whose="the live weights' ")
-        missed = f", {r.b_missed} seed(s) never (counted as epoch {epochs + 1})" if r.b_missed else ""
-        lines.append(f"epochs to reach {t.target}: {t.medians}{missed}; {label} saves {t.saved} epochs: {t.says}")
+        lines.append(f"epochs to reach {t.target}: {t.medians}; epochs {label} saves per seed: {t.saved}: {t.says}")
     return lines
 
 
-def plot(runs: Sequence[dict[str, list[float]]], out: str, title: str, k: int = K) -> bool:
-    """Save mean validation loss of live and average (LAWA ``k``), and their paired
-    difference with its 95 % band, to ``out``; returns False (and saves nothing) without
-    matplotlib."""
+def plot(runs: Sequence[dict[str, list[float]]], out: str, title: str, k: int = K, note: str = "") -> bool:
+    """Save the mean validation loss and accuracy of live and average (LAWA ``k``), and
+    their paired differences with 95 % bands, to ``out``, with ``note`` at its foot;
+    returns False (and saves nothing) without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
     epochs = range(1, len(runs[0]["live_loss"]) + 1)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, label in (("live", "live weights"), ("avg", f"LAWA k={k}")):
-        axes[0].plot(epochs, [sum(r[f"{name}_loss"][e - 1] for r in runs) / len(runs) for e in epochs], label=label)
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("validation loss (mean over seeds)")
-    diff = per_epoch(curves(runs, "avg_loss"), curves(runs, "live_loss"))
-    axes[1].plot(epochs, [p.mean for p in diff], color="C1")
-    axes[1].fill_between(epochs, [p.lo for p in diff], [p.hi for p in diff], color="C1", alpha=0.25)
-    axes[1].axhline(0, color="k", lw=0.8)
-    axes[1].set_ylabel("LAWA - live, validation loss (95% interval)")
-    for ax in axes:
-        ax.set_xlabel("epoch")
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
+    for col, (m, what) in enumerate((("loss", "validation loss"), ("acc", "validation accuracy"))):
+        for name, label in (("live", "live weights"), ("avg", f"LAWA k={k}")):
+            axes[0, col].plot(epochs, [sum(r[f"{name}_{m}"][e - 1] for r in runs) / len(runs) for e in epochs],
+                              label=label)
+        axes[0, col].set_ylabel(f"{what} (mean over seeds)")
+        diff = per_epoch(curves(runs, f"avg_{m}"), curves(runs, f"live_{m}"))
+        axes[1, col].plot(epochs, [p.mean for p in diff], color="C1")
+        if len(runs) >= MIN_SEEDS:
+            axes[1, col].fill_between(epochs, [p.lo for p in diff], [p.hi for p in diff], color="C1", alpha=0.25)
+        axes[1, col].axhline(0, color="k", lw=0.8)
+        axes[1, col].set_ylabel(f"LAWA - live, {what}" + (" (95% interval)" if len(runs) >= MIN_SEEDS else ""))
+    axes[0, 0].set_yscale("log")
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    for ax in axes[1]:
+        ax.set_xlabel("epoch")
+    axes[0, 0].legend()
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=6)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return True
@@ -191,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     """Run the demo; returns the per-seed curves and the verdict."""
     args = _parse(argv)
     torch.set_num_threads(1)  # a 6k-parameter CNN gains nothing from more threads
+    code = source_version()  # when the code is loaded, before anything is written
     x, y = load_digits()
     t0 = time.perf_counter()
     runs = [run_seed(seed, args.epochs, x, y) for seed in range(args.seeds)]
@@ -198,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     n = args.seeds
     print(f"LAWA k={K} vs live weights: digits CNN, SGD lr={LR} (cosine over {args.epochs} epochs) momentum={MOMENTUM} "
           f"batch={BATCH_SIZE}; {n} seed(s), each with its own split ({VAL_SIZE} validation images), init and batch order")
-    print("per epoch: means over seeds; LAWA - live as mean [95% bootstrap interval]; seeds where LAWA is lower")
+    print(f"code: {code['text']}")
+    print("per epoch: means over seeds; LAWA - live as mean [95% Student-t interval over seeds]; seeds where LAWA is lower")
     print(f"{'epoch':>5} | {'live loss':>9} {'LAWA loss':>9} {'LAWA - live loss':>30} {'lower':>6} | "
           f"{'live acc':>8} {'LAWA acc':>8} {'LAWA - live acc':>24}")
     loss_d, acc_d = (per_epoch(curves(runs, f"avg_{m}"), curves(runs, f"live_{m}")) for m in ("loss", "acc"))
@@ -207,11 +242,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         print(f"{e + 1:>5} | {mean['live_loss']:>9.4f} {mean['avg_loss']:>9.4f} {loss_d[e].text():>30} "
               f"{f'{loss_d[e].below}/{n}':>6} | {mean['live_acc']:>8.4f} {mean['avg_acc']:>8.4f} {acc_d[e].text():>24}")
     lines = verdict(runs)
-    print("verdict (LAWA minus live weights, mean [95% bootstrap interval over seeds]):")
+    if n < MIN_SEEDS:
+        print(f"{no_verdict(n)[0].upper()}{no_verdict(n)[1:]}: the numbers alone (LAWA minus live weights, means "
+              "over the seeds):")
+    else:
+        print("verdict (LAWA minus live weights, mean [95% Student-t interval over seeds]):")
     for line in lines:
         print(f"  - {line}")
     print(f"trained {n} seed(s) x {args.epochs} epochs in {seconds:.1f} s")
-    if args.out and plot(runs, args.out, f"digits CNN, cosine schedule, {n} seed(s)"):
+    if args.out and plot(runs, args.out, f"digits CNN, cosine schedule, {n} seed(s)",
+                         note=f"python -m lawa_optim.demo {' '.join(argv if argv is not None else sys.argv[1:])}; "
+                              f"code: {code['text']}"):
         print(f"plot saved to {args.out}")
     return {"runs": runs, "verdict": lines}
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lawa_optim import weighting
+from lawa_optim import posthoc, weighting
 from lawa_optim.backends.reference import compensated_sum, rounded, weighted_sum, wide_where_overflowed
 from lawa_optim.bn import update_bn
 from lawa_optim.history import FLOAT_DTYPES, accumulation_dtype, is_int
@@ -31,6 +31,7 @@ def export_average(
     source: LAWA | Mapping[str, Any] | str | os.PathLike,
     *,
     weights: Sequence[float] | Tensor | None = None,
+    sigma_rel: float | None = None,
     bn_loader: Iterable | None = None,
 ) -> dict[str, Tensor]:
     """The state dict of ``model`` with every averaged parameter replaced by its LAWA average.
@@ -53,7 +54,14 @@ def export_average(
         weights: coefficients over the stored snapshots, newest first, as for
             :meth:`LAWA.swap_to_average` (checked the same way, the same rule for
             parameters that hold fewer snapshots, the same bits from a live ``LAWA`` as
-            from its saved state dict); ``None`` (default): the plain average.
+            from its saved state dict); ``None`` (default): the plain average (in
+            ``mode="phema"``: the live EMA of the first width).
+        sigma_rel: ``mode="phema"`` only: the power-function EMA of this width at the
+            newest snapshot, synthesised as :meth:`LAWA.swap_to_average` does (the same
+            bits from a live ``LAWA`` as from its state dict). From a state dict, fits
+            whose relative profile error exceeds :data:`lawa_optim.posthoc.MAX_FIT_ERROR`
+            are refused (from a ``LAWA``: its ``max_fit_error``); the fit of a live
+            ``LAWA`` is in its :attr:`LAWA.last_fit`.
         bn_loader: if given, BatchNorm running statistics are recomputed for the averaged
             weights with :func:`lawa_optim.update_bn` over this loader (batches that are
             the model's input, or lists/tuples whose first item is), on a copy of the
@@ -75,10 +83,14 @@ def export_average(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(source, (str, os.PathLike)):
         source = _load(source)
+    if sigma_rel is not None:
+        sigma_rel = posthoc.check_width(sigma_rel)
+        if weights is not None:
+            raise ValueError(f"sigma_rel={sigma_rel!r} with weights=; give one (sigma_rel= computes its own weights)")
     if isinstance(source, LAWA):
-        averages = _from_lawa(model, source, weights)
+        averages = _from_lawa(model, source, weights, sigma_rel)
     elif isinstance(source, Mapping):
-        averages = _from_state_dict(model, source, weights)
+        averages = _from_state_dict(model, source, weights, sigma_rel)
     else:
         raise TypeError(
             "source must be a LAWA, a state dict saved by LAWA.state_dict() or the path of a "
@@ -117,13 +129,16 @@ def _load(path: str | os.PathLike) -> Mapping[str, Any]:
     return obj
 
 
-def _from_lawa(model: nn.Module, opt: LAWA, weights: Sequence[float] | Tensor | None) -> dict[int, Tensor]:
+def _from_lawa(
+    model: nn.Module, opt: LAWA, weights: Sequence[float] | Tensor | None, sigma_rel: float | None
+) -> dict[int, Tensor]:
     if opt.is_swapped:
         raise RuntimeError(
             "export_average() while the average is swapped into the parameters: call it "
             "outside `with opt.averaged():` (it swaps by itself and swaps back)"
         )
-    if opt.num_snapshots == 0:
+    live = opt.mode == "phema" and weights is None and sigma_rel is None  # needs a step, not a snapshot
+    if opt.num_snapshots == 0 and not live:
         raise RuntimeError(
             f"export_average(): the LAWA holds no snapshot yet (steps={opt.steps}, "
             f"start={opt.start}); call opt.snapshot() first"
@@ -138,12 +153,12 @@ def _from_lawa(model: nn.Module, opt: LAWA, weights: Sequence[float] | Tensor | 
                     "is not a parameter of model; pass the model this LAWA optimizes"
                 )
     # The swap computes the average exactly as evaluation inside averaged() sees it.
-    with opt.averaged(weights=weights):
+    with opt.averaged(weights=weights, sigma_rel=sigma_rel):
         return {id(p): _fresh(p) for p in params}
 
 
 def _from_state_dict(
-    model: nn.Module, sd: Mapping[str, Any], weights: Sequence[float] | Tensor | None
+    model: nn.Module, sd: Mapping[str, Any], weights: Sequence[float] | Tensor | None, sigma_rel: float | None
 ) -> dict[int, Tensor]:
     if weights is not None:
         weights = weighting.parse(weights)
@@ -166,13 +181,38 @@ def _from_state_dict(
     # The same check as LAWA.load_state_dict, against the model's parameters and the
     # settings the checkpoint names (every group must agree with the first).
     k, mode, history_dtype = _settings(meta)
-    checked = check(Layout(live, k, mode, history_dtype, target="model", names=names), dict(sd))
+    sigma_rels = ()
+    if mode == "phema":
+        try:
+            sigma_rels = posthoc.check_sigma_rels(meta.get("sigma_rels"))
+        except ValueError as exc:
+            raise ValueError(f"source's LAWA settings (mode 'phema'): {exc}") from None
+    layout = Layout(live, k, mode, history_dtype, target="model", names=names, sigma_rels=sigma_rels)
+    checked = check(layout, dict(sd))
     fitted = {}
-    if weights is not None:
-        if mode != "uniform":
+    if sigma_rel is not None:
+        if mode != "phema":
             raise ValueError(
-                f"weights= needs a checkpoint of mode 'uniform'; source has mode={mode!r}, which "
-                "keeps no ring of snapshots to weight, only their running average"
+                f"sigma_rel= needs a checkpoint of mode 'phema'; source has mode={mode!r}, which "
+                "keeps no power-function EMAs to synthesise from"
+            )
+        fits = {}
+        group_generation = [group["lawa"]["generation"] for group in groups]
+        for gen, (n, (_, slots)) in enumerate(zip(checked.pushes, checked.phema)):
+            if n > 0:
+                where = posthoc.added_later(group_generation, gen)
+                fits[gen] = posthoc.fit_slots(n, k, slots, sigma_rels, sigma_rel, posthoc.MAX_FIT_ERROR, where)
+        if not fits:
+            raise RuntimeError("export_average(): source holds no snapshot yet (saved before the first snapshot)")
+        for g, group in enumerate(groups):
+            gen = group["lawa"]["generation"]
+            if gen in fits:
+                fitted[g] = tuple(fits[gen][1].weights)
+    if weights is not None:
+        if mode == "ema":
+            raise ValueError(
+                f"weights= needs a checkpoint of mode 'uniform' or 'phema'; source has mode={mode!r}, "
+                "which keeps no ring of snapshots to weight, only their running average"
             )
         held = min(max(checked.pushes, default=0), k)
         if held:  # none: refused below as a checkpoint without a snapshot
@@ -183,9 +223,12 @@ def _from_state_dict(
                 count = min(checked.pushes[gen], k)
                 fitted[g] = weighting.fit(weights, count, f"param group {g} of source")
     averages = {}
+    phema_live = mode == "phema" and weights is None and sigma_rel is None
     for g, (group, saved) in enumerate(zip(live, groups)):
         gen = saved["lawa"]["generation"]
         pushes = 0 if gen is None else checked.pushes[gen]
+        if phema_live:  # the live EMA of the first width exists from the first step on
+            pushes = 0 if gen is None else checked.phema[gen][0]
         for p in group["params"]:
             if pushes > 0:
                 averages[id(p)] = _average(p, checked.tensors[id(p)], pushes, k, mode, fitted.get(g))
@@ -292,6 +335,8 @@ def _average(
         avg = weighted_sum([history[(pushes - 1 - j) % k] for j in range(len(weights))], coefficients)
     elif mode == "ema":
         avg = saved["lawa_ema"]
+    elif mode == "phema":
+        avg = saved["lawa_phema"][0]
     else:
         history = saved["lawa_history"]
         slots = [history[s] for s in range(count)]

@@ -119,6 +119,7 @@ class Bucket:
         backend: str,
         refresh_every: int | None = None,
         sharing: "Sharing | None" = None,
+        widths: int = 0,
     ) -> None:
         self.sources = list(params)
         #: Optimizer parameters that share the memory of one of ``sources`` (no slice of
@@ -141,12 +142,22 @@ class Bucket:
         self.history_dtype = history_dtype or self.dtype
         self.ring = (
             torch.zeros(k, self.D, dtype=self.history_dtype, device=self.device, pin_memory=pin)
-            if mode == "uniform"
+            if mode != "ema"
             else None
         )
-        self.total = torch.zeros(
-            self.D, dtype=accumulation_dtype(self.dtype), device=self.device, pin_memory=pin
+        acc = accumulation_dtype(self.dtype)
+        #: mode="phema": one power-function EMA per width (see :mod:`lawa_optim.posthoc`).
+        self.emas = (
+            torch.zeros(widths, self.D, dtype=acc, device=self.device, pin_memory=pin) if mode == "phema" else None
         )
+        # In phema mode no running mean: total is the first width's EMA, what a plain swap writes.
+        self.total = self.emas[0] if self.emas is not None else torch.zeros(
+            self.D, dtype=acc, device=self.device, pin_memory=pin
+        )
+        #: mode="phema": EMA updates so far (the step t of EDM2's profiles), and each slot's
+        #: (t, width index) or None while empty.
+        self.steps = 0
+        self.slots: list[tuple[int, int] | None] = [None] * k
         self.pushes = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.backup: Tensor | None = None
         #: The parameters' version counters right after an in-place swap-in (the average
@@ -179,6 +190,8 @@ class Bucket:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        if state.get("emas") is not None:  # pickle copies tensors one by one: total is emas[0] again
+            self.total = self.emas[0]
         self.cache = {}
         self._ptrs = []  # the first check_params looks at every parameter
         self.key = compiled.register(self)
@@ -194,11 +207,12 @@ class Bucket:
         """Every parameter's slice of a flat ``(D,)`` buffer."""
         return [self.view(flat, i) for i in range(len(self.params))]
 
-    def history_view(self, i: int) -> Tensor:
-        """Parameter ``i``'s history as a ``(k, *shape)`` view into the ring."""
-        p = self.params[i]
-        return self.ring.as_strided(
-            (self.k, *p.shape), (self.D, *p.stride()), self.ring.storage_offset() + self.offsets[i]
+    def history_view(self, i: int, rows: Tensor | None = None) -> Tensor:
+        """Parameter ``i``'s history as a ``(k, *shape)`` view into the ring (or its slice
+        of another ``(rows, D)`` buffer, ``emas``, as ``(rows, *shape)``)."""
+        p, buf = self.params[i], self.ring if rows is None else rows
+        return buf.as_strided(
+            (buf.shape[0], *p.shape), (self.D, *p.stride()), buf.storage_offset() + self.offsets[i]
         )
 
     # -- bookkeeping ---------------------------------------------------------
@@ -206,7 +220,7 @@ class Bucket:
         """Snapshots the average holds now (reads the device counter: a sync on GPU)."""
         self.wait()
         n = int(self.pushes.item())
-        return min(n, self.k) if self.mode == "uniform" else n
+        return n if self.mode == "ema" else min(n, self.k)
 
     def wait(self) -> None:
         """Finish a snapshot still on its way into a pinned history; a no-op otherwise."""
@@ -218,7 +232,7 @@ class Bucket:
         return Memory(
             parameters=sum(self.numels),
             history=_nbytes(self.ring) + _nbytes(self.pushes),
-            sum=_nbytes(self.total),
+            sum=_nbytes(self.total if self.emas is None else self.emas),
             staging=self.offload.nbytes() if self.offload is not None else 0,
             backup=0 if in_ring(self, self.backup) else _nbytes(self.backup),
         )
@@ -538,9 +552,12 @@ class History:
         storage: str,
         backend: str,
         recompute_every: int | None,
+        sigma_rels: tuple[float, ...] = (),
     ) -> None:
         self.k = k
         self.mode = mode
+        #: mode="phema": the widths of the EMAs kept, in the order they are pushed.
+        self.sigma_rels = sigma_rels
         self.history_dtype = history_dtype
         self.storage = storage
         self.requested_backend = backend
@@ -579,7 +596,7 @@ class History:
         buckets = [
             Bucket(
                 ps, self.k, self.mode, self.history_dtype, self.storage, self.requested_backend,
-                self.recompute_every, sharing,
+                self.recompute_every, sharing, widths=len(self.sigma_rels),
             )
             for ps in _bucket_params(params)
         ]
@@ -692,16 +709,22 @@ class History:
 
     @torch.no_grad()
     def swap_in(
-        self, last: int | None, weights: tuple[float, ...] | None = None, backup: str | None = None
+        self,
+        last: int | None,
+        weights: tuple[float, ...] | None = None,
+        fitted: dict[Bucket, tuple[float, ...]] | None = None,
+        backup: str | None = None,
     ) -> None:
         """Write the average into the parameters in place, keeping the training weights:
         the weighted sum of the newest snapshots with ``weights`` (checked by
         :func:`lawa_optim.weighting.parse`; a generation holding fewer snapshots takes
-        :func:`lawa_optim.weighting.fit` of them).
+        :func:`lawa_optim.weighting.fit` of them), or with each bucket's own coefficients
+        ``fitted`` (the buckets left out keep their weights). In phema mode without
+        either, the live EMA of the first width.
 
-        The full average (``last`` and ``weights`` None) of float32, bfloat16 and float64
-        parameters is exchanged with the running mean where it is finite, allocating
-        nothing. Otherwise the newest ring slot is the backup where it holds the weights
+        The full average (``last``, ``weights`` and ``fitted`` None) of float32, bfloat16
+        and float64 parameters is exchanged with the running mean (the EMA in EMA mode, the
+        first width's in phema mode) where it is finite, allocating nothing. Otherwise the newest ring slot is the backup where it holds the weights
         bit for bit (right after a snapshot into a history of their dtype), and else, or
         with ``backup`` (``"device"``: beside the parameters, ``"cpu"``: in host memory),
         the weights are copied into a new backup first (on the history's device when
@@ -711,12 +734,21 @@ class History:
         a bucket (writing nothing) has the buckets swapped before it swapped back.
         """
         self.reshard()
-        held = [(b, b.count()) for b in self.buckets]
-        held = [(b, n) for b, n in held if n > 0]
+        if fitted is not None:
+            held = [(b, len(c)) for b, c in fitted.items()]
+        elif self.mode == "phema" and weights is None:
+            held = [(b, b.steps) for b in self.buckets if b.steps > 0]
+        else:
+            held = [(b, b.count()) for b in self.buckets]
+            held = [(b, n) for b, n in held if n > 0]
         for b, _ in held:
             b.check_params()
-        coefficients = {} if weights is None else self._coefficients(weights, held)
-        plans = [self._backup_for(b, last is None and weights is None, backup) for b, _ in held]
+        if fitted is not None:
+            coefficients = {b: torch.tensor(c, dtype=b.total.dtype, device=b.device) for b, c in fitted.items()}
+        else:
+            coefficients = {} if weights is None else self._coefficients(weights, held)
+        full = last is None and weights is None and fitted is None
+        plans = [self._backup_for(b, full, backup) for b, _ in held]
         done = []
         try:
             for (b, n), plan in zip(held, plans):

@@ -39,7 +39,8 @@ class Memory:
         parameters: parameter elements averaged, each counted once.
         history: the ring of snapshots and its snapshot counters.
         sum: the running mean (float32; float64 for float64 parameters), or the
-            average itself in EMA mode.
+            average itself in EMA mode, or in phema mode the power-function EMAs, one
+            row per width (``mode="phema"`` keeps no running mean).
         scales: quantisation scales of an 8-bit history (0 for the other formats).
         staging: the page-locked copy of the weights that ``storage="pinned"`` keeps
             for asynchronous snapshots of GPU parameters.
@@ -111,6 +112,7 @@ def history_bytes(
     mode: str = "uniform",
     storage: str = "device",
     swapped: bool = False,
+    sigma_rels: Any = None,
 ) -> Memory:
     """The :class:`Memory` that ``LAWA(opt, k, history_dtype=..., mode=..., storage=...)``
     over ``params`` will hold, computed from shapes and dtypes alone.
@@ -124,7 +126,8 @@ def history_bytes(
     and swaps with ``last=``, ``weights=`` or ``backup=``, which back up every parameter
     (``D`` elements of its dtype), unless, right after a snapshot into a history of the
     parameters' dtype, the newest slot holds them (then nothing, float16 included).
-    Nothing is allocated.
+    ``sigma_rels`` (``mode="phema"`` only, default ``(0.05, 0.10)``) gives the widths, one
+    float32 EMA each. Nothing is allocated.
 
     Example::
 
@@ -144,6 +147,13 @@ def history_bytes(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    widths = 0
+    if mode == "phema":
+        from lawa_optim.posthoc import SIGMA_RELS, check_sigma_rels
+
+        widths = len(check_sigma_rels(SIGMA_RELS if sigma_rels is None else sigma_rels))
+    elif sigma_rels is not None:
+        raise ValueError(f"sigma_rels= is for mode='phema', got mode={mode!r}")
     if not isinstance(swapped, bool):
         raise TypeError(f"swapped must be a bool, got {type(swapped).__name__}")
     buckets: dict[tuple, list[Tensor]] = {}
@@ -162,8 +172,8 @@ def history_bytes(
         width = dtype.itemsize
         total += Memory(
             parameters=sum(numels),
-            history=k * D * slot + 8 if mode == "uniform" else 8,
-            sum=D * accumulation_dtype(dtype).itemsize,
+            history=k * D * slot + 8 if mode != "ema" else 8,
+            sum=max(widths, 1) * D * accumulation_dtype(dtype).itemsize,
             staging=D * width if storage == "pinned" and mode == "uniform" and device.type == "cuda" else 0,
             backup=D * width if swapped and dtype == torch.float16 else 0,
         )

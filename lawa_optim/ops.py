@@ -22,8 +22,22 @@ never branch on the backend. A backend module provides:
 ``ema_update(bucket, decay)``
     ``total = cast(param)`` when ``n == 0``, else
     ``total = decay * total + (1 - decay) * param`` in the accumulation dtype.
+``phema_update(bucket, alphas)``
+    the power-function EMAs of ``mode="phema"`` (EDM2), ``emas``: ``(E, D)`` in the
+    accumulation dtype, one row per width; ``alphas``: ``E`` coefficients
+    ``1 - beta_e(t)`` in that dtype on the bucket's device. For each ``e``:
+    ``emas[e] = float(param)`` when ``alphas[e] == 1`` (step ``t = 1``), else
+    ``emas[e] = emas[e] + alphas[e] * (float(param) - emas[e])``, the difference, the
+    product and the sum each rounded once (no fused multiply-add). The lerp form, not
+    ``beta * ema + (1 - beta) * param`` as ``ema_update``: ``1 - beta`` is about
+    ``(gamma + 1) / t``, which a float32 ``beta`` next to 1 holds to a few digits only
+    (at ``t = 10**6`` and ``sigma_rel = 0.10`` its rounding moves the newest step's
+    weight by up to 0.4 %), while
+    ``alphas`` holds it to float32's relative precision and the weights still sum to 1.
+    The parameters are read once for all ``E`` rows; ``pushes`` is not read.
 ``swap_in(bucket, last)`` with a ``backup`` buffer
-    ``backup = param`` (exact), then ``param = round(avg)``. In EMA mode ``avg = total``.
+    ``backup = param`` (exact), then ``param = round(avg)``. In EMA mode ``avg = total``
+    (in phema mode ``total`` is ``emas[0]``, the live EMA of the first width).
     For the full window ``avg = total`` (the mean of ``c = min(n, k)`` slots) where it
     is finite; for ``last = j``, ``avg = S / j`` (IEEE division) with ``S = csum`` of the
     ``j`` newest slots ``(n - 1 - i) % k``, ``i = 0 .. j-1``, in that order. Where the
@@ -168,6 +182,11 @@ def ema_update(bucket: "Bucket", decay: float) -> None:
     """Fold the current weights into the exponential average kept in ``total``."""
     _module(bucket.backend).ema_update(bucket, decay)
     bucket.pushes.add_(1)
+
+
+def phema_update(bucket: "Bucket", alphas: torch.Tensor) -> None:
+    """Fold the weights into every power-function EMA of ``bucket.emas`` in one pass."""
+    _module(bucket.backend).phema_update(bucket, alphas)
 
 
 def swap_in(bucket: "Bucket", last: int | None, weights: torch.Tensor | None = None) -> None:

@@ -65,6 +65,15 @@ def beta(t: int, gamma: float) -> float:
     return (1.0 - 1.0 / t) ** (gamma + 1.0)
 
 
+def alpha(t: int, gamma: float) -> float:
+    """``1 - beta(t, gamma)``, the weight of the newest weights at step ``t >= 1``: 1 at
+    ``t = 1``, about ``(gamma + 1) / t`` later, computed with ``expm1``/``log1p`` so that it
+    keeps float64's relative precision where ``beta`` is within 1e-9 of 1."""
+    if t == 1:
+        return 1.0
+    return -math.expm1((gamma + 1.0) * math.log1p(-1.0 / t))
+
+
 def inner(t_a: torch.Tensor, gamma_a: torch.Tensor, t_b: torch.Tensor, gamma_b: torch.Tensor) -> torch.Tensor:
     """``<p(t_a, .), p(t_b, .)>``, elementwise with broadcasting, in float64."""
     t_a, gamma_a, t_b, gamma_b = (torch.as_tensor(x, dtype=torch.float64) for x in (t_a, gamma_a, t_b, gamma_b))

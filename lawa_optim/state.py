@@ -3,8 +3,11 @@
 The layout is chosen so that ``torch.distributed.checkpoint`` handles it: per-parameter
 tensors under ``state[i]`` (``lawa_history``: a ``(k, *shape)`` view of the ring and
 ``lawa_mean``: the running mean, in uniform mode; ``lawa_ema``: the average in EMA mode;
-``lawa_backup``: the training weights while swapped) and small counters and settings
-under ``param_groups[g]["lawa"]``, with no extra top-level keys. DTensor parameters get
+``lawa_history`` and ``lawa_phema``, the ``(E, *shape)`` power-function EMAs, in phema
+mode; ``lawa_backup``: the training weights while swapped) and small counters and
+settings under ``param_groups[g]["lawa"]`` (in phema mode also the widths, the EMA step
+count and each slot's ``[t, width index]``: :func:`lawa_optim.posthoc.saved`), with no
+extra top-level keys. DTensor parameters get
 DTensor views of their local history (see :mod:`lawa_optim.distributed`).
 
 Saving only reads. The running mean is saved as it is (a view in the accumulation
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from lawa_optim import posthoc
 from lawa_optim.backends.reference import unexchanged
 from lawa_optim.distributed import as_global
 from lawa_optim.history import History
@@ -71,6 +75,8 @@ def save_history(opt: "LAWA", sd: dict[str, Any]) -> None:
             "pushes": 0 if gen is None else pushes[gen],
             "swapped": opt.is_swapped,
         }
+        if hist.mode == "phema":
+            group["lawa"].update(posthoc.saved(hist, gen))
     ids = _param_ids(opt, sd)
     state = sd["state"]
     # An alias saves its owner's slice: torch gives a tensor listed twice one id (written
@@ -82,9 +88,16 @@ def save_history(opt: "LAWA", sd: dict[str, Any]) -> None:
         mean, backup = b.view(b.total, i), None if b.backup is None else b.view(b.backup, i)
         if b.exchanged is not None:  # the mean and the training weights share two buffers
             mean, backup = unexchanged(b.params[i], mean)
-        if hist.mode == "uniform":
+        if hist.mode != "ema":
             entry["lawa_history"] = as_global(b.history_view(i), p, lead=hist.k)
+        if hist.mode == "uniform":
             entry["lawa_mean"] = as_global(mean, p)
+        elif hist.mode == "phema":
+            emas = b.history_view(i, b.emas)
+            if b.exchanged is not None:  # the first width's EMA was exchanged: a copy holds it
+                emas = emas.clone()
+                emas[0] = mean
+            entry["lawa_phema"] = as_global(emas, p, lead=len(hist.sigma_rels))
         else:
             entry["lawa_ema"] = as_global(mean, p)
         if backup is not None:
@@ -134,16 +147,23 @@ def read_history(opt: "LAWA", sd: dict[str, Any]) -> Checked:
         b.wait()  # a pending copy into the old ring lands, or its failure raises, before any change
     checked = check(Layout.of(opt), sd)
     check_optimizer(opt._inner, opt.param_groups, sd)
-    hist = History(old.k, old.mode, old.history_dtype, old.storage, old.requested_backend, old.recompute_every)
+    hist = History(
+        old.k, old.mode, old.history_dtype, old.storage, old.requested_backend, old.recompute_every, old.sigma_rels
+    )
     for end in checked.generation_ends:
         hist.extend(opt.param_groups[:end])
     for gen, buckets in enumerate(hist.generations):
         for b in buckets:
             b.pushes.fill_(checked.pushes[gen])
+            if checked.phema is not None:
+                b.steps, b.slots = checked.phema[gen][0], list(checked.phema[gen][1])
             for i, p in enumerate(b.sources):
                 got = checked.tensors[id(p)]
-                if hist.mode == "uniform":
+                if hist.mode != "ema":
                     b.history_view(i).copy_(got["lawa_history"])
+                if hist.mode == "phema":
+                    b.history_view(i, b.emas).copy_(got["lawa_phema"])
+                elif hist.mode == "uniform":
                     if "lawa_mean" in got:
                         b.view(b.total, i).copy_(got["lawa_mean"])
                 else:

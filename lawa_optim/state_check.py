@@ -27,7 +27,10 @@ before the optimizer changes. What is refused:
   (strided), non-meta tensor of exactly the dtype the history holds (history: the
   history dtype; mean, sum and EMA: the accumulation dtype; backup: the parameter's dtype;
   nothing is cast) and of the parameter's shape (with ``k`` in front for the history);
-  no other ``lawa_*`` key.
+  no other ``lawa_*`` key;
+* in ``mode="phema"``: ``sigma_rels`` equal to this LAWA's, and each generation's EMA
+  step count and slot records what a run can leave (:func:`lawa_optim.posthoc.check_saved`);
+  ``lawa_phema`` (the EMAs, the number of widths in front) beside ``lawa_history``.
 
 Parameter names (torch's ``param_names``) are matched before, by
 :func:`lawa_optim.names.match_names`.
@@ -45,12 +48,13 @@ from torch import Tensor
 
 from lawa_optim.distributed import is_sharded, local, local_of_saved
 from lawa_optim.history import History, accumulation_dtype, is_int, parameter_owners
+from lawa_optim.posthoc import check_saved
 
 if TYPE_CHECKING:
     from lawa_optim.wrapper import LAWA
 
 #: The per-parameter keys of the history in ``state[i]``.
-KEYS = ("lawa_history", "lawa_mean", "lawa_sum", "lawa_ema", "lawa_backup")
+KEYS = ("lawa_history", "lawa_mean", "lawa_sum", "lawa_ema", "lawa_phema", "lawa_backup")
 _REQUIRED = ("k", "mode", "history_dtype", "steps", "pushes", "generation", "swapped")
 #: The largest snapshot count (``pushes``), step count and ``recompute_every`` accepted.
 #: No run reaches it (2**62 snapshots), and below it nothing the kernels compute from these
@@ -73,10 +77,11 @@ class Layout:
     #: How errors name what the state dict must fit, and optionally each parameter.
     target: str = "this optimizer"
     names: Sequence[Sequence[str]] | None = None
+    sigma_rels: tuple[float, ...] = ()  # mode="phema": the widths kept
 
     @classmethod
     def of(cls, opt: "LAWA") -> "Layout":
-        return cls(opt.param_groups, opt.k, opt.mode, opt._history.history_dtype)
+        return cls(opt.param_groups, opt.k, opt.mode, opt._history.history_dtype, sigma_rels=opt.sigma_rels)
 
 
 @dataclass
@@ -90,6 +95,7 @@ class Checked:
     tensors: dict[int, dict[str, Tensor]]  # id(parameter) -> key -> the saved local tensor
     has_mean: bool
     history: History | None = None  # filled by lawa_optim.state.read_history
+    phema: list[tuple[int, list]] | None = None  # mode="phema": per generation (t, slots)
 
 
 def dtype_name(dtype: torch.dtype | None) -> str | None:
@@ -136,7 +142,10 @@ def check(opt: Layout, sd: Any) -> Checked:
             "the state_dict holds lawa_mean for some parameters and not for others; a state dict "
             "from state_dict() holds it for every parameter (versions 0.1.0 and 0.2.0 for none)"
         )
-    return Checked(steps, swapped, pushes, ends, tensors, has_mean=sums == {True})
+    phema = None
+    if opt.mode == "phema":
+        phema = check_saved(opt.k, opt.sigma_rels, metas, gens, pushes, _counter)
+    return Checked(steps, swapped, pushes, ends, tensors, has_mean=sums == {True}, phema=phema)
 
 
 def _groups(opt: Layout, sd: Any) -> list[dict]:
@@ -283,10 +292,9 @@ def _param_tensors(
         if present:
             raise ValueError(f"{where}: the state_dict holds {present[0]}, but its param group has no history (generation None)")
         return {}
-    uniform = opt.mode == "uniform"
-    needed = ["lawa_history"] if uniform else ["lawa_ema"]
+    needed = {"uniform": ["lawa_history"], "ema": ["lawa_ema"], "phema": ["lawa_history", "lawa_phema"]}[opt.mode]
     # lawa_sum: version 0.2.0's running sum, checked and then not used (the mean is rebuilt).
-    allowed = {"lawa_history", "lawa_mean", "lawa_sum"} if uniform else {"lawa_ema"}
+    allowed = {"uniform": {"lawa_history", "lawa_mean", "lawa_sum"}, "ema": {"lawa_ema"}}.get(opt.mode, set(needed))
     if backed_up:
         needed.append("lawa_backup")
         allowed.add("lawa_backup")
@@ -318,6 +326,7 @@ def _param_tensors(
         "lawa_mean": (acc, "the running mean's dtype", shape, local_shape),
         "lawa_sum": (acc, "the running sum's dtype", shape, local_shape),
         "lawa_ema": (acc, "the running average's dtype", shape, local_shape),
+        "lawa_phema": (acc, "the EMAs' dtype", (len(opt.sigma_rels), *shape), (len(opt.sigma_rels), *local_shape)),
         "lawa_backup": (p.dtype, "the parameter's dtype", shape, local_shape),
     }
     return {key: _tensor(entry[key], key, where, opt.target, *specs[key]) for key in present}

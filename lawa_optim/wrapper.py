@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lawa_optim import compiled, ops, weighting
+from lawa_optim import compiled, ops, posthoc, weighting
 from lawa_optim.history import FLOAT_DTYPES, History, check_param, is_int, resolve_storage
 from lawa_optim.memory import Memory
 from lawa_optim.state import install, read_history, save_history, strip_lawa
@@ -28,7 +29,7 @@ from lawa_optim.names import match_names
 from lawa_optim.state_check import MAX_COUNT, shown
 from lawa_optim.wrapping import WrappedOptimizer
 
-MODES = ("uniform", "ema")
+MODES = ("uniform", "ema", "phema")
 STORAGES = ("device", "pinned", "cpu")
 #: Where ``swap_to_average(backup=...)`` keeps a copy of the training weights.
 BACKUPS = (None, "device", "cpu")
@@ -45,6 +46,7 @@ class _Run:
     steps: int = 0
     started: bool = True  # steps >= start, kept as a flag: see LAWA._count_step
     swapped: bool = False
+    last_fit: posthoc.PostHocFit | None = None
     #: Held while a swap runs: a second one from another thread fails instead of backing
     #: up the average as the training weights.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -90,8 +92,21 @@ class LAWA(WrappedOptimizer):
             theta`` over snapshots, the first taken as is; it keeps no ring. The paper's
             Appendix C writes its exponential variant with the weight alpha = 0.9 on the
             *newest* snapshot, which is ``decay=0.1`` here. An EMA has no window: a
-            non-finite snapshot stays in it for good.
-        decay: EMA decay in [0, 1) (default 0.9); used only with ``mode="ema"``.
+            non-finite snapshot stays in it for good. ``"phema"``: post-hoc
+            power-function EMA (EDM2, Karras et al. 2024) from memory: one float32 EMA
+            per width in ``sigma_rels``, updated after every optimizer step ``t``
+            (counted from the first step at or after ``start``), each pushed into the
+            ring at every snapshot, so the ring holds ``k`` snapshots spread over the
+            widths (``k=6`` with two widths: 3 times); ``averaged(sigma_rel=s)``
+            synthesises the EMA of width ``s`` from them (see :meth:`swap_to_average`).
+        decay: EMA decay in [0, 1) (default 0.9); only with ``mode="ema"`` (refused with
+            ``mode="phema"``).
+        sigma_rels: ``mode="phema"`` only: the relative widths of the EMAs kept, each in
+            ``(0, 0.2887]``, distinct (default ``(0.05, 0.10)``, EDM2's); ``k`` must hold
+            at least one snapshot of each.
+        max_fit_error: ``mode="phema"`` only: the largest relative profile error of a
+            synthesised EMA (default :data:`lawa_optim.posthoc.MAX_FIT_ERROR`, 5 %);
+            a request whose fit is worse is refused.
         storage: where the history lives: ``"device"`` (beside the parameters,
             default), ``"pinned"`` (page-locked host memory; needs CUDA, else ``"cpu"``
             with a warning) or ``"cpu"`` (pageable host memory).
@@ -105,7 +120,8 @@ class LAWA(WrappedOptimizer):
             pure torch), ``"torch"``, ``"triton"`` or ``"cuda"``.
         recompute_every: rebuild the running mean from the ring every this many
             snapshots, in the same pass as the push that comes due; ``None`` (default):
-            every ``k`` snapshots. See "Numerical guarantee" below.
+            every ``k`` snapshots. See "Numerical guarantee" below. Not with
+            ``mode="phema"``, which keeps no running mean.
 
     Numerical guarantee (README, "The numerical guarantee"; u = 2**-24, M the largest
     magnitude among the snapshots in the window and those that left it since the last
@@ -125,10 +141,13 @@ class LAWA(WrappedOptimizer):
 
     The history is allocated at the first :meth:`step` or :meth:`snapshot`:
     ``k * D`` elements of ``history_dtype`` plus ``D`` float32 (D: the number of
-    parameter elements, each parameter padded to 64 elements). Swapping the full average
-    in allocates nothing for float32, bfloat16 and float64 parameters; a backup of the
-    weights exists only while swapped with ``last=``, ``weights=`` or ``backup=``, for
-    float16 parameters, or where the mean is not finite. Parameters added with
+    parameter elements, each parameter padded to 64 elements; in phema mode ``D`` float32
+    per width instead, the EMAs). Swapping the full average (or phema's live EMA) in
+    allocates nothing for float32, bfloat16 and float64 parameters; a backup of the
+    weights exists only while swapped with ``last=``, ``weights=``, ``sigma_rel=`` or
+    ``backup=`` (none right after a snapshot into a history of the parameters' dtype,
+    whose newest slot holds them), for float16 parameters, or where the mean is not
+    finite. Parameters added with
     :meth:`add_param_group` join the history from the next snapshot on, with their own
     count: until they have ``k`` snapshots their average covers fewer, newer snapshots
     than the older parameters', and a swap leaves them untouched until their first one.
@@ -142,11 +161,13 @@ class LAWA(WrappedOptimizer):
         every: int | None = None,
         start: int = 0,
         mode: str = "uniform",
-        decay: float = 0.9,
+        decay: float | None = None,
         storage: str = "device",
         history_dtype: torch.dtype | None = None,
         backend: str = "auto",
         recompute_every: int | None = None,
+        sigma_rels: Sequence[float] | None = None,
+        max_fit_error: float | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -162,8 +183,11 @@ class LAWA(WrappedOptimizer):
             raise ValueError(f"start must be an int >= 0, got {start!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+        if decay is not None and (
+            isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0
+        ):
             raise ValueError(f"decay must be a float in [0, 1), got {decay!r}")
+        sigma_rels, max_fit_error = _phema_settings(mode, k, decay, recompute_every, sigma_rels, max_fit_error)
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
         if history_dtype is not None and history_dtype not in FLOAT_DTYPES:
@@ -182,8 +206,11 @@ class LAWA(WrappedOptimizer):
         self.every = every
         self.start = start
         self.mode = mode
-        self.decay = float(decay)
-        history = History(k, mode, history_dtype, resolve_storage(storage), backend, recompute_every)
+        self.decay = 0.9 if decay is None else float(decay)
+        self.max_fit_error = max_fit_error
+        history = History(
+            k, mode, history_dtype, resolve_storage(storage), backend, recompute_every, sigma_rels
+        )
         self._run = _Run(history, started=start == 0)
 
     # -- properties -----------------------------------------------------------
@@ -201,6 +228,17 @@ class LAWA(WrappedOptimizer):
         """Snapshots the average holds now: ``min(taken, k)`` in uniform mode, all taken
         in EMA mode (for the oldest parameters: those added later may hold fewer)."""
         return self._history.held()
+
+    @property
+    def sigma_rels(self) -> tuple[float, ...]:
+        """The widths of the power-function EMAs kept (``mode="phema"``; empty otherwise)."""
+        return self._history.sigma_rels
+
+    @property
+    def last_fit(self) -> posthoc.PostHocFit | None:
+        """How the latest ``sigma_rel=`` average was synthesised (its coefficients and
+        relative profile error), or ``None`` before the first."""
+        return self._run.last_fit
 
     @property
     def is_swapped(self) -> bool:
@@ -253,9 +291,18 @@ class LAWA(WrappedOptimizer):
         self._build()
         self._history.before_step()
         loss = self._inner.step() if closure is None else self._inner.step(closure)
-        if self._count_step():
+        due = self._count_step()
+        if self.mode == "phema" and self._run.started:
+            self._update_emas()
+        if due:
             self._push()
         return loss
+
+    @torch.compiler.disable
+    def _update_emas(self) -> None:
+        # Eager: the coefficients of step t are computed on the host in float64.
+        self._history.check_groups(self.param_groups)
+        posthoc.update(self._history)
 
     # Kept out of compiled code: a step counter read there is a guard that recompiles at
     # every step (8 recompiles in 8 steps, then Dynamo gives up); this costs one graph
@@ -283,23 +330,27 @@ class LAWA(WrappedOptimizer):
     def snapshot(self) -> bool:
         """Push the current weights into the history: O(1) in k, one pass per bucket.
 
-        Returns ``False`` (and records nothing) before optimizer step ``start``.
+        Returns ``False`` (and records nothing) before optimizer step ``start``, and in
+        ``mode="phema"`` before the first EMA update (the first step at or after
+        ``start``): there is no EMA to store yet.
         """
         self._require_not_swapped("snapshot()")
         if not self._run.started:
             return False
         self._build()
-        self._push()
-        return True
+        return self._push()
 
-    def _push(self) -> None:
+    def _push(self) -> bool:
         # Eager only: traced, the loop over every parameter would become a guard per parameter.
         if not torch.compiler.is_compiling():
             self._history.check_groups(self.param_groups)
+        if self.mode == "phema":
+            return posthoc.push(self._history)
         if self.mode == "ema":
             self._history.push_ema(self.decay)
         else:
             self._history.push()
+        return True
 
     # -- swapping ---------------------------------------------------------------
     @contextlib.contextmanager
@@ -323,16 +374,18 @@ class LAWA(WrappedOptimizer):
         last: int | None = None,
         *,
         weights: Sequence[float] | torch.Tensor | None = None,
+        sigma_rel: float | None = None,
         backup: str | None = None,
     ) -> None:
         """Write the average into the parameters in place (``data_ptr`` unchanged).
 
-        The full average (no ``last``, no ``weights``) of float32, bfloat16 and float64
-        parameters allocates nothing: it trades places with the running mean (for
+        The full average (no ``last``, ``weights`` or ``sigma_rel``; in phema mode the
+        live EMA) of float32, bfloat16 and float64 parameters allocates nothing: it trades places with the running mean (for
         bfloat16, the weight's 16 bits and the mean's low 16 bits share one word), so the
         history holds the training weights until :meth:`swap_back`. Anything else, and
         a mean that is not finite somewhere, copies the training weights into a backup
-        of the parameters' size first. ``backup="device"`` (beside the parameters) or
+        of the parameters' size first, unless the newest ring slot holds them bit for bit
+        (right after a snapshot into a history of their dtype), which then is the backup. ``backup="device"`` (beside the parameters) or
         ``"cpu"`` (host memory) asks for that copy always, leaving the history untouched
         while swapped (another thread may then snapshot-read it, or write into the
         averaged parameters); another value raises ``ValueError``.
@@ -341,8 +394,8 @@ class LAWA(WrappedOptimizer):
         newest snapshots: another type raises ``TypeError``, another value
         ``ValueError``.
 
-        ``weights`` (uniform mode) writes the weighted sum of the stored snapshots
-        instead: one coefficient per snapshot, newest first (a sequence of floats or a
+        ``weights`` (uniform and phema modes) writes the weighted sum of the stored
+        snapshots instead: one coefficient per snapshot, newest first (a sequence of floats or a
         1-D tensor, ``1 <= len(weights) <= num_snapshots``; :mod:`lawa_optim.profiles`
         builds the usual ones). They are used as given, so they must be finite and sum
         to 1 within 1e-6 (``ValueError`` otherwise, naming the sum); negative
@@ -353,11 +406,29 @@ class LAWA(WrappedOptimizer):
         the param groups when that sum is within 1e-6 of 0). ``last`` and ``weights``
         together raise ``ValueError``.
 
+        ``sigma_rel`` (``mode="phema"``) writes the power-function EMA of that relative
+        width at the step of the newest snapshot, synthesised by EDM2's least-squares
+        fit over the stored snapshots' profiles (:func:`lawa_optim.phema.fit`) and one
+        weighted pass over the ring; :attr:`last_fit` tells the coefficients and the
+        fit's relative profile error, a ``UserWarning`` says it when it exceeds
+        :data:`lawa_optim.posthoc.WARN_FIT_ERROR`, and a fit worse than
+        ``max_fit_error`` is refused with ``ValueError`` naming the error, the width asked
+        for and the widths and steps stored. Parameters added later are fitted on their
+        own clock. In phema mode with no argument, the live EMA of the first width
+        (``sigma_rels[0]``) is written exactly, as it stands after the latest step.
+
         The training weights are kept and :meth:`swap_back` restores them bit for bit.
         A refused call changes nothing.
         """
         if last is not None and not is_int(last):
             raise TypeError(f"last must be None or an int, got {type(last).__name__} {last!r}")
+        if sigma_rel is not None:
+            sigma_rel = posthoc.check_width(sigma_rel)
+            if last is not None or weights is not None:
+                raise ValueError(
+                    f"sigma_rel={sigma_rel!r} with last= or weights=; give one (sigma_rel= computes "
+                    "its own weights)"
+                )
         if backup is not None and (not isinstance(backup, str) or backup not in BACKUPS):
             raise ValueError(f"backup must be one of {BACKUPS}, got {backup!r}")
         if weights is not None:
@@ -368,10 +439,40 @@ class LAWA(WrappedOptimizer):
                 )
             weights = weighting.parse(weights)
         with self._swapping("swap_to_average()"):
-            self._swap_in(last, weights, backup)
+            self._swap_in(last, weights, sigma_rel, backup)
 
-    def _swap_in(self, last: int | None, weights: tuple[float, ...] | None, backup: str | None) -> None:
+    def _swap_in(
+        self, last: int | None, weights: tuple[float, ...] | None, sigma_rel: float | None, backup: str | None
+    ) -> None:
         self._require_not_swapped("swap_to_average()")
+        if sigma_rel is not None and self.mode != "phema":
+            raise RuntimeError(
+                f"sigma_rel= needs mode='phema'; this LAWA has mode={self.mode!r}, which keeps no "
+                "power-function EMAs to synthesise from"
+            )
+        live = self.mode == "phema" and last is None and weights is None and sigma_rel is None
+        if live:
+            if not any(b.steps for b in self._history.buckets):
+                raise RuntimeError(
+                    "swap_to_average() before the first EMA update: take an optimizer step first "
+                    f"(EMAs are updated from optimizer step start={self.start} on)"
+                )
+        else:
+            self._check_held(last, weights)
+        fitted = None
+        if sigma_rel is not None:
+            fitted, fit = posthoc.fit(self._history, sigma_rel, self.max_fit_error)
+        self._history.check_groups(self.param_groups)
+        compiled.warn_if_frozen()
+        self._history.swap_in(last, weights, fitted, backup)
+        self._run.swapped = True
+        if sigma_rel is not None:
+            self._run.last_fit = fit
+            if fit.error > posthoc.WARN_FIT_ERROR:
+                warnings.warn(posthoc.describe(fit), UserWarning, stacklevel=3)
+
+    def _check_held(self, last: int | None, weights: tuple[float, ...] | None) -> None:
+        """The checks of a swap that reads the stored snapshots."""
         count = self.num_snapshots
         if count == 0:
             raise RuntimeError(
@@ -384,16 +485,12 @@ class LAWA(WrappedOptimizer):
             if not 1 <= last <= count:
                 raise ValueError(f"last must be in [1, {count}] (the snapshots held now), got {last!r}")
         if weights is not None:
-            if self.mode != "uniform":
+            if self.mode == "ema":
                 raise RuntimeError(
-                    f"weights= needs mode='uniform'; this LAWA has mode={self.mode!r}, which keeps "
-                    "no ring of snapshots to weight, only their running average"
+                    f"weights= needs mode='uniform' or 'phema'; this LAWA has mode={self.mode!r}, "
+                    "which keeps no ring of snapshots to weight, only their running average"
                 )
             weighting.check_length(weights, count)
-        self._history.check_groups(self.param_groups)
-        compiled.warn_if_frozen()
-        self._history.swap_in(last, weights, backup)
-        self._run.swapped = True
 
     def swap_back(self) -> None:
         """Restore the training weights saved by :meth:`swap_to_average`, bit for bit."""
@@ -409,12 +506,13 @@ class LAWA(WrappedOptimizer):
         last: int | None = None,
         *,
         weights: Sequence[float] | torch.Tensor | None = None,
+        sigma_rel: float | None = None,
         backup: str | None = None,
     ) -> Iterator["LAWA"]:
-        """Context manager: the parameters hold the average inside (``last``, ``weights``
-        and ``backup`` as for :meth:`swap_to_average`), the training weights after, even
-        when the body raises."""
-        self.swap_to_average(last, weights=weights, backup=backup)
+        """Context manager: the parameters hold the average inside (``last``,
+        ``weights``, ``sigma_rel`` and ``backup`` as for :meth:`swap_to_average`), the
+        training weights after, even when the body raises."""
+        self.swap_to_average(last, weights=weights, sigma_rel=sigma_rel, backup=backup)
         try:
             yield self
         finally:
@@ -504,3 +602,41 @@ class LAWA(WrappedOptimizer):
         install(self, loaded)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+
+def _phema_settings(
+    mode: str,
+    k: int,
+    decay: float | None,
+    recompute_every: int | None,
+    sigma_rels: Sequence[float] | None,
+    max_fit_error: float | None,
+) -> tuple[tuple[float, ...], float]:
+    """The checked ``sigma_rels`` and ``max_fit_error`` of a LAWA of ``mode`` (empty and
+    the default outside phema mode), refusing the settings that do not go with it."""
+    if mode != "phema":
+        for name, value in (("sigma_rels", sigma_rels), ("max_fit_error", max_fit_error)):
+            if value is not None:
+                raise ValueError(f"{name}= is for mode='phema'; this LAWA has mode={mode!r}")
+        return (), posthoc.MAX_FIT_ERROR
+    if decay is not None:
+        raise ValueError(
+            f"decay={decay!r} is for mode='ema'; mode='phema' keeps power-function EMAs whose "
+            "decay follows from sigma_rels"
+        )
+    if recompute_every is not None:
+        raise ValueError(
+            f"recompute_every={recompute_every!r} is for mode='uniform'; mode='phema' keeps no "
+            "running mean to recompute"
+        )
+    widths = posthoc.check_sigma_rels(posthoc.SIGMA_RELS if sigma_rels is None else sigma_rels)
+    if k < len(widths):
+        raise ValueError(
+            f"k={k} cannot hold one snapshot of each of the {len(widths)} widths sigma_rels={widths}; "
+            f"accepted: k >= {len(widths)} (a multiple of it keeps whole snapshots)"
+        )
+    if max_fit_error is None:
+        return widths, posthoc.MAX_FIT_ERROR
+    if isinstance(max_fit_error, bool) or not isinstance(max_fit_error, (int, float)) or not max_fit_error > 0:
+        raise ValueError(f"max_fit_error must be a number > 0, got {max_fit_error!r}")
+    return widths, float(max_fit_error)

@@ -201,10 +201,11 @@ def fingerprint(opt: LAWA | None = None, *, model: nn.Module | None = None) -> d
                 [None if t is None else t.clone() for t in (b.ring, b.total, b.pushes, b.backup)]
                 for b in hist.buckets
             ],
-            "run": (opt.steps, opt.is_swapped, opt._run.started, opt.num_snapshots),
+            "phema": [(None if b.emas is None else b.emas.clone(), b.steps, list(b.slots)) for b in hist.buckets],
+            "run": (opt.steps, opt.is_swapped, opt._run.started, opt.num_snapshots, opt.last_fit),
             "exchanged": [b.exchanged for b in hist.buckets],
             "settings": (opt.k, opt.mode, opt.every, opt.start, opt.decay, hist.history_dtype, hist.storage,
-                         hist.requested_backend, hist.recompute_every),
+                         hist.requested_backend, hist.recompute_every, hist.sigma_rels, opt.max_fit_error),
             "state": {id(p): copy.deepcopy(dict(s)) for p, s in opt.state.items()},
             "params": [[id(p) for p in g["params"]] for g in opt.param_groups],
             "groups": [copy.deepcopy({k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups],
@@ -231,9 +232,10 @@ def copy_through_state_dicts(pair: tuple[nn.Module, LAWA]) -> tuple[nn.Module, L
             p.add_(1.0)  # the weights must come from the state dict
     inner = opt.optimizer
     hist = opt._history
+    phema = {"sigma_rels": opt.sigma_rels} if opt.mode == "phema" else {"decay": opt.decay}
     opt2 = LAWA(type(inner)(model2.parameters(), **inner.defaults), k=opt.k, every=opt.every, start=opt.start,
-                mode=opt.mode, decay=opt.decay, storage=hist.storage, history_dtype=hist.history_dtype,
-                backend=hist.requested_backend, recompute_every=hist.recompute_every)
+                mode=opt.mode, storage=hist.storage, history_dtype=hist.history_dtype,
+                backend=hist.requested_backend, recompute_every=hist.recompute_every, **phema)
     model2.load_state_dict(model.state_dict())
     opt2.load_state_dict(opt.state_dict())
     return model2, opt2

@@ -19,6 +19,7 @@ from benchmarks import baselines, device_checks, gpu_proof, report, suite, targe
 from benchmarks.stages import Context, Stage, run_stages
 from benchmarks.workloads import MODELS, Workload
 from lawa_optim import ops
+from lawa_optim.demo import source_version
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -183,10 +184,16 @@ def test_quick_report_runs_end_to_end(tmp_path, capsys):
     records = report.run([4096], suite.OPS, [], repeats=1, k=K, device=CPU, out=tmp_path,
                          dtypes=(torch.float32, torch.bfloat16), min_seconds=0.0)
     out = capsys.readouterr().out
-    assert "x foreach" in out and "targets on cpu" in out
+    assert "x foreach [range]" in out and "targets on cpu" in out
     (path,) = tmp_path.glob("*.json")
     assert path.name == f"{report.machine_slug(CPU)}.json"
     assert json.loads(path.read_text()) == json.loads(json.dumps(records))
+    # the first record says where and under what load: it is printed above the table
+    info, records = records[0], records[1:]
+    assert info["op"] == "run" and len(info["load_before"]) == len(info["load_after"]) == 3
+    assert info["code"] == source_version() and info["rounds"] == [1]
+    assert f"load average (1, 5, 15 min) before {'/'.join(f'{x:.2f}' for x in info['load_before'])}" in out
+    assert f"code: {info['code']['text']}" in out
     impls = suite.backends_here(CPU, torch.float32)[0]["torch"]
     assert sorted((r["op"], r["param_dtype"], r["impl"]) for r in records) == sorted(
         (op, d, impl) for op in suite.OPS for d in ("float32", "bfloat16") for impl in impls)
@@ -205,11 +212,26 @@ def test_quick_report_runs_end_to_end(tmp_path, capsys):
 
 def test_times_are_per_operation(monkeypatch):
     # Every timed call takes 6 s by this clock; a snapshot call is K pushes in a row.
-    monkeypatch.setattr(report, "interleaved", lambda calls, *args: {name: 6.0 for name in calls})
+    monkeypatch.setattr(report, "interleaved", lambda calls, *args: {name: [6.0] * 5 for name in calls})
     records = report.measure(Workload("w", [torch.ones(100)]), CPU, K, suite.OPS, 1, 0.0)
     for r in records:
         assert r["median_s"] == (6.0 / K if r["op"] == "snapshot" else 6.0)
         assert r["roofline_fraction"] == 1.0 and set(r["speedup"].values()) == {1.0}
+        assert r["rounds"] == 5 and all(v == [1.0, 1.0] for v in r["speedup_range"].values())
+
+
+def test_speedups_are_the_median_and_range_of_the_per_round_ratios(monkeypatch):
+    # round by round: baselines 2, 8, 4, 2, 2 s against LAWA 1, 2, 4, 1, 2 s: ratios 2, 4, 1, 2, 1
+    # (median 2, range 1-4), where the ratio of the medians would say 1
+    times = lambda calls, *args: {n: [1.0, 2.0, 4.0, 1.0, 2.0] if n.startswith("lawa") else  # noqa: E731
+                                  [2.0, 8.0, 4.0, 2.0, 2.0] for n in calls}
+    monkeypatch.setattr(report, "interleaved", times)
+    records = report.measure(Workload("w", [torch.ones(100)]), CPU, K, ("ema",), 5, 0.0)
+    for r in records:
+        assert r["same_rounds_as_baselines"]
+        assert set(r["speedup"].values()) == {2.0} and all(v == [1.0, 4.0] for v in r["speedup_range"].values())
+    assert report.ratios([2.0, 8.0, 4.0], [1.0, 2.0, 4.0], same_rounds=False) == {"median": 2.0, "min": 0.5, "max": 8.0}
+    assert "2.00 [1.00-4.00]" in report.table(records)
 
 
 @pytest.mark.parametrize("name", ["lawa", *baselines.BASELINES["snapshot"]])

@@ -28,6 +28,8 @@ COMMANDS = {
     "experiment": (["-m", "examples.lawa_experiment"], "examples.lawa_experiment", "python -m examples.lawa_experiment"),
     "demo": (["-m", "lawa_optim.demo"], "lawa_optim.demo", "python -m lawa_optim.demo"),
     "mutants": (["-m", "tools.mutants"], "tools.mutants", "python -m tools.mutants"),
+    "phema_check": (["-m", "examples.phema_check"], "examples.phema_check", "python -m examples.phema_check"),
+    "phema_bench": (["-m", "benchmarks.phema"], "benchmarks.phema", "python -m benchmarks.phema"),
     "distributed": (["examples/train_distributed.py"], "examples.train_distributed",
                     "torchrun --nproc-per-node 2 examples/train_distributed.py"),
 }
@@ -61,6 +63,14 @@ REFUSED = [
     ("mutants", ["--timeout", "-1"], "--timeout"),
     ("mutants", ["--only", "nosuchmutant"], "--only"),
     ("distributed", ["--epochs", "0"], "--epochs"),
+    ("phema_check", ["--out", f"{MISSING}/results"], "--out"),
+    ("phema_check", [], "--out"),
+    ("phema_check", ["--out", "x", "--steps", "0"], "--steps"),
+    ("phema_check", ["--out", "x", "--k", "1"], "--k"),
+    ("phema_check", ["--out", "x", "--steps", "10", "--every", "20"], "--every"),
+    ("phema_bench", ["--rounds", "0"], "--rounds"),
+    ("phema_bench", ["--widths", "9"], "--widths"),
+    ("phema_bench", ["--out", f"{MISSING}/p.json"], "--out"),
 ]
 
 

@@ -101,6 +101,17 @@ def test_weighted_swap_steps_through_the_ring_without_a_remainder_or_an_fma(nvcc
         assert re.search(r"\bmul\.rn\.f32\b", body), f"sm_{arch} {name}"
 
 
+def test_phema_update_rounds_without_an_fma(nvcc_build):
+    """The power-function EMAs: one kernel per parameter dtype, each product rounded before
+    it is added, as the contract says (nvcc would contract them)."""
+    arch, _, ptx = nvcc_build
+    kernels = {n: b for n, b in ptx.items() if "PhemaOp" in n}
+    assert len(kernels) == 3, sorted(ptx)
+    for name, body in kernels.items():
+        assert not re.search(r"\bfma\.", body), f"sm_{arch} {name}"
+        assert re.search(r"\bmul\.rn\.f32\b", body), f"sm_{arch} {name}"
+
+
 def test_sources_are_found():
     src = native.source_dir()
     assert (src / "bindings.cpp").is_file() and list(src.glob("*.cu"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -253,6 +254,41 @@ def fsdp_load(rank: int, world: int, out: Path, ckpt: str) -> None:
     torch.save(rec, out / f"load{rank}.pt")
 
 
+def phema_recipe(model: nn.Module) -> tuple[LAWA, list[list[torch.Tensor]]]:
+    """mode="phema" over ``model`` for EPOCHS epochs, a snapshot after each, k=4: the
+    synthesised width-0.07 EMA and the live one, as full tensors."""
+    opt = LAWA(torch.optim.Adam(model.parameters(), lr=LR), k=4, mode="phema")
+    for e in range(EPOCHS):
+        train_epoch(model, opt, e)
+        opt.snapshot()
+    return opt, phema_averages(model, opt)
+
+
+def phema_averages(model: nn.Module, opt: LAWA) -> list[list[torch.Tensor]]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fit's error, checked in test_phema_mode.py
+        with torch.no_grad(), opt.averaged(sigma_rel=0.07):
+            fitted = full(model.parameters())
+    with torch.no_grad(), opt.averaged():
+        live = full(model.parameters())
+    return [fitted, live]
+
+
+def fsdp_phema(rank: int, world: int, out: Path) -> None:
+    """FSDP2 local shards in phema mode: the averages, then a distributed checkpoint loaded
+    into a fresh sharded model with other weights, whose averages must be the same."""
+    model = shard(make_model(0))
+    opt, rec = phema_recipe(model)
+    model.reshard()
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=str(out / "ckpt"))
+    model2 = shard(make_model(1))
+    opt2 = LAWA(torch.optim.Adam(model2.parameters(), lr=LR), k=4, mode="phema")
+    load_into(model2, opt2, out / "ckpt")
+    rec.append(phema_averages(model2, opt2))
+    torch.save(rec, out / f"phema{rank}.pt")
+
+
 def ddp_train(rank: int, world: int, out: Path) -> None:
     model = nn.parallel.DistributedDataParallel(make_model(0))
     opt = LAWA(torch.optim.Adam(model.parameters(), lr=LR), k=K)
@@ -379,3 +415,16 @@ def test_ddp_ranks_agree_with_reference(tmp_path, ref):
         torch.testing.assert_close(rec["out_avg"], ref["saved"]["out_avg"])
         assert_all_close(rec["live"], ref["saved"]["live"])
         assert "snapshots pushed" in rec["misuse"] and "rank 1: {'steps': 10" in rec["misuse"]
+
+
+def test_fsdp_phema_shards_equal_the_unsharded_run(tmp_path):
+    """Each rank keeps the EMAs and the ring of its shards; the synthesised and the live
+    EMA equal those of the same recipe on one process, also after a distributed checkpoint."""
+    run_ranks(fsdp_phema, 2, tmp_path)
+    _, want = phema_recipe(make_model(0))
+    for r in range(2):
+        fitted, live, (loaded_fitted, loaded_live) = torch.load(tmp_path / f"phema{r}.pt")
+        assert_all_close(fitted, want[0])
+        assert_all_close(live, want[1])
+        assert_same(loaded_fitted, fitted, f"rank {r}: loaded, sigma_rel=0.07")
+        assert_same(loaded_live, live, f"rank {r}: loaded, the live EMA")

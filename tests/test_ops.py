@@ -336,3 +336,50 @@ def test_weighted_contract(runner, pdtype, hdtype):
         c.push(b.params)
         if n in (1, 2, 7):
             check_weighted(b, c, f"after {n} pushes")
+
+
+#: Coefficients 1 - beta of three widths over four steps: the first step copies (1.0), the
+#: next fold in; one width copies again at step 3 (a coefficient of exactly 1 at any step).
+PHEMA_ALPHAS = ([1.0, 1.0, 1.0], [0.75, 0.5, 0.996], [1.0, 0.3, 0.1], [2.0**-20, 1 / 3, 0.0])
+
+
+@pytest.mark.parametrize("pdtype", [*DTYPES, torch.float64], ids=dtype_id)
+def test_phema_contract(runner, pdtype):
+    """Every row of ``emas`` follows ``ema + a * (param - ema)`` (copy where ``a == 1``)
+    bit for bit, replayed per parameter in torch, and stays within the bound of the float64
+    EMA; the padding stays zero; a plain swap-in writes the first row."""
+    skip_float64(runner, pdtype)
+    params = make_params(DEVICE, pdtype, seed=4)
+    b = Bucket(params, 3, "phema", None, "device", runner, widths=3)
+    assert b.emas.shape == (3, b.D) and b.total.data_ptr() == b.emas.data_ptr()
+    acc = accumulation_dtype(pdtype)
+    rows = [[torch.zeros_like(p, dtype=acc) for p in params] for _ in range(3)]
+    ema64 = [[None] * len(params) for _ in range(3)]
+    magnitude = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    for step, alphas in enumerate(PHEMA_ALPHAS):
+        randomize(params, seed=20 + step)
+        a = torch.tensor(alphas, dtype=acc, device=DEVICE)
+        ops.phema_update(b, a)
+        magnitude = [torch.maximum(m, p.double().abs()) for m, p in zip(magnitude, params)]
+        for e in range(3):
+            for i, p in enumerate(params):
+                theta = p.detach().to(acc)
+                if alphas[e] == 1.0:
+                    rows[e][i] = theta.clone()
+                else:
+                    rows[e][i] = rows[e][i] + a[e] * (theta - rows[e][i])
+                w, x = a[e].double(), p.to(torch.float64, copy=True)  # a copy: p changes in place
+                ema64[e][i] = x if alphas[e] == 1.0 else ema64[e][i] + w * (x - ema64[e][i])
+                at = f"step {step + 1}, width {e}, parameter {i}"
+                assert_same_bits(b.view(b.emas[e], i), rows[e][i], at)
+                assert_near(b.view(b.emas[e], i), ema64[e][i], magnitude[i], at)
+    assert not bits(b.emas[:, padding(b)]).any(), "padding written"
+    assert int(b.pushes) == 0, "the update must not count as a snapshot"
+    originals = [p.clone() for p in params]
+    swap_in(b, None)
+    for i, (p, want) in enumerate(zip(params, rows[0])):
+        assert_same_bits(p, want.to(pdtype), f"phema swap_in: parameter {i}")
+        assert_same_bits(b.view(b.backup, i), originals[i], f"phema backup of parameter {i}")
+    ops.swap_back(b)
+    for i, (p, o) in enumerate(zip(params, originals)):
+        assert_same_bits(p, o, f"phema swap_back: parameter {i}")

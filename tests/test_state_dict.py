@@ -43,7 +43,7 @@ def trace(model, opt, epochs):
 
 
 def history_buffers(opt):
-    return [(b.ring, b.total, b.pushes) for b in opt._history.buckets]
+    return [(b.ring, b.total, b.pushes, b.emas) for b in opt._history.buckets]
 
 
 # -- saving reads only; resuming is bit-exact ---------------------------------------------
@@ -53,11 +53,13 @@ CASES = {
     "uniform-recompute-2": {"k": 4, "recompute_every": 2},
     "uniform-every-start": {"k": 3, "every": 2, "start": 3},
     "ema": {"mode": "ema", "decay": 0.5},
+    "phema": {"mode": "phema", "k": 4, "every": 2},
 }
 #: Snapshots held at the save point (5 epochs of 3 steps, a snapshot after each): min(5, k);
 #: with every=2, start=3 the steps 4, 6, ..., 14 add 6 to the 5 explicit ones, min(11, 3);
-#: EMA counts every update.
-HELD = {"uniform": 3, "uniform-bf16-history": 3, "uniform-recompute-2": 4, "uniform-every-start": 3, "ema": 5}
+#: EMA counts every update; phema pushes 2 widths at steps 2, 4, ..., 14 and after each epoch.
+HELD = {"uniform": 3, "uniform-bf16-history": 3, "uniform-recompute-2": 4, "uniform-every-start": 3, "ema": 5,
+        "phema": 4}
 
 
 def now(model, opt):
@@ -182,7 +184,7 @@ def train(model, scale, opt, epochs):
 
 
 @pytest.mark.parametrize("swapped", [False, True], ids=["live", "swapped"])
-@pytest.mark.parametrize("mode", ["uniform", "ema"])
+@pytest.mark.parametrize("mode", ["uniform", "ema", "phema"])
 def test_loaded_history_is_an_exact_independent_copy(mode, swapped):
     """Every tensor of every parameter comes back equal to the saved one; then every
     tensor of the loaded dict is overwritten, and the optimizer does not change."""
@@ -381,6 +383,39 @@ REFUSED = [
             ("missing", entry("lawa_ema", None), "holds no lawa_ema"),
             ("history", entry("lawa_history", lambda _: torch.zeros(3, 7, 5)), "lawa_history, which a LAWA with mode='ema' does not save"),
             ("sum", entry("lawa_sum", lambda _: torch.zeros(7, 5)), "lawa_sum, which a LAWA with mode='ema' does not save"),
+        ]
+    ],
+    # phema, k=3 and two widths after 10 pushes (5 snapshots at steps 3, 6, ..., 15): slot 0
+    # holds push 9 (width 1, t=15), slot 2 push 8 (width 0, t=15), slot 1 push 7 (width 1, t=12).
+    pytest.param("uniform", False, lawa("mode", "phema"), "saved with mode='phema', this LAWA has mode='uniform'",
+                 id="mode-phema-into-uniform"),
+    *[
+        pytest.param("phema", False, edit, match, id=f"phema-{name}")
+        for name, edit, match in [
+            ("sigma_rels", lawa("sigma_rels", [0.05, 0.2]),
+             r"saved with sigma_rels=\[0.05, 0.2\], this LAWA has sigma_rels=\[0.05, 0.1\]"),
+            ("sigma_rels-str", lawa("sigma_rels", "0.05"), "saved with sigma_rels='0.05'"),
+            ("steps-missing", no_lawa("phema_steps"), r"param group 0: 'lawa' lacks 'phema_steps' \(mode 'phema'\)"),
+            ("steps-negative", lawa("phema_steps", -1), r"lawa 'phema_steps' must be an int in \[0, 2\*\*62\], got -1"),
+            ("steps-bool", lawa("phema_steps", True), "lawa 'phema_steps' must be an int"),
+            ("steps-below-slots", lawa("phema_steps", 14), r"slot 0 \(push 9\) cannot hold \(15, 1\)"),
+            ("steps-differ", lawa("phema_steps", 16, (1,)), "differ from its generation's other groups"),
+            ("slots-not-list", lawa("phema_slots", 5), "lawa 'phema_slots' must be a list of k=3 entries"),
+            ("slots-short", lawa("phema_slots", [[15, 1], [12, 1]]), "must be a list of k=3 entries"),
+            ("slots-empty", lawa("phema_slots", [None, None, None]), r"slot 0 \(push 9\) cannot hold None"),
+            ("slots-width", lawa("phema_slots", [[15, 0], [12, 1], [15, 0]]), r"slot 0 \(push 9\) cannot hold \(15, 0\)"),
+            ("slots-split-snapshot", lawa("phema_slots", [[15, 1], [12, 1], [14, 0]]),
+             r"slot 2 \(push 8\) cannot hold \(14, 0\)"),
+            ("slots-later-older", lawa("phema_slots", [[15, 1], [16, 1], [15, 0]]), r"slot 1 \(push 7\)"),
+            ("slots-float", lawa("phema_slots", [[15.0, 1], [12, 1], [15, 0]]), r"slot 0 \(push 9\)"),
+            ("pushes-split", [lawa("pushes", 9)], "lawa 'pushes' is 9 with phema_steps=15; every snapshot pushes all 2"),
+            ("emas-missing", entry("lawa_phema", None), "holds no lawa_phema"),
+            ("emas-shape", entry("lawa_phema", lambda t: t[:1]), r"lawa_phema has shape \(1, 7, 5\), this optimizer needs \(2, 7, 5\)"),
+            ("emas-float64", entry("lawa_phema", lambda t: t.double()), "lawa_phema has dtype torch.float64"),
+            ("emas-bfloat16-for-bfloat16", entry("lawa_phema", lambda t: t.to(torch.bfloat16), pids=(4,)),
+             "parameter 2 of param group 1: lawa_phema has dtype torch.bfloat16, this optimizer needs torch.float32"),
+            ("history-missing", entry("lawa_history", None), "holds no lawa_history"),
+            ("sum", entry("lawa_sum", lambda _: torch.zeros(7, 5)), "lawa_sum, which a LAWA with mode='phema' does not save"),
         ]
     ],
 ]

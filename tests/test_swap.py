@@ -64,7 +64,7 @@ def state(model: nn.Module, opt: LAWA) -> dict:
     """Everything a later step or swap reads: weights, history buffers, the optimizer."""
     return {
         "weights": [p.detach().clone() for p in model.parameters()],
-        "buffers": [[None if t is None else t.clone() for t in (b.ring, b.total, b.pushes)] for b in opt._history.buckets],
+        "buffers": [[None if t is None else t.clone() for t in (b.ring, b.total, b.pushes, b.emas)] for b in opt._history.buckets],
         "inner": roundtrip(opt.optimizer.state_dict()),
     }
 
@@ -89,7 +89,7 @@ def test_the_full_average_swaps_in_place_and_back_bit_for_bit(backend, pair):
 
 
 @pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("mode", ["uniform", "ema"])
+@pytest.mark.parametrize("mode", ["uniform", "ema", "phema"])
 def test_a_run_that_evaluates_is_bit_identical_to_one_that_does_not(backend, pdtype, mode):
     quiet, quiet_opt = model_and_opt(backend, pdtype, None, mode=mode)
     loud, loud_opt = model_and_opt(backend, pdtype, None, mode=mode)
@@ -128,18 +128,20 @@ def test_a_backup_leaves_the_history_untouched_while_swapped(backend, backup):
         assert_same([p.detach().clone() for p in model.parameters()], in_place)
 
 
+@pytest.mark.parametrize("mode", ["uniform", "ema", "phema"])
 @pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16], ids=str)
-def test_a_state_dict_saved_while_swapped_in_place_is_the_one_saved_with_a_backup(backend, pdtype):
-    """lawa_mean holds the running mean and lawa_backup the training weights, not the
-    words the exchange left; loaded, it swaps back to the training weights and resumes."""
-    model, opt = model_and_opt(backend, pdtype, None)
+def test_a_state_dict_saved_while_swapped_in_place_is_the_one_saved_with_a_backup(backend, pdtype, mode):
+    """lawa_mean (lawa_ema, lawa_phema) holds the average kept and lawa_backup the
+    training weights, not the words the exchange left; loaded, it swaps back to the
+    training weights and resumes."""
+    model, opt = model_and_opt(backend, pdtype, None, mode=mode)
     train(model, opt, range(5))
     with opt.averaged(backup="device"):
         with_backup = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
     with opt.averaged():
         in_place = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
     assert_same(in_place, with_backup)
-    model2, opt2 = model_and_opt(backend, pdtype, None, seed=1)
+    model2, opt2 = model_and_opt(backend, pdtype, None, seed=1, mode=mode)
     model2.load_state_dict(in_place["model"])
     opt2.load_state_dict(in_place["opt"])
     opt2.swap_back()

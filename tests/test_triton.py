@@ -258,6 +258,8 @@ def expected_vectors(name: str) -> tuple[int, int]:
         return vectors(p, "float32") + vectors("float32"), vectors(p, "float32") + vectors("float32")
     if op == "ema":
         return vectors(p, "float32") + vectors("float32"), 2 * vectors("float32")
+    if op == "phema":  # compiled for two widths: the parameter once, each width's row
+        return vectors(p, "float32", "float32") + vectors("float32", "float32"), 4 * vectors("float32")
     assert op == "swap_back"
     return 2 * vectors(p), vectors(p)
 
@@ -266,7 +268,7 @@ def test_compile_ptx_names_every_variant(compiled):
     names = {k.split(":", 1)[1] for k in compiled}
     d = ("float32", "bfloat16", "float16")
     expected = (
-        {f"push:{p}:{h}" for p in d for h in d} | {f"ema:{p}" for p in d}
+        {f"push:{p}:{h}" for p in d for h in d} | {f"ema:{p}" for p in d} | {f"phema:{p}" for p in d}
         | {f"swap_in:ema:{p}" for p in d}
         | {f"swap_in:{m}:{p}:{h}" for m in ("mean", "last", "weighted") for p in d for h in d}
         | {f"swap_back:{p}" for p in d} | {f"recompute:{h}" for h in d}
@@ -295,9 +297,9 @@ def test_every_access_of_an_aligned_parameter_is_128_bit(compiled):
 
 def test_compiled_arithmetic_is_the_contract(compiled):
     """IEEE division (the running mean's step, last=j's mean), torch's fused multiply-add
-    in the EMA and none in the weighted swap-in, and on the GPU the hardware's
-    round-to-nearest-even casts (the instruction torch's CUDA cast uses), not the
-    interpreter's hand-written rounding; the exchange only moves bits."""
+    in the EMA and none in the weighted swap-in and the power-function EMAs, and on the
+    GPU the hardware's round-to-nearest-even casts (the instruction torch's CUDA cast
+    uses), not the interpreter's hand-written rounding; the exchange only moves bits."""
     for key, facts in compiled.items():
         ops = facts["ops"]
         assert not any(o.startswith(("div.approx", "div.full")) for o in ops), key
@@ -308,7 +310,7 @@ def test_compiled_arithmetic_is_the_contract(compiled):
             assert not any(o.startswith(("div", "fma", "cvt.rn", "cvt.rz")) for o in ops), key
         if name.startswith("ema"):
             assert "fma.rn.f32" in ops, key
-        if name.startswith("swap_in:weighted"):
+        if name.startswith(("swap_in:weighted", "phema")):
             # Each product rounds before it is added: Triton would fuse them by default.
             assert not any(o.startswith("fma") for o in ops), key
     for name, cvt in [("push:float32:bfloat16", "cvt.rn.bf16"), ("push:float32:float16", "cvt.rn.f16"),

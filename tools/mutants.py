@@ -240,7 +240,7 @@ MUTANTS = [
            "self.refresh_every = k if refresh_every is None else refresh_every",
            "self.refresh_every = 2**62 if refresh_every is None else refresh_every", ("tests/test_guarantee.py",)),
     Mutant("count-is-every-push", HIST,
-           'return min(n, self.k) if self.mode == "uniform" else n', "return n", ("tests/test_wrapper.py",)),
+           'return n if self.mode == "ema" else min(n, self.k)', "return n", ("tests/test_wrapper.py",)),
     Mutant("custom-op-hides-a-mutation", "lawa_optim/compiled.py",
            'mutates_args=("ring", "total", "pushes")', 'mutates_args=("ring", "total")',
            ("tests/test_compile.py", "-k", "opcheck")),
@@ -323,6 +323,38 @@ MUTANTS = [
     Mutant("unbalanced-cc-raises", "lawa_optim/backends/native.py",
            "    except ValueError as exc:  # an unbalanced quote", "    except OSError as exc:  # an unbalanced quote",
            ("tests/test_native.py", "-k", "does_not_split")),
+    # -- post-hoc EMA (mode="phema") ---------------------------------------------------
+    Mutant("phema-one-row-reference", REF, "            row = b.emas[e, lo:hi]\n", "            row = b.emas[0, lo:hi]\n",
+           narrowed(PLAIN, "phema")),
+    Mutant("phema-first-step-folds-reference", REF, "            if a == 1.0:\n                row.copy_(theta)",
+           "            if a == 2.0:\n                row.copy_(theta)", narrowed(PLAIN, "phema")),
+    Mutant("phema-fma-c", C, "ema[i] = ema[i] + a * (theta[i] - ema[i]);", "ema[i] = fmaf(a, theta[i] - ema[i], ema[i]);",
+           narrowed(FUSED, "phema")),
+    Mutant("phema-one-row-c", C, "float *restrict ema = emas + e * D + b;", "float *restrict ema = emas + b;",
+           narrowed(FUSED, "phema")),
+    Mutant("phema-first-step-folds-c", C, "if (a == 1.0f) {", "if (a == 2.0f) {", narrowed(FUSED, "phema")),
+    Mutant("phema-row-step-triton", TRK, "        row += D  # a 64-bit pointer step: e * D may exceed 2**31\n",
+           "", narrowed(TRITON, "phema")),
+    Mutant("phema-slot-width-unrecorded", "lawa_optim/posthoc.py", "b.slots[s] = (b.steps, e)", "b.slots[s] = (b.steps, 0)",
+           ("tests/test_phema_mode.py",)),
+    Mutant("phema-fit-oldest-first", "lawa_optim/posthoc.py", "t, e = slots[(n - 1 - j) % k]",
+           "t, e = slots[(n - min(n, k) + j) % k]", ("tests/test_phema_mode.py",)),
+    Mutant("phema-saved-slots-unchecked", "lawa_optim/posthoc.py", "        _check_slots(g, k, E, t, slots, pushes[gen])\n",
+           "", ("tests/test_state_dict.py", "-k", "phema")),
+    Mutant("phema-refusal-after-the-swap", "lawa_optim/wrapper.py",
+           "            fitted, fit = posthoc.fit(self._history, sigma_rel, self.max_fit_error)\n"
+           "        self._history.check_groups(self.param_groups)\n"
+           "        compiled.warn_if_frozen()\n"
+           "        self._history.swap_in(last, weights, fitted)\n"
+           "        self._run.swapped = True\n",
+           "            fitted, fit = posthoc.fit(self._history, sigma_rel, float('inf'))\n"
+           "        self._history.check_groups(self.param_groups)\n"
+           "        compiled.warn_if_frozen()\n"
+           "        self._history.swap_in(last, weights, fitted)\n"
+           "        self._run.swapped = True\n"
+           "        if sigma_rel is not None:\n"
+           "            posthoc.fit(self._history, sigma_rel, self.max_fit_error)\n",
+           ("tests/test_phema_mode.py", "-k", "refused")),
 ]
 
 

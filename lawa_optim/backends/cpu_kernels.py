@@ -64,6 +64,7 @@ SIGNATURES = {
     "lawa_cpu_swap_back": [_p, _i64, _int, _p, _int],
     "lawa_cpu_exchange": [_p, _i64, _int, _p, _int, _int],
     "lawa_cpu_all_finite": [_p, _i64],
+    "lawa_cpu_phema": [_p, _i64, _int, _p, _i64, _i64, _p, _int],
 }
 #: Modes of lawa_cpu_swap_in.
 SWAP_EMA, SWAP_MEAN, SWAP_LAST = 0, 1, 2
@@ -117,7 +118,7 @@ def ema_rounding() -> bool | None:
 
 
 def runs(b: "Bucket", op: str = "push") -> bool:
-    """Whether the fused kernel of ``op`` (``"push"``, ``"ema"``, ``"swap"``) can run
+    """Whether the fused kernel of ``op`` (``"push"``, ``"ema"``, ``"swap"``, ``"phema"``) can run
     ``b``: history and sum on the CPU (and, for swaps, the parameters too),
     float32/bfloat16/float16 parameters and history, a compiled library and, for the
     EMA, a torch whose rounding it can match (:func:`ema_rounding`)."""
@@ -185,11 +186,22 @@ def ema_update(b: "Bucket", n: int, decay: float, sources: Sequence[Tensor]) -> 
     ), "EMA update", b)
 
 
+def phema_update(b: "Bucket", alphas: Tensor, sources: Sequence[Tensor]) -> None:
+    """Fold ``sources`` into every power-function EMA of ``b.emas`` (``alphas``: float32,
+    on the CPU, one per row)."""
+    table = _table(b, sources)
+    alphas = alphas.contiguous()
+    _check(_lib.lawa_cpu_phema(
+        table.data_ptr(), table.shape[0], DTYPE_CODES[b.dtype], b.emas.data_ptr(), b.D, b.emas.shape[0],
+        alphas.data_ptr(), _threads(table),
+    ), "power-function EMA update", b)
+
+
 def swap_in(b: "Bucket", n: int, last: int | None) -> None:
     """Back up ``b.params`` into ``b.backup`` and write the average after ``n`` pushes
     into them (of the ``last`` newest snapshots when given; ignored in EMA mode)."""
     table = _table(b, b.params)
-    if b.mode == "ema":
+    if b.mode != "uniform":  # the EMA, or in phema mode the first width's (total is emas[0])
         mode, count = SWAP_EMA, 0
     elif last is None:
         mode, count = SWAP_MEAN, min(n, b.k)

@@ -169,6 +169,12 @@ def ema_update(b: "Bucket", decay: float) -> None:
     _kernels().ema_update(table, tiles, b.dtype, b.total, b.pushes, float(decay))
 
 
+def phema_update(b: "Bucket", alphas: Tensor) -> None:
+    """Fold the weights into every power-function EMA of ``b.emas`` in one launch."""
+    table, tiles = _table(b)
+    _kernels().phema_update(table, tiles, b.dtype, b.emas, alphas.contiguous())
+
+
 def exchanges(b: "Bucket") -> bool:
     """float32 and bfloat16 parameters over a floating-point history (``total`` is the
     running mean) swap their full average in place."""
@@ -186,7 +192,9 @@ def swap_in(b: "Bucket", last: int | None, weights: Tensor | None = None) -> Non
     if weights is not None:
         _kernels().swap_weighted(table, tiles, b.backup, b.ring, weights.contiguous(), b.pushes)
         return
-    _kernels().swap_in(table, tiles, b.mode, b.backup, b.total, b.ring, b.pushes, last)
+    # In phema mode total is emas[0]: the live EMA swaps in as EMA mode's average does.
+    mode = "uniform" if b.mode == "uniform" else "ema"
+    _kernels().swap_in(table, tiles, mode, b.backup, b.total, b.ring, b.pushes, last)
 
 
 def swap_back(b: "Bucket") -> None:

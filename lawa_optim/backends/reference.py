@@ -103,6 +103,24 @@ def ema_update(b: "Bucket", decay: float) -> None:
     torch._foreach_add_(views, params, alpha=1.0 - decay)
 
 
+def phema_update(b: "Bucket", alphas: Tensor) -> None:
+    """Every power-function EMA of ``b.emas``, as :mod:`lawa_optim.ops` defines it."""
+    params = _params(b)
+    if cpu_kernels.runs(b, "phema"):
+        cpu_kernels.phema_update(b, alphas, params)
+        return
+    for lo, hi, i0, i1 in _cache(b)["chunks"]:
+        # One widened copy of the chunk's weights serves every width.
+        theta = torch.zeros(hi - lo, dtype=b.emas.dtype, device=b.device)
+        torch._foreach_copy_([b.view(theta, i, base=lo) for i in range(i0, i1)], params[i0:i1])
+        for e, a in enumerate(alphas.tolist()):
+            row = b.emas[e, lo:hi]
+            if a == 1.0:
+                row.copy_(theta)
+            else:
+                row.add_((theta - row).mul_(alphas[e]))
+
+
 def _scalar(x: int, b: "Bucket") -> Tensor:
     # Dividing by a Python number multiplies by its reciprocal on CUDA (1 ulp off IEEE
     # division); a 0-dim tensor on the same device divides exactly, as the contract says.
@@ -125,7 +143,7 @@ def swap_in(b: "Bucket", last: int | None, weights: Tensor | None = None) -> Non
     for lo, hi, i0, i1 in c["chunks"]:
         if weights is not None:
             avg = weighted_sum([b.ring[(n - 1 - j) % b.k, lo:hi] for j in range(len(weights))], weights)
-        elif b.mode == "ema":
+        elif b.mode != "uniform":  # the EMA; in phema mode total is emas[0]
             avg = b.total[lo:hi]
         elif last is None:
             slots = [b.ring[s, lo:hi] for s in range(min(n, b.k))]

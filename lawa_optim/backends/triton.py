@@ -124,6 +124,11 @@ def ema_update(b: "Bucket", decay: float) -> None:
     _launch(_k.ema_kernel, b, b.total, b.pushes, _f32(decay), _f32(1.0 - decay))
 
 
+def phema_update(b: "Bucket", alphas: Tensor) -> None:
+    """Fold the parameters into every power-function EMA of ``b.emas``, one launch."""
+    _launch(_k.phema_kernel, b, b.emas, alphas, b.D, E=b.emas.shape[0], **NO_FUSION)
+
+
 def exchanges(b: "Bucket") -> bool:
     """float32 and bfloat16 parameters over a floating-point history (``total`` is the
     running mean) swap their full average in place."""
@@ -141,7 +146,7 @@ def swap_in(b: "Bucket", last: int | None, weights: Tensor | None = None) -> Non
         _launch(_k.swap_in_kernel, b, b.ring, b.total, b.backup, weights, b.pushes, b.D, b.k, weights.numel(),
                 MODE=3, **NO_FUSION)
         return
-    mode = 0 if b.mode == "ema" else 1 if last is None else 2
+    mode = 0 if b.mode != "uniform" else 1 if last is None else 2  # phema: total is emas[0]
     _launch(_k.swap_in_kernel, b, b.ring, b.total, b.backup, None, b.pushes, b.D, b.k, last or 0, MODE=mode)
 
 
@@ -190,6 +195,7 @@ def _variants() -> dict[str, tuple]:
                 extra = NO_FUSION if mode == "weighted" else {}
                 out[f"swap_in:{mode}:{pn}:{hn}"] = (_k.swap_in_kernel, args,
                                                     {**P, "MODE": _SWAP_MODES[mode], **extra})
+        out[f"phema:{pn}"] = (_k.phema_kernel, (table, total, total, D), {**P, "E": 2, **NO_FUSION})
         out[f"swap_back:{pn}"] = (_k.swap_back_kernel, (table, bufs[p]), P)
         if p != torch.float16:  # float16 parameters keep a backup
             for back in (False, True):

@@ -247,6 +247,46 @@ def ema_kernel(table, total, pushes, decay, alpha, PDTYPE: tl.constexpr, BLOCK: 
         _ema_chunk(addr, off, cnt, total, first, decay, alpha, False, PDTYPE, BLOCK)
 
 
+# -- power-function EMAs (mode="phema") ---------------------------------------------
+
+
+@triton.jit
+def _phema_block(src, emas, alphas, idx, cnt, D, E: tl.constexpr, MASKED: tl.constexpr):
+    mask = idx < cnt if MASKED else None
+    p = _to_f32(tl.load(src + idx, mask=mask))  # read once for every width
+    row = emas
+    # Unrolled (E is a compile-time constant, the few widths of one LAWA): the rows' loads
+    # are independent and issue together.
+    for e in tl.static_range(E):
+        a = tl.load(alphas + e)
+        m = tl.load(row + idx, mask=mask)
+        # Launched with enable_fp_fusion=False: the product and the sum round separately.
+        tl.store(row + idx, tl.where(a == 1.0, p, m + a * (p - m)), mask=mask)
+        row += D  # a 64-bit pointer step: e * D may exceed 2**31
+
+
+@triton.jit
+def _phema_chunk(addr, off, cnt, emas, alphas, D, E: tl.constexpr, ALIGNED: tl.constexpr,
+                 PDTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    src = _param(addr, ALIGNED, PDTYPE)
+    whole = cnt - cnt % BLOCK
+    for start in range(0, whole, BLOCK):
+        _phema_block(src, emas + off, alphas, start + tl.arange(0, BLOCK), cnt, D, E, False)
+    if whole < cnt:
+        _phema_block(src, emas + off, alphas, whole + tl.arange(0, BLOCK), cnt, D, E, True)
+
+
+@triton.jit
+def phema_kernel(table, emas, alphas, D, E: tl.constexpr, PDTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """For each of the ``E`` rows of ``emas``: ``ema = param`` where ``alphas[e] == 1``,
+    else ``ema + alphas[e] * (param - ema)``."""
+    addr, off, cnt = _row(table)
+    if addr % 16 == 0:
+        _phema_chunk(addr, off, cnt, emas, alphas, D, E, True, PDTYPE, BLOCK)
+    else:
+        _phema_chunk(addr, off, cnt, emas, alphas, D, E, False, PDTYPE, BLOCK)
+
+
 # -- swap-in ------------------------------------------------------------------------
 
 
