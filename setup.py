@@ -43,7 +43,7 @@ def cuda_extension() -> tuple[list, type]:
         "lawa_optim._lawa_cuda",
         sources,
         include_dirs=[str(Path(__file__).resolve().parent / "csrc")],
-        # No --use_fast_math: the running sum and the means must round as IEEE float32.
+        # No --use_fast_math: the running mean and the averages must round as IEEE float32.
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17"]},
     )
     return [ext], BuildExtension

@@ -1,7 +1,7 @@
 """What people do today to average weights, on the same tensors as the LAWA history.
 
 LAWA (Kaddour 2022, arXiv:2209.14981) keeps the k latest snapshots in a ring plus a
-running sum. The baselines work on per-parameter views of that same ring and sum:
+running mean. The baselines work on per-parameter views of that same ring and mean:
 
 * ``foreach``: ``torch._foreach_*`` calls over the parameter list, as
   ``torch.optim.swa_utils.AveragedModel`` updates its average (a ring push is
@@ -10,10 +10,10 @@ running sum. The baselines work on per-parameter views of that same ring and sum
 * ``authors``: keep k copies and recompute the mean from all of them for every
   average, as the paper's code does (O(k) per average).
 
-The ``foreach`` push adds ``new - old`` in two roundings (``total - old + new``), so its
-sum can differ from the fused one in the last bit; the ring it writes is identical. The
-recompute baselines sum the slots plainly, where the history's refresh compensates its
-sum (:mod:`lawa_optim.ops`): equal to float32 rounding.
+The ``foreach`` push adds ``(new - old) / k`` as two scaled additions (``total - old/k
++ new/k``), so its mean can differ from the fused one in the last bits; the ring it
+writes is identical. The recompute baselines sum the slots plainly, where the history's
+refresh compensates its sum (:mod:`lawa_optim.ops`): equal to float32 rounding.
 """
 
 from __future__ import annotations
@@ -52,22 +52,31 @@ def roofline(dst: Tensor, src: Tensor) -> None:
 
 
 def foreach_push(x: Lists, n: int) -> None:
-    """Ring push number ``n`` with three ``torch._foreach_*`` passes: sub, copy, add."""
-    slot = x.slots[n % len(x.slots)]
-    if n >= len(x.slots):
-        torch._foreach_sub_(x.total, slot)
+    """Ring push number ``n`` into the running mean with three ``torch._foreach_*``
+    passes: sub, copy, add (scaled by 1/k; a lerp towards the new slot while filling)."""
+    k = len(x.slots)
+    slot = x.slots[n % k]
+    if n >= k:
+        torch._foreach_add_(x.total, slot, alpha=-1.0 / k)
     torch._foreach_copy_(slot, x.params)
-    torch._foreach_add_(x.total, slot)
+    if n >= k:
+        torch._foreach_add_(x.total, slot, alpha=1.0 / k)
+    else:
+        torch._foreach_lerp_(x.total, [t.to(x.total[0].dtype) for t in slot], 1.0 / (n + 1))
 
 
 def loop_push(x: Lists, n: int) -> None:
-    """Ring push number ``n``, one parameter at a time."""
-    s = n % len(x.slots)
+    """Ring push number ``n`` into the running mean, one parameter at a time."""
+    k = len(x.slots)
+    s = n % k
     for i, p in enumerate(x.params):
-        if n >= len(x.slots):
-            x.total[i].sub_(x.slots[s][i])
+        if n >= k:
+            x.total[i].add_(x.slots[s][i], alpha=-1.0 / k)
         x.slots[s][i].copy_(p)
-        x.total[i].add_(x.slots[s][i])
+        if n >= k:
+            x.total[i].add_(x.slots[s][i], alpha=1.0 / k)
+        else:
+            x.total[i].lerp_(x.slots[s][i].to(x.total[i].dtype), 1.0 / (n + 1))
 
 
 def authors_push(x: Lists, n: int) -> None:
@@ -99,16 +108,16 @@ def loop_ema(x: Lists, decay: float) -> None:
 
 
 def foreach_swap_in(x: Lists, filled: int) -> None:
-    """Back up the weights, then write ``total / filled`` into them."""
+    """Back up the weights, then write the running mean into them."""
     torch._foreach_copy_(x.backup, x.params)
-    torch._foreach_copy_(x.params, torch._foreach_div(x.total, filled))
+    torch._foreach_copy_(x.params, x.total)
 
 
 def loop_swap_in(x: Lists, filled: int) -> None:
     """The swap-in one parameter at a time."""
     for p, b, t in zip(x.params, x.backup, x.total):
         b.copy_(p)
-        p.copy_(t / filled)
+        p.copy_(t)
 
 
 def authors_swap_in(x: Lists, filled: int) -> None:
@@ -130,18 +139,20 @@ def loop_swap_back(x: Lists, _: int = 0) -> None:
 
 
 def foreach_recompute(x: Lists, filled: int) -> None:
-    """Sum the filled slots from scratch into the running sum."""
+    """Sum the filled slots from scratch and divide: the running mean."""
     torch._foreach_zero_(x.total)
     for s in range(filled):
         torch._foreach_add_(x.total, x.slots[s])
+    torch._foreach_div_(x.total, float(filled))
 
 
 def loop_recompute(x: Lists, filled: int) -> None:
-    """The exact recompute one parameter at a time."""
+    """The recompute one parameter at a time."""
     for i, t in enumerate(x.total):
         t.zero_()
         for s in range(filled):
             t.add_(x.slots[s][i])
+        t.div_(float(filled))
 
 
 #: Baselines per operation: name -> callable(lists, arg); the arg is the push number,

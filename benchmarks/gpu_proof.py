@@ -10,6 +10,11 @@ at the limit, so a hang costs that stage only, and what the others wrote stays):
 - ``build``: the CUDA extension compiled from scratch into a fresh build directory, timed,
   and the global accesses in the PTX of the Triton kernels counted (128-bit or narrower);
 - ``tests``: the files of :data:`GPU_TESTS` under pytest, counted from its JUnit XML;
+- ``swap``: the allocation-free swap (``benchmarks.device_checks swap``): what
+  ``averaged()`` adds to ``torch.cuda.max_memory_allocated`` on 50M parameters, float32
+  and bfloat16 parameters and histories, every fused backend, at most 1 % of the
+  parameters' bytes, and the weights and the running mean back bit for bit (on the CPU:
+  the torch backend and resident memory);
 - ``report``: ``benchmarks/report.py``: flat 64M and 256M elements in float32 and bfloat16
   and the ResNet-50 and GPT-2 small parameter lists, every operation and backend;
 - ``overlap``: ``benchmarks/overlap.py``, the pinned snapshot of a 1B-parameter model;
@@ -189,6 +194,20 @@ def _collect_int8(ctx: Context, result: dict) -> None:
                           f"(ratio {record['int8_over_bfloat16']['median']:.2f})")
 
 
+def _swap(ctx: Context) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.device_checks", "swap", str(ctx.logs / "swap.json"),
+            "--parameters", "1M" if ctx.tiny else "50M"]
+
+
+def _collect_swap(ctx: Context, result: dict) -> None:
+    rows = (_read_json(ctx.logs / "swap.json") or {}).get("rows")
+    if isinstance(rows, list):
+        result["details"] = {"rows": rows}
+        worst = max((r["added_bytes"] / r["param_bytes"] for r in rows), default=0.0)
+        result["note"] = (f"{sum(r['status'] == 'pass' for r in rows)}/{len(rows)} pass; averaged() adds at most "
+                          f"{100 * worst:.3f} % of the parameters' bytes")
+
+
 def _env(ctx: Context) -> list[str]:
     return [sys.executable, "-m", "benchmarks.device_checks", "env", str(ctx.logs / "env.json")]
 
@@ -198,13 +217,14 @@ def _build(ctx: Context) -> list[str] | str:
 
 
 #: Limits and floors in seconds, sized for one H100 (expected: env 10, build 90, tests 100,
-#: report 110, overlap 55, memcheck 50): the limits add up to more than BUDGET_S, the
+#: swap 20, report 110, overlap 55, memcheck 50): the limits add up to more than BUDGET_S, the
 #: floors keep room for the figures. memcheck goes last: a sanitized Python is the slowest
 #: and the least needed of the stages.
 STAGES = [
     Stage("env", 60, 10, _env, _collect_env),
     Stage("build", 180, 60, _build, _collect_build),
     Stage("tests", 150, 60, _tests, _collect_tests),
+    Stage("swap", 60, 15, _swap, _collect_swap),
     Stage("report", 150, 100, _report, _collect_report),
     Stage("overlap", 100, 60, _overlap, _collect_overlap),
     Stage("int8", 60, 20, _int8, _collect_int8),

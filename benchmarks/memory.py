@@ -44,14 +44,15 @@ import torch  # noqa: E402
 from benchmarks.report import device_name  # noqa: E402
 from benchmarks.workloads import MODELS  # noqa: E402
 
-#: What each row measures, by name: (kind, options).
+#: What each row measures, by name: (kind, options, swap options).
 METHODS = {
-    "LAWA k, float32 history": ("lawa", {}),
-    "LAWA k, bfloat16 history": ("lawa", {"history_dtype": torch.bfloat16}),
-    "LAWA k, int8 history": ("lawa", {"history_dtype": torch.int8}),
-    "LAWA mode='ema'": ("lawa", {"mode": "ema"}),
-    "swa_utils.AveragedModel (EMA)": ("averaged_model", {}),
-    "Lightning EMAWeightAveraging": ("lightning", {}),
+    "LAWA k, float32 history": ("lawa", {}, {}),
+    "LAWA k, bfloat16 history": ("lawa", {"history_dtype": torch.bfloat16}, {}),
+    "LAWA k, int8 history": ("lawa", {"history_dtype": torch.int8}, {}),
+    "LAWA k, float32 history, backup='device'": ("lawa", {}, {"backup": "device"}),
+    "LAWA mode='ema'": ("lawa", {"mode": "ema"}, {}),
+    "swa_utils.AveragedModel (EMA)": ("averaged_model", {}, {}),
+    "Lightning EMAWeightAveraging": ("lightning", {}, {}),
 }
 
 
@@ -78,7 +79,7 @@ def _model(name: str) -> torch.nn.Module:
 def measure(method: str, model_name: str, k: int) -> dict:
     """One row, in the calling process (run it in a fresh one)."""
     torch.set_num_threads(1)
-    kind, options = METHODS[method]
+    kind, options, swap = METHODS[method]
     # Every import before the first reading: a framework's import is not its average.
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import EMAWeightAveraging
@@ -101,7 +102,7 @@ def measure(method: str, model_name: str, k: int) -> dict:
         opt.snapshot()
         row["memory()"] = str(opt.memory())
         row["memory_total"] = opt.memory().total
-        swap_in, swap_out = opt.swap_to_average, opt.swap_back
+        swap_in, swap_out = (lambda: opt.swap_to_average(**swap)), opt.swap_back
     elif kind == "averaged_model":
         averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999))
         averaged.update_parameters(model)
@@ -123,6 +124,32 @@ def measure(method: str, model_name: str, k: int) -> dict:
     return row
 
 
+def averaged_peak(dtype: torch.dtype, history_dtype: torch.dtype | None, parameters: int = 50_000_000,
+                  k: int = 2, **swap: object) -> dict:
+    """What ``with opt.averaged(**swap):`` adds to the resident memory of the calling
+    process (run it in a fresh one) at its peak, over ``parameters`` elements of ``dtype``
+    in 8 tensors, with ``k`` snapshots of ``history_dtype`` held: ``VmHWM`` (reset just
+    before) minus ``VmRSS`` before, beside the parameters' bytes."""
+    torch.set_num_threads(1)
+    from lawa_optim import LAWA
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(parameters // 8, generator=g).to(dtype)) for _ in range(8)]
+    opt = LAWA(torch.optim.SGD(params, lr=0.1), k=k, history_dtype=history_dtype)
+    for _ in range(k + 1):
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.01)
+        opt.snapshot()
+    gc.collect()
+    before = _status("VmRSS")
+    _reset_peak()
+    with opt.averaged(**swap):
+        inside = opt.memory()
+    return {"parameters": sum(p.numel() for p in params), "param_bytes": sum(p.nbytes for p in params),
+            "before": before, "peak_added": _status("VmHWM") - before, "backup": inside.backup}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -136,14 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
             rows.append(pool.submit(measure, method, args.model, args.k).result())
     name = f"{args.model}, float32, k={args.k}"
-    print(f"{'method':34} {'held':>10} {'B/param':>8} {'swap adds':>10}   ({name}; resident memory, measured)")
+    print(f"{'method':42} {'held':>10} {'B/param':>8} {'swap adds':>10}   ({name}; resident memory, measured)")
     for r in rows:
         method = r["method"].replace("LAWA k", f"LAWA k={args.k}")
         peak = r.get("swap_peak_bytes")
         swap = f"{peak / 1e6:8.0f} MB" if peak is not None else "    (none)"
-        print(f"{method:34} {r['held_bytes'] / 1e6:7.0f} MB {r['held_bytes'] / r['parameters']:8.2f} {swap}")
+        print(f"{method:42} {r['held_bytes'] / 1e6:7.0f} MB {r['held_bytes'] / r['parameters']:8.2f} {swap}")
         if "memory()" in r:
-            print(f"{'':34} memory(): {r['memory()']}")
+            print(f"{'':42} memory(): {r['memory()']}")
     torch.set_num_threads(1)  # as in the measuring processes
     record = {"model": args.model, "dtype": "float32", "k": args.k, "torch": torch.__version__,
               "machine": device_name(torch.device("cpu")),

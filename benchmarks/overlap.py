@@ -16,7 +16,7 @@ snapshot after the first, against the same steps without one, for:
 
 The window ends when the snapshot is in the ring, so nothing is left uncounted. The
 snapshot timed is the one that completes a pass over the ring, the dearest of k (it
-may also refresh the running sum from the ring).
+may also refresh the running mean from the ring).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ its baselines on the same tensors (:mod:`benchmarks.baselines`) and the bytes th
 operation must move at least, which is what GB/s and the roofline are computed from.
 
 A snapshot is timed as k snapshots in a row: the push that completes a pass over the
-ring may also refresh the running sum exactly from the ring, so the cost of a snapshot
+ring may also refresh the running mean exactly from the ring, so the cost of a snapshot
 is its cost amortised over k consecutive ones. Its baselines run k pushes in a row too.
 """
 

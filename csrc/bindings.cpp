@@ -301,13 +301,24 @@ void swap_int8(const at::Tensor& table, int64_t num_tiles, const at::Tensor& blo
                "swap_int8");
 }
 
+void exchange(const at::Tensor& table, int64_t num_tiles, at::ScalarType param_dtype, const at::Tensor& total,
+              bool back) {
+  const c10::cuda::CUDAGuard guard(table.device());
+  const LawaLaunch launch = launch_of(table, num_tiles);
+  check_buffer(total, "total", table.device(), at::kFloat);
+  check_flat(total, "total", total.numel());
+  const LawaDtype dtype = lawa_dtype(param_dtype, "the parameters");
+  TORCH_CHECK(dtype != kLawaFloat16, "the in-place swap takes float32 or bfloat16 parameters, got float16");
+  check_launch(lawa_exchange(launch, dtype, total.data_ptr<float>(), back), "exchange");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CUDA kernels of the LAWA history (Kaddour 2022, arXiv:2209.14981)";
   m.def("make_table", &make_table, "Device pointer table of a bucket and its number of tiles",
         py::arg("params"), py::arg("offsets"), py::arg("D"));
-  m.def("push", &push, "Snapshot into the ring and update or refresh the running sum",
+  m.def("push", &push, "Snapshot into the ring and update or refresh the running mean",
         py::arg("table"), py::arg("num_tiles"), py::arg("param_dtype"), py::arg("ring"),
         py::arg("total"), py::arg("pushes"), py::arg("refresh_every"));
   m.def("ema_update", &ema_update, "Fold the weights into the exponential average",
@@ -332,6 +343,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Back up the weights and write the 8-bit history's weighted sum into them",
         py::arg("table"), py::arg("num_tiles"), py::arg("block_bases"), py::arg("ring"),
         py::arg("scales"), py::arg("anchor"), py::arg("backup"), py::arg("coef"), py::arg("pushes"));
-  m.def("recompute", &recompute, "Recompute the running sum from the ring", py::arg("table"),
+  m.def("recompute", &recompute, "Recompute the running mean from the ring", py::arg("table"),
         py::arg("num_tiles"), py::arg("ring"), py::arg("total"), py::arg("pushes"));
+  m.def("exchange", &exchange, "Swap the full average in place with the running mean, or back",
+        py::arg("table"), py::arg("num_tiles"), py::arg("param_dtype"), py::arg("total"), py::arg("back"));
 }

@@ -2,19 +2,21 @@
  *
  * Each operation of lawa_optim.ops in one pass over memory, bit for bit as that
  * module's docstring specifies:
- *   push       new = cast(param); old = slot; slot = new; total += (float)new - (float)old,
- *              the difference rounded to float32 and then added (20 bytes per float32
- *              element; a torch._foreach_* sub, copy, add moves 32). At a refresh push
- *              total = csum(ring[0], ..., ring[filled - 1]) in slot order instead, the
- *              new slot included, computed block by block while the block is in cache.
+ *   push       new = cast(param); old = slot; slot = new; the running mean
+ *              total += ((float)new - (float)old) / k, each operation rounded to float32
+ *              (total += ((float)new - total) / (n + 1) while the ring fills; 20 bytes per
+ *              float32 element). At a refresh push total = csum(ring[0], ...,
+ *              ring[filled - 1]) / filled in slot order instead (wide of the same slots
+ *              where the sum is not finite), the new slot included, computed block by
+ *              block while the block is in cache.
  *   ema        total = fma(param, 1 - decay, decay * total): the product rounded, then one
  *              fused multiply-add, as torch's CPU add-with-alpha rounds (the caller probes
  *              torch and passes fused = 0 where it does not fuse).
- *   swap_in    backup = param; param = cast(total / count), cast(total) in EMA mode, or
- *              cast(csum(newest, ..., j-th newest) / j) for last = j; where the sum is
- *              not finite, cast(wide(the same slots)) instead.
- *   swap_weighted  backup = param; param = cast(s + c), the compensated (Neumaier) sum of
- *              the newest slots times float32 coefficients, newest first.
+ *   swap_in    backup = param; param = round(total) (the mean, or the EMA), or
+ *              round(csum(newest, ..., j-th newest) / j) for last = j; where the mean or
+ *              the sum is not finite (but in EMA mode), round(wide(the same slots)).
+ *   swap_weighted  backup = param; param = round(s + c), the compensated (Neumaier) sum
+ *              of the newest slots times float32 coefficients, newest first.
  *   swap_back  param = backup.
  *   push_int8, swap_int8  the 8-bit history: a delta per block of QBLOCK elements against
  *              the float32 anchor (the newest stored snapshot), quantised to int8 with one
@@ -22,6 +24,11 @@
  *              swap-in the compensated sum of the anchor and the dequantised deltas times
  *              float32 coefficients (lawa_optim.ops). Their work tables have a fourth
  *              column: the index of the row's first block.
+ *   exchange   the swap without a backup: float32 parameters and the mean trade places;
+ *              a bfloat16 parameter gets round(mean) and the mean's word keeps
+ *              (bits(param) << 16) | low16(bits(mean)); back: the exact inverse.
+ * round is the cast but for bfloat16 parameters: to nearest, ties away from zero
+ * ((bits + 0x8000) >> 16), which the exchange can undo.
  *
  * Build WITHOUT -ffast-math and with -ffp-contract=off: a contracted multiply-add or a
  * reassociated sum would break bit-equality with the torch reference.
@@ -104,6 +111,16 @@ static inline f32_t cast_f16_f32(f16_t x) { return f16_to_f(x); }
 static inline bf16_t cast_f16_bf16(f16_t x) { return f_to_bf16(f16_to_f(x), 0x7fc0u); }
 static inline f16_t cast_f16_f16(f16_t x) { return x; }
 
+/* round of the swaps: the cast, but to nearest with ties away from zero for bfloat16,
+ * which the exchange inverts from the low half it keeps. */
+static inline f32_t avg_f32_f32(float x) { return x; }
+static inline bf16_t avg_f32_bf16(float x) {
+    uint32_t u = f_to_bits(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0xffffu;
+    return (bf16_t)((u + 0x8000u) >> 16);
+}
+static inline f16_t avg_f32_f16(float x) { return f_to_f16(x); }
+
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* csum of lawa_optim.ops (Neumaier's compensated sum): s += x, the rounding error of that
@@ -141,20 +158,35 @@ static void copy_streaming(char *restrict dst, const char *restrict src, size_t 
 #endif
 }
 
-/* mode: 0 while the ring fills (total += new), 1 on a full ring (total += new - old),
- * 2 at a refresh (total = sum of the first `filled` slots, slot s holding new). The
+/* wide of lawa_optim.ops for element 0 of `ring` (slot 0 at this element): the `count`
+ * slots in slot order, or newest first after `pushes` pushes, summed in double. Runs only
+ * where the float32 sum is not finite. */
+#define DEFINE_WIDE(H)                                                                      \
+    static float wide_##H(const H##_t *ring, int64_t D, int64_t k, int64_t pushes,          \
+                          int newest_first, int64_t count) {                                \
+        double w = 0.0;                                                                     \
+        for (int64_t j = 0; j < count; j++)                                                 \
+            w += (double)H##_to_f(ring[(newest_first ? (pushes - 1 - j) % k : j) * D]);      \
+        return (float)(w / (double)count);                                                  \
+    }
+
+/* mode: 0 while the ring fills (total += (new - total) / filled), 1 on a full ring
+ * (total += (new - old) / k), 2 at a refresh (total = the mean of the first `filled`
+ * slots, slot s holding new). The
  * restrict pointers of the refresh live in separate blocks: slot s is one of the slots
  * summed, so no two of them may be live at once. */
 #define DEFINE_PUSH(P, H)                                                                   \
-    static void push_##P##_##H(const void *src_, void *ring_, int64_t D, int64_t s,         \
-                               int64_t filled, int mode, float *restrict total, int64_t n) { \
+    static void push_##P##_##H(const void *src_, void *ring_, int64_t D, int64_t k,         \
+                               int64_t s, int64_t filled, int mode, float *restrict total,  \
+                               int64_t n) {                                                 \
         const P##_t *restrict src = src_;                                                   \
         H##_t *ring = ring_;                                                                \
+        float count = (float)filled;                                                        \
         if (mode == 1) {                                                                    \
             H##_t *restrict slot = ring + s * D;                                            \
             for (int64_t i = 0; i < n; i++) {                                               \
                 H##_t nw = cast_##P##_##H(src[i]);                                          \
-                float d = H##_to_f(nw) - H##_to_f(slot[i]);                                 \
+                float d = (H##_to_f(nw) - H##_to_f(slot[i])) / count;                       \
                 slot[i] = nw;                                                               \
                 total[i] = total[i] + d;                                                    \
             }                                                                               \
@@ -163,7 +195,7 @@ static void copy_streaming(char *restrict dst, const char *restrict src, size_t 
             for (int64_t i = 0; i < n; i++) {                                               \
                 H##_t nw = cast_##P##_##H(src[i]);                                          \
                 slot[i] = nw;                                                               \
-                total[i] = total[i] + H##_to_f(nw);                                         \
+                total[i] = total[i] + (H##_to_f(nw) - total[i]) / count;                    \
             }                                                                               \
         } else {                                                                            \
             float comp[BLOCK];                                                              \
@@ -178,25 +210,18 @@ static void copy_streaming(char *restrict dst, const char *restrict src, size_t 
                     const H##_t *restrict r = ring + j * D;                                 \
                     for (int64_t i = b; i < e; i++) csum_add(&total[i], &comp[i - b], H##_to_f(r[i]));\
                 }                                                                           \
-                for (int64_t i = b; i < e; i++) total[i] = csum_result(total[i], comp[i - b]);\
+                for (int64_t i = b; i < e; i++) {                                           \
+                    comp[i - b] = csum_result(total[i], comp[i - b]);                       \
+                    total[i] = comp[i - b] / count;                                         \
+                }                                                                           \
+                for (int64_t i = b; i < e; i++)                                             \
+                    if (!isfinite(comp[i - b])) total[i] = wide_##H(ring + i, D, k, 0, 0, filled);\
             }                                                                               \
         }                                                                                   \
     }
 
-/* wide of lawa_optim.ops for element 0 of `ring` (slot 0 at this element): the `count`
- * slots in slot order, or newest first after `pushes` pushes, summed in double. Runs only
- * where the float32 sum is not finite. */
-#define DEFINE_WIDE(H)                                                                      \
-    static float wide_##H(const H##_t *ring, int64_t D, int64_t k, int64_t pushes,          \
-                          int newest_first, int64_t count) {                                \
-        double w = 0.0;                                                                     \
-        for (int64_t j = 0; j < count; j++)                                                 \
-            w += (double)H##_to_f(ring[(newest_first ? (pushes - 1 - j) % k : j) * D]);      \
-        return (float)(w / (double)count);                                                  \
-    }
-
 /* The average of one row into the parameter, after backing the parameter up: mode 0
- * casts total (EMA), 1 divides it by count, 2 averages the `count` newest slots. */
+ * rounds total (EMA), 1 rounds the mean in total, 2 averages the `count` newest slots. */
 #define DEFINE_SWAP_IN(P, H)                                                                \
     static void swap_in_##P##_##H(void *param_, void *backup_, const float *restrict total, \
                                   const void *ring_, int64_t D, int64_t k, int64_t pushes,  \
@@ -205,13 +230,11 @@ static void copy_streaming(char *restrict dst, const char *restrict src, size_t 
         P##_t *restrict param = param_;                                                     \
         const H##_t *ring = ring_;                                                          \
         float divisor = (float)count;                                                       \
-        if (mode == 0) {                                                                    \
-            for (int64_t i = 0; i < n; i++) param[i] = cast_f32_##P(total[i]);              \
-        } else if (mode == 1) {                                                             \
-            for (int64_t i = 0; i < n; i++) param[i] = cast_f32_##P(total[i] / divisor);    \
-            for (int64_t i = 0; i < n; i++)                                                 \
+        if (mode != 2) {                                                                    \
+            for (int64_t i = 0; i < n; i++) param[i] = avg_f32_##P(total[i]);               \
+            for (int64_t i = 0; mode == 1 && i < n; i++)                                    \
                 if (!isfinite(total[i]))                                                    \
-                    param[i] = cast_f32_##P(wide_##H(ring + i, D, k, pushes, 0, count));    \
+                    param[i] = avg_f32_##P(wide_##H(ring + i, D, k, pushes, 0, count));     \
         } else {                                                                            \
             float acc[BLOCK], comp[BLOCK];                                                  \
             for (int64_t b = 0; b < n; b += BLOCK) {                                        \
@@ -223,11 +246,11 @@ static void copy_streaming(char *restrict dst, const char *restrict src, size_t 
                 }                                                                           \
                 for (int64_t i = 0; i < m; i++) {                                           \
                     acc[i] = csum_result(acc[i], comp[i]);                                  \
-                    param[b + i] = cast_f32_##P(acc[i] / divisor);                          \
+                    param[b + i] = avg_f32_##P(acc[i] / divisor);                           \
                 }                                                                           \
                 for (int64_t i = 0; i < m; i++)                                             \
                     if (!isfinite(acc[i]))                                                  \
-                        param[b + i] = cast_f32_##P(wide_##H(ring + b + i, D, k, pushes, 1, count)); \
+                        param[b + i] = avg_f32_##P(wide_##H(ring + b + i, D, k, pushes, 1, count)); \
             }                                                                               \
         }                                                                                   \
     }
@@ -256,7 +279,7 @@ static void copy_streaming(char *restrict dst, const char *restrict src, size_t 
                     sum[i] = t;                                                             \
                 }                                                                           \
             }                                                                               \
-            for (int64_t i = 0; i < m; i++) param[b + i] = cast_f32_##P(sum[i] + comp[i]);  \
+            for (int64_t i = 0; i < m; i++) param[b + i] = avg_f32_##P(sum[i] + comp[i]);   \
         }                                                                                   \
     }
 
@@ -278,112 +301,106 @@ static void copy_streaming(char *restrict dst, const char *restrict src, size_t 
 #define DEFINE_PUSH_(P, H) DEFINE_PUSH(P, H)
 #define DEFINE_SWAP_IN_(P, H) DEFINE_SWAP_IN(P, H)
 #define DEFINE_SWAP_WEIGHTED_(P, H) DEFINE_SWAP_WEIGHTED(P, H)
-FOR_PAIRS(DEFINE_PUSH_)
 DEFINE_WIDE(f32)
 DEFINE_WIDE(bf16)
 DEFINE_WIDE(f16)
+FOR_PAIRS(DEFINE_PUSH_)
 FOR_PAIRS(DEFINE_SWAP_IN_)
 FOR_PAIRS(DEFINE_SWAP_WEIGHTED_)
 DEFINE_EMA(f32)
 DEFINE_EMA(bf16)
 DEFINE_EMA(f16)
 
-/* Elements per quantisation block of the 8-bit history (lawa_optim.ops.QBLOCK). */
-#define QBLOCK 256
-
-/* Round to nearest even for |x| <= 2**22: exact, and it vectorises. */
-static inline float rint_small(float x) { return (x + 0x1.8p23f) - 0x1.8p23f; }
-
-/* One row of an 8-bit push: `codes` and `scales` are the row's part of the delta slot.
- * first: the first push (or k == 1): the anchor becomes the weights. */
-#define DEFINE_PUSH_INT8(P)                                                                \
-    static void push_int8_##P(const void *src_, float *restrict anchor, int8_t *restrict codes, \
-                              float *restrict scales, int first, int64_t n) {              \
-        const P##_t *restrict src = src_;                                                  \
-        if (first) {                                                                       \
-            for (int64_t i = 0; i < n; i++) anchor[i] = P##_to_f(src[i]);                  \
-            return;                                                                        \
-        }                                                                                  \
-        float d[QBLOCK];                                                                   \
-        for (int64_t b = 0; b < n; b += QBLOCK) {                                          \
-            int64_t m = min64(QBLOCK, n - b);                                              \
-            /* max |d| on the bits: a NaN or an infinity is above every finite value. */   \
-            uint32_t top = 0;                                                              \
-            for (int64_t i = 0; i < m; i++) {                                              \
-                float x = P##_to_f(src[b + i]) - anchor[b + i];                            \
-                uint32_t u = f_to_bits(x) & 0x7fffffffu;                                   \
-                d[i] = x;                                                                  \
-                top = u > top ? u : top;                                                   \
-            }                                                                              \
-            float mx = bits_to_f(top);                                                     \
-            if (top >= 0x7f800000u) {                                                      \
-                scales[b / QBLOCK] = NAN;                                                  \
-                for (int64_t i = 0; i < m; i++) {                                          \
-                    codes[b + i] = 0;                                                      \
-                    anchor[b + i] = P##_to_f(src[b + i]);                                  \
-                }                                                                          \
-            } else if (mx < 0x1p-120f) {                                                   \
-                scales[b / QBLOCK] = 0.0f;                                                 \
-                for (int64_t i = 0; i < m; i++) codes[b + i] = 0;                          \
-            } else {                                                                       \
-                float scale = mx / 127.0f, inv = 127.0f / mx;                              \
-                scales[b / QBLOCK] = scale;                                                \
-                for (int64_t i = 0; i < m; i++) {                                          \
-                    float q = rint_small(d[i] * inv);                                      \
-                    codes[b + i] = (int8_t)(int32_t)q;                                     \
-                    anchor[b + i] = anchor[b + i] + q * scale;                             \
-                }                                                                          \
-            }                                                                              \
-        }                                                                                  \
+/* rows: nrows quadruples (parameter address, offset into the flat buffers, count, index of
+ * the first block). Push number n (0-based) of an 8-bit history of k - 1 delta slots of D
+ * codes and nb scales each. */
+int lawa_cpu_push_int8(const int64_t *rows, int64_t nrows, int pdtype, int8_t *ring, float *scales,
+                       int64_t D, int64_t nb, int64_t k, int64_t n, float *anchor, int nthreads) {
+    if (bad_dtype(pdtype)) return -1;
+    if (k < 1 || n < 0) return -2;
+    push_int8_fn fn = PUSH_INT8[pdtype];
+    int first = n == 0 || k == 1;
+    int64_t s = first ? 0 : (n - 1) % (k - 1);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < nrows; r++) {
+        const int64_t *row = rows + 4 * r;
+        fn((const void *)(intptr_t)row[0], anchor + row[1], first ? NULL : ring + s * D + row[1],
+           first ? NULL : scales + s * nb + row[3], first, row[2]);
     }
+    return 0;
+}
 
-/* One row of an 8-bit swap-in: param = cast(s + c), Neumaier's sum of coef[0] * anchor and
- * coef[j] * float(code) * scale of the j-th newest delta, slot (pushes - 1 - j) % (k - 1),
- * j = 1 .. m - 1, after `pushes` pushes. `ring`
- * and `scales` point at the row's part of slot 0. */
-#define DEFINE_SWAP_INT8(P)                                                                \
-    static void swap_int8_##P(void *param_, void *backup_, const float *restrict anchor,   \
-                              const int8_t *ring, const float *scales, int64_t D, int64_t nb, \
-                              int64_t k, int64_t pushes, const float *coef, int64_t m,     \
-                              int64_t n) {                                                 \
-        copy_streaming((char *)backup_, (const char *)param_, sizeof(P##_t) * (size_t)n);  \
-        P##_t *restrict param = param_;                                                    \
-        float acc[BLOCK], cmp[BLOCK];                                                      \
-        for (int64_t b = 0; b < n; b += BLOCK) {                                           \
-            int64_t len = min64(BLOCK, n - b);                                             \
-            float w0 = coef[0];                                                            \
-            for (int64_t i = 0; i < len; i++) acc[i] = cmp[i] = 0.0f;                      \
-            for (int64_t i = 0; i < len; i++) csum_add(&acc[i], &cmp[i], w0 * anchor[b + i]); \
-            for (int64_t j = 1; j < m; j++) {                                              \
-                int64_t slot = (pushes - 1 - j) % (k - 1);                                 \
-                const int8_t *restrict r = ring + b + slot * D;                            \
-                const float *sc = scales + slot * nb + b / QBLOCK;                         \
-                float wj = coef[j];                                                        \
-                for (int64_t q = 0; q < len; q += QBLOCK) {                                \
-                    float scale = sc[q / QBLOCK];                                          \
-                    int64_t e = min64(q + QBLOCK, len);                                    \
-                    for (int64_t i = q; i < e; i++)                                        \
-                        csum_add(&acc[i], &cmp[i], wj * ((float)r[i] * scale));            \
-                }                                                                          \
-            }                                                                              \
-            for (int64_t i = 0; i < len; i++) param[b + i] = cast_f32_##P(acc[i] + cmp[i]);\
-        }                                                                                  \
+/* param = the swap-in of an 8-bit history after `pushes` pushes with the float32
+ * coefficients `coef` of the anchor and the m - 1 newest deltas (1 <= m <= min(k, pushes)). */
+int lawa_cpu_swap_int8(const int64_t *rows, int64_t nrows, int pdtype, void *backup,
+                       const float *anchor, const int8_t *ring, const float *scales, int64_t D,
+                       int64_t nb, int64_t k, int64_t pushes, const float *coef, int64_t m,
+                       int nthreads) {
+    if (bad_dtype(pdtype)) return -1;
+    if (coef == NULL || m < 1 || m > k || m > pushes) return -2;
+    swap_int8_fn fn = SWAP_INT8[pdtype];
+    int64_t psize = ELEMENT_SIZE[pdtype];
+    char *backup_bytes = (char *)backup;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < nrows; r++) {
+        const int64_t *row = rows + 4 * r;
+        fn((void *)(intptr_t)row[0], backup_bytes + row[1] * psize, anchor + row[1], ring + row[1],
+           scales + row[3], D, nb, k, pushes, coef, m, row[2]);
     }
+    return 0;
+}
+/* The in-place swap of a float32 running mean (total) with parameters of dtype pdtype
+ * (float32 or bfloat16; -1 for another): back = 0 swaps the mean in, 1 swaps it out. */
+static void exchange_f32(void *param_, void *total_, int back, int64_t n) {
+    (void)back; /* a plain exchange is its own inverse */
+    uint32_t *restrict param = param_, *restrict total = total_;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t w = param[i];
+        param[i] = total[i];
+        total[i] = w;
+    }
+}
+static void exchange_bf16(void *param_, void *total_, int back, int64_t n) {
+    uint16_t *restrict param = param_;
+    uint32_t *restrict total = total_;
+    if (!back) {
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t m = total[i], w = param[i];
+            param[i] = (uint16_t)((m + 0x8000u) >> 16);
+            total[i] = (w << 16) | (m & 0xffffu);
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t word = total[i], low = word & 0xffffu;
+            uint32_t high = ((uint32_t)param[i] - (low >> 15)) & 0xffffu;
+            param[i] = (uint16_t)(word >> 16);
+            total[i] = (high << 16) | low;
+        }
+    }
+}
 
-DEFINE_PUSH_INT8(f32)
-DEFINE_PUSH_INT8(bf16)
-DEFINE_PUSH_INT8(f16)
-DEFINE_SWAP_INT8(f32)
-DEFINE_SWAP_INT8(bf16)
-DEFINE_SWAP_INT8(f16)
+int lawa_cpu_exchange(const int64_t *rows, int64_t nrows, int pdtype, void *total, int back,
+                      int nthreads) {
+    if (pdtype != LAWA_F32 && pdtype != LAWA_BF16) return -1;
+    void (*fn)(void *, void *, int, int64_t) = pdtype == LAWA_F32 ? exchange_f32 : exchange_bf16;
+    char *total_bytes = (char *)total;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < nrows; r++) {
+        const int64_t *row = rows + 3 * r;
+        fn((void *)(intptr_t)row[0], total_bytes + row[1] * 4, back, row[2]);
+    }
+    return 0;
+}
 
-typedef void (*push_int8_fn)(const void *, float *, int8_t *, float *, int, int64_t);
-typedef void (*swap_int8_fn)(void *, void *, const float *, const int8_t *, const float *, int64_t,
-                             int64_t, int64_t, int64_t, const float *, int64_t, int64_t);
-static const push_int8_fn PUSH_INT8[3] = {push_int8_f32, push_int8_bf16, push_int8_f16};
-static const swap_int8_fn SWAP_INT8[3] = {swap_int8_f32, swap_int8_bf16, swap_int8_f16};
+/* 1 when every one of the n float32 values at x is finite, else 0: the in-place swap
+ * exchanges a finite mean only. One read, no allocation. */
+int lawa_cpu_all_finite(const void *x, int64_t n) {
+    const uint32_t *restrict bits = x;
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < n; i++) bad |= (bits[i] & 0x7f800000u) == 0x7f800000u;
+    return bad == 0;
+}
 
-typedef void (*push_fn)(const void *, void *, int64_t, int64_t, int64_t, int, float *, int64_t);
 typedef void (*swap_in_fn)(void *, void *, const float *, const void *, int64_t, int64_t,
                            int64_t, int, int64_t, int64_t);
 typedef void (*ema_fn)(const void *, float *, int, int, float, float, int64_t);
@@ -416,7 +433,7 @@ int lawa_cpu_push(const int64_t *rows, int64_t nrows, int pdtype, int hdtype, vo
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
     for (int64_t r = 0; r < nrows; r++) {
         const int64_t *row = rows + 3 * r;
-        fn((const void *)(intptr_t)row[0], base + row[1] * hsize, D, n % k, filled, mode,
+        fn((const void *)(intptr_t)row[0], base + row[1] * hsize, D, k, n % k, filled, mode,
            total + row[1], row[2]);
     }
     return 0;
@@ -438,9 +455,9 @@ int lawa_cpu_ema(const int64_t *rows, int64_t nrows, int pdtype, float *total, i
     return 0;
 }
 
-/* mode 0: param = cast(total) (EMA); 1: cast(total / count), count = min(k, pushes); 2: the
- * mean of the `count` newest slots after `pushes` pushes (1 <= count <= min(k, pushes)).
- * Modes 1 and 2 read the ring where a sum is not finite. */
+/* mode 0: param = round(total) (EMA); 1: round(total), the mean of count = min(k, pushes)
+ * slots; 2: the mean of the `count` newest slots after `pushes` pushes (1 <= count <=
+ * min(k, pushes)). Modes 1 and 2 read the ring where a mean or a sum is not finite. */
 int lawa_cpu_swap_in(const int64_t *rows, int64_t nrows, int pdtype, int hdtype, void *backup,
                      const float *total, const void *ring, int64_t D, int64_t k, int64_t pushes,
                      int mode, int64_t count, int nthreads) {
@@ -532,6 +549,58 @@ int lawa_cpu_swap_int8(const int64_t *rows, int64_t nrows, int pdtype, void *bac
            scales + row[3], D, nb, k, pushes, coef, m, row[2]);
     }
     return 0;
+}
+
+/* The in-place swap of a float32 running mean (total) with parameters of dtype pdtype
+ * (float32 or bfloat16; -1 for another): back = 0 swaps the mean in, 1 swaps it out. */
+static void exchange_f32(void *param_, void *total_, int back, int64_t n) {
+    (void)back; /* a plain exchange is its own inverse */
+    uint32_t *restrict param = param_, *restrict total = total_;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t w = param[i];
+        param[i] = total[i];
+        total[i] = w;
+    }
+}
+static void exchange_bf16(void *param_, void *total_, int back, int64_t n) {
+    uint16_t *restrict param = param_;
+    uint32_t *restrict total = total_;
+    if (!back) {
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t m = total[i], w = param[i];
+            param[i] = (uint16_t)((m + 0x8000u) >> 16);
+            total[i] = (w << 16) | (m & 0xffffu);
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t word = total[i], low = word & 0xffffu;
+            uint32_t high = ((uint32_t)param[i] - (low >> 15)) & 0xffffu;
+            param[i] = (uint16_t)(word >> 16);
+            total[i] = (high << 16) | low;
+        }
+    }
+}
+
+int lawa_cpu_exchange(const int64_t *rows, int64_t nrows, int pdtype, void *total, int back,
+                      int nthreads) {
+    if (pdtype != LAWA_F32 && pdtype != LAWA_BF16) return -1;
+    void (*fn)(void *, void *, int, int64_t) = pdtype == LAWA_F32 ? exchange_f32 : exchange_bf16;
+    char *total_bytes = (char *)total;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < nrows; r++) {
+        const int64_t *row = rows + 3 * r;
+        fn((void *)(intptr_t)row[0], total_bytes + row[1] * 4, back, row[2]);
+    }
+    return 0;
+}
+
+/* 1 when every one of the n float32 values at x is finite, else 0: the in-place swap
+ * exchanges a finite mean only. One read, no allocation. */
+int lawa_cpu_all_finite(const void *x, int64_t n) {
+    const uint32_t *restrict bits = x;
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < n; i++) bad |= (bits[i] & 0x7f800000u) == 0x7f800000u;
+    return bad == 0;
 }
 
 /* The power-function EMAs of mode="phema" (EDM2) over one row: for each of the E rows

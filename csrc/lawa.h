@@ -15,7 +15,7 @@ enum LawaDtype : int { kLawaFloat32 = 0, kLawaBFloat16 = 1, kLawaFloat16 = 2 };
 
 // What swap_in writes into the parameters.
 enum LawaAverage : int {
-  kLawaMean = 0,  // total / min(pushes, k) (the float64 mean of the slots where total is not finite)
+  kLawaMean = 0,  // total, the running mean (the float64 mean of the slots where it is not finite)
   kLawaEma = 1,   // total as is
   kLawaLast = 2,  // mean of the `last` newest ring slots
 };
@@ -45,11 +45,11 @@ struct LawaLaunch {
   cudaStream_t stream;
 };
 
-// With n = pushes: ring[n % k] = cast(param), and total += float(new) - float(old) (old = 0
-// while n < k), the difference rounded first; or, when (n + 1) % refresh_every == 0,
-// total = csum(ring[0], ..., ring[min(n + 1, k) - 1]) in slot order (the new slot
-// included; csum is the compensated sum of lawa_optim/ops.py). `ring` is (k, D), `total`
-// is (D,).
+// With n = pushes: ring[n % k] = cast(param), and the running mean total +=
+// (float(new) - float(old)) / k ((float(new) - total) / (n + 1) while n < k), each step
+// rounded; or, when (n + 1) % refresh_every == 0, total = csum(ring[0], ..., ring[c - 1])
+// / c in slot order, c = min(n + 1, k) (the new slot included; csum is the compensated
+// sum of lawa_optim/ops.py; wide where it is not finite). `ring` is (k, D), `total` is (D,).
 cudaError_t lawa_push(const LawaLaunch& launch, LawaDtype param_dtype, LawaDtype history_dtype,
                       void* ring, float* total, const int64_t* pushes, int64_t D, int64_t k,
                       int64_t refresh_every);
@@ -64,13 +64,13 @@ cudaError_t lawa_ema_update(const LawaLaunch& launch, LawaDtype param_dtype, flo
 cudaError_t lawa_phema_update(const LawaLaunch& launch, LawaDtype param_dtype, float* emas,
                               const float* alphas, int64_t D, int64_t E);
 
-// backup = param (bit for bit), then param = cast(average), see LawaAverage. `ring`
-// may be null for kLawaEma only; `last` is used by kLawaLast only.
+// backup = param (bit for bit), then param = round(average) (lawa_optim/ops.py), see
+// LawaAverage. `ring` may be null for kLawaEma only; `last` is used by kLawaLast only.
 cudaError_t lawa_swap_in(const LawaLaunch& launch, LawaDtype param_dtype, LawaDtype history_dtype,
                          LawaAverage average, void* backup, const float* total, const void* ring,
                          const int64_t* pushes, int64_t D, int64_t k, int64_t last);
 
-// backup = param (bit for bit), then param = cast(s + c), the compensated (Neumaier) sum
+// backup = param (bit for bit), then param = round(s + c), the compensated (Neumaier) sum
 // of weights[i] * ring[(pushes - 1 - i) % k], i = 0 .. count - 1 (1 <= count <= k;
 // `weights`: count float32 coefficients in device memory, newest first).
 cudaError_t lawa_swap_weighted(const LawaLaunch& launch, LawaDtype param_dtype,
@@ -81,7 +81,8 @@ cudaError_t lawa_swap_weighted(const LawaLaunch& launch, LawaDtype param_dtype,
 // param = backup (bit for bit).
 cudaError_t lawa_swap_back(const LawaLaunch& launch, LawaDtype param_dtype, const void* backup);
 
-// total = csum(ring[0], ..., ring[min(pushes, k) - 1]) in slot order (lawa_optim/ops.py).
+// total = csum(ring[0], ..., ring[c - 1]) / c in slot order, c = min(pushes, k) (wide
+// where the sum is not finite, 0 for c = 0; lawa_optim/ops.py).
 cudaError_t lawa_recompute(const LawaLaunch& launch, LawaDtype history_dtype, const void* ring,
                            float* total, const int64_t* pushes, int64_t D, int64_t k);
 
@@ -102,3 +103,7 @@ cudaError_t lawa_swap_int8(const LawaLaunch& launch, LawaDtype param_dtype, cons
                            const int8_t* ring, const float* scales, const float* anchor, void* backup,
                            const float* coef, const int64_t* pushes, int64_t D, int64_t nb, int64_t k,
                            int64_t m);
+
+// The in-place swap (lawa_optim/ops.py) between float32 or bfloat16 parameters and the
+// running mean `total`, no backup; `back` undoes it. Another dtype: cudaErrorInvalidValue.
+cudaError_t lawa_exchange(const LawaLaunch& launch, LawaDtype param_dtype, float* total, bool back);

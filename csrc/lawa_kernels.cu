@@ -1,10 +1,12 @@
 // The LAWA history kernels (Kaddour 2022, arXiv:2209.14981): snapshot into the ring
-// with the float32 running sum, EMA update, swap-in with backup (mean, EMA, last=j,
-// weighted), swap-back and recompute, each one launch per bucket (see lawa_apply.cuh).
+// with the float32 running mean, EMA update, swap-in with backup (mean, EMA, last=j,
+// weighted), swap-back, the in-place swap (exchange) and recompute, each one launch
+// per bucket (see lawa_apply.cuh).
 //
-// The running sum and the means must match the pure-torch reference bit for bit, so
-// every rounding step is an explicit _rn intrinsic: nvcc would otherwise contract
-// a * b + c into an FMA, and the sum update rounds the difference before adding it.
+// The running mean and the averages must match the pure-torch reference bit for bit,
+// so every rounding step is an explicit _rn intrinsic: nvcc would otherwise contract
+// a * b + c into an FMA, and the mean's update rounds the difference, then the
+// quotient, before adding it.
 
 #include "lawa.h"
 #include "lawa_apply.cuh"
@@ -42,8 +44,22 @@ __device__ __forceinline__ float lawa_wide(const Raw<H>* ring, int64_t D, int64_
   return __double2float_rn(__ddiv_rn(w, double(count)));
 }
 
-// ring[n % k] = cast(param); total += float(new) - float(old), old = 0 while n < k; at a
-// refresh ((n + 1) % refresh_every == 0) total is rebuilt from the filled slots instead.
+// round of lawa_optim.ops: an average written into a parameter. bfloat16 rounds to
+// nearest with ties away from zero ((bits + 0x8000) >> 16), which the exchange undoes;
+// a NaN and the other dtypes as the cast rounds them.
+template <LawaDtype P>
+__device__ __forceinline__ Raw<P> lawa_round(float x) {
+  if constexpr (P == kLawaBFloat16) {
+    return isnan(x) ? LawaElem<P>::from_float(x) : static_cast<Raw<P>>((__float_as_uint(x) + 0x8000u) >> 16);
+  } else {
+    return LawaElem<P>::from_float(x);
+  }
+}
+
+// ring[n % k] = cast(param); the running mean total += (float(new) - float(old)) / k, or
+// (float(new) - total) / (n + 1) while n < k; at a refresh ((n + 1) % refresh_every == 0)
+// total is rebuilt from the filled slots instead (their mean; wide where the sum is not
+// finite).
 template <LawaDtype P, LawaDtype H>
 struct PushOp {
   Raw<H>* ring;
@@ -89,9 +105,12 @@ struct PushOp {
       h.v[j] = lawa_cast<P, H>(p.v[j]);
     }
     LawaChunk<kLawaFloat32, W> t;
+    const float count = float(v.filled);
     if (v.refresh) {
-      // csum of the filled slots in slot order, as recompute leaves it; the slot being
-      // written contributes the new value.
+      // Stored first: the sums below read the new slot back.
+      lawa_store<H, W>(v.slot + e, h);
+      // csum of the filled slots in slot order, as recompute leaves it, the new slot
+      // read back (this thread stored it): holding it in registers instead spills.
 #pragma unroll
       for (int j = 0; j < W; ++j) {
         t.v[j] = 0.0f;
@@ -103,7 +122,7 @@ struct PushOp {
         c[j] = 0.0f;
       }
       for (int64_t s = 0; s < v.filled; ++s, row += D) {
-        const LawaChunk<H, W> r = s == v.s ? h : lawa_load<H, W>(row);
+        const LawaChunk<H, W> r = lawa_load<H, W>(row);
 #pragma unroll
         for (int j = 0; j < W; ++j) {
           lawa_csum_add(t.v[j], c[j], LawaElem<H>::to_float(r.v[j]));
@@ -111,25 +130,21 @@ struct PushOp {
       }
 #pragma unroll
       for (int j = 0; j < W; ++j) {
-        t.v[j] = lawa_csum_result(t.v[j], c[j]);
+        const float sum = lawa_csum_result(t.v[j], c[j]);
+        t.v[j] = isfinite(sum) ? __fdiv_rn(sum, count) : lawa_wide<H>(v.ring + e + j, D, k, 0, false, v.filled);
       }
     } else {
       t = lawa_load<kLawaFloat32, W>(v.total + e);
-      if (v.full) {
-        const LawaChunk<H, W> old = lawa_load<H, W>(v.slot + e);
+      // While the ring fills the overwritten value is the mean itself (and count = n + 1).
+      const LawaChunk<H, W> old = v.full ? lawa_load<H, W>(v.slot + e) : h;
 #pragma unroll
-        for (int j = 0; j < W; ++j) {
-          const float diff = __fsub_rn(LawaElem<H>::to_float(h.v[j]), LawaElem<H>::to_float(old.v[j]));
-          t.v[j] = __fadd_rn(t.v[j], diff);
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < W; ++j) {
-          t.v[j] = __fadd_rn(t.v[j], LawaElem<H>::to_float(h.v[j]));
-        }
+      for (int j = 0; j < W; ++j) {
+        const float was = v.full ? LawaElem<H>::to_float(old.v[j]) : t.v[j];
+        const float diff = __fsub_rn(LawaElem<H>::to_float(h.v[j]), was);
+        t.v[j] = __fadd_rn(t.v[j], __fdiv_rn(diff, count));
       }
+      lawa_store<H, W>(v.slot + e, h);
     }
-    lawa_store<H, W>(v.slot + e, h);
     lawa_store<kLawaFloat32, W>(v.total + e, t);
   }
 };
@@ -180,8 +195,9 @@ struct EmaOp {
   }
 };
 
-// backup = param, then param = cast(average), the division an IEEE one, or where the float32
-// sum is not finite the float64 mean of the same slots (lawa_wide). One kernel per
+// backup = param, then param = round(average): the mean in total, or for last = j the
+// compensated sum of the slots over an IEEE division; where that mean or sum is not
+// finite, the float64 mean of the same slots (lawa_wide). One kernel per
 // kind of average keeps each small: with all three in one, bfloat16 and float16
 // parameters spilled 12-16 bytes on sm_90.
 template <LawaDtype P, LawaDtype H, LawaAverage A>
@@ -201,7 +217,7 @@ struct SwapInOp {
     const Raw<H>* ring;  // slot 0 of the segment's slice (not in kLawaEma)
     int64_t newest;      // slot of the newest snapshot (kLawaLast only)
     int64_t slots;       // snapshots averaged
-    float count;         // divisor of the mean
+    float count;         // divisor of last=j's mean (kLawaLast only)
     bool vec;
   };
 
@@ -213,7 +229,7 @@ struct SwapInOp {
     v.ring = A == kLawaEma ? nullptr : ring + seg.offset + lo;
     v.newest = A == kLawaLast ? (n - 1) % k : 0;
     v.slots = A == kLawaLast ? last : (n < k ? n : k);
-    v.count = float(A == kLawaLast ? last : (n < k ? n : k));
+    v.count = float(last);
     v.vec = lawa_aligned(v.param) && lawa_aligned(v.backup);
     if (A == kLawaLast) {
       v.vec = v.vec && lawa_aligned(v.ring) && (D * int64_t(sizeof(Raw<H>))) % 16 == 0;
@@ -259,21 +275,20 @@ struct SwapInOp {
         if (A == kLawaEma) {
           avg[j] = t.v[j];
         } else {
-          avg[j] = isfinite(t.v[j]) ? __fdiv_rn(t.v[j], v.count)
-                                    : lawa_wide<H>(v.ring + e + j, D, k, 0, false, v.slots);
+          avg[j] = isfinite(t.v[j]) ? t.v[j] : lawa_wide<H>(v.ring + e + j, D, k, 0, false, v.slots);
         }
       }
     }
     LawaChunk<P, W> out;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      out.v[j] = LawaElem<P>::from_float(avg[j]);
+      out.v[j] = lawa_round<P>(avg[j]);
     }
     lawa_store<P, W>(v.param + e, out);
   }
 };
 
-// backup = param, then param = cast(s + c): Neumaier's compensated sum of
+// backup = param, then param = round(s + c): Neumaier's compensated sum of
 // weights[i] * slot(newest - i), i = 0 .. count - 1, every product and sum rounded once
 // (_rn intrinsics: no contraction into an FMA). The coefficients are read from device
 // memory, so a new vector needs neither a host sync nor another kernel.
@@ -335,7 +350,7 @@ struct SwapWeightedOp {
     LawaChunk<P, W> out;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      out.v[j] = LawaElem<P>::from_float(__fadd_rn(s[j], c[j]));
+      out.v[j] = lawa_round<P>(__fadd_rn(s[j], c[j]));
     }
     lawa_store<P, W>(v.param + e, out);
   }
@@ -367,7 +382,8 @@ struct SwapBackOp {
   }
 };
 
-// total = csum(ring[0], ..., ring[min(n, k) - 1]), in slot order.
+// total = csum(ring[0], ..., ring[c - 1]) / c in slot order, c = min(n, k); wide of the
+// same slots where the sum is not finite; 0 for c = 0.
 template <LawaDtype H>
 struct RecomputeOp {
   const Raw<H>* ring;
@@ -411,11 +427,59 @@ struct RecomputeOp {
         lawa_csum_add(t.v[j], c[j], LawaElem<H>::to_float(r.v[j]));
       }
     }
+    const float count = float(v.filled > 0 ? v.filled : 1);
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      t.v[j] = lawa_csum_result(t.v[j], c[j]);
+      const float sum = lawa_csum_result(t.v[j], c[j]);
+      t.v[j] = isfinite(sum) ? __fdiv_rn(sum, count) : lawa_wide<H>(v.ring + e + j, D, k, 0, false, v.filled);
     }
     lawa_store<kLawaFloat32, W>(v.total + e, t);
+  }
+};
+
+// The in-place swap of lawa_optim.ops between parameters and the running mean, no
+// backup: float32 parameters trade places with it (its own inverse); a bfloat16
+// parameter w with mean m gets round(m) and m's word keeps (w << 16) | low16(m), and
+// `back` restores both.
+template <LawaDtype P>
+struct ExchangeOp {
+  float* total;
+  bool back;
+  const int64_t* pushes;  // null: the exchange does not read the counter
+
+  struct View {
+    Raw<P>* param;
+    float* total;
+    bool vec;
+  };
+
+  __device__ View view(const LawaSegment& seg, int64_t, int64_t lo) const {
+    View v;
+    v.param = static_cast<Raw<P>*>(seg.param) + lo;
+    v.total = total + seg.offset + lo;
+    v.vec = lawa_aligned(v.param) && lawa_aligned(v.total);
+    return v;
+  }
+
+  template <int W>
+  __device__ void step(const View& v, int e) const {
+    const LawaChunk<P, W> p = lawa_load<P, W>(v.param + e);
+    const LawaChunk<kLawaFloat32, W> t = lawa_load<kLawaFloat32, W>(v.total + e);
+    LawaChunk<P, W> shown;
+    LawaChunk<kLawaFloat32, W> kept;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      if constexpr (P == kLawaFloat32) {
+        shown.v[j] = t.v[j];
+        kept.v[j] = p.v[j];
+      } else {
+        const unsigned word = __float_as_uint(t.v[j]), low = word & 0xFFFFu, w = p.v[j];
+        shown.v[j] = static_cast<Raw<P>>(back ? word >> 16 : (word + 0x8000u) >> 16);
+        kept.v[j] = __uint_as_float(back ? (((w - (low >> 15)) & 0xFFFFu) << 16) | low : (w << 16) | low);
+      }
+    }
+    lawa_store<P, W>(v.param + e, shown);
+    lawa_store<kLawaFloat32, W>(v.total + e, kept);
   }
 };
 
@@ -504,4 +568,15 @@ cudaError_t lawa_recompute(const LawaLaunch& launch, LawaDtype history_dtype, co
     constexpr LawaDtype H = decltype(h)::value;
     return lawa_apply(launch, RecomputeOp<H>{static_cast<const Raw<H>*>(ring), total, pushes, D, k});
   });
+}
+
+cudaError_t lawa_exchange(const LawaLaunch& launch, LawaDtype param_dtype, float* total, bool back) {
+  switch (param_dtype) {
+    case kLawaFloat32:
+      return lawa_apply(launch, ExchangeOp<kLawaFloat32>{total, back, nullptr});
+    case kLawaBFloat16:
+      return lawa_apply(launch, ExchangeOp<kLawaBFloat16>{total, back, nullptr});
+    default:
+      return cudaErrorInvalidValue;  // float16 parameters keep a backup
+  }
 }

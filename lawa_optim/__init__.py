@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LAWA", "TWA", "Memory", "check_in_sync", "export_average", "history_bytes", "phema", "posthoc", "profiles",
            "update_bn"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 #: Public name -> the submodule that defines it. Imported on first use (PEP 562), so that
 #: the commands under ``lawa_optim`` (``python -m lawa_optim.demo``) and the argument

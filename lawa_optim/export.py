@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lawa_optim import posthoc, weighting
-from lawa_optim.backends.reference import compensated_sum, dequantise, weighted_sum, wide_where_overflowed
+from lawa_optim.backends.reference import compensated_sum, dequantise, rounded, weighted_sum, wide_where_overflowed
 from lawa_optim.bn import update_bn
 from lawa_optim.history import HISTORY_DTYPES, accumulation_dtype, is_int, is_int8
 from lawa_optim.ops import suffix_coefficients
@@ -327,10 +327,10 @@ def _average(
 ) -> Tensor:
     """One parameter's average from its checked saved history after ``pushes`` pushes,
     with the arithmetic of a swap (``lawa_optim.ops``): the weighted sum of the newest
-    slots with ``weights``, else the running sum (or, where a 0.1.0 checkpoint saved
-    none, the compensated sum of the slots in slot order, as a refresh computes it)
-    divided by the count, the float64 mean of the slots where that sum is not finite,
-    rounded to the parameter's dtype."""
+    slots with ``weights``, else the running mean (or, where a 0.1.0 or 0.2.0 checkpoint
+    saved none, the mean of the slots in slot order, as a refresh computes it), the
+    float64 mean of the slots where that mean is not finite, rounded to the parameter's
+    dtype as a swap rounds it."""
     count = min(pushes, k)
     if weights is not None:
         history = saved["lawa_history"]
@@ -343,14 +343,15 @@ def _average(
     else:
         history = saved["lawa_history"]
         slots = [history[s] for s in range(count)]
-        total = saved.get("lawa_sum")
-        if total is None:
+        avg = saved.get("lawa_mean")
+        if avg is None:
             like = torch.zeros(history.shape[1:], dtype=accumulation_dtype(p.dtype), device=history.device)
             total = compensated_sum(slots, like)
-        # A 0-dim tensor divides exactly as the kernels do (a Python float may not on CUDA).
-        avg = total / torch.tensor(float(count), dtype=total.dtype, device=total.device)
-        avg = wide_where_overflowed(avg, total, slots)
-    return avg.to(device=p.device, dtype=p.dtype, memory_format=torch.contiguous_format, copy=True)
+            # A 0-dim tensor divides exactly as the kernels do (a Python float may not on CUDA).
+            avg = wide_where_overflowed(total / torch.tensor(float(count), dtype=total.dtype, device=total.device), total, slots)
+        avg = wide_where_overflowed(avg, avg, slots)
+    avg = rounded(avg, p.dtype)
+    return avg.to(device=p.device, memory_format=torch.contiguous_format, copy=True)
 
 
 @torch.no_grad()

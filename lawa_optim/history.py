@@ -3,7 +3,7 @@
 Parameters are grouped into buckets that share a device and a dtype. A bucket keeps
 
 * ``ring``: ``(k, D)`` in the history dtype, one row ("slot") per snapshot;
-* ``total``: ``(D,)`` running sum of the filled slots *as stored* (float32; float64
+* ``total``: ``(D,)`` running mean of the filled slots *as stored* (float32; float64
   for float64 parameters), or the exponential average itself in EMA mode;
 * with ``history_dtype=torch.int8`` (the 8-bit history, :mod:`lawa_optim.ops`) instead:
   ``total`` is the *anchor*, the newest stored snapshot in float32, ``ring`` holds
@@ -14,16 +14,25 @@ Parameters are grouped into buckets that share a device and a dtype. A bucket ke
   push writes slot ``pushes % k`` and ``min(pushes, k)`` slots are filled. It lives on
   the device (not in a Python int) so kernels read it without a host sync.
 
-The O(1) update ``total += new - old`` cancels catastrophically when magnitudes
+The O(1) update ``total += (new - old) / k`` cancels catastrophically when magnitudes
 change (two snapshots at 1e8 then two at 1.0 leave 0.0 for k = 2) and keeps a NaN
 forever. So every ``refresh_every``-th push (default: every k-th, the one that
 completes a pass over the ring) rebuilds ``total`` from the ring instead, in the same
-pass, with a compensated sum whose error does not grow with k. The kernels decide that
-from ``pushes`` on the device, so compiled and graph-captured snapshots refresh at the
-right push too. Hence the guarantee (README, "The numerical guarantee"): at most
-``refresh_every`` snapshots after a value has left the window it no longer affects the
-average, which is then the mean of the stored window within ``(4 + r (1 + 2/k)) 2**-24``
-of the largest magnitude, ``r`` snapshots after the last refresh, whatever k.
+pass, with a compensated sum whose error does not grow with k, divided by the count.
+The kernels decide that from ``pushes`` on the device, so compiled and graph-captured
+snapshots refresh at the right push too. Hence the guarantee (README, "The numerical
+guarantee"): at most ``refresh_every`` snapshots after a value has left the window it
+no longer affects the average, which is then the mean of the stored window within
+``(4 + r (1 + 4/k)) 2**-24`` of the largest magnitude, ``r`` snapshots after the last
+refresh, whatever k (while the ring first fills, the n-th snapshot adds ``(1 + 4/n)
+2**-24``).
+
+Because ``total`` is the average itself, the full average swaps in without a copy
+(:meth:`History.swap_in`): float32 and float64 parameters exchange their bits with it,
+a bfloat16 parameter takes the mean rounded (ties away from zero) and the mean's word
+keeps the weight's 16 bits beside its own low 16 bits; the swap-back undoes both
+exactly. The int8 history's float32 anchor can be exchanged the same way where it holds
+the average.
 
 Each parameter owns a slice of the flat buffers that starts on a multiple of
 ``ALIGN`` elements and holds its elements in the parameter's *memory* order, so a
@@ -50,6 +59,7 @@ import torch
 from torch import Tensor
 
 from lawa_optim import compiled, ops, weighting
+from lawa_optim.backends import cpu_kernels
 from lawa_optim.distributed import is_sharded, local, reshard_fsdp
 from lawa_optim.memory import Memory
 from lawa_optim.offload import Offload
@@ -110,7 +120,7 @@ def is_int(x: Any) -> bool:
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the running sum for parameters of ``dtype``."""
+    """Dtype of the running mean for parameters of ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -173,7 +183,7 @@ class Bucket:
         self.emas = (
             torch.zeros(widths, self.D, dtype=acc, device=self.device, pin_memory=pin) if mode == "phema" else None
         )
-        # In phema mode no running sum: total is the first width's EMA, what a plain swap writes.
+        # In phema mode no running mean: total is the first width's EMA, what a plain swap writes.
         self.total = self.emas[0] if self.emas is not None else torch.zeros(
             self.D, dtype=acc, device=self.device, pin_memory=pin
         )
@@ -183,6 +193,10 @@ class Bucket:
         self.slots: list[tuple[int, int] | None] = [None] * k
         self.pushes = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.backup: Tensor | None = None
+        #: The parameters' version counters right after an in-place swap-in (the average
+        #: exchanged with the running mean, no backup; -1 where not known); ``None`` when
+        #: not so swapped.
+        self.exchanged: list[int] | None = None
         self.cache: dict = {}
         #: Whether a snapshot already warned that float16 history stored an infinity.
         self.range_warned = False
@@ -198,9 +212,13 @@ class Bucket:
     # A copy (deepcopy, pickle) gets its own key: with the original's, a compiled snapshot
     # of the copy would push the original's weights into the original's history. The
     # pointer tables are the original's addresses: the copy builds its own.
+    # A copy's parameters count their versions afresh: it cannot tell a write while
+    # swapped from the copying (-1: not known).
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["key"], state["cache"]
+        if self.exchanged is not None:
+            state["exchanged"] = [-1] * len(self.exchanged)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -258,7 +276,7 @@ class Bucket:
             sum=_nbytes(self.total if self.emas is None else self.emas) - anchor,
             scales=_nbytes(self.scales),
             staging=self.offload.nbytes() if self.offload is not None else 0,
-            backup=_nbytes(self.backup),
+            backup=0 if in_ring(self, self.backup) else _nbytes(self.backup),
         )
 
     def check_params(self) -> None:
@@ -309,6 +327,11 @@ _dtype_of = operator.attrgetter("dtype")
 def param_blocks(numel: int) -> int:
     """Quantisation blocks of a parameter of ``numel`` elements."""
     return -(-max(numel, 1) // QBLOCK)
+
+
+def in_ring(b: "Bucket", t: Tensor | None) -> bool:
+    """Whether ``t`` is a view of ``b``'s ring (a backup that is the newest slot)."""
+    return t is not None and b.ring is not None and t.untyped_storage().data_ptr() == b.ring.untyped_storage().data_ptr()
 
 
 def _nbytes(t: Tensor | None) -> int:
@@ -538,6 +561,41 @@ def warn_float16_overflow(b: Bucket) -> None:
     )
 
 
+#: Elements compared at a time by :func:`_newest_holds_the_weights` (bounded temporaries).
+COMPARE_PIECE = 1 << 18
+
+
+def _newest_holds_the_weights(b: Bucket) -> bool:
+    """Whether the newest ring slot holds every parameter's bits (the history stores the
+    parameters' dtype, on their device, and nothing wrote into them since the snapshot):
+    then it is their backup. Compared bit for bit, piece by piece (version counters miss
+    writes through ``.data``)."""
+    if b.ring is None or b.history_dtype != b.dtype or b.device != b.param_device:
+        return False
+    n = int(b.pushes.item())
+    if n == 0:
+        return False
+    slot = b.ring[(n - 1) % b.k]
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[b.dtype.itemsize]
+    for p, off, size in zip(b.params, b.offsets, b.numels):
+        flat = p.detach().as_strided((size,), (1,), p.storage_offset()).view(ints)
+        kept = slot[off:off + size].view(ints)
+        for lo in range(0, size, COMPARE_PIECE):
+            if not torch.equal(flat[lo:lo + COMPARE_PIECE], kept[lo:lo + COMPARE_PIECE]):
+                return False
+    return True
+
+
+def _finite(t: Tensor) -> bool:
+    """Whether every element of ``t`` is finite: one read, no temporary of its size (on
+    the CPU not even the code pages a first torch reduction maps)."""
+    finite = cpu_kernels.all_finite(t)
+    if finite is None:
+        lo, hi = torch.aminmax(t)
+        finite = bool(torch.isfinite(lo) & torch.isfinite(hi))
+    return finite
+
+
 def snapshot_bucket(b: Bucket, decay: float | None) -> None:
     """One bucket's snapshot: push into the ring (``decay=None``; nothing in EMA mode) or
     fold into the exponential average with ``decay``. The caller has run
@@ -731,16 +789,25 @@ class History:
         last: int | None,
         weights: tuple[float, ...] | None = None,
         fitted: dict[Bucket, tuple[float, ...]] | None = None,
+        backup: str | None = None,
     ) -> None:
-        """Back up the weights and write the average into the parameters in place: the
-        weighted sum of the newest snapshots with ``weights`` (checked by
+        """Write the average into the parameters in place, keeping the training weights:
+        the weighted sum of the newest snapshots with ``weights`` (checked by
         :func:`lawa_optim.weighting.parse`; a generation holding fewer snapshots takes
         :func:`lawa_optim.weighting.fit` of them), or with each bucket's own coefficients
         ``fitted`` (the buckets left out keep their weights). In phema mode without
         either, the live EMA of the first width.
 
-        Every bucket is checked and every backup allocated before the first weight is
-        written, so a refusal or an allocation failure leaves the training weights in place.
+        The full average (``last``, ``weights`` and ``fitted`` None) of float32, bfloat16
+        and float64 parameters is exchanged with the running mean (the EMA in EMA mode, the
+        first width's in phema mode) where it is finite, allocating nothing. Otherwise the newest ring slot is the backup where it holds the weights
+        bit for bit (right after a snapshot into a history of their dtype), and else, or
+        with ``backup`` (``"device"``: beside the parameters, ``"cpu"``: in host memory),
+        the weights are copied into a new backup first (on the history's device when
+        ``backup`` is None). Every bucket is checked and every
+        backup allocated before the first weight is written, so a refusal or an
+        allocation failure leaves the training weights in place; a kernel that refuses
+        a bucket (writing nothing) has the buckets swapped before it swapped back.
         """
         self.reshard()
         if fitted is not None:
@@ -756,13 +823,47 @@ class History:
             coefficients = {b: torch.tensor(c, dtype=b.total.dtype, device=b.device) for b, c in fitted.items()}
         else:
             coefficients = {} if weights is None else self._coefficients(weights, held)
-        backups = [torch.empty(b.D, dtype=b.dtype, device=b.device, pin_memory=b.pinned) for b, _ in held]
-        for (b, n), backup in zip(held, backups):
-            b.backup = backup
-            if b in coefficients:
-                ops.swap_in(b, None, coefficients[b])
+        full = last is None and weights is None and fitted is None
+        plans = [self._backup_for(b, full, backup) for b, _ in held]
+        done = []
+        try:
+            for (b, n), plan in zip(held, plans):
+                self._swap_bucket(b, n, last, coefficients.get(b), plan)
+                done.append(b)
+        except BaseException:
+            # A kernel that refused a bucket wrote nothing in it: undo the buckets before it.
+            for b in done:
+                self._unswap(b)
+            raise
+
+    @staticmethod
+    def _backup_for(b: Bucket, full: bool, backup: str | None) -> Tensor | None:
+        """The backup buffer a swap of ``b`` (of the ``full`` average, or not) needs:
+        ``None`` for the in-place swap, the newest ring slot where it holds the weights bit
+        for bit, else a new buffer."""
+        if backup is None and full and ops.exchanges(b) and _finite(b.total):
+            return None
+        if backup is None and _newest_holds_the_weights(b):
+            return b.ring[(int(b.pushes.item()) - 1) % b.k]
+        if backup == "cpu":
+            pin = b.param_device.type == "cuda"
+            return torch.empty(b.D, dtype=b.dtype, device="cpu", pin_memory=pin)
+        device = b.param_device if backup == "device" else b.device
+        return torch.empty(b.D, dtype=b.dtype, device=device, pin_memory=b.pinned and device == b.device)
+
+    @staticmethod
+    def _swap_bucket(b: Bucket, n: int, last: int | None, coefficients: Tensor | None, backup: Tensor | None) -> None:
+        b.backup = backup
+        try:
+            if coefficients is not None:
+                ops.swap_in(b, None, coefficients)
             else:
                 ops.swap_in(b, None if last is None else min(last, n))
+        except BaseException:
+            b.backup = None
+            raise
+        if backup is None:
+            b.exchanged = [p._version for p in b.params]
 
     def _coefficients(self, weights: tuple[float, ...], held: list[tuple[Bucket, int]]) -> dict[Bucket, Tensor]:
         """Each held bucket's coefficients in its accumulation dtype, on its device."""
@@ -778,42 +879,83 @@ class History:
 
     @torch.no_grad()
     def swap_back(self) -> None:
-        """Restore the backed-up training weights bit for bit and free the backups."""
+        """Restore the training weights bit for bit and free the backups."""
         self.reshard()
-        swapped = [b for b in self.buckets if b.backup is not None]
+        swapped = self.swapped()
         for b in swapped:
             b.check_params()  # fused backends write through cached addresses
         for b in swapped:
-            ops.swap_back(b)
-            b.backup = None
+            self._unswap(b)
+
+    def swapped(self) -> list[Bucket]:
+        """The buckets holding an average."""
+        return [b for b in self.buckets if b.backup is not None or b.exchanged is not None]
+
+    @staticmethod
+    def _unswap(b: Bucket) -> None:
+        written = b.exchanged is not None and any(
+            v not in (-1, p._version) for v, p in zip(b.exchanged, b.params)
+        )
+        ops.swap_back(b)
+        b.backup = b.exchanged = None
+        if written:
+            # Written while swapped: the training weights came back whole, but the mean's
+            # high half (bfloat16) or all of it (float32) came from what was written.
+            if b.mode == "uniform":
+                History.recompute(b)
+                what = "the running mean was rebuilt from the stored snapshots (a refresh)"
+            else:
+                what = "the EMA now holds what was written into them (its low half for bfloat16)"
+            warnings.warn(
+                f"the parameters were written while the average was swapped in: {what}. Write "
+                "into the averaged parameters only after swap_to_average(backup='device'), "
+                "whose swap keeps the history untouched",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     @torch.no_grad()
-    def set_aside(self) -> list[tuple[Bucket, Tensor, Tensor]]:
-        """Put the training weights back into swapped parameters, keeping a copy of what
-        they held (the average, whatever ``last`` made it) for :meth:`restore`:
-        ``(bucket, that copy, the backup buffer)`` per swapped bucket."""
+    def set_aside(self) -> list[tuple[Bucket, Tensor | None, Tensor | None]]:
+        """Put the training weights back into swapped parameters, keeping what they held
+        (the average, whatever ``last`` made it) for :meth:`restore`: ``(bucket, a copy of
+        it, the backup buffer)`` per swapped bucket; ``(bucket, None, None)`` for a bucket
+        swapped in place, which :meth:`restore` swaps in again (nothing to copy)."""
         self.reshard()
-        swapped = [b for b in self.buckets if b.backup is not None]
+        swapped = self.swapped()
         for b in swapped:
             b.check_params()
-        held = [(b, torch.empty_like(b.backup), b.backup) for b in swapped]
+        held = [(b, None, None) if b.backup is None else (b, torch.empty(b.D, dtype=b.dtype, device=b.backup.device), b.backup)
+                for b in swapped]
         for b, average, backup in held:
+            if backup is None:
+                self._unswap(b)
+                continue
             torch._foreach_copy_(b.views(average), b.params)
             torch._foreach_copy_(b.params, b.views(backup))
             b.backup = None
         return held
 
     @torch.no_grad()
-    def restore(self, held: list[tuple[Bucket, Tensor, Tensor]]) -> None:
+    def restore(self, held: list[tuple[Bucket, Tensor | None, Tensor | None]]) -> None:
         """Undo :meth:`set_aside`: the parameters' values now become the backup, and the
-        copy set aside goes back into the parameters bit for bit."""
+        copy set aside goes back into the parameters bit for bit (a bucket swapped in
+        place swaps the full average in again)."""
         self.reshard()
         for b, _, _ in held:
             b.check_params()
-        for b, average, backup in held:
-            torch._foreach_copy_(b.views(backup), b.params)
+        # A backup that was the newest ring slot serves again only if it still holds what the
+        # parameters hold now (the block may have changed them): the ring is never written.
+        plans = [
+            self._backup_for(b, average is None, None) if average is None or in_ring(b, backup) else backup
+            for b, average, backup in held
+        ]
+        for (b, average, _), plan in zip(held, plans):
+            if average is None:
+                self._swap_bucket(b, b.count(), None, None, plan)
+                continue
+            torch._foreach_copy_(b.views(plan), b.params)
             torch._foreach_copy_(b.params, b.views(average))
-            b.backup = backup
+            b.backup = plan
 
     def reshard(self) -> None:
         """Make FSDP2 modules read their shards again before a swap writes them (see

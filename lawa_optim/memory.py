@@ -1,8 +1,9 @@
 """What a LAWA history costs in memory, held now or before anything is allocated.
 
 LAWA's price is memory (Kaddour 2022 keeps k checkpoints; this library keeps them
-flat): ``k`` slots of the history dtype per parameter element, a float32 running sum,
-and, only while an average is swapped in, a backup of the training weights.
+flat): ``k`` slots of the history dtype per parameter element, a float32 running mean,
+and, only while an average is swapped in with a copy (float16 parameters, ``last=``,
+``weights=``, ``backup=``), a backup of the training weights.
 :meth:`lawa_optim.LAWA.memory` reads the buffers a LAWA holds; :func:`history_bytes`
 computes the same record from parameter shapes alone (meta tensors included), so k
 and the history dtype can be chosen for a model that does not fit yet.
@@ -38,15 +39,17 @@ class Memory:
         parameters: parameter elements averaged, each counted once.
         history: the ring of snapshots and its snapshot counters; for an 8-bit history
             its int8 delta codes and its anchor (the newest snapshot, float32).
-        sum: the running sum (float32; float64 for float64 parameters), or the
+        sum: the running mean (float32; float64 for float64 parameters), or the
             average itself in EMA mode, or in phema mode the power-function EMAs, one
-            row per width (``mode="phema"`` keeps no running sum); 0 for an 8-bit
+            row per width (``mode="phema"`` keeps no running mean); 0 for an 8-bit
             history, which keeps none.
         scales: quantisation scales of an 8-bit history (float32, one per block of 256
             elements and delta slot; 0 for the other formats).
         staging: the page-locked copy of the weights that ``storage="pinned"`` keeps
             for asynchronous snapshots of GPU parameters.
-        backup: the training weights kept while an average is swapped in.
+        backup: the training weights copied while an average is swapped in with a
+            backup (0 for the in-place swap, which keeps them in the running mean's
+            buffer).
     """
 
     parameters: int = 0
@@ -120,10 +123,14 @@ def history_bytes(
     ``params`` is an ``nn.Module`` or what an optimizer takes (tensors, ``(name,
     tensor)`` pairs, param-group dicts); meta tensors work, so the cost of a model that
     does not fit yet can be read off a model built under ``torch.device("meta")``.
-    ``swapped=True`` adds the backup that :meth:`lawa_optim.LAWA.swap_to_average`
-    allocates while the average is swapped in. ``sigma_rels`` (``mode="phema"`` only,
-    default ``(0.05, 0.10)``) gives the widths, one float32 EMA each. Nothing is
-    allocated.
+    ``swapped=True`` adds the backup that :meth:`lawa_optim.LAWA.swap_to_average` of the
+    full average allocates while it is swapped in: one for float16 parameters only (the
+    others trade places with the running mean). Not predicted: a mean that is not finite,
+    and swaps with ``last=``, ``weights=`` or ``backup=``, which back up every parameter
+    (``D`` elements of its dtype), unless, right after a snapshot into a history of the
+    parameters' dtype, the newest slot holds them (then nothing, float16 included).
+    ``sigma_rels`` (``mode="phema"`` only, default ``(0.05, 0.10)``) gives the widths, one
+    float32 EMA each. Nothing is allocated.
 
     Example::
 
@@ -191,6 +198,6 @@ def history_bytes(
             sum=0 if int8 else max(widths, 1) * D * accumulation_dtype(dtype).itemsize,
             scales=4 * (k - 1) * blocks(numels)[1] if int8 else 0,
             staging=D * width if storage == "pinned" and mode == "uniform" and device.type == "cuda" else 0,
-            backup=D * width if swapped else 0,
+            backup=D * width if swapped and dtype == torch.float16 else 0,
         )
     return total

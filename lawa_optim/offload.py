@@ -2,7 +2,7 @@
 
 LAWA (Kaddour 2022, arXiv:2209.14981) keeps k snapshots of the weights: 6 copies of a
 1B-parameter float32 model are 24 GB, which often does not fit beside the model on
-its GPU. With ``storage="pinned"`` the ring and the running sum live in page-locked
+its GPU. With ``storage="pinned"`` the ring and the running mean live in page-locked
 host memory, and a snapshot of weights on a GPU runs in two halves:
 
 1. on a side stream that first waits for the work already queued (the weights are
@@ -12,7 +12,7 @@ host memory, and a snapshot of weights on a GPU runs in two halves:
    current stream wait for that copy (on the GPU, :meth:`Offload.before_step`), so it
    cannot overwrite weights still being read. The Python thread does not block;
 2. one worker thread waits for the copy's event and runs the torch backend's push
-   (the fused C loop) from the staging buffer into the ring and the sum.
+   (the fused C loop) from the staging buffer into the ring and the mean.
 
 Anything that reads the history (the count, a swap, a recompute, ``state_dict``)
 calls :meth:`Offload.wait` first, which also re-raises an error from the worker. The

@@ -11,13 +11,15 @@ never branch on the backend. A backend module provides:
     fused backend needs (one device, :data:`FUSED_DTYPES`; the history may also be the
     8-bit one below) is checked here, once.
 ``push(bucket)``
-    uniform snapshot with ``n = pushes``: ``s = n % k``; ``old = ring[s]`` (0 while
-    ``n < k``); ``ring[s] = cast(param)``. Then, when ``(n + 1) % refresh_every == 0``
-    (a *refresh*; ``bucket.refresh_every``, by default k), ``total`` becomes exactly
-    what ``recompute`` leaves with ``min(n + 1, k)`` filled slots; otherwise
-    ``total += float(ring[s]) - float(old)``, the difference rounded in the
-    accumulation dtype and then added. The decision reads ``pushes`` where it lives, so
-    a push captured in a CUDA graph or a compiled region refreshes at the right replay.
+    uniform snapshot with ``n = pushes``: ``s = n % k``; ``old = ring[s]``;
+    ``ring[s] = cast(param)``. ``total`` is the running *mean* of the filled slots. When
+    ``(n + 1) % refresh_every == 0`` (a *refresh*; ``bucket.refresh_every``, by default
+    k) it becomes exactly what ``recompute`` leaves with ``min(n + 1, k)`` filled slots;
+    otherwise, while the ring fills (``n < k``), ``total += (float(ring[s]) - total) /
+    (n + 1)``, and on a full ring ``total += (float(ring[s]) - float(old)) / k``, each
+    operation rounded in the accumulation dtype. The decision reads ``pushes`` where it
+    lives, so a push captured in a CUDA graph or a compiled region refreshes at the
+    right replay.
 ``ema_update(bucket, decay)``
     ``total = cast(param)`` when ``n == 0``, else
     ``total = decay * total + (1 - decay) * param`` in the accumulation dtype.
@@ -34,15 +36,24 @@ never branch on the backend. A backend module provides:
     weight by up to 0.4 %), while
     ``alphas`` holds it to float32's relative precision and the weights still sum to 1.
     The parameters are read once for all ``E`` rows; ``pushes`` is not read.
-``swap_in(bucket, last)``
-    ``backup = param`` (exact), then ``param = cast(avg)``. In EMA mode ``avg = total`` (in phema mode
-    ``total`` is ``emas[0]``, the live EMA of the first width).
-    Otherwise ``avg = S / c`` (IEEE division) with ``c = min(n, k)`` and ``S = total``,
-    or for ``last = j`` with ``c = j`` and ``S = csum`` of the ``j`` newest slots
-    ``(n - 1 - i) % k``, ``i = 0 .. j-1``, in that order. Where ``S`` is not finite
-    (the float32 sum overflowed, or it holds a NaN or an infinity), ``avg`` is instead
-    ``wide`` of the same ``c`` slots (slot order ``0 .. c-1`` for the mean, newest first
-    for ``last``).
+``swap_in(bucket, last)`` with a ``backup`` buffer
+    ``backup = param`` (exact), then ``param = round(avg)``. In EMA mode ``avg = total``
+    (in phema mode ``total`` is ``emas[0]``, the live EMA of the first width).
+    For the full window ``avg = total`` (the mean of ``c = min(n, k)`` slots) where it
+    is finite; for ``last = j``, ``avg = S / j`` (IEEE division) with ``S = csum`` of the
+    ``j`` newest slots ``(n - 1 - i) % k``, ``i = 0 .. j-1``, in that order. Where the
+    mean or ``S`` is not finite (it overflowed, or it holds a NaN or an infinity),
+    ``avg`` is instead ``wide`` of the same ``c`` slots (slot order ``0 .. c-1`` for the
+    mean, newest first for ``last``).
+    ``backup`` may be the newest ring slot where it holds ``param`` bit for bit (the
+    history checks): writing it then changes no bit of the ring.
+``swap_in(bucket, None)`` with ``backup is None`` (the in-place swap)
+    the full average without a copy; only for float32, bfloat16 and float64 parameters
+    whose ``total`` is finite (the caller checks), so ``avg = total`` exactly as above.
+    Parameters of the accumulation dtype exchange their bits with ``total``. A bfloat16
+    parameter ``w`` with mean ``m`` (bits as unsigned integers): ``param = round(m) =
+    (m + 0x8000) >> 16`` and ``total = (w << 16) | (m & 0xFFFF)``: the training weights
+    and the whole mean stay in the two buffers.
 ``swap_in(bucket, None, weights)``
     ``backup = param`` (exact), then ``param = cast(s + c)``, the weighted sum of the
     ``m = len(weights)`` newest slots: ``weights`` is a 1-D tensor of ``m <= min(n, k)``
@@ -56,9 +67,14 @@ never branch on the backend. A backend module provides:
     weighted slot makes the result NaN. The coefficients are read on the device: a new
     vector needs no recompilation and no host sync.
 ``swap_back(bucket)``
-    ``param = backup`` (exact).
+    ``param = backup`` (exact); without a backup, the inverse of the in-place swap:
+    the exchange again, or for bfloat16 with ``t = total``, ``l = t & 0xFFFF``:
+    ``param = t >> 16`` and ``total = (((param - (l >> 15)) & 0xFFFF) << 16) | l``,
+    both bit for bit what they held before the swap-in.
 ``recompute(bucket)``
-    ``total = csum(ring[0], ..., ring[min(n, k) - 1])``, in slot order.
+    ``total = csum(ring[0], ..., ring[c - 1]) / c`` in slot order with ``c = min(n, k)``
+    (IEEE division), ``wide`` of the same slots where the sum is not finite; 0 for
+    ``c = 0``.
 
 The arithmetic, per element, every operation rounded to nearest even, no contraction
 into fused multiply-adds (``acc`` is the accumulation dtype, float32 but for float64
@@ -75,6 +91,11 @@ parameters):
     averages to an infinity; a NaN or an infinity in it stays one.
 ``cast``
     ``Tensor.to``: round to nearest even into the destination dtype.
+``round``
+    how every swap writes an average into the parameters: ``cast``, but for bfloat16
+    parameters, round to nearest with ties away from zero on the bit pattern,
+    ``(bits + 0x8000) >> 16`` (a NaN as ``cast`` makes it), which the in-place swap
+    can undo from the low half it keeps.
 
 The 8-bit history (``history_dtype=torch.int8``, ``bucket.int8``) stores differences,
 not weights: rounding each snapshot to 8 bits would err by about 0.7 % of the weights'
@@ -210,14 +231,16 @@ def phema_update(bucket: "Bucket", alphas: torch.Tensor) -> None:
 
 
 def swap_in(bucket: "Bucket", last: int | None, weights: torch.Tensor | None = None) -> None:
-    """Copy the weights into ``bucket.backup`` and write the average into them (the
-    weighted sum of the newest slots when ``weights`` is given)."""
+    """Write the average into the weights (the weighted sum of the newest slots when
+    ``weights`` is given), copying them into ``bucket.backup`` first; without a backup,
+    exchange the full average with the running mean in place (never for an 8-bit
+    history: it swaps with a backup)."""
     if bucket.int8:
         _module(bucket.backend).swap_in_int8(bucket, int8_coefficients(bucket, last, weights))
     elif weights is None:
-        _module(bucket.backend).swap_in(bucket, last)
+        _swapper(bucket).swap_in(bucket, last)
     else:
-        _module(bucket.backend).swap_in(bucket, None, weights)
+        _swapper(bucket).swap_in(bucket, None, weights)
     _mark_written(bucket)
 
 
@@ -242,9 +265,23 @@ def suffix_coefficients(weights: torch.Tensor | None, count: int, device: torch.
 
 
 def swap_back(bucket: "Bucket") -> None:
-    """Copy ``bucket.backup`` back into the weights."""
-    _module(bucket.backend).swap_back(bucket)
+    """Restore the weights from ``bucket.backup``, or undo the in-place swap."""
+    _swapper(bucket).swap_back(bucket)
     _mark_written(bucket)
+
+
+def exchanges(bucket: "Bucket") -> bool:
+    """Whether the bucket's backend swaps its full average in place (no backup)."""
+    return _module(bucket.backend).exchanges(bucket)
+
+
+def _swapper(bucket: "Bucket") -> ModuleType:
+    # A fused kernel reads parameters, history and backup on one device; a backup kept
+    # elsewhere (backup="cpu" for GPU parameters) is the reference's.
+    backup = bucket.backup
+    if backup is not None and backup.device != bucket.param_device:
+        return _module("torch")
+    return _module(bucket.backend)
 
 
 def _mark_written(bucket: "Bucket") -> None:

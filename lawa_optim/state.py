@@ -2,7 +2,7 @@
 
 The layout is chosen so that ``torch.distributed.checkpoint`` handles it: per-parameter
 tensors under ``state[i]`` (``lawa_history``: a ``(k, *shape)`` view of the ring and
-``lawa_sum``: the running sum, in uniform mode; with ``history_dtype=torch.int8``
+``lawa_mean``: the running mean, in uniform mode; with ``history_dtype=torch.int8``
 instead ``lawa_history``: the ``(k - 1, *shape)`` int8 delta codes, ``lawa_anchor``: the
 newest snapshot in float32 and ``lawa_scales``: the ``(k - 1, blocks)`` float32 scales of
 the parameter's blocks of 256 elements; ``lawa_ema``: the average in EMA mode;
@@ -13,12 +13,16 @@ count and each slot's ``[t, width index]``: :func:`lawa_optim.posthoc.saved`), w
 extra top-level keys. DTensor parameters get
 DTensor views of their local history (see :mod:`lawa_optim.distributed`).
 
-Saving only reads. The running sum is saved as it is (a view in the accumulation
+Saving only reads. The running mean is saved as it is (a view in the accumulation
 dtype, which the wrapped optimizer's loader never sees, so nothing casts it), so a
-resumed run continues bit for bit. Version 0.1.0 saved no ``lawa_sum``: its
-``state_dict()`` rebuilt the sum from the ring in place, so rebuilding it from the ring
-on load gives what that run held after saving (to the last bits: this version's
-refresh sums the slots compensated, 0.1.0's in plain float32).
+resumed run continues bit for bit; while the average is swapped in without a backup,
+the mean and the training weights share the parameters and the mean's buffer, so the
+dict gets new tensors holding each (``lawa_mean``, ``lawa_backup``), a copy of the
+parameters' size. Versions 0.1.0 and 0.2.0 saved no ``lawa_mean`` (0.2.0 saved a
+running sum, ``lawa_sum``, which this version ignores): the mean is rebuilt from the
+ring on load, as a refresh computes it, so a run resumed from them continues exactly
+but for that rebuild (within the guarantee; bit for bit from the next refresh on, at
+most ``recompute_every`` snapshots later).
 
 Loading checks everything (:mod:`lawa_optim.state_check`, and the wrapped optimizer's
 part with :mod:`lawa_optim.optimizer_check`) before it changes anything,
@@ -35,6 +39,7 @@ import torch
 from torch import Tensor
 
 from lawa_optim import posthoc
+from lawa_optim.backends.reference import unexchanged
 from lawa_optim.distributed import as_global
 from lawa_optim.history import History
 from lawa_optim.optimizer_check import check_optimizer
@@ -83,21 +88,28 @@ def save_history(opt: "LAWA", sd: dict[str, Any]) -> None:
     for pid, (p, (b, i)) in {ids[id(p)]: (p, bi) for p, bi in placed}.items():
         # A fresh dict: the packed entries are the live optimizer's state dicts.
         entry = dict(state.get(pid, {}))
-        if b.int8:  # no sharded parameters (check_param): plain views
+        mean, backup = b.view(b.total, i), None if b.backup is None else b.view(b.backup, i)
+        if b.exchanged is not None:  # the mean and the training weights share two buffers
+            mean, backup = unexchanged(b.params[i], mean)
+        if b.int8:  # no sharded parameters (check_param): plain views; always a backup buffer
             entry["lawa_history"] = b.history_view(i)
-            entry["lawa_anchor"] = b.view(b.total, i)
+            entry["lawa_anchor"] = mean
             entry["lawa_scales"] = b.scales_view(i)
         else:
             if hist.mode != "ema":
                 entry["lawa_history"] = as_global(b.history_view(i), p, lead=hist.k)
             if hist.mode == "uniform":
-                entry["lawa_sum"] = as_global(b.view(b.total, i), p)
+                entry["lawa_mean"] = as_global(mean, p)
             elif hist.mode == "phema":
-                entry["lawa_phema"] = as_global(b.history_view(i, b.emas), p, lead=len(hist.sigma_rels))
+                emas = b.history_view(i, b.emas)
+                if b.exchanged is not None:  # the first width's EMA was exchanged: a copy holds it
+                    emas = emas.clone()
+                    emas[0] = mean
+                entry["lawa_phema"] = as_global(emas, p, lead=len(hist.sigma_rels))
             else:
-                entry["lawa_ema"] = as_global(b.view(b.total, i), p)
-        if b.backup is not None:
-            entry["lawa_backup"] = as_global(b.view(b.backup, i), p)
+                entry["lawa_ema"] = as_global(mean, p)
+        if backup is not None:
+            entry["lawa_backup"] = as_global(backup, p)
         state[pid] = entry
 
 
@@ -165,12 +177,12 @@ def read_history(opt: "LAWA", sd: dict[str, Any]) -> Checked:
                 if hist.mode == "phema":
                     b.history_view(i, b.emas).copy_(got["lawa_phema"])
                 elif hist.mode == "uniform":
-                    if "lawa_sum" in got:
-                        b.view(b.total, i).copy_(got["lawa_sum"])
+                    if "lawa_mean" in got:
+                        b.view(b.total, i).copy_(got["lawa_mean"])
                 else:
                     b.view(b.total, i).copy_(got["lawa_ema"])
-            if hist.mode == "uniform" and not checked.has_sum and not b.int8:
-                History.recompute(b)  # a 0.1.0 checkpoint: see the module docstring
+            if hist.mode == "uniform" and not checked.has_mean and not b.int8:
+                History.recompute(b)  # a 0.1.0 or 0.2.0 checkpoint: see the module docstring
             if any("lawa_backup" in checked.tensors[id(p)] for p in b.sources):
                 b.backup = torch.empty(b.D, dtype=b.dtype, device=b.device, pin_memory=b.pinned)
                 for i, p in enumerate(b.sources):

@@ -22,9 +22,10 @@ before the optimizer changes. What is refused:
   parameters there are one parameter (:func:`lawa_optim.history.parameter_owners`: torch saves a parameter
   listed twice under one id);
 * tensors: exactly the keys the mode saves (``lawa_backup`` exactly where a swap
-  changed the weights; ``lawa_sum`` for every parameter or for none), each a dense
+  changed the weights; ``lawa_mean`` for every parameter or for none; version 0.2.0's
+  ``lawa_sum`` is checked and not used), each a dense
   (strided), non-meta tensor of exactly the dtype the history holds (history: the
-  history dtype; sum and EMA: the accumulation dtype; backup: the parameter's dtype;
+  history dtype; mean, sum and EMA: the accumulation dtype; backup: the parameter's dtype;
   nothing is cast) and of the parameter's shape (with ``k`` in front for the history);
   no other ``lawa_*`` key;
 * in ``mode="phema"``: ``sigma_rels`` equal to this LAWA's, and each generation's EMA
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
     from lawa_optim.wrapper import LAWA
 
 #: The per-parameter keys of the history in ``state[i]``.
-KEYS = ("lawa_history", "lawa_sum", "lawa_ema", "lawa_phema", "lawa_backup", "lawa_anchor", "lawa_scales")
+KEYS = ("lawa_history", "lawa_mean", "lawa_sum", "lawa_ema", "lawa_phema", "lawa_backup", "lawa_anchor", "lawa_scales")
 _REQUIRED = ("k", "mode", "history_dtype", "steps", "pushes", "generation", "swapped")
 #: The largest snapshot count (``pushes``), step count and ``recompute_every`` accepted.
 #: No run reaches it (2**62 snapshots), and below it nothing the kernels compute from these
@@ -99,7 +100,7 @@ class Checked:
     pushes: list[int]  # per generation
     generation_ends: list[int]  # per generation: one past its last param group
     tensors: dict[int, dict[str, Tensor]]  # id(parameter) -> key -> the saved local tensor
-    has_sum: bool
+    has_mean: bool
     history: History | None = None  # filled by lawa_optim.state.read_history
     phema: list[tuple[int, list]] | None = None  # mode="phema": per generation (t, slots)
 
@@ -142,16 +143,16 @@ def check(opt: Layout, sd: Any) -> Checked:
             got = _param_tensors(opt, p, entry, where, gen, swapped and gen is not None and pushes[gen] > 0)
             if gen is not None:
                 tensors[id(p)] = got
-                sums.add("lawa_sum" in got)
+                sums.add("lawa_mean" in got)
     if opt.mode == "uniform" and len(sums) > 1:
         raise ValueError(
-            "the state_dict holds lawa_sum for some parameters and not for others; a state dict "
-            "from state_dict() holds it for every parameter (version 0.1.0's for none)"
+            "the state_dict holds lawa_mean for some parameters and not for others; a state dict "
+            "from state_dict() holds it for every parameter (versions 0.1.0 and 0.2.0 for none)"
         )
     phema = None
     if opt.mode == "phema":
         phema = check_saved(opt.k, opt.sigma_rels, metas, gens, pushes, _counter)
-    return Checked(steps, swapped, pushes, ends, tensors, has_sum=sums == {True}, phema=phema)
+    return Checked(steps, swapped, pushes, ends, tensors, has_mean=sums == {True}, phema=phema)
 
 
 def _groups(opt: Layout, sd: Any) -> list[dict]:
@@ -303,7 +304,8 @@ def _param_tensors(
         needed = ["lawa_history", "lawa_anchor", "lawa_scales"]
     else:
         needed = {"uniform": ["lawa_history"], "ema": ["lawa_ema"], "phema": ["lawa_history", "lawa_phema"]}[opt.mode]
-    allowed = {"uniform": {"lawa_history", "lawa_sum"}, "ema": {"lawa_ema"}}.get(opt.mode, set(needed))
+    # lawa_sum: version 0.2.0's running sum, checked and then not used (the mean is rebuilt).
+    allowed = {"uniform": {"lawa_history", "lawa_mean", "lawa_sum"}, "ema": {"lawa_ema"}}.get(opt.mode, set(needed))
     if int8:
         allowed = set(needed)
     if backed_up:
@@ -339,6 +341,7 @@ def _param_tensors(
         "lawa_history": (hdtype, "the history dtype", (slots, *shape), (slots, *local_shape)),
         "lawa_anchor": (torch.float32, "the anchor's dtype", shape, local_shape),
         "lawa_scales": (torch.float32, "the scales' dtype", nb, nb),
+        "lawa_mean": (acc, "the running mean's dtype", shape, local_shape),
         "lawa_sum": (acc, "the running sum's dtype", shape, local_shape),
         "lawa_ema": (acc, "the running average's dtype", shape, local_shape),
         "lawa_phema": (acc, "the EMAs' dtype", (len(opt.sigma_rels), *shape), (len(opt.sigma_rels), *local_shape)),

@@ -31,6 +31,8 @@ from lawa_optim.wrapping import WrappedOptimizer
 
 MODES = ("uniform", "ema", "phema")
 STORAGES = ("device", "pinned", "cpu")
+#: Where ``swap_to_average(backup=...)`` keeps a copy of the training weights.
+BACKUPS = (None, "device", "cpu")
 
 
 @dataclass
@@ -109,8 +111,8 @@ class LAWA(WrappedOptimizer):
             default), ``"pinned"`` (page-locked host memory; needs CUDA, else ``"cpu"``
             with a warning) or ``"cpu"`` (pageable host memory).
         history_dtype: dtype of the stored snapshots (default: the parameters'
-            dtype; ``torch.bfloat16`` halves the memory). The running sum is always
-            float32 (float64 for float64 parameters) and adds the stored, rounded
+            dtype; ``torch.bfloat16`` halves the memory). The running mean is always
+            float32 (float64 for float64 parameters) and averages the stored, rounded
             values, so the average is the mean of what is stored. ``torch.float16``
             holds magnitudes up to 65504: the first snapshot that stores an infinity
             for a finite weight warns. ``torch.int8``: an 8-bit history (uniform mode,
@@ -120,24 +122,26 @@ class LAWA(WrappedOptimizer):
             the guarantee below.
         backend: ``"auto"`` (default: the CUDA extension, then Triton on a GPU, else
             pure torch), ``"torch"``, ``"triton"`` or ``"cuda"``.
-        recompute_every: rebuild the running sum from the ring every this many
+        recompute_every: rebuild the running mean from the ring every this many
             snapshots, in the same pass as the push that comes due; ``None`` (default):
             every ``k`` snapshots. See "Numerical guarantee" below. Not with
-            ``mode="phema"``, which keeps no running sum.
+            ``mode="phema"``, which keeps no running mean.
 
     Numerical guarantee (README, "The numerical guarantee"; u = 2**-24, M the largest
     magnitude among the snapshots in the window and those that left it since the last
-    refresh): with the defaults and ``k <= 162``, at most ``k`` snapshots after a value
+    refresh): with the defaults and ``k <= 151``, at most ``k`` snapshots after a value
     has left the window (a NaN or inf included) it no longer affects the average, which
     is then the mean of the stored window within 1e-5 of M. Exactly: right after a
     refresh within ``4u * M`` for any ``k`` up to 2**20 (compensated summation; so is
     ``last=j`` at any time), and each snapshot since the refresh adds at most
-    ``(1 + 2/k) u * M`` (``(k + 5) u * M`` in all with the defaults; ``recompute_every=N``,
-    ``N <= k``, bounds it by ``(N + 5) u * M``). A window of finite values never averages
-    to an infinity: where the float32 sum is not finite, the swap averages the stored
-    slots in float64. bfloat16 and float16 parameters get the float32 average rounded
-    once to their dtype: within that bound plus half an ulp of their dtype (at most
-    2**-8 of the average for bfloat16, 2**-11 for float16).
+    ``(1 + 4/k) u * M`` (one rounding of the mean, two of its step; the n-th while the
+    ring first fills ``(1 + 4/n) u * M``): under ``(k + 4 ln k + 7) u * M`` in all with
+    the defaults; ``recompute_every=N``, ``N <= k``, bounds it by ``(N + 4 ln N + 7) u *
+    M``. A window of finite values never averages to an infinity: where the float32
+    mean is not finite, the swap averages the stored slots in float64. bfloat16 and
+    float16 parameters get the float32 average rounded once to their dtype (to nearest;
+    ties away from zero for bfloat16): within that bound plus half an ulp of their dtype
+    (at most 2**-8 of the average for bfloat16, 2**-11 for float16).
 
     With ``history_dtype=torch.int8``, each stored snapshot differs from the weights it
     stored by at most (1/254 + 5u) of the largest change of its 256-element block since
@@ -149,8 +153,12 @@ class LAWA(WrappedOptimizer):
     The history is allocated at the first :meth:`step` or :meth:`snapshot`:
     ``k * D`` elements of ``history_dtype`` plus ``D`` float32 (D: the number of
     parameter elements, each parameter padded to 64 elements; in phema mode ``D`` float32
-    per width instead, the EMAs), and a backup of the weights only while the average is
-    swapped in. Parameters added with
+    per width instead, the EMAs). Swapping the full average (or phema's live EMA) in
+    allocates nothing for float32, bfloat16 and float64 parameters; a backup of the
+    weights exists only while swapped with ``last=``, ``weights=``, ``sigma_rel=`` or
+    ``backup=`` (none right after a snapshot into a history of the parameters' dtype,
+    whose newest slot holds them), for float16 parameters, or where the mean is not
+    finite. Parameters added with
     :meth:`add_param_group` join the history from the next snapshot on, with their own
     count: until they have ``k`` snapshots their average covers fewer, newer snapshots
     than the older parameters', and a swap leaves them untouched until their first one.
@@ -381,8 +389,20 @@ class LAWA(WrappedOptimizer):
         *,
         weights: Sequence[float] | torch.Tensor | None = None,
         sigma_rel: float | None = None,
+        backup: str | None = None,
     ) -> None:
         """Write the average into the parameters in place (``data_ptr`` unchanged).
+
+        The full average (no ``last``, ``weights`` or ``sigma_rel``; in phema mode the
+        live EMA) of float32, bfloat16 and float64 parameters allocates nothing: it trades places with the running mean (for
+        bfloat16, the weight's 16 bits and the mean's low 16 bits share one word), so the
+        history holds the training weights until :meth:`swap_back`. Anything else, and
+        a mean that is not finite somewhere, copies the training weights into a backup
+        of the parameters' size first, unless the newest ring slot holds them bit for bit
+        (right after a snapshot into a history of their dtype), which then is the backup. ``backup="device"`` (beside the parameters) or
+        ``"cpu"`` (host memory) asks for that copy always, leaving the history untouched
+        while swapped (another thread may then snapshot-read it, or write into the
+        averaged parameters); another value raises ``ValueError``.
 
         ``last=j`` (uniform mode, ``1 <= j <= num_snapshots``) averages only the ``j``
         newest snapshots: another type raises ``TypeError``, another value
@@ -423,6 +443,8 @@ class LAWA(WrappedOptimizer):
                     f"sigma_rel={sigma_rel!r} with last= or weights=; give one (sigma_rel= computes "
                     "its own weights)"
                 )
+        if backup is not None and (not isinstance(backup, str) or backup not in BACKUPS):
+            raise ValueError(f"backup must be one of {BACKUPS}, got {backup!r}")
         if weights is not None:
             if last is not None:
                 raise ValueError(
@@ -431,9 +453,11 @@ class LAWA(WrappedOptimizer):
                 )
             weights = weighting.parse(weights)
         with self._swapping("swap_to_average()"):
-            self._swap_in(last, weights, sigma_rel)
+            self._swap_in(last, weights, sigma_rel, backup)
 
-    def _swap_in(self, last: int | None, weights: tuple[float, ...] | None, sigma_rel: float | None) -> None:
+    def _swap_in(
+        self, last: int | None, weights: tuple[float, ...] | None, sigma_rel: float | None, backup: str | None
+    ) -> None:
         self._require_not_swapped("swap_to_average()")
         if sigma_rel is not None and self.mode != "phema":
             raise RuntimeError(
@@ -454,7 +478,7 @@ class LAWA(WrappedOptimizer):
             fitted, fit = posthoc.fit(self._history, sigma_rel, self.max_fit_error)
         self._history.check_groups(self.param_groups)
         compiled.warn_if_frozen()
-        self._history.swap_in(last, weights, fitted)
+        self._history.swap_in(last, weights, fitted, backup)
         self._run.swapped = True
         if sigma_rel is not None:
             self._run.last_fit = fit
@@ -497,11 +521,12 @@ class LAWA(WrappedOptimizer):
         *,
         weights: Sequence[float] | torch.Tensor | None = None,
         sigma_rel: float | None = None,
+        backup: str | None = None,
     ) -> Iterator["LAWA"]:
         """Context manager: the parameters hold the average inside (``last``,
-        ``weights`` and ``sigma_rel`` as for :meth:`swap_to_average`), the training
-        weights after, even when the body raises."""
-        self.swap_to_average(last, weights=weights, sigma_rel=sigma_rel)
+        ``weights``, ``sigma_rel`` and ``backup`` as for :meth:`swap_to_average`), the
+        training weights after, even when the body raises."""
+        self.swap_to_average(last, weights=weights, sigma_rel=sigma_rel, backup=backup)
         try:
             yield self
         finally:
@@ -513,8 +538,9 @@ class LAWA(WrappedOptimizer):
         parameters hold the training weights and the LAWA is not swapped (so a checkpoint
         saved there holds the training weights and a history to resume from); after
         it, the parameters hold again exactly what they held before (an average swapped
-        in with ``last=`` or ``weights=`` included) and the training weights are the backup. Outside a
-        swap it changes nothing.
+        in with ``last=`` or ``weights=`` included; the full average swapped in place is
+        swapped in again, so a snapshot taken inside shows) and the training weights are
+        kept as before. Outside a swap it changes nothing.
         """
         run = self._run
         with self._swapping("training_weights()"):
@@ -538,11 +564,12 @@ class LAWA(WrappedOptimizer):
         """The wrapped optimizer's state dict plus the history; reads only.
 
         Each parameter's history is a ``(k, *shape)`` view into the ring under
-        ``state[i]["lawa_history"]`` and its slice of the running sum under
-        ``"lawa_sum"`` (``"lawa_ema"`` in EMA mode; ``"lawa_backup"`` for the training
+        ``state[i]["lawa_history"]`` and its slice of the running mean under
+        ``"lawa_mean"`` (``"lawa_ema"`` in EMA mode; ``"lawa_backup"`` for the training
         weights while swapped); counters and settings are under
-        ``param_groups[g]["lawa"]``. The tensors are views of the live history: save or
-        copy them before the next snapshot. Saving changes nothing, and a run resumed
+        ``param_groups[g]["lawa"]``. The tensors are views of the live history (new
+        tensors for the mean and the training weights while the full average is swapped
+        in place): save or copy them before the next snapshot. Saving changes nothing, and a run resumed
         from the dict continues bit for bit like the run that saved it.
         """
         for hook in self._optimizer_state_dict_pre_hooks.values():
@@ -614,7 +641,7 @@ def _phema_settings(
     if recompute_every is not None:
         raise ValueError(
             f"recompute_every={recompute_every!r} is for mode='uniform'; mode='phema' keeps no "
-            "running sum to recompute"
+            "running mean to recompute"
         )
     widths = posthoc.check_sigma_rels(posthoc.SIGMA_RELS if sigma_rels is None else sigma_rels)
     if k < len(widths):

@@ -203,6 +203,7 @@ def fingerprint(opt: LAWA | None = None, *, model: nn.Module | None = None) -> d
             ],
             "phema": [(None if b.emas is None else b.emas.clone(), b.steps, list(b.slots)) for b in hist.buckets],
             "run": (opt.steps, opt.is_swapped, opt._run.started, opt.num_snapshots, opt.last_fit),
+            "exchanged": [b.exchanged for b in hist.buckets],
             "settings": (opt.k, opt.mode, opt.every, opt.start, opt.decay, hist.history_dtype, hist.storage,
                          hist.requested_backend, hist.recompute_every, hist.sigma_rels, opt.max_fit_error),
             "state": {id(p): copy.deepcopy(dict(s)) for p, s in opt.state.items()},
@@ -310,7 +311,7 @@ def offloaded(history_or_bucket: History | Bucket) -> FakeTransfer:
 class Contract:
     """The ``ops`` contract replayed on kept copies: ``snaps`` holds every snapshot pushed
     (cast to the history dtype with ``Tensor.to``), one tensor per parameter, and
-    ``total`` the running sum of each parameter."""
+    ``total`` the running mean of each parameter."""
 
     def __init__(self, params: list[torch.Tensor], k: int, hdtype: torch.dtype, refresh_every: int | None = None):
         self.k, self.refresh_every, self.hdtype = k, refresh_every or k, hdtype
@@ -332,16 +333,53 @@ class Contract:
         old = self.slot(self.n % self.k)
         new = [p.detach().to(self.hdtype, copy=True) for p in params]
         self.snaps.append(new)
-        if self.n % self.refresh_every == 0:  # push number n (from 1) refreshes the sum
+        if self.n % self.refresh_every == 0:  # push number n (from 1) refreshes the mean
             self.recompute()
             return
         for i, t in enumerate(self.total):
-            t += new[i].to(self.acc) - (0.0 if old is None else old[i].to(self.acc))
+            if old is None:  # the ring fills: the mean moves 1/n of the way to the new value
+                t += (new[i].to(self.acc) - t) / torch.full_like(t, float(self.n))
+            else:
+                t += (new[i].to(self.acc) - old[i].to(self.acc)) / torch.full_like(t, float(self.k))
 
     def recompute(self) -> None:
-        """``total = csum(slot 0, slot 1, ...)`` over the filled slots, in slot order."""
+        """``total = csum(slot 0, slot 1, ...) / count`` over the filled slots, in slot
+        order; the float64 mean of the same slots where that sum is not finite."""
+        count = min(self.n, self.k)
         for i, t in enumerate(self.total):
-            t.copy_(self.csum([self.slot(s)[i] for s in range(min(self.n, self.k))], t))
+            if count == 0:
+                t.zero_()
+                continue
+            held = [self.slot(s)[i] for s in range(count)]
+            t.copy_(self.mean(self.csum(held, t), held))
+
+    def mean(self, acc: torch.Tensor, held: list[torch.Tensor]) -> torch.Tensor:
+        """``acc / len(held)`` (IEEE division), the float64 mean of ``held`` rounded to the
+        accumulation dtype where ``acc`` is not finite."""
+        avg = acc / torch.full_like(acc, float(len(held)))
+        return self.widened(avg, acc, held)
+
+    def widened(self, avg: torch.Tensor, acc: torch.Tensor, held: list[torch.Tensor]) -> torch.Tensor:
+        wide = torch.zeros_like(acc, dtype=torch.float64)
+        for x in held:
+            wide = wide + x.double()
+        wide = (wide / torch.full_like(wide, float(len(held)))).to(self.acc)
+        return torch.where(acc.isfinite(), avg, wide)
+
+    def rounded(self, avg: torch.Tensor) -> torch.Tensor:
+        return rounded(avg, self.pdtype)
+
+    def exchanged(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What the in-place swap leaves in ``total`` for training weights ``params``: the
+        weights' bits (float32, float64), or ``(bits(w) << 16) | low16(bits(mean))``."""
+        if self.pdtype != torch.bfloat16:
+            return [p.to(self.acc) for p in params]
+        out = []
+        for p, t in zip(params, self.total):
+            w = p.view(torch.int16).to(torch.int64) & 0xFFFF
+            word = (w << 16) | (t.view(torch.int32).to(torch.int64) & 0xFFFF)
+            out.append(torch.where(word >= 1 << 31, word - (1 << 32), word).to(torch.int32).view(torch.float32))
+        return out
 
     def csum(self, slots: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         """Neumaier's compensated sum of ``slots`` in order, in the accumulation dtype."""
@@ -355,32 +393,25 @@ class Contract:
         return torch.where(s.isfinite(), s + c, s)
 
     def average(self, last: int | None = None) -> list[torch.Tensor]:
-        """What ``swap_in`` writes: ``total / min(n, k)``, or the compensated sum of the
-        ``last`` newest snapshots (newest first) divided by ``last``; where that sum is not
-        finite, the same snapshots summed in float64 and divided there; cast to the
-        parameter dtype."""
+        """What ``swap_in`` writes: ``total`` (the mean), or the compensated sum of the
+        ``last`` newest snapshots (newest first) divided by ``last``; where that mean or
+        sum is not finite, the same snapshots summed in float64 and divided there;
+        rounded to the parameter dtype as :meth:`rounded` says."""
         out = []
         for i, t in enumerate(self.total):
             if last is None:
-                count = min(self.n, self.k)
-                held = [self.slot(s)[i] for s in range(count)]
-                acc = t
+                held = [self.slot(s)[i] for s in range(min(self.n, self.k))]
+                avg = self.widened(t, t, held)
             else:
-                count = last
                 held = [snap[i] for snap in reversed(self.snaps[-last:])]
-                acc = self.csum(held, t)
-            avg = acc / torch.full_like(acc, float(count))  # IEEE division
-            wide = torch.zeros_like(acc, dtype=torch.float64)
-            for x in held:
-                wide = wide + x.double()
-            wide = (wide / torch.full_like(wide, float(count))).to(self.acc)
-            out.append(torch.where(acc.isfinite(), avg, wide).to(self.pdtype))
+                avg = self.mean(self.csum(held, t), held)
+            out.append(self.rounded(avg))
         return out
 
     def weighted(self, weights: list[float]) -> list[torch.Tensor]:
         """What ``swap_in`` with ``weights`` writes: the coefficients rounded to the
         accumulation dtype, each product rounded, the products added newest first with
-        Neumaier's compensation, ``s + c`` cast to the parameter dtype."""
+        Neumaier's compensation, ``s + c`` rounded to the parameter dtype."""
         w = torch.tensor(weights, dtype=self.acc)
         out = []
         for i, t in enumerate(self.total):
@@ -391,7 +422,7 @@ class Contract:
                 big = s.abs() >= y.abs()
                 c = c + torch.where(big, (s - t_) + y, (y - t_) + s)
                 s = t_
-            out.append((s + c).to(self.pdtype))
+            out.append(self.rounded(s + c))
         return out
 
     def window(self, last: int | None = None) -> list[torch.Tensor]:
@@ -400,6 +431,18 @@ class Contract:
         if last is not None:
             held = held[-last:]
         return [torch.stack([s[i].double() for s in held]) for i in range(len(self.total))]
+
+
+def rounded(avg: torch.Tensor, pdtype: torch.dtype) -> torch.Tensor:
+    """``avg`` written into a parameter of ``pdtype`` (the ``round`` of ``lawa_optim.ops``):
+    ``Tensor.to``, but for bfloat16 round half away from zero on the bit pattern (a NaN as
+    ``Tensor.to`` has it)."""
+    if pdtype != torch.bfloat16 or avg.dtype != torch.float32:
+        return avg.to(pdtype)
+    u = avg.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    half = (u >> 16) + ((u >> 15) & 1)  # the kept half, plus one where the dropped half is >= 0x8000
+    half = torch.where(half >= 0x8000, half - 0x10000, half).to(torch.int16).view(torch.bfloat16)
+    return torch.where(avg.isnan(), avg.to(pdtype), half)
 
 
 def make_params(device: torch.device, dtype: torch.dtype, seed: int = 0, rows: int = ROWS) -> list[torch.Tensor]:

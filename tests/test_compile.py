@@ -105,19 +105,20 @@ def run_steps(backend: str | None, mode: str, history_dtype: torch.dtype | None 
 )
 def test_fullgraph_step_with_snapshot(backend, mode):
     """No graph break on snapshot (fullgraph would raise), one compile for 7 steps; the
-    ring holds exactly the recorded weights and the sum is recomputed on cadence."""
+    ring holds exactly the recorded weights and the mean is recomputed on cadence."""
     b, snaps, frames = run_steps(backend, mode)
     assert frames == 1 and int(b.pushes) == len(snaps) == 8
     if mode == "uniform":
         for n in range(len(snaps) - K, len(snaps)):  # slot n % K holds snapshot n
             for i, w in enumerate(snaps[n]):
                 assert torch.equal(b.view(b.ring[n % K], i), w)
-        # Push 8 refreshed the sum (every 2): exactly the compensated slot sum, in slot order,
-        # from the recorded weights: slot 0 holds snapshot 6, slot 1 snapshot 7, slot 2
-        # snapshot 5.
+        # Push 8 refreshed the mean (every 2): exactly the compensated slot sum, in slot
+        # order, divided by K, from the recorded weights: slot 0 holds snapshot 6, slot 1
+        # snapshot 7, slot 2 snapshot 5.
         for i in range(len(snaps[0])):
             slots = [snaps[6][i], snaps[7][i], snaps[5][i]]
-            assert torch.equal(b.view(b.total, i), compensated_sum(slots, torch.zeros_like(slots[0])))
+            want = compensated_sum(slots, torch.zeros_like(slots[0])) / torch.tensor(float(K))
+            assert torch.equal(b.view(b.total, i), want)
     else:
         # decay 0.5: both products are exact, so the one rounding of their sum is the
         # same fused or not.

@@ -189,18 +189,18 @@ def test_param_names_map_groups_saved_out_of_model_order():
     assert torch.equal(blind["a"], live["c"]) and not torch.equal(blind["a"], live["a"])
 
 
-def test_saved_running_sum_is_the_sum_used():
+def test_saved_running_mean_is_the_average_exported():
     model, opt = make(k=3)
     train(model, opt, range(4))
     saved = opt.state_dict()
-    sums = {}
+    means = {}
     for pid, entry in saved["state"].items():
-        sums[pid] = torch.randn(entry["lawa_history"].shape[1:])
-        entry["lawa_sum"] = sums[pid]
+        means[pid] = torch.randn(entry["lawa_history"].shape[1:])
+        entry["lawa_mean"] = means[pid]
     out = export_average(model, saved)
     ids = saved["param_groups"][0]["params"]
     for (name, _), pid in zip(model.named_parameters(), ids):
-        assert torch.equal(out[name], sums[pid] / torch.tensor(3.0))
+        assert torch.equal(out[name], means[pid])
 
 
 def mismatches():

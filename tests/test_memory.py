@@ -46,9 +46,17 @@ def test_memory_counts_every_buffer_held(mode, hdtype):
     for _ in range(20):
         opt.snapshot()  # no allocation per snapshot
     assert opt.memory() == expected
-    with opt.averaged():
-        assert opt.memory() == Memory(parameters=n, history=ring + 8, sum=4 * D, backup=4 * D)
-        assert opt.memory().total == _allocated(opt)
+    with opt.averaged():  # in place: the weights trade places with the running mean
+        assert opt.memory() == expected
+    kinds = [{"backup": "device"}, {"backup": "cpu"}] + ([{"last": 1}, {"weights": [1.0]}] if mode == "uniform" else [])
+    for kwargs in kinds:
+        # Right after a snapshot of float32 history the newest slot is the backup of last=
+        # and weights=: nothing allocated.
+        backup = 0 if hdtype is None and "backup" not in kwargs else 4 * D
+        with opt.averaged(**kwargs):
+            assert opt.memory() == Memory(parameters=n, history=ring + 8, sum=4 * D, backup=backup), kwargs
+            if backup:
+                assert opt.memory().total == _allocated(opt)
     assert opt.memory() == expected
     assert opt.memory().per_parameter == pytest.approx((ring + 8 + 4 * D) / n)
 
@@ -67,7 +75,14 @@ def test_history_bytes_of_a_meta_model_equals_what_a_lawa_holds(mode, hdtype):
     assert predicted == opt.memory()
     with opt.averaged():
         assert history_bytes(meta, 4, history_dtype=hdtype, mode=mode, swapped=True) == opt.memory()
-    assert len(opt._history.buckets) == 2
+    half = _model().half()
+    wider = hdtype or torch.float32  # a float16 history's newest slot would be the backup
+    opt = LAWA(torch.optim.SGD(half.parameters(), lr=0.1), k=4, mode=mode, history_dtype=wider)
+    opt.snapshot()
+    with opt.averaged():  # float16 parameters keep a backup
+        assert history_bytes(half, 4, history_dtype=wider, mode=mode, swapped=True) == opt.memory()
+        assert opt.memory().backup > 0
+    assert len(opt._history.buckets) == 1
 
 
 def test_history_bytes_takes_what_an_optimizer_takes():

@@ -10,6 +10,7 @@ def test_every_mutant_still_applies():
     assert {m.name for m in MUTANTS if m.gpu} == {
         "slot-index-cuda", "count-cuda", "weighted-newest-slot-cuda", "sum-uncompensated-cuda",
         "int8-slot-index-cuda", "int8-open-loop-anchor-cuda",
+        "exchange-keeps-the-wrong-half-cuda", "mean-step-not-divided-cuda",
     }
 
 

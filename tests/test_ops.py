@@ -14,7 +14,9 @@ parameter, never from the bucket's ring or sum:
   and swaps must match it bit for bit;
 * float64 means of the stored values, which the running sum must meet within the
   guarantee of :mod:`lawa_optim.history` (1e-5 of the largest magnitude in the window)
-  and a swapped-in average within that plus one rounding to the parameter dtype; for a
+  and a swapped-in average within that plus one rounding to the parameter dtype (swapped
+  in with a backup and, for the full average, in place: exchanged with the running
+  mean, both buffers checked bit for bit while swapped and after); for a
   weighted swap-in (``weights=``) the float64 weighted sum, within the same bound scaled
   by the sum of the terms' magnitudes (the largest magnitude for uniform weights).
 
@@ -26,7 +28,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import COMBOS, DEVICE, DTYPES, Contract, assert_same_bits, bits, dtype_id, make_params, many_params, swap_in
+from conftest import (
+    COMBOS, DEVICE, DTYPES, Contract, assert_same_bits, bits, dtype_id, make_params, many_params, rounded, swap_in,
+)
 
 from lawa_optim import ops
 from lawa_optim.backends import cpu_kernels
@@ -73,8 +77,8 @@ def padding(b: Bucket) -> torch.Tensor:
 
 
 def check_history(b: Bucket, c: Contract, what: str) -> None:
-    """Every slot and the sum of every parameter bit for bit as the contract has them,
-    empty slots and the padding still zero, and the sum's mean near the float64 mean."""
+    """Every slot and the mean of every parameter bit for bit as the contract has them,
+    empty slots and the padding still zero, and the mean near the float64 mean."""
     for i in range(len(b.params)):
         for s in range(b.k):
             got, want = b.view(b.ring[s], i), c.slot(s)
@@ -82,13 +86,13 @@ def check_history(b: Bucket, c: Contract, what: str) -> None:
                 assert not bits(got).any(), f"{what}: empty slot {s} of parameter {i} was written"
             else:
                 assert_same_bits(got, want[i], f"{what}: slot {s} of parameter {i}")
-        assert_same_bits(b.view(b.total, i), c.total[i], f"{what}: sum of parameter {i}")
+        assert_same_bits(b.view(b.total, i), c.total[i], f"{what}: mean of parameter {i}")
     pad = padding(b)
     assert not bits(b.ring[:, pad]).any() and not bits(b.total[pad]).any(), f"{what}: padding written"
     count = min(c.n, c.k)
     if count:
         for i, w in enumerate(c.window()):
-            assert_near_mean(b.view(b.total, i) / count, w, f"{what}: sum / count of parameter {i}")
+            assert_near_mean(b.view(b.total, i), w, f"{what}: mean of parameter {i}")
 
 
 def check_swaps(b: Bucket, c: Contract, lasts: tuple, what: str) -> None:
@@ -110,6 +114,27 @@ def check_swaps(b: Bucket, c: Contract, lasts: tuple, what: str) -> None:
         ops.swap_back(b)
         for i, (p, o) in enumerate(zip(b.params, originals)):
             assert_same_bits(p, o, f"{at}, swap_back: parameter {i}")
+    if None in lasts and ops.exchanges(b) and bool(b.total.isfinite().all()):
+        check_exchange(b, c, originals, c.average(), what)
+
+
+def check_exchange(b: Bucket, c: Contract, originals: list[torch.Tensor], averages: list[torch.Tensor],
+                   what: str) -> None:
+    """The in-place swap (no backup): the parameters get ``averages``, the running mean
+    holds what the contract says it keeps, and the swap-back restores both bit for bit."""
+    at = f"{what}, in-place swap_in"
+    means = b.total.clone()
+    ptrs = [p.data_ptr() for p in b.params]
+    b.backup = None
+    ops.swap_in(b, None)
+    for i, (p, want, kept) in enumerate(zip(b.params, averages, c.exchanged(originals))):
+        assert_same_bits(p, want, f"{at}: parameter {i}")
+        assert_same_bits(b.view(b.total, i), kept, f"{at}: the word kept for parameter {i}")
+    assert [p.data_ptr() for p in b.params] == ptrs, f"{at}: a parameter moved"
+    ops.swap_back(b)
+    for i, (p, o) in enumerate(zip(b.params, originals)):
+        assert_same_bits(p, o, f"{at}, swap_back: parameter {i}")
+    assert_same_bits(b.total, means, f"{at}, swap_back: the running mean")
 
 
 def skip_float64(runner: str, pdtype: torch.dtype) -> None:
@@ -167,7 +192,7 @@ def test_sums_beyond_the_float32_range(runner, pdtype, hdtype):
         ops.push(b)
         c.push(b.params)
         for i in range(len(params)):
-            assert_same_bits(b.view(b.total, i), c.total[i], f"push {n}: sum of parameter {i}")
+            assert_same_bits(b.view(b.total, i), c.total[i], f"push {n}: mean of parameter {i}")
             overflowed += int((~c.total[i].isfinite()).sum())
         check_swaps(b, c, (None, *range(1, min(n, 3) + 1)), f"after {n} pushes")
     assert overflowed > 100, "too few sums overflow to test the fallback"
@@ -249,12 +274,16 @@ def test_ema_contract(runner, pdtype):
     originals = [p.clone() for p in params]
     swap_in(b, None)
     for i, (p, t, e, m) in enumerate(zip(params, total, ema64, magnitude)):
-        assert_same_bits(p, t.to(pdtype), f"EMA swap_in: parameter {i}")
+        assert_same_bits(p, rounded(t, pdtype), f"EMA swap_in: parameter {i}")
         assert_near(p, e, m, f"EMA swap_in: parameter {i}", pdtype)
         assert_same_bits(b.view(b.backup, i), originals[i], f"EMA backup of parameter {i}")
     ops.swap_back(b)
     for i, (p, o) in enumerate(zip(params, originals)):
         assert_same_bits(p, o, f"EMA swap_back: parameter {i}")
+    if ops.exchanges(b):
+        c = Contract(params, 3, pdtype)
+        c.total = total
+        check_exchange(b, c, originals, [rounded(t, pdtype) for t in total], "EMA")
 
 
 #: Coefficient vectors of the weighted swap-in, newest first: uniform, a ramp, one

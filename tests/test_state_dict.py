@@ -117,36 +117,41 @@ def test_resume_is_bit_identical(backend, device, case, swapped):
 
 
 def test_state_dict_is_read_only(backend, device):
-    """After 5 snapshots with k=3 the running sum differs in its last bits from the slot
-    sum that a recompute would leave: saving must keep it, and save it as it is."""
+    """After 5 snapshots with k=3 the running mean differs in its last bits from the slot
+    mean that a recompute would leave: saving must keep it, and save it as it is."""
     model, opt = make(device, 0, backend, k=3)
     for e in range(5):
         epoch(model, opt, e)
     (b,) = opt._history.buckets
-    slot_sum = torch.zeros_like(b.total) + b.ring[0] + b.ring[1] + b.ring[2]
     total = b.total.clone()
-    assert not torch.equal(total, slot_sum)  # the case where recomputing on save shows
+    History.recompute(b)
+    slot_mean = b.total.clone()
+    b.total.copy_(total)
+    assert not torch.equal(total, slot_mean)  # the case where recomputing on save shows
     before = fingerprint(opt)
     saved = roundtrip(opt.state_dict())  # a copy: the dict's tensors are views of the history
     assert_same(before, fingerprint(opt))
     for i, p in enumerate(model.parameters()):
-        got = saved["state"][i]["lawa_sum"]
+        got = saved["state"][i]["lawa_mean"]
         assert got.dtype == torch.float32
-        assert torch.equal(got, b.view(total, i))  # the sum as it was, not the slot sum
+        assert torch.equal(got, b.view(total, i))  # the mean as it was, not the slot mean
 
 
-def test_checkpoint_without_running_sum_resumes_exactly():
-    """Version 0.1.0 saved no lawa_sum: its state_dict() first rebuilt the sum from the
-    ring in place. Such a checkpoint resumes bit for bit like that run went on."""
+@pytest.mark.parametrize("version", ["0.1.0", "0.2.0"])
+def test_checkpoint_without_running_mean_resumes_exactly(version):
+    """Versions 0.1.0 and 0.2.0 saved no lawa_mean (0.2.0 a running sum, lawa_sum): the
+    mean is rebuilt from the ring on load, as a refresh computes it. Such a checkpoint
+    resumes bit for bit like a run that rebuilt its mean at that point went on."""
     model, opt = make("cpu", 0, k=3)
     for e in range(5):
         epoch(model, opt, e)
-    with torch.no_grad():  # what 0.1.0's state_dict() did to the running sum
-        for b in opt._history.buckets:
-            b.total.copy_(torch.zeros_like(b.total) + b.ring[0] + b.ring[1] + b.ring[2])
+    for b in opt._history.buckets:  # the rebuild the load does
+        History.recompute(b)
     saved = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
     for entry in saved["opt"]["state"].values():
-        del entry["lawa_sum"]
+        mean = entry.pop("lawa_mean")
+        if version == "0.2.0":
+            entry["lawa_sum"] = mean * 3  # not used: the sum's last bits are not the mean's
     expected = trace(model, opt, range(5, 9))
     model2, opt2 = make("cpu", 1, k=3)
     model2.load_state_dict(saved["model"])
@@ -342,16 +347,16 @@ REFUSED = [
                  "parameter 2 of param group 1: lawa_history has dtype torch.float32, this optimizer needs torch.bfloat16",
                  id="history-float32-for-bfloat16"),
     *[
-        pytest.param("uniform", False, entry("lawa_sum", fn, pids=pids), match, id=f"sum-{name}")
+        pytest.param("uniform", False, entry("lawa_mean", fn, pids=pids), match, id=f"mean-{name}")
         for name, fn, pids, match in [
-            ("float64", lambda t: t.double(), (0,), "lawa_sum has dtype torch.float64, this optimizer needs torch.float32"),
-            ("float16", lambda t: t.half(), (0,), "lawa_sum has dtype torch.float16"),
+            ("float64", lambda t: t.double(), (0,), "lawa_mean has dtype torch.float64, this optimizer needs torch.float32"),
+            ("float16", lambda t: t.half(), (0,), "lawa_mean has dtype torch.float16"),
             ("bfloat16-for-bfloat16", lambda t: t.to(torch.bfloat16), (4,),
-             "parameter 2 of param group 1: lawa_sum has dtype torch.bfloat16, this optimizer needs torch.float32"),
-            ("csr", lambda t: t.to_sparse_csr(), (0,), r"lawa_sum is a sparse tensor \(layout torch.sparse_csr\)"),
-            ("meta", lambda t: t.to("meta"), (0,), "lawa_sum is on the meta device"),
-            ("shape", lambda t: t.t(), (0,), r"lawa_sum has shape \(5, 7\), this optimizer needs \(7, 5\)"),
-            ("missing-for-one", None, (0,), "lawa_sum for some parameters and not for others"),
+             "parameter 2 of param group 1: lawa_mean has dtype torch.bfloat16, this optimizer needs torch.float32"),
+            ("csr", lambda t: t.to_sparse_csr(), (0,), r"lawa_mean is a sparse tensor \(layout torch.sparse_csr\)"),
+            ("meta", lambda t: t.to("meta"), (0,), "lawa_mean is on the meta device"),
+            ("shape", lambda t: t.t(), (0,), r"lawa_mean has shape \(5, 7\), this optimizer needs \(7, 5\)"),
+            ("missing-for-one", None, (0,), "lawa_mean for some parameters and not for others"),
         ]
     ],
     pytest.param("uniform", False, entry("lawa_ema", lambda _: torch.zeros(7, 5)),
@@ -496,7 +501,7 @@ def test_state_dict_layout():
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
     w = model[0].weight
-    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "lawa_history", "lawa_sum"}
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "lawa_history", "lawa_mean"}
     hist = sd["state"][0]["lawa_history"]
     assert hist.shape == (3, *w.shape)
     assert torch.equal(hist[1], w.detach())  # the newest of two snapshots is in slot 1
@@ -839,9 +844,9 @@ def assert_mean(model, opt, window):
             torch.testing.assert_close(p.detach().double(), want, rtol=1e-6, atol=1e-6)
 
 
-def test_checkpoint_without_running_sum_swaps_and_pushes_right_after_loading(backend, device):
-    """A 0.1.0 checkpoint (no lawa_sum) after 4 snapshots with k=3: the next push (n = 4) is
-    no refresh, so nothing but the load rebuilds the sum. Right after loading the average
+def test_checkpoint_without_running_mean_swaps_and_pushes_right_after_loading(backend, device):
+    """A 0.1.0 checkpoint (no lawa_mean) after 4 snapshots with k=3: the next push (n = 4) is
+    no refresh, so nothing but the load rebuilds the mean. Right after loading the average
     is the mean of the last 3 snapshots, and after one more snapshot of the 3 newest."""
     model, opt = make(device, 0, backend, k=3)
     snaps = []
@@ -850,7 +855,7 @@ def test_checkpoint_without_running_sum_swaps_and_pushes_right_after_loading(bac
         snaps.append(weights(model))
     saved = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
     for state in saved["opt"]["state"].values():
-        del state["lawa_sum"]
+        del state["lawa_mean"]
     model2, opt2 = make(device, 1, backend, k=3)
     model2.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])

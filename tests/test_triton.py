@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COMBOS, DEVICE, assert_same_bits, backend_skip_reason, bits, make_params, probe, set_values, swap_in, twins
+from conftest import COMBOS, DEVICE, assert_same_bits, backend_skip_reason, bits, make_params, probe, rounded, set_values, swap_in, twins
 
 from lawa_optim import LAWA, ops
 from lawa_optim.backends import triton as tb
@@ -98,7 +98,8 @@ def test_unavailable_names_the_reason():
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's overflow to inf in the interpreter
 @pytest.mark.parametrize("hdtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 def test_casts_round_to_nearest_even_like_torch(hdtype):
-    """Ties, carries into the exponent, overflow to inf, subnormals, signed zeros, NaN."""
+    """Ties, carries into the exponent, overflow to inf, subnormals, signed zeros, NaN; and
+    the swap's rounding of an average (ties away from zero for bfloat16)."""
     g = torch.Generator().manual_seed(2)
     random_bits = torch.randint(-(2**31), 2**31, (20000,), generator=g, dtype=torch.int64)
     special = [
@@ -114,12 +115,14 @@ def test_casts_round_to_nearest_even_like_torch(hdtype):
     nan = expected.isnan()
     assert torch.equal(stored.isnan(), nan)
     assert torch.equal(bits(stored)[~nan], bits(expected)[~nan])
-    # The way back: swap_in rounds the float32 average into a parameter of this dtype.
+    # The way back: swap_in rounds the float32 average into a parameter of this dtype
+    # (bfloat16: to nearest with ties away from zero, the contract's round).
     p = torch.zeros(x.numel(), dtype=hdtype, device=DEVICE)
     tri_p = Bucket([p], 1, "ema", None, "device", "triton")
     tri_p.total[: x.numel()] = x
     tri_p.pushes.fill_(1)
     swap_in(tri_p, None)
+    expected = rounded(x, hdtype)
     assert torch.equal(p.isnan(), nan)
     assert torch.equal(bits(p)[~nan], bits(expected)[~nan])
 
@@ -257,8 +260,13 @@ def expected_vectors(name: str) -> tuple[int, int]:
         return vectors(p, *avg) + vectors(*avg) + wide, vectors(p, p) + vectors(p)
     p = dtypes[0]
     if op == "push":
-        h = dtypes[1]  # parameter, old slot, sum, the other slots at a refresh
-        return vectors(p, h, "float32", h) + vectors(h, "float32", h), 2 * vectors(h, "float32")
+        # parameter, old slot, mean, the other slots at a refresh, and the slots again
+        # where the refresh's sum is not finite (its float64 mean)
+        h = dtypes[1]
+        return vectors(p, h, "float32", h) + vectors(h, "float32", h) + 2 * vectors(h), 2 * vectors(h, "float32")
+    if op == "exchange":  # parameter and mean, both read and written
+        p = dtypes[-1]
+        return vectors(p, "float32") + vectors("float32"), vectors(p, "float32") + vectors("float32")
     if op == "ema":
         return vectors(p, "float32") + vectors("float32"), 2 * vectors("float32")
     if op == "phema":  # compiled for two widths: the parameter once, each width's row
@@ -276,6 +284,7 @@ def test_compile_ptx_names_every_variant(compiled):
         | {f"swap_in:{m}:{p}:{h}" for m in ("mean", "last", "weighted") for p in d for h in d}
         | {f"swap_back:{p}" for p in d} | {f"recompute:{h}" for h in d}
         | {f"push_int8:{p}" for p in d} | {f"swap_in:int8:{p}" for p in d}
+        | {f"exchange:{way}:{p}" for way in ("in", "back") for p in ("float32", "bfloat16")}
     )
     assert names == expected
     assert {k.split(":", 1)[0] for k in compiled} == {"80", "90"}
@@ -284,28 +293,33 @@ def test_compile_ptx_names_every_variant(compiled):
 def test_every_access_of_an_aligned_parameter_is_128_bit(compiled):
     """sm_80 and sm_90: the counts of ld/st.global.v4 are exactly those of fully vectorized
     loops, so a stream that falls back to 32- or 16-bit accesses fails this. The recompute
-    reads no parameter: one vector load of a slot per step, and every global access but the
+    reads no parameter: one vector load of a slot per step (and one in the float64 loop
+    that runs where a sum is not finite), and every global access but the
     load of the snapshot counter is 128-bit (how often the compiler repeats the store of
     the sum in its loop versions is its own affair)."""
     for key, facts in compiled.items():
         name = key.split(":", 1)[1]
         if name.startswith("recompute"):
-            assert facts["ld_v4"] == vectors(name.split(":")[1]) and facts["ld"] == facts["ld_v4"] + 1, key
+            # the slots, and again where their sum is not finite (the float64 mean)
+            assert facts["ld_v4"] == 2 * vectors(name.split(":")[1]) and facts["ld"] == facts["ld_v4"] + 1, key
             assert facts["st"] == facts["st_v4"] > 0, key
             continue
         assert (facts["ld_v4"], facts["st_v4"]) == expected_vectors(name), key
 
 
 def test_compiled_arithmetic_is_the_contract(compiled):
-    """IEEE division, torch's fused multiply-add in the EMA and none in the weighted
-    swap-in and the power-function EMAs, and on the GPU the hardware's round-to-nearest-even casts (the instruction
-    torch's CUDA cast uses), not the interpreter's hand-written rounding."""
+    """IEEE division (the running mean's step, last=j's mean), torch's fused multiply-add
+    in the EMA and none in the weighted swap-in and the power-function EMAs, and on the
+    GPU the hardware's round-to-nearest-even casts (the instruction torch's CUDA cast
+    uses), not the interpreter's hand-written rounding; the exchange only moves bits."""
     for key, facts in compiled.items():
         ops = facts["ops"]
         assert not any(o.startswith(("div.approx", "div.full")) for o in ops), key
         name = key.split(":", 1)[1]
-        if name.startswith(("swap_in:mean", "swap_in:last")):
+        if name.startswith(("swap_in:last", "push", "recompute")):
             assert "div.rn.f32" in ops, key
+        if name.startswith("exchange"):
+            assert not any(o.startswith(("div", "fma", "cvt.rn", "cvt.rz")) for o in ops), key
         if name.startswith("ema"):
             assert "fma.rn.f32" in ops, key
         if name.startswith(("swap_in:weighted", "phema", "push_int8", "swap_in:int8")):

@@ -646,13 +646,14 @@ def test_a_floating_dtype_outside_the_accepted_ones_is_refused_naming_it(dtype):
     assert_same(before, fingerprint(opt))
 
 
-def test_weights_changed_inside_training_weights_are_what_swap_back_restores(backend, device):
+@pytest.mark.parametrize("backup", [None, "device"], ids=["in-place", "backup"])
+def test_weights_changed_inside_training_weights_are_what_swap_back_restores(backend, device, backup):
     model = make_model(device)
     opt = LAWA(torch.optim.SGD(model.parameters(), lr=0.1), k=3, backend=backend)
     for epoch in range(3):
         train_step(model, opt, epoch)
         opt.snapshot()
-    with opt.averaged():
+    with opt.averaged(backup=backup):
         average = weights(model)
         with opt.training_weights():
             with torch.no_grad():

@@ -1,14 +1,15 @@
 """The CPU fast path of the torch backend: every operation of the history fused in C.
 
 LAWA (Kaddour 2022, arXiv:2209.14981) updates its history with ``slot = new;
-total += new - old``. In plain torch that takes five passes over memory (48 bytes per
-float32 element); ``csrc/cpu_kernels.c`` does it in one (20 bytes), and folds the exact
-refresh of the sum into the push that completes a pass over the ring, reading the
-other slots block by block in the same pass, so the guarantee of
+total += (new - old) / k`` (the running mean). In plain torch that takes several passes
+over memory; ``csrc/cpu_kernels.c`` does it in one (20 bytes per float32 element: the
+parameter read, the slot and the mean read and written), and folds
+the exact refresh of the mean into the push that completes a pass over the ring,
+reading the other slots block by block in the same pass, so the guarantee of
 :mod:`lawa_optim.history` holds as it does for the plain code: at most
 ``refresh_every`` pushes after a value (NaN and inf included) has left the window, it
-no longer affects the sum. The EMA update, the swap-in (mean, EMA, ``last=j``, weighted)
-and the swap-back are fused the same way.
+no longer affects the mean. The EMA update, the swap-in (mean, EMA, ``last=j``,
+weighted), the swap-back and the in-place exchange are fused the same way.
 
 Every result is bit for bit what the plain torch code of
 :mod:`lawa_optim.backends.reference` leaves, as :mod:`lawa_optim.ops` specifies, for
@@ -64,6 +65,8 @@ SIGNATURES = {
     "lawa_cpu_swap_back": [_p, _i64, _int, _p, _int],
     "lawa_cpu_push_int8": [_p, _i64, _int, _p, _p, _i64, _i64, _i64, _i64, _p, _int],
     "lawa_cpu_swap_int8": [_p, _i64, _int, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _p, _i64, _int],
+    "lawa_cpu_exchange": [_p, _i64, _int, _p, _int, _int],
+    "lawa_cpu_all_finite": [_p, _i64],
     "lawa_cpu_phema": [_p, _i64, _int, _p, _i64, _i64, _p, _int],
 }
 #: Modes of lawa_cpu_swap_in.
@@ -182,7 +185,7 @@ def _check(rc: int, op: str, b: "Bucket") -> None:
 
 def push(b: "Bucket", n: int, sources: Sequence[Tensor]) -> None:
     """Push number ``n`` of ``sources`` (CPU tensors of ``b.dtype``, one per parameter,
-    dense) into ``b``, refreshing the sum when ``n + 1`` is a multiple of
+    dense) into ``b``, refreshing the mean when ``n + 1`` is a multiple of
     ``b.refresh_every``; call only when :func:`runs` says it can."""
     table = _table(b, sources)
     _check(_lib.lawa_cpu_push(
@@ -268,3 +271,21 @@ def swap_back(b: "Bucket") -> None:
     _check(_lib.lawa_cpu_swap_back(
         table.data_ptr(), table.shape[0], DTYPE_CODES[b.dtype], b.backup.data_ptr(), _threads(table),
     ), "swap-back", b)
+
+
+def exchange(b: "Bucket", back: bool) -> None:
+    """The in-place swap of :mod:`lawa_optim.ops` between ``b.params`` (float32 or
+    bfloat16) and the running mean in ``b.total``: swap-in, or swap-back with ``back``."""
+    table = _table(b, b.params)
+    _check(_lib.lawa_cpu_exchange(
+        table.data_ptr(), table.shape[0], DTYPE_CODES[b.dtype], b.total.data_ptr(), int(back),
+        _threads(table),
+    ), "exchange", b)
+
+
+def all_finite(t: Tensor) -> bool | None:
+    """Whether every element of the contiguous float32 CPU tensor ``t`` is finite, in one
+    read that allocates nothing; ``None`` when the kernels are not available."""
+    if not enabled or t.dtype != torch.float32 or t.device.type != "cpu" or library() is None:
+        return None
+    return bool(_lib.lawa_cpu_all_finite(t.data_ptr(), t.numel()))

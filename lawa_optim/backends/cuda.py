@@ -2,7 +2,7 @@
 
 LAWA (Kaddour 2022, "Stop Wasting My Time! Saving Days of ImageNet and BERT Training
 with Latest Weight Averaging", arXiv:2209.14981) averages the k latest weight
-snapshots; the kernels in ``csrc/`` update the ring buffer and the float32 running sum
+snapshots; the kernels in ``csrc/`` update the ring buffer and the float32 running mean
 of a whole bucket in one launch each, reading the snapshot counter on the device.
 
 The extension is taken from ``lawa_optim._lawa_cuda`` when it was built ahead of time
@@ -101,7 +101,7 @@ def _load() -> ModuleType:
         sources=[str(s) for s in sources],
         extra_include_paths=[str(src)],
         extra_cflags=["-O3"],
-        # No --use_fast_math: the running sum and the means must round as IEEE float32.
+        # No --use_fast_math: the running mean and the averages must round as IEEE float32.
         extra_cuda_cflags=["-O3", "-std=c++17"],
         build_directory=str(unlocked(directory)),
         verbose=False,
@@ -160,7 +160,7 @@ def _table(b: "Bucket") -> tuple[Tensor, int]:
 
 
 def push(b: "Bucket") -> None:
-    """Write the weights into ring slot ``pushes % k``; update the running sum, or rebuild it
+    """Write the weights into ring slot ``pushes % k``; update the running mean, or rebuild it
     from the ring at a refresh (decided in the kernel from ``pushes``)."""
     table, tiles = _table(b)
     _kernels().push(table, tiles, b.dtype, b.ring, b.total, b.pushes, b.refresh_every)
@@ -178,10 +178,20 @@ def phema_update(b: "Bucket", alphas: Tensor) -> None:
     _kernels().phema_update(table, tiles, b.dtype, b.emas, alphas.contiguous())
 
 
+def exchanges(b: "Bucket") -> bool:
+    """float32 and bfloat16 parameters over a floating-point history (``total`` is the
+    running mean) swap their full average in place."""
+    return b.dtype in (torch.float32, torch.bfloat16) and b.history_dtype.is_floating_point
+
+
 def swap_in(b: "Bucket", last: int | None, weights: Tensor | None = None) -> None:
     """Copy the weights into ``b.backup`` and write the average into them (with
-    ``weights``: the weighted sum of the newest snapshots)."""
+    ``weights``: the weighted sum of the newest snapshots); without a backup, exchange
+    the full average with the running mean in place."""
     table, tiles = _table(b)
+    if b.backup is None:
+        _kernels().exchange(table, tiles, b.dtype, b.total, False)
+        return
     if weights is not None:
         _kernels().swap_weighted(table, tiles, b.backup, b.ring, weights.contiguous(), b.pushes)
         return
@@ -191,8 +201,11 @@ def swap_in(b: "Bucket", last: int | None, weights: Tensor | None = None) -> Non
 
 
 def swap_back(b: "Bucket") -> None:
-    """Copy ``b.backup`` back into the weights."""
+    """Copy ``b.backup`` back into the weights, or undo the in-place swap."""
     table, tiles = _table(b)
+    if b.backup is None:
+        _kernels().exchange(table, tiles, b.dtype, b.total, True)
+        return
     _kernels().swap_back(table, tiles, b.backup)
 
 

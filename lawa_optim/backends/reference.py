@@ -7,7 +7,7 @@ needs one float32 chunk of scratch, not a second copy of the model). It reads th
 snapshot counter with ``.item()``, a host sync on a GPU: the fused backends don't.
 On the CPU every operation runs the one-pass C kernels of
 :mod:`lawa_optim.backends.cpu_kernels` when they can be built: the same bits (a NaN's
-payload aside), with the refresh of the sum fused into the push; the code below stays
+payload aside), with the refresh of the mean fused into the push; the code below stays
 the readable fallback and the definition they are tested against.
 """
 
@@ -74,17 +74,21 @@ def push(b: "Bucket", sources: Sequence[Tensor] | None = None) -> None:
     slot, views = b.ring[s], c["slots"][s]
     if refresh:
         torch._foreach_copy_(views, params)
-        _sum_slots(b, min(n + 1, b.k))
+        _mean_slots(b, min(n + 1, b.k))
         return
     if n < b.k:
         torch._foreach_copy_(views, params)
-        b.total.add_(slot)
+        count = _scalar(n + 1, b)
+        for lo, hi, _, _ in c["chunks"]:
+            delta = slot[lo:hi].to(b.total.dtype, copy=True).sub_(b.total[lo:hi])
+            b.total[lo:hi].add_(delta.div_(count))
         return
+    k = _scalar(b.k, b)
     for lo, hi, i0, i1 in c["chunks"]:
         delta = slot[lo:hi].to(b.total.dtype, copy=True)
         torch._foreach_copy_(views[i0:i1], params[i0:i1])
         delta.neg_().add_(slot[lo:hi])  # (-old) + new rounds exactly as new - old
-        b.total[lo:hi].add_(delta)
+        b.total[lo:hi].add_(delta.div_(k))
 
 
 def ema_update(b: "Bucket", decay: float) -> None:
@@ -125,8 +129,11 @@ def _scalar(x: int, b: "Bucket") -> Tensor:
 
 
 def swap_in(b: "Bucket", last: int | None, weights: Tensor | None = None) -> None:
+    if b.backup is None:  # the full average, exchanged with the running mean in place
+        exchange(b, back=False)
+        return
     n = int(b.pushes.item())
-    if cpu_kernels.runs(b, "swap"):
+    if cpu_kernels.runs(b, "swap") and b.backup.device.type == "cpu":
         if weights is None:
             cpu_kernels.swap_in(b, n, last)
         else:
@@ -141,13 +148,78 @@ def swap_in(b: "Bucket", last: int | None, weights: Tensor | None = None) -> Non
             avg = b.total[lo:hi]
         elif last is None:
             slots = [b.ring[s, lo:hi] for s in range(min(n, b.k))]
-            avg = b.total[lo:hi] / _scalar(min(n, b.k), b)
-            avg = wide_where_overflowed(avg, b.total[lo:hi], slots)
+            avg = wide_where_overflowed(b.total[lo:hi], b.total[lo:hi], slots)
         else:
             slots = [b.ring[(n - 1 - i) % b.k, lo:hi] for i in range(last)]
             total = compensated_sum(slots, b.total[lo:hi])
             avg = wide_where_overflowed(total / _scalar(last, b), total, slots)
+        avg = rounded(avg, b.dtype)
         torch._foreach_copy_(b.params[i0:i1], [b.view(avg, i, base=lo) for i in range(i0, i1)])
+
+
+def rounded(avg: Tensor, dtype: torch.dtype) -> Tensor:
+    """An average in the accumulation dtype as a swap writes it into parameters of
+    ``dtype`` (:mod:`lawa_optim.ops`, ``round``): bfloat16 rounds to nearest with ties
+    away from zero, ``(bits + 0x8000) >> 16``, a NaN as ``Tensor.to`` makes it; every
+    other dtype as ``Tensor.to`` rounds (to nearest even)."""
+    if dtype != torch.bfloat16 or avg.dtype != torch.float32:
+        return avg.to(dtype)
+    high = ((avg.view(torch.int32).to(torch.int64) + 0x8000) >> 16).to(torch.int16)
+    return torch.where(avg.isnan(), avg.to(dtype), high.view(torch.bfloat16))
+
+
+#: Elements per piece of an exchange: its temporaries stay under a few MiB.
+PIECE = 1 << 18
+
+
+def exchanges(b: "Bucket") -> bool:
+    """Whether the full average of ``b`` can be exchanged with its parameters in place:
+    float32, bfloat16 or float64 parameters (the running mean's width, or its high half)
+    over a history of floating-point snapshots, whose ``total`` is their running mean."""
+    return b.dtype in (torch.float32, torch.bfloat16, torch.float64) and b.history_dtype.is_floating_point
+
+
+def exchange(b: "Bucket", back: bool) -> None:
+    """The in-place swap of :mod:`lawa_optim.ops` (``back=False``: swap-in, else
+    swap-back) in pieces of at most ``PIECE`` elements, whatever the devices."""
+    if cpu_kernels.runs(b, "swap"):
+        cpu_kernels.exchange(b, back)
+        return
+    for p, off, n in zip(b.params, b.offsets, b.numels):
+        flat = p.as_strided((n,), (1,), p.storage_offset())  # dense: its memory order
+        for lo in range(0, n, PIECE):
+            hi = min(n, lo + PIECE)
+            _exchange(flat[lo:hi], b.total[off + lo:off + hi], back)
+
+
+def unexchanged(param: Tensor, word: Tensor) -> tuple[Tensor, Tensor]:
+    """The running mean and the training weights that the in-place swap keeps in a
+    parameter ``param`` and its slice ``word`` of ``total``, as new tensors."""
+    mean, weights = word.detach().clone(), param.detach().clone()
+    _exchange(weights, mean, back=True)
+    return mean, weights
+
+
+def _exchange(param: Tensor, mean: Tensor, back: bool) -> None:
+    if param.dtype == mean.dtype:  # a plain exchange of the bits, both ways
+        held = param.to(mean.device, copy=True)
+        param.copy_(mean)
+        mean.copy_(held)
+        return
+    word = mean.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    low = word & 0xFFFF
+    if not back:  # param = round(mean); the word keeps (weights << 16) | low 16 bits of the mean
+        weights = param.view(torch.int16).to(mean.device, torch.int64) & 0xFFFF
+        shown = (word + 0x8000) >> 16
+        kept = (weights << 16) | low
+    else:  # the mean's high half is what round() added back out of the parameter
+        shown = word >> 16
+        high = ((param.view(torch.int16).to(mean.device, torch.int64) & 0xFFFF) - (low >> 15)) & 0xFFFF
+        kept = (high << 16) | low
+    kept = torch.where(kept >= 1 << 31, kept - (1 << 32), kept).to(torch.int32)
+    shown = torch.where(shown >= 1 << 15, shown - (1 << 16), shown).to(torch.int16)
+    param.copy_(shown.view(torch.bfloat16))
+    mean.copy_(kept.view(torch.float32))
 
 
 def weighted_sum(slots: Sequence[Tensor], weights: Tensor) -> Tensor:
@@ -166,19 +238,30 @@ def weighted_sum(slots: Sequence[Tensor], weights: Tensor) -> Tensor:
 
 
 def swap_back(b: "Bucket") -> None:
-    if cpu_kernels.runs(b, "swap"):
+    if b.backup is None:
+        exchange(b, back=True)
+        return
+    if cpu_kernels.runs(b, "swap") and b.backup.device.type == "cpu":
         cpu_kernels.swap_back(b)
         return
     torch._foreach_copy_(b.params, b.views(b.backup))
 
 
 def recompute(b: "Bucket") -> None:
-    _sum_slots(b, min(int(b.pushes.item()), b.k))
+    _mean_slots(b, min(int(b.pushes.item()), b.k))
 
 
-def _sum_slots(b: "Bucket", filled: int) -> None:
+def _mean_slots(b: "Bucket", filled: int) -> None:
+    """``total`` = the mean of the ``filled`` first slots: their compensated sum divided by
+    ``filled``, ``wide`` of them where that sum is not finite (0 for an empty ring)."""
+    if filled == 0:
+        b.total.zero_()
+        return
+    count = _scalar(filled, b)
     for lo, hi, _, _ in _cache(b)["chunks"]:
-        b.total[lo:hi] = compensated_sum([b.ring[s, lo:hi] for s in range(filled)], b.total[lo:hi])
+        slots = [b.ring[s, lo:hi] for s in range(filled)]
+        total = compensated_sum(slots, b.total[lo:hi])
+        b.total[lo:hi] = wide_where_overflowed(total / count, total, slots)
 
 
 def compensated_sum(terms: Iterable[Tensor], like: Tensor) -> Tensor:

@@ -114,8 +114,9 @@ def _f32(x: float) -> float:
 
 
 def push(b: "Bucket") -> None:
-    """Write the parameters into slot ``pushes % k``; update ``total`` by new - old, or
-    rebuild it from the ring at a refresh (decided in the kernel from ``pushes``)."""
+    """Write the parameters into slot ``pushes % k``; move the running mean ``total`` by
+    (new - old) / k, or rebuild it from the ring at a refresh (decided in the kernel
+    from ``pushes``)."""
     _launch(_k.push_kernel, b, b.ring, b.total, b.pushes, b.D, b.k, b.refresh_every,
             HDTYPE=_k.TL_DTYPES[b.history_dtype])
 
@@ -130,9 +131,19 @@ def phema_update(b: "Bucket", alphas: Tensor) -> None:
     _launch(_k.phema_kernel, b, b.emas, alphas, b.D, E=b.emas.shape[0], **NO_FUSION)
 
 
+def exchanges(b: "Bucket") -> bool:
+    """float32 and bfloat16 parameters over a floating-point history (``total`` is the
+    running mean) swap their full average in place."""
+    return b.dtype in (torch.float32, torch.bfloat16) and b.history_dtype.is_floating_point
+
+
 def swap_in(b: "Bucket", last: int | None, weights: Tensor | None = None) -> None:
     """Copy the parameters into ``b.backup`` and write the average into them (with
-    ``weights``: their weighted sum; a tensor argument, so no vector recompiles)."""
+    ``weights``: their weighted sum; a tensor argument, so no vector recompiles);
+    without a backup, exchange the full average with the running mean in place."""
+    if b.backup is None:
+        _launch(_k.exchange_kernel, b, b.total, BACK=False)
+        return
     if weights is not None:
         _launch(_k.swap_in_kernel, b, b.ring, b.total, b.backup, weights, b.pushes, b.D, b.k, weights.numel(),
                 MODE=3, **NO_FUSION)
@@ -178,7 +189,10 @@ def swap_in_int8(b: "Bucket", coefficients: Tensor) -> None:
 
 
 def swap_back(b: "Bucket") -> None:
-    """Copy ``b.backup`` back into the parameters."""
+    """Copy ``b.backup`` back into the parameters, or undo the in-place swap."""
+    if b.backup is None:
+        _launch(_k.exchange_kernel, b, b.total, BACK=True)
+        return
     _launch(_k.swap_back_kernel, b, b.backup)
 
 
@@ -226,6 +240,10 @@ def _variants() -> dict[str, tuple]:
                                                            D // QBLOCK, k, 3), Q)
         out[f"phema:{pn}"] = (_k.phema_kernel, (table, total, total, D), {**P, "E": 2, **NO_FUSION})
         out[f"swap_back:{pn}"] = (_k.swap_back_kernel, (table, bufs[p]), P)
+        if p != torch.float16:  # float16 parameters keep a backup
+            for back in (False, True):
+                out[f"exchange:{'back' if back else 'in'}:{pn}"] = (_k.exchange_kernel, (table, total),
+                                                                    {**P, "BACK": back})
         out[f"recompute:{pn}"] = (_k.recompute_kernel, (bufs[p], total, pushes, D, k),
                                   {"CHUNK": CHUNK, "BLOCK": BLOCK})
     return out

@@ -73,6 +73,18 @@ def _from_f32(x, DTYPE: tl.constexpr):
     return x.to(DTYPE)
 
 
+@triton.jit
+def _round_avg(x, DTYPE: tl.constexpr):
+    """``round`` of :mod:`lawa_optim.ops`: how a swap writes the float32 average ``x`` into
+    a parameter of ``DTYPE``. bfloat16 rounds to nearest with ties away from zero on the
+    bit pattern (which the in-place swap can undo), a NaN as :func:`_from_f32` makes it."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        half = ((bits + 0x8000) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, _from_f32(x, DTYPE), half)
+    return _from_f32(x, DTYPE)
+
+
 #: The largest finite float32: ``|x| <= FLT_MAX`` is False for infinities and NaN alike.
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
@@ -127,9 +139,10 @@ def _push_block(src, ring, slot, total, idx, cnt, s, full, refresh, filled, D,
     new = tl.load(src + idx, mask=mask)
     if new.dtype != HDTYPE:  # a same-dtype snapshot is a copy of the bits, NaN payloads included
         new = _from_f32(_to_f32(new), HDTYPE)
+    count = tl.zeros(idx.shape, tl.float32) + filled
     if refresh:
-        # csum of the filled slots in slot order, as recompute leaves it; the slot just
-        # written contributes the value in registers.
+        # The mean of the filled slots in slot order, as recompute leaves it; the slot
+        # just written contributes the value in registers.
         acc = tl.zeros(idx.shape, dtype=tl.float32)
         comp = tl.zeros(idx.shape, dtype=tl.float32)
         row = ring
@@ -140,13 +153,29 @@ def _push_block(src, ring, slot, total, idx, cnt, s, full, refresh, filled, D,
                 x = _to_f32(tl.load(row + idx, mask=mask))
             acc, comp = _csum_add(acc, comp, x)
             row += D  # a 64-bit pointer step: j * D may exceed 2**31
-        t = _csum_result(acc, comp)
+        acc = _csum_result(acc, comp)
+        t = tl.math.div_rn(acc, count)
+        bad = ~_finite(acc)
+        if tl.max(bad.to(tl.int32), axis=0) > 0:  # wide of the same slots, the new one in registers
+            w = tl.zeros(idx.shape, dtype=tl.float64)
+            row = ring
+            for j in range(0, filled):
+                if j == s:
+                    x = _to_f32(new)
+                else:
+                    x = _to_f32(tl.load(row + idx, mask=mask))
+                w += x.to(tl.float64)
+                row += D
+            t = tl.where(bad, (w / (tl.zeros(idx.shape, tl.float64) + filled)).to(tl.float32), t)
     else:
-        # While the ring fills (n < K) the overwritten slot counts as zero. Selected, not
-        # masked: a scalar load mask is a vector mask on the GPU but the interpreter
-        # rejects it, and the ring is read only in the first K - 1 pushes for nothing.
-        old = tl.where(full, _to_f32(tl.load(slot + idx, mask=mask)), 0.0)
-        t = tl.load(total + idx, mask=mask) + (_to_f32(new) - old)
+        # While the ring fills (n < K) the mean moves (new - mean) / (n + 1), on a full
+        # ring (new - old) / K: both are (new - old) / filled with old = the mean while
+        # filling. Selected, not masked: a scalar load mask is a vector mask on the GPU
+        # but the interpreter rejects it, and the ring is read in the first K - 1 pushes
+        # for nothing. div_rn: plain `/` may lower to an approximate division on the GPU.
+        mean = tl.load(total + idx, mask=mask)
+        old = tl.where(full, _to_f32(tl.load(slot + idx, mask=mask)), mean)
+        t = mean + tl.math.div_rn(_to_f32(new) - old, count)
     tl.store(slot + idx, new, mask=mask)
     tl.store(total + idx, t, mask=mask)
 
@@ -172,8 +201,9 @@ def _push_chunk(addr, off, cnt, ring, total, n, D, K, R, ALIGNED: tl.constexpr,
 @triton.jit
 def push_kernel(table, ring, total, pushes, D, K, R, PDTYPE: tl.constexpr, HDTYPE: tl.constexpr,
                 BLOCK: tl.constexpr):
-    """With ``n = pushes``: write slot ``n % K`` from the parameters; ``total += new - old``,
-    or, when ``(n + 1) % R == 0``, ``total`` = the sum of the ``min(n + 1, K)`` filled slots."""
+    """With ``n = pushes``: write slot ``n % K`` from the parameters; the running mean
+    ``total += (new - old) / K`` (``(new - total) / (n + 1)`` while the ring fills), or,
+    when ``(n + 1) % R == 0``, ``total`` = the mean of the ``min(n + 1, K)`` filled slots."""
     addr, off, cnt = _row(table)
     n = tl.load(pushes)
     if addr % 16 == 0:
@@ -269,10 +299,8 @@ def _swap_in_block(src, ring, off, total, backup, weights, idx, cnt, n, D, K, la
     if MODE == 0:
         avg = tl.load(total + idx, mask=mask)
     elif MODE == 1:
-        # div_rn: plain `/` may lower to an approximate division on the GPU.
-        t = tl.load(total + idx, mask=mask)
-        avg = tl.math.div_rn(t, tl.zeros(idx.shape, tl.float32) + tl.minimum(n, K))
-        avg = _wide_where(avg, t, ring, off, idx, mask, n, D, K, tl.minimum(n, K), False)
+        avg = tl.load(total + idx, mask=mask)
+        avg = _wide_where(avg, avg, ring, off, idx, mask, n, D, K, tl.minimum(n, K), False)
     elif MODE == 3:
         # Neumaier's compensated sum of the products, newest first; launched with
         # enable_fp_fusion=False so that no product and sum fuse into one rounding.
@@ -292,9 +320,10 @@ def _swap_in_block(src, ring, off, total, backup, weights, idx, cnt, n, D, K, la
             x = _to_f32(tl.load(ring + ((n - 1 - i) % K) * D + off + idx, mask=mask))
             acc, comp = _csum_add(acc, comp, x)
         acc = _csum_result(acc, comp)
+        # div_rn: plain `/` may lower to an approximate division on the GPU.
         avg = tl.math.div_rn(acc, tl.zeros(idx.shape, tl.float32) + last)
         avg = _wide_where(avg, acc, ring, off, idx, mask, n, D, K, last, True)
-    tl.store(src + idx, _from_f32(avg, PDTYPE), mask=mask)
+    tl.store(src + idx, _round_avg(avg, PDTYPE), mask=mask)
 
 
 @triton.jit
@@ -313,7 +342,7 @@ def _swap_in_chunk(addr, off, cnt, ring, total, backup, weights, n, D, K, last, 
 @triton.jit
 def swap_in_kernel(table, ring, total, backup, weights, pushes, D, K, last, PDTYPE: tl.constexpr,
                    MODE: tl.constexpr, BLOCK: tl.constexpr):
-    """``backup = param``; ``param = avg``. MODE 0: avg = total (EMA); 1: total / min(n, K);
+    """``backup = param``; ``param = round(avg)``. MODE 0: avg = total (EMA); 1: total (the mean);
     2: csum of the ``last`` newest slots, newest first, divided by ``last``; in modes 1 and
     2 ``wide`` of the same slots where that sum is not finite; 3: the ``last`` newest
     slots weighted by the float32 ``weights`` (newest first), summed with Neumaier's
@@ -357,8 +386,9 @@ def swap_back_kernel(table, backup, PDTYPE: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def recompute_kernel(ring, total, pushes, D, K, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """``total = csum(ring[0], ..., ring[min(n, K) - 1])`` in slot order, over all of
-    ``total`` (padding included, as the reference zeroes it): no table, program ``p``
+    """``total = csum(ring[0], ..., ring[c - 1]) / c`` in slot order with ``c = min(n, K)``
+    (``wide`` of the same slots where the sum is not finite; 0 when ``c = 0``), over all
+    of ``total`` (padding included, as the reference zeroes it): no table, program ``p``
     takes elements ``[p * CHUNK, (p + 1) * CHUNK)``."""
     off = tl.program_id(0).to(tl.int64) * CHUNK
     cnt = tl.minimum(D - off, CHUNK)
@@ -372,7 +402,56 @@ def recompute_kernel(ring, total, pushes, D, K, CHUNK: tl.constexpr, BLOCK: tl.c
         for s in range(0, filled):
             acc, comp = _csum_add(acc, comp, _to_f32(tl.load(row + idx, mask=mask)))
             row += D  # slot s: a 64-bit pointer step, as s * D may exceed 2**31
-        tl.store(total + off + idx, _csum_result(acc, comp), mask=mask)
+        acc = _csum_result(acc, comp)
+        mean = tl.math.div_rn(acc, tl.zeros([BLOCK], tl.float32) + tl.maximum(filled, 1))
+        mean = _wide_where(mean, acc, ring, off, idx, mask, 0, D, K, filled, False)
+        tl.store(total + off + idx, mean, mask=mask)
+
+
+# -- the in-place swap --------------------------------------------------------------
+
+
+@triton.jit
+def _exchange_block(src, total, idx, cnt, PDTYPE: tl.constexpr, BACK: tl.constexpr, MASKED: tl.constexpr):
+    mask = idx < cnt if MASKED else None
+    word = tl.load(total + idx, mask=mask).to(tl.uint32, bitcast=True)
+    if PDTYPE == tl.float32:  # a plain exchange, its own inverse
+        tl.store(total + idx, tl.load(src + idx, mask=mask), mask=mask)
+        tl.store(src + idx, word.to(tl.float32, bitcast=True), mask=mask)
+    else:
+        param = tl.load(src + idx, mask=mask).to(tl.uint16, bitcast=True).to(tl.uint32)
+        low = word & 0xFFFF
+        if BACK:
+            shown = word >> 16
+            kept = (((param - (low >> 15)) & 0xFFFF) << 16) | low
+        else:
+            shown = (word + 0x8000) >> 16
+            kept = (param << 16) | low
+        tl.store(total + idx, kept.to(tl.float32, bitcast=True), mask=mask)
+        tl.store(src + idx, shown.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+
+
+@triton.jit
+def _exchange_chunk(addr, off, cnt, total, ALIGNED: tl.constexpr, PDTYPE: tl.constexpr, BACK: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    src = _param(addr, ALIGNED, PDTYPE)
+    whole = cnt - cnt % BLOCK
+    for start in range(0, whole, BLOCK):
+        _exchange_block(src, total + off, start + tl.arange(0, BLOCK), cnt, PDTYPE, BACK, False)
+    if whole < cnt:
+        _exchange_block(src, total + off, whole + tl.arange(0, BLOCK), cnt, PDTYPE, BACK, True)
+
+
+@triton.jit
+def exchange_kernel(table, total, PDTYPE: tl.constexpr, BACK: tl.constexpr, BLOCK: tl.constexpr):
+    """The in-place swap of :mod:`lawa_optim.ops` between float32 or bfloat16 parameters
+    and the running mean: float32 trade places; bfloat16 get ``round(mean)`` and the
+    mean's word keeps ``(bits(param) << 16) | low16(mean)``; ``BACK`` undoes it."""
+    addr, off, cnt = _row(table)
+    if addr % 16 == 0:
+        _exchange_chunk(addr, off, cnt, total, True, PDTYPE, BACK, BLOCK)
+    else:
+        _exchange_chunk(addr, off, cnt, total, False, PDTYPE, BACK, BLOCK)
 
 
 # -- the 8-bit history (lawa_optim.ops: push_int8, swap_in_int8) --------------------
