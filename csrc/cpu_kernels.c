@@ -311,96 +311,103 @@ DEFINE_EMA(f32)
 DEFINE_EMA(bf16)
 DEFINE_EMA(f16)
 
-/* rows: nrows quadruples (parameter address, offset into the flat buffers, count, index of
- * the first block). Push number n (0-based) of an 8-bit history of k - 1 delta slots of D
- * codes and nb scales each. */
-int lawa_cpu_push_int8(const int64_t *rows, int64_t nrows, int pdtype, int8_t *ring, float *scales,
-                       int64_t D, int64_t nb, int64_t k, int64_t n, float *anchor, int nthreads) {
-    if (bad_dtype(pdtype)) return -1;
-    if (k < 1 || n < 0) return -2;
-    push_int8_fn fn = PUSH_INT8[pdtype];
-    int first = n == 0 || k == 1;
-    int64_t s = first ? 0 : (n - 1) % (k - 1);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t r = 0; r < nrows; r++) {
-        const int64_t *row = rows + 4 * r;
-        fn((const void *)(intptr_t)row[0], anchor + row[1], first ? NULL : ring + s * D + row[1],
-           first ? NULL : scales + s * nb + row[3], first, row[2]);
-    }
-    return 0;
-}
+/* Elements per quantisation block of the 8-bit history (lawa_optim.ops.QBLOCK). */
+#define QBLOCK 256
 
-/* param = the swap-in of an 8-bit history after `pushes` pushes with the float32
- * coefficients `coef` of the anchor and the m - 1 newest deltas (1 <= m <= min(k, pushes)). */
-int lawa_cpu_swap_int8(const int64_t *rows, int64_t nrows, int pdtype, void *backup,
-                       const float *anchor, const int8_t *ring, const float *scales, int64_t D,
-                       int64_t nb, int64_t k, int64_t pushes, const float *coef, int64_t m,
-                       int nthreads) {
-    if (bad_dtype(pdtype)) return -1;
-    if (coef == NULL || m < 1 || m > k || m > pushes) return -2;
-    swap_int8_fn fn = SWAP_INT8[pdtype];
-    int64_t psize = ELEMENT_SIZE[pdtype];
-    char *backup_bytes = (char *)backup;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t r = 0; r < nrows; r++) {
-        const int64_t *row = rows + 4 * r;
-        fn((void *)(intptr_t)row[0], backup_bytes + row[1] * psize, anchor + row[1], ring + row[1],
-           scales + row[3], D, nb, k, pushes, coef, m, row[2]);
-    }
-    return 0;
-}
-/* The in-place swap of a float32 running mean (total) with parameters of dtype pdtype
- * (float32 or bfloat16; -1 for another): back = 0 swaps the mean in, 1 swaps it out. */
-static void exchange_f32(void *param_, void *total_, int back, int64_t n) {
-    (void)back; /* a plain exchange is its own inverse */
-    uint32_t *restrict param = param_, *restrict total = total_;
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t w = param[i];
-        param[i] = total[i];
-        total[i] = w;
-    }
-}
-static void exchange_bf16(void *param_, void *total_, int back, int64_t n) {
-    uint16_t *restrict param = param_;
-    uint32_t *restrict total = total_;
-    if (!back) {
-        for (int64_t i = 0; i < n; i++) {
-            uint32_t m = total[i], w = param[i];
-            param[i] = (uint16_t)((m + 0x8000u) >> 16);
-            total[i] = (w << 16) | (m & 0xffffu);
-        }
-    } else {
-        for (int64_t i = 0; i < n; i++) {
-            uint32_t word = total[i], low = word & 0xffffu;
-            uint32_t high = ((uint32_t)param[i] - (low >> 15)) & 0xffffu;
-            param[i] = (uint16_t)(word >> 16);
-            total[i] = (high << 16) | low;
-        }
-    }
-}
+/* Round to nearest even for |x| <= 2**22: exact, and it vectorises. */
+static inline float rint_small(float x) { return (x + 0x1.8p23f) - 0x1.8p23f; }
 
-int lawa_cpu_exchange(const int64_t *rows, int64_t nrows, int pdtype, void *total, int back,
-                      int nthreads) {
-    if (pdtype != LAWA_F32 && pdtype != LAWA_BF16) return -1;
-    void (*fn)(void *, void *, int, int64_t) = pdtype == LAWA_F32 ? exchange_f32 : exchange_bf16;
-    char *total_bytes = (char *)total;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t r = 0; r < nrows; r++) {
-        const int64_t *row = rows + 3 * r;
-        fn((void *)(intptr_t)row[0], total_bytes + row[1] * 4, back, row[2]);
+/* One row of an 8-bit push: `codes` and `scales` are the row's part of the delta slot.
+ * first: the first push (or k == 1): the anchor becomes the weights. */
+#define DEFINE_PUSH_INT8(P)                                                                \
+    static void push_int8_##P(const void *src_, float *restrict anchor, int8_t *restrict codes, \
+                              float *restrict scales, int first, int64_t n) {              \
+        const P##_t *restrict src = src_;                                                  \
+        if (first) {                                                                       \
+            for (int64_t i = 0; i < n; i++) anchor[i] = P##_to_f(src[i]);                  \
+            return;                                                                        \
+        }                                                                                  \
+        float d[QBLOCK];                                                                   \
+        for (int64_t b = 0; b < n; b += QBLOCK) {                                          \
+            int64_t m = min64(QBLOCK, n - b);                                              \
+            /* max |d| on the bits: a NaN or an infinity is above every finite value. */   \
+            uint32_t top = 0;                                                              \
+            for (int64_t i = 0; i < m; i++) {                                              \
+                float x = P##_to_f(src[b + i]) - anchor[b + i];                            \
+                uint32_t u = f_to_bits(x) & 0x7fffffffu;                                   \
+                d[i] = x;                                                                  \
+                top = u > top ? u : top;                                                   \
+            }                                                                              \
+            float mx = bits_to_f(top);                                                     \
+            if (top >= 0x7f800000u) {                                                      \
+                scales[b / QBLOCK] = NAN;                                                  \
+                for (int64_t i = 0; i < m; i++) {                                          \
+                    codes[b + i] = 0;                                                      \
+                    anchor[b + i] = P##_to_f(src[b + i]);                                  \
+                }                                                                          \
+            } else if (mx < 0x1p-120f) {                                                   \
+                scales[b / QBLOCK] = 0.0f;                                                 \
+                for (int64_t i = 0; i < m; i++) codes[b + i] = 0;                          \
+            } else {                                                                       \
+                float scale = mx / 127.0f, inv = 127.0f / mx;                              \
+                scales[b / QBLOCK] = scale;                                                \
+                for (int64_t i = 0; i < m; i++) {                                          \
+                    float q = rint_small(d[i] * inv);                                      \
+                    codes[b + i] = (int8_t)(int32_t)q;                                     \
+                    anchor[b + i] = anchor[b + i] + q * scale;                             \
+                }                                                                          \
+            }                                                                              \
+        }                                                                                  \
     }
-    return 0;
-}
 
-/* 1 when every one of the n float32 values at x is finite, else 0: the in-place swap
- * exchanges a finite mean only. One read, no allocation. */
-int lawa_cpu_all_finite(const void *x, int64_t n) {
-    const uint32_t *restrict bits = x;
-    uint32_t bad = 0;
-    for (int64_t i = 0; i < n; i++) bad |= (bits[i] & 0x7f800000u) == 0x7f800000u;
-    return bad == 0;
-}
+/* One row of an 8-bit swap-in: param = cast(s + c), Neumaier's sum of coef[0] * anchor and
+ * coef[j] * float(code) * scale of the j-th newest delta, slot (pushes - 1 - j) % (k - 1),
+ * j = 1 .. m - 1, after `pushes` pushes. `ring`
+ * and `scales` point at the row's part of slot 0. */
+#define DEFINE_SWAP_INT8(P)                                                                \
+    static void swap_int8_##P(void *param_, void *backup_, const float *restrict anchor,   \
+                              const int8_t *ring, const float *scales, int64_t D, int64_t nb, \
+                              int64_t k, int64_t pushes, const float *coef, int64_t m,     \
+                              int64_t n) {                                                 \
+        copy_streaming((char *)backup_, (const char *)param_, sizeof(P##_t) * (size_t)n);  \
+        P##_t *restrict param = param_;                                                    \
+        float acc[BLOCK], cmp[BLOCK];                                                      \
+        for (int64_t b = 0; b < n; b += BLOCK) {                                           \
+            int64_t len = min64(BLOCK, n - b);                                             \
+            float w0 = coef[0];                                                            \
+            for (int64_t i = 0; i < len; i++) acc[i] = cmp[i] = 0.0f;                      \
+            for (int64_t i = 0; i < len; i++) csum_add(&acc[i], &cmp[i], w0 * anchor[b + i]); \
+            for (int64_t j = 1; j < m; j++) {                                              \
+                int64_t slot = (pushes - 1 - j) % (k - 1);                                 \
+                const int8_t *restrict r = ring + b + slot * D;                            \
+                const float *sc = scales + slot * nb + b / QBLOCK;                         \
+                float wj = coef[j];                                                        \
+                for (int64_t q = 0; q < len; q += QBLOCK) {                                \
+                    float scale = sc[q / QBLOCK];                                          \
+                    int64_t e = min64(q + QBLOCK, len);                                    \
+                    for (int64_t i = q; i < e; i++)                                        \
+                        csum_add(&acc[i], &cmp[i], wj * ((float)r[i] * scale));            \
+                }                                                                          \
+            }                                                                              \
+            for (int64_t i = 0; i < len; i++) param[b + i] = cast_f32_##P(acc[i] + cmp[i]);\
+        }                                                                                  \
+    }
 
+DEFINE_PUSH_INT8(f32)
+DEFINE_PUSH_INT8(bf16)
+DEFINE_PUSH_INT8(f16)
+DEFINE_SWAP_INT8(f32)
+DEFINE_SWAP_INT8(bf16)
+DEFINE_SWAP_INT8(f16)
+
+typedef void (*push_int8_fn)(const void *, float *, int8_t *, float *, int, int64_t);
+typedef void (*swap_int8_fn)(void *, void *, const float *, const int8_t *, const float *, int64_t,
+                             int64_t, int64_t, int64_t, const float *, int64_t, int64_t);
+static const push_int8_fn PUSH_INT8[3] = {push_int8_f32, push_int8_bf16, push_int8_f16};
+static const swap_int8_fn SWAP_INT8[3] = {swap_int8_f32, swap_int8_bf16, swap_int8_f16};
+
+typedef void (*push_fn)(const void *, void *, int64_t, int64_t, int64_t, int64_t, int, float *,
+                        int64_t);
 typedef void (*swap_in_fn)(void *, void *, const float *, const void *, int64_t, int64_t,
                            int64_t, int, int64_t, int64_t);
 typedef void (*ema_fn)(const void *, float *, int, int, float, float, int64_t);
