@@ -186,7 +186,7 @@ def history_bytes(
         slot = (history_dtype or dtype).itemsize
         width = dtype.itemsize
         # An 8-bit history: k - 1 int8 delta slots, the float32 anchor (its newest snapshot,
-        # counted as history) and a float32 scale per block and slot; no running sum.
+        # counted as history) and a float32 scale per block and slot; no running mean.
         int8 = is_int8(history_dtype)
         if int8:
             history = (k - 1) * D + 4 * D + 8

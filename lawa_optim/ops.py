@@ -49,7 +49,9 @@ never branch on the backend. A backend module provides:
     history checks): writing it then changes no bit of the ring.
 ``swap_in(bucket, None)`` with ``backup is None`` (the in-place swap)
     the full average without a copy; only for float32, bfloat16 and float64 parameters
-    whose ``total`` is finite (the caller checks), so ``avg = total`` exactly as above.
+    over a floating-point history whose ``total`` is finite (the caller checks, with
+    :func:`exchanges`), so ``avg = total`` exactly as above. An 8-bit history's
+    ``total`` is its anchor, not a mean: it always swaps with a backup.
     Parameters of the accumulation dtype exchange their bits with ``total``. A bfloat16
     parameter ``w`` with mean ``m`` (bits as unsigned integers): ``param = round(m) =
     (m + 0x8000) >> 16`` and ``total = (w << 16) | (m & 0xFFFF)``: the training weights
@@ -210,7 +212,7 @@ def resolve(requested: str, bucket: "Bucket") -> str:
 
 
 def push(bucket: "Bucket") -> None:
-    """Write the current weights into the next ring slot and update the running sum (an
+    """Write the current weights into the next ring slot and update the running mean (an
     8-bit history: the next delta and the anchor)."""
     if bucket.int8:
         _module(bucket.backend).push_int8(bucket)

@@ -204,8 +204,8 @@ class LAWA(WrappedOptimizer):
         check_history_dtype(history_dtype, mode)
         if history_dtype == torch.int8 and recompute_every is not None:
             raise ValueError(
-                f"recompute_every={recompute_every!r} sets how often the running sum is rebuilt, but "
-                "history_dtype=torch.int8 keeps no running sum (its anchor is a snapshot, exact at "
+                f"recompute_every={recompute_every!r} sets how often the running mean is rebuilt, but "
+                "history_dtype=torch.int8 keeps no running mean (its anchor is a snapshot, exact at "
                 "every push): leave recompute_every=None"
             )
         if backend not in ops.BACKENDS:

@@ -58,8 +58,8 @@ def test_phema_mode_refuses_an_8bit_history():
         history_bytes(model(), history_dtype=torch.int8, mode="phema")
 
 
-def test_recompute_every_has_no_sum_to_rebuild():
-    with pytest.raises(ValueError, match="keeps no running sum"):
+def test_recompute_every_has_no_mean_to_rebuild():
+    with pytest.raises(ValueError, match="keeps no running mean"):
         LAWA(torch.optim.SGD(model().parameters(), lr=0.1), history_dtype=torch.int8, recompute_every=3)
 
 
