@@ -89,6 +89,26 @@ def test_the_full_average_swaps_in_place_and_back_bit_for_bit(backend, pair):
 
 
 @pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16], ids=str)
+def test_an_8bit_history_swaps_with_a_backup(backend, pdtype):
+    """Its ``total`` is the anchor (the newest snapshot), not a mean: nothing is exchanged.
+    The swap copies the weights, writes the average a ``backup="device"`` swap writes and
+    leaves codes, scales and anchor untouched."""
+    model, opt = model_and_opt(backend, pdtype, torch.int8)
+    train(model, opt, range(5))
+    before = state(model, opt)
+    scales = [b.scales.clone() for b in opt._history.buckets]
+    with opt.averaged(backup="device"):
+        with_backup = [p.detach().clone() for p in model.parameters()]
+    with opt.averaged():
+        assert opt.memory().backup == sum(b.D * pdtype.itemsize for b in opt._history.buckets)
+        assert all(b.exchanged is None for b in opt._history.buckets)
+        assert_same([p.detach().clone() for p in model.parameters()], with_backup)
+        assert_same(state(model, opt)["buffers"], before["buffers"])
+    assert_same(state(model, opt), before)
+    assert_same([b.scales for b in opt._history.buckets], scales)
+
+
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mode", ["uniform", "ema", "phema"])
 def test_a_run_that_evaluates_is_bit_identical_to_one_that_does_not(backend, pdtype, mode):
     quiet, quiet_opt = model_and_opt(backend, pdtype, None, mode=mode)
