@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from benchmarks.report import RESULTS, device_name
-from lawa_optim import LAWA, _cli
+from benchmarks import RESULTS
+from lawa_optim import _cli
 
 #: The requirement: the 8-bit error at most this fraction of the signal.
 BOUND = 0.01
@@ -37,6 +36,31 @@ def _drifts(text: str) -> list[float]:
     if not values or not all(0 < v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"must be comma-separated numbers in (0, 1), got {text!r}")
     return values
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = _cli.Parser(prog="python -m benchmarks.int8_accuracy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--k", type=_cli.int_at_least(2), default=6, help="snapshots averaged (default 6)")
+    parser.add_argument("--snapshots", type=_cli.int_at_least(1), default=1000, help="snapshots per drift (default 1000)")
+    parser.add_argument("--size", type=_cli.int_at_least(1), default=1 << 18, help="weights (default 262144)")
+    parser.add_argument("--drifts", type=_drifts, default=[1e-4, 1e-3, 1e-2],
+                        help="random-walk steps per snapshot, times the weights' RMS (default 1e-4,1e-3,1e-2)")
+    parser.add_argument("--seed", type=_cli.int_at_least(0), default=0, help="random seed (default 0)")
+    parser.add_argument("--out", type=_cli.output_file, default=None,
+                        help="JSON file to write (default benchmarks/results/int8-accuracy.json)")
+    args = parser.parse_args(argv)
+    if args.snapshots <= args.k:
+        parser.error(f"argument --snapshots: must exceed --k ({args.k}) to measure anything, got {args.snapshots}")
+    return args
+
+
+if __name__ == "__main__":  # answer a bad argument or --help before the imports below, which take seconds
+    _parse(None)
+
+import torch  # noqa: E402
+
+from benchmarks.report import device_name  # noqa: E402
+from lawa_optim import LAWA  # noqa: E402
 
 
 def walk(drift: float, k: int, snapshots: int, size: int, seed: int) -> dict:
@@ -76,18 +100,7 @@ def walk(drift: float, k: int, snapshots: int, size: int, seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _cli.Parser(prog="python -m benchmarks.int8_accuracy", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--k", type=_cli.int_at_least(2), default=6, help="snapshots averaged (default 6)")
-    parser.add_argument("--snapshots", type=_cli.int_at_least(1), default=1000, help="snapshots per drift (default 1000)")
-    parser.add_argument("--size", type=_cli.int_at_least(1), default=1 << 18, help="weights (default 262144)")
-    parser.add_argument("--drifts", type=_drifts, default=[1e-4, 1e-3, 1e-2],
-                        help="random-walk steps per snapshot, times the weights' RMS (default 1e-4,1e-3,1e-2)")
-    parser.add_argument("--seed", type=_cli.int_at_least(0), default=0, help="random seed (default 0)")
-    parser.add_argument("--out", type=_cli.output_file, default=None,
-                        help="JSON file to write (default benchmarks/results/int8-accuracy.json)")
-    args = parser.parse_args(argv)
-    if args.snapshots <= args.k:
-        parser.error(f"argument --snapshots: must exceed --k ({args.k}) to measure anything, got {args.snapshots}")
+    args = _parse(argv)
     out = args.out or RESULTS / "int8-accuracy.json"
     rows = [walk(d, args.k, args.snapshots, args.size, args.seed) for d in args.drifts]
     print(f"k={args.k}, {args.snapshots} snapshots, {args.size} weights: ‖avg_int8 − avg_fp32‖ / ‖avg_fp32 − newest‖")

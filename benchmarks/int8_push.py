@@ -23,17 +23,36 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from benchmarks.report import RESULTS, device_name
-from benchmarks.suite import in_a_row
-from benchmarks.workloads import MODELS, model_params
-from lawa_optim import _cli, ops
-from lawa_optim.backends import cpu_kernels
-from lawa_optim.history import Bucket
+from benchmarks import RESULTS, targets
+from lawa_optim import _cli
 
 #: The requirement: the 8-bit push at least this fraction of the bfloat16 push's speed.
 SPEED = 0.8
+
+
+def _parser() -> _cli.Parser:
+    parser = _cli.Parser(prog="python -m benchmarks.int8_push", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="gpt2-small", choices=sorted(targets.MODELS),
+                        help="parameter list (default gpt2-small)")
+    parser.add_argument("--k", type=_cli.int_at_least(2), default=6, help="snapshots averaged (default 6)")
+    parser.add_argument("--repeats", type=_cli.int_at_least(1), default=9, help="interleaved repetitions (default 9)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the weights live (default cpu)")
+    parser.add_argument("--out", type=_cli.output_file, default=None,
+                        help="JSON file to write (default benchmarks/results/int8-push-<model>.json)")
+    return parser
+
+
+if __name__ == "__main__":  # answer a bad argument or --help before the imports below, which take seconds
+    _parser().parse_args()
+
+import torch  # noqa: E402
+
+from benchmarks.report import device_name  # noqa: E402
+from benchmarks.suite import in_a_row  # noqa: E402
+from benchmarks.workloads import model_params  # noqa: E402
+from lawa_optim import ops  # noqa: E402
+from lawa_optim.backends import cpu_kernels  # noqa: E402
+from lawa_optim.history import Bucket  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -72,13 +91,7 @@ def measure(model: str, k: int, repeats: int, device: torch.device | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _cli.Parser(prog="python -m benchmarks.int8_push", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="gpt2-small", choices=sorted(MODELS), help="parameter list (default gpt2-small)")
-    parser.add_argument("--k", type=_cli.int_at_least(2), default=6, help="snapshots averaged (default 6)")
-    parser.add_argument("--repeats", type=_cli.int_at_least(1), default=9, help="interleaved repetitions (default 9)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the weights live (default cpu)")
-    parser.add_argument("--out", type=_cli.output_file, default=None,
-                        help="JSON file to write (default benchmarks/results/int8-push-<model>.json)")
+    parser = _parser()
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -28,13 +28,9 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-import torch
-
-from examples import lawa_runs as runs
-from examples.lawa_experiment import FAST, FULL
-from lawa_optim import LAWA
+from examples import fashion_mnist
+from examples.lawa_sizes import FAST, FULL
 from lawa_optim._cli import Parser, int_at_least, output_dir
-from lawa_optim.paired import paired
 
 DEFAULT_OUT = "examples/results"
 #: The requirement: the 8-bit history's LAWA validation loss within this fraction of the float32 one's.
@@ -42,6 +38,33 @@ BOUND = 0.001
 K = 6
 #: The experiment's sizes, with the 10 seeds the requirement names.
 CONFIG = dataclasses.replace(FULL, seeds=10)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = Parser(prog="python -m examples.int8_history", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=output_dir, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/)")
+    p.add_argument("--data-dir", default=None,
+                   help=f"directory with the Fashion-MNIST IDX files (default {fashion_mnist.DEFAULT_DIR})")
+    p.add_argument("--fast", action="store_true", help="tiny smoke run (2 seeds, 4 epochs, 128 training images)")
+    p.add_argument("--jobs", type=int_at_least(1), default=min(2, os.cpu_count() or 1),
+                   help="seeds trained in parallel, one thread each (default: 2, or 1 on one core)")
+    args = p.parse_args(argv)
+    try:
+        for name in fashion_mnist.FILES["train"]:
+            fashion_mnist.find(fashion_mnist.DEFAULT_DIR if args.data_dir is None else Path(args.data_dir), name)
+    except FileNotFoundError as e:
+        p.error(f"argument --data-dir: {e}")
+    return args
+
+
+if __name__ == "__main__":  # answer a bad argument or --help before the imports below, which take seconds
+    _parse(None)
+
+import torch  # noqa: E402
+
+from examples import lawa_runs as runs  # noqa: E402
+from lawa_optim import LAWA  # noqa: E402
+from lawa_optim.paired import paired  # noqa: E402
 
 
 def run_seed(seed: int, cfg: runs.Config, data_dir: str | None) -> dict:
@@ -77,23 +100,6 @@ def summarise(results: Sequence[dict]) -> list[dict]:
         rows.append({"epoch": e + 1, "relative_loss": p.__dict__, "max_abs_relative_loss": max(map(abs, rel)),
                      "within": -BOUND <= p.lo and p.hi <= BOUND, "acc": acc.__dict__})
     return rows
-
-
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = Parser(prog="python -m examples.int8_history", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=output_dir, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/)")
-    p.add_argument("--data-dir", default=None,
-                   help=f"directory with the Fashion-MNIST IDX files (default {runs.fashion_mnist.DEFAULT_DIR})")
-    p.add_argument("--fast", action="store_true", help="tiny smoke run (2 seeds, 4 epochs, 128 training images)")
-    p.add_argument("--jobs", type=int_at_least(1), default=min(2, os.cpu_count() or 1),
-                   help="seeds trained in parallel, one thread each (default: 2, or 1 on one core)")
-    args = p.parse_args(argv)
-    try:
-        for name in runs.fashion_mnist.FILES["train"]:
-            runs.fashion_mnist.find(runs.fashion_mnist.DEFAULT_DIR if args.data_dir is None else Path(args.data_dir), name)
-    except FileNotFoundError as e:
-        p.error(f"argument --data-dir: {e}")
-    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
