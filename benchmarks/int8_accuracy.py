@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks import RESULTS
@@ -37,8 +38,7 @@ def _drifts(text: str) -> list[float]:
     return values
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    """The command's arguments, checked (stdlib only: a refusal comes before torch loads)."""
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = _cli.Parser(prog="python -m benchmarks.int8_accuracy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--k", type=_cli.int_at_least(2), default=6, help="snapshots averaged (default 6)")
     parser.add_argument("--snapshots", type=_cli.int_at_least(1), default=1000, help="snapshots per drift (default 1000)")

@@ -26,10 +26,14 @@ from pathlib import Path
 from benchmarks import RESULTS, targets
 from lawa_optim import _cli
 
+#: The requirement: the 8-bit push at least this fraction of the bfloat16 push's speed.
+SPEED = 0.8
+
 
 def _parser() -> _cli.Parser:
     parser = _cli.Parser(prog="python -m benchmarks.int8_push", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="gpt2-small", choices=sorted(targets.MODELS), help="parameter list (default gpt2-small)")
+    parser.add_argument("--model", default="gpt2-small", choices=sorted(targets.MODELS),
+                        help="parameter list (default gpt2-small)")
     parser.add_argument("--k", type=_cli.int_at_least(2), default=6, help="snapshots averaged (default 6)")
     parser.add_argument("--repeats", type=_cli.int_at_least(1), default=9, help="interleaved repetitions (default 9)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the weights live (default cpu)")
@@ -49,9 +53,6 @@ from benchmarks.workloads import model_params  # noqa: E402
 from lawa_optim import ops  # noqa: E402
 from lawa_optim.backends import cpu_kernels  # noqa: E402
 from lawa_optim.history import Bucket  # noqa: E402
-
-#: The requirement: the 8-bit push at least this fraction of the bfloat16 push's speed.
-SPEED = 0.8
 
 
 def _sync(device: torch.device) -> None:
