@@ -29,13 +29,31 @@ import subprocess
 import time
 from pathlib import Path
 
-import torch
+from lawa_optim._cli import Parser, output_file, parse_size
 
-from benchmarks import suite
-from benchmarks.report import device_name, machine_slug, parse_size
-from lawa_optim import ops
-from lawa_optim._cli import Parser, output_file
-from lawa_optim.history import Bucket
+
+def _parser() -> Parser:
+    ap = Parser(prog="python -m benchmarks.device_checks", description=__doc__.split("\n")[0])
+    commands = ap.add_subparsers(dest="command", required=True)
+    commands.add_parser("env", help="versions, device, tools -> JSON").add_argument("path", type=output_file)
+    commands.add_parser("build", help="build the CUDA extension, timed -> JSON").add_argument("path", type=output_file)
+    commands.add_parser("exercise", help="every fused op once (for compute-sanitizer)")
+    swap = commands.add_parser("swap", help="the allocation-free swap, measured -> JSON")
+    swap.add_argument("path", type=output_file)
+    swap.add_argument("--parameters", type=parse_size, default=50_000_000,
+                      help="parameter elements per model (default 50M)")
+    return ap
+
+
+if __name__ == "__main__":  # answer a bad argument or --help before the imports below, which take seconds
+    _parser().parse_args()
+
+import torch  # noqa: E402
+
+from benchmarks import suite  # noqa: E402
+from benchmarks.report import device_name, machine_slug  # noqa: E402
+from lawa_optim import ops  # noqa: E402
+from lawa_optim.history import Bucket  # noqa: E402
 
 #: (parameter dtype, history dtype) pairs exercised.
 DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16))
@@ -217,16 +235,7 @@ def swap_memory(path: Path, device: torch.device, backends: list[str], parameter
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: see the module docstring."""
-    ap = Parser(prog="python -m benchmarks.device_checks", description=__doc__.split("\n")[0])
-    commands = ap.add_subparsers(dest="command", required=True)
-    commands.add_parser("env", help="versions, device, tools -> JSON").add_argument("path", type=output_file)
-    commands.add_parser("build", help="build the CUDA extension, timed -> JSON").add_argument("path", type=output_file)
-    commands.add_parser("exercise", help="every fused op once (for compute-sanitizer)")
-    swap = commands.add_parser("swap", help="the allocation-free swap, measured -> JSON")
-    swap.add_argument("path", type=output_file)
-    swap.add_argument("--parameters", type=parse_size, default=50_000_000,
-                      help="parameter elements per model (default 50M)")
-    args = ap.parse_args(argv)
+    args = _parser().parse_args(argv)
     if args.command == "env":
         env(args.path)
     elif args.command == "build":

@@ -23,11 +23,26 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
-from benchmarks.report import RESULTS, device_name
-from benchmarks.workloads import MODELS
+from benchmarks import RESULTS, targets
 from lawa_optim import _cli
+
+
+def _parser() -> _cli.Parser:
+    parser = _cli.Parser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="gpt2-small", choices=sorted(targets.MODELS), help="parameter list (default gpt2-small)")
+    parser.add_argument("--k", type=_cli.int_at_least(1), default=6, help="snapshots averaged (default 6)")
+    parser.add_argument("--out", type=_cli.output_file, default=None,
+                        help="JSON file to write (default benchmarks/results/memory-<model>.json)")
+    return parser
+
+
+if __name__ == "__main__":  # answer a bad argument or --help before the imports below, which take seconds
+    _parser().parse_args()
+
+import torch  # noqa: E402
+
+from benchmarks.report import device_name  # noqa: E402
+from benchmarks.workloads import MODELS  # noqa: E402
 
 #: What each row measures, by name: (kind, options, swap options).
 METHODS = {
@@ -135,11 +150,7 @@ def averaged_peak(dtype: torch.dtype, history_dtype: torch.dtype | None, paramet
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _cli.Parser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="gpt2-small", choices=sorted(MODELS), help="parameter list (default gpt2-small)")
-    parser.add_argument("--k", type=_cli.int_at_least(1), default=6, help="snapshots averaged (default 6)")
-    parser.add_argument("--out", type=_cli.output_file, default=None,
-                        help="JSON file to write (default benchmarks/results/memory-<model>.json)")
+    parser = _parser()
     args = parser.parse_args(argv)
     if not Path("/proc/self/clear_refs").exists():
         parser.error("needs Linux's /proc/self/status and /proc/self/clear_refs to read resident memory")

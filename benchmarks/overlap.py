@@ -25,14 +25,29 @@ import json
 import time
 from collections.abc import Callable
 
-import torch
-
-from benchmarks.report import RESULTS, machine_slug, parse_size
-from lawa_optim._cli import Parser, int_at_least, output_dir
-from lawa_optim.history import History
+from benchmarks import RESULTS
+from lawa_optim._cli import Parser, int_at_least, output_dir, parse_size
 
 #: 2^30 float32 weights: a 1B-parameter model (4 GiB), in tensors of 64M elements.
 NUMEL, CHUNK = 1 << 30, 1 << 26
+
+
+def _parser() -> Parser:
+    ap = Parser(prog="python -m benchmarks.overlap", description=__doc__.split("\n")[0])
+    ap.add_argument("--numel", type=parse_size, default=NUMEL, help="float32 weights (default 1G, 4 GiB)")
+    ap.add_argument("--k", type=int_at_least(1), default=6, help="snapshots in the ring (default 6)")
+    ap.add_argument("--steps", type=int_at_least(1), default=30, help="training steps per timed window (default 30)")
+    ap.add_argument("--out", type=output_dir, default=RESULTS, help=f"output folder (default {RESULTS})")
+    return ap
+
+
+if __name__ == "__main__":  # answer a bad argument or --help before the imports below, which take seconds
+    _parser().parse_args()
+
+import torch  # noqa: E402
+
+from benchmarks.report import machine_slug  # noqa: E402
+from lawa_optim.history import History  # noqa: E402
 
 
 def _window(step: Callable[[], None], steps: int, snapshot: Callable[[], None] | None,
@@ -99,12 +114,7 @@ def _snapshot_record(mode: str, hist: History, params: list[torch.Tensor], k: in
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Command line: measure, print, and write ``<machine>-pinned.json`` under ``--out``."""
-    ap = Parser(prog="python -m benchmarks.overlap", description=__doc__.split("\n")[0])
-    ap.add_argument("--numel", type=parse_size, default=NUMEL, help="float32 weights (default 1G, 4 GiB)")
-    ap.add_argument("--k", type=int_at_least(1), default=6, help="snapshots in the ring (default 6)")
-    ap.add_argument("--steps", type=int_at_least(1), default=30, help="training steps per timed window (default 30)")
-    ap.add_argument("--out", type=output_dir, default=RESULTS, help=f"output folder (default {RESULTS})")
-    args = ap.parse_args(argv)
+    args = _parser().parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.overlap needs a CUDA GPU: it times copies from the GPU to pinned host memory")
     records = measure(args.numel, args.k, args.steps)

@@ -17,24 +17,39 @@ median and range reported. Writes one JSON record per E.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import statistics
 import time
-from pathlib import Path
 
-import torch
-
-from benchmarks.report import RESULTS, device_name, machine_slug
-from benchmarks.workloads import model_params
-from lawa_optim import ops, phema
+from benchmarks import RESULTS
 from lawa_optim._cli import Parser, int_at_least, output_file
-from lawa_optim.backends import cpu_kernels
-from lawa_optim.history import Bucket
 
 #: The widths of E EMAs: EDM2's pair, and between and beyond it.
 SIGMA_RELS = {1: (0.10,), 2: (0.05, 0.10), 3: (0.05, 0.10, 0.15), 4: (0.05, 0.075, 0.10, 0.15)}
+
+
+def _parser() -> Parser:
+    p = Parser(prog="python -m benchmarks.phema", description=__doc__.split("\n\n")[0])
+    p.add_argument("--widths", type=int, nargs="+", default=[2, 4], choices=sorted(SIGMA_RELS),
+                   help="numbers of EMAs to time (2 4)")
+    p.add_argument("--rounds", type=int_at_least(1), default=9, help="interleaved rounds (9)")
+    p.add_argument("--out", type=output_file, default=None,
+                   help="JSON file (default: benchmarks/results/phema-<machine>.json)")
+    return p
+
+
+if __name__ == "__main__":  # answer a bad argument or --help before the imports below, which take seconds
+    _parser().parse_args()
+
+import torch  # noqa: E402
+
+from benchmarks.report import device_name, machine_slug  # noqa: E402
+from benchmarks.workloads import model_params  # noqa: E402
+from lawa_optim import ops, phema  # noqa: E402
+from lawa_optim.backends import cpu_kernels  # noqa: E402
+from lawa_optim.history import Bucket  # noqa: E402
+
 STEP = 1000
 
 
@@ -91,13 +106,7 @@ def line(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = Parser(prog="python -m benchmarks.phema", description=__doc__.split("\n\n")[0])
-    p.add_argument("--widths", type=int, nargs="+", default=[2, 4], choices=sorted(SIGMA_RELS),
-                   help="numbers of EMAs to time (2 4)")
-    p.add_argument("--rounds", type=int_at_least(1), default=9, help="interleaved rounds (9)")
-    p.add_argument("--out", type=output_file, default=None,
-                   help="JSON file (default: benchmarks/results/phema-<machine>.json)")
-    args = p.parse_args(argv)
+    args = _parser().parse_args(argv)
     out = args.out or RESULTS / f"phema-{machine_slug(torch.device('cpu'))}.json"
     records = []
     for widths in args.widths:

@@ -16,7 +16,6 @@ keeps what it measured) and, with matplotlib, a plot to ``<machine>.png``.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
 import json
@@ -32,22 +31,45 @@ from pathlib import Path
 if not __package__:  # run as a script: make `benchmarks` and `lawa_optim` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import RESULTS, targets  # noqa: E402
+from lawa_optim._cli import Parser, int_at_least, output_dir, parse_size, positive_float  # noqa: E402
+
+#: The dtypes ``--dtypes`` accepts, by their torch names.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def _parser() -> Parser:
+    ap = Parser(prog="python benchmarks/report.py", description=__doc__.split("\n")[0])
+    ap.add_argument("--full", action="store_true", help="1M..256M elements, all operations, 7 repeats")
+    ap.add_argument("--sizes", nargs="*", type=parse_size, help="flat sizes in elements, e.g. 64M (default: by --full)")
+    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPE_NAMES), default=["float32"],
+                    help="dtypes of the flat sizes (weights and history; default float32)")
+    ap.add_argument("--k", type=int_at_least(1), default=6, help="snapshots in the ring (default 6, the paper's)")
+    ap.add_argument("--models", nargs="*", choices=sorted(targets.MODELS),
+                    help="model parameter lists (default: resnet50 gpt2-small)")
+    ap.add_argument("--repeats", type=int_at_least(1), help="least timed rounds per measurement (median reported)")
+    ap.add_argument("--seconds", type=positive_float, default=1.0, help="least seconds of timed rounds per measurement")
+    ap.add_argument("--out", type=output_dir, default=RESULTS, help=f"output folder (default {RESULTS})")
+    return ap
+
+
+if __name__ == "__main__":  # answer a bad argument or --help before the imports below, which take seconds
+    _parser().parse_args()
+
 import torch  # noqa: E402
 
-from benchmarks import suite, targets  # noqa: E402
+from benchmarks import suite  # noqa: E402
 from benchmarks.plot import plot  # noqa: E402
-from benchmarks.workloads import MODELS, flat_params, model_params  # noqa: E402
-from lawa_optim._cli import Parser, int_at_least, output_dir, positive_float  # noqa: E402
+from benchmarks.workloads import flat_params, model_params  # noqa: E402
 from lawa_optim.demo import source_version  # noqa: E402
 
 QUICK = {"sizes": [1 << 20, 1 << 22, 1 << 24, 1 << 26], "size_ops": ("snapshot",),
          "models": ["resnet50", "gpt2-small"], "repeats": 5}
 FULL = {"sizes": [1 << s for s in range(20, 29, 2)], "size_ops": suite.OPS,
         "models": ["resnet50", "gpt2-small"], "repeats": 7}
-RESULTS = Path(__file__).resolve().parent / "results"
 #: Environment variables that set the threads the timed operations use.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def device_name(device: torch.device) -> str:
@@ -262,32 +284,9 @@ def run(sizes, size_ops, models, repeats: int, k: int, device: torch.device, out
     return records
 
 
-def parse_size(text: str) -> int:
-    """An element count: an int, or one with a K, M or G suffix (powers of 1024)."""
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
-    try:
-        n = int(text[:-1] if scale > 1 else text) * scale
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"a size must be a positive element count such as 4096 or 64M, got {text!r}")
-    return n
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     """Command line: see the module docstring."""
-    ap = Parser(prog="python benchmarks/report.py", description=__doc__.split("\n")[0])
-    ap.add_argument("--full", action="store_true", help="1M..256M elements, all operations, 7 repeats")
-    ap.add_argument("--sizes", nargs="*", type=parse_size, help="flat sizes in elements, e.g. 64M (default: by --full)")
-    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32"],
-                    help="dtypes of the flat sizes (weights and history; default float32)")
-    ap.add_argument("--k", type=int_at_least(1), default=6, help="snapshots in the ring (default 6, the paper's)")
-    ap.add_argument("--models", nargs="*", choices=sorted(MODELS),
-                    help="model parameter lists (default: resnet50 gpt2-small)")
-    ap.add_argument("--repeats", type=int_at_least(1), help="least timed rounds per measurement (median reported)")
-    ap.add_argument("--seconds", type=positive_float, default=1.0, help="least seconds of timed rounds per measurement")
-    ap.add_argument("--out", type=output_dir, default=RESULTS, help=f"output folder (default {RESULTS})")
-    args = ap.parse_args(argv)
+    args = _parser().parse_args(argv)
     cfg = FULL if args.full else QUICK
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = [f"{k}={os.environ[k]}" for k in THREAD_ENV if k in os.environ]

@@ -18,9 +18,10 @@ import math
 import struct
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: Where the Debian/Ubuntu package ``dataset-fashion-mnist`` installs the files.
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -49,6 +50,8 @@ def find(root: Path, name: str) -> Path:
 def read_idx(path: Path, ndim: int) -> Tensor:
     """Read an unsigned-byte IDX file with ``ndim`` dimensions (gzipped when its name
     ends in ``.gz``) into a uint8 tensor, refusing a wrong header or a truncated file."""
+    import torch  # here: the experiment checks --data-dir with `find` before torch is loaded
+
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:

@@ -42,21 +42,41 @@ from dataclasses import asdict, is_dataclass
 from functools import partial
 from pathlib import Path
 
-import torch
-
-from examples import lawa_runs as runs
-from examples.lawa_plots import plot_all
+from examples import fashion_mnist
+from examples.lawa_sizes import FAST, FULL
 from lawa_optim._cli import Parser, int_at_least, output_dir
-from lawa_optim.demo import source_version
-from lawa_optim.paired import (LEVEL, MARGINS, Paired, Reach, conclusion, paired, per_epoch, per_phase, phases,
-                               reach, reach_text, targets)
 
-FULL = runs.Config(seeds=20, epochs=30, short=15, train=10_000, holdout=2_000, val=2_000, bn=1_000, batch=128,
-                   twa_starts=(10, 20), twa_epochs=2)
-#: The smoke run the tests use (on a tiny IDX file of 200 images).
-FAST = runs.Config(seeds=2, epochs=4, short=2, train=128, holdout=32, val=32, bn=32, batch=32,
-                   twa_starts=(2,), twa_epochs=1)
 DEFAULT_OUT = "lawa_experiment_results"  # untracked (.gitignore)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = Parser(prog="python -m examples.lawa_experiment", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=output_dir, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/, not tracked)")
+    p.add_argument("--data-dir", default=None,
+                   help=f"directory with the Fashion-MNIST IDX files (default {fashion_mnist.DEFAULT_DIR})")
+    p.add_argument("--fast", action="store_true", help="tiny smoke run (2 seeds, 4 epochs, 128 training images)")
+    p.add_argument("--jobs", type=int_at_least(1), default=min(2, os.cpu_count() or 1),
+                   help="seeds trained in parallel, one thread each (default: 2, or 1 on one core)")
+    args = p.parse_args(argv)
+    try:  # here, not in the worker processes that read them
+        for name in fashion_mnist.FILES["train"]:
+            fashion_mnist.find(fashion_mnist.DEFAULT_DIR if args.data_dir is None else Path(args.data_dir), name)
+    except FileNotFoundError as e:
+        p.error(f"argument --data-dir: {e}")
+    return args
+
+
+if __name__ == "__main__":  # answer a bad argument or --help before the imports below, which take seconds
+    _parse(None)
+
+import torch  # noqa: E402
+
+from examples import lawa_runs as runs  # noqa: E402
+from examples.lawa_plots import plot_all  # noqa: E402
+from lawa_optim.demo import source_version  # noqa: E402
+from lawa_optim.paired import (LEVEL, MARGINS, Paired, Reach, conclusion, paired, per_epoch, per_phase,  # noqa: E402
+                               phases, reach, reach_text, targets)
+
 METRICS = ("loss", "acc")
 
 
@@ -313,10 +333,11 @@ def _jsonable(x):
 KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
-def command_line(argv: Sequence[str]) -> str:
-    """The command as typed, with the kernel-choosing environment variables that are set."""
+def command_line(argv: Sequence[str], module: str = "examples.lawa_experiment") -> str:
+    """The command as typed (``python -m module``), with the kernel-choosing environment
+    variables that are set."""
     env = [f"{k}={os.environ[k]}" for k in KERNEL_ENV if k in os.environ]
-    return " ".join([*env, "python -m examples.lawa_experiment", *argv])
+    return " ".join([*env, f"python -m {module}", *argv])
 
 
 def machine(jobs: int) -> dict:
@@ -325,23 +346,6 @@ def machine(jobs: int) -> dict:
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "processes": jobs, "threads_per_process": 1,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "lscpu": lscpu}
-
-
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = Parser(prog="python -m examples.lawa_experiment", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=output_dir, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/, not tracked)")
-    p.add_argument("--data-dir", default=None,
-                   help=f"directory with the Fashion-MNIST IDX files (default {runs.fashion_mnist.DEFAULT_DIR})")
-    p.add_argument("--fast", action="store_true", help="tiny smoke run (2 seeds, 4 epochs, 128 training images)")
-    p.add_argument("--jobs", type=int_at_least(1), default=min(2, os.cpu_count() or 1),
-                   help="seeds trained in parallel, one thread each (default: 2, or 1 on one core)")
-    args = p.parse_args(argv)
-    try:  # here, not in the worker processes that read them
-        for name in runs.fashion_mnist.FILES["train"]:
-            runs.fashion_mnist.find(runs.fashion_mnist.DEFAULT_DIR if args.data_dir is None else Path(args.data_dir), name)
-    except FileNotFoundError as e:
-        p.error(f"argument --data-dir: {e}")
-    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

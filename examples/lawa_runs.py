@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from examples import fashion_mnist
+from examples.lawa_sizes import Config
 from examples.lookahead import Lookahead
 from lawa_optim import LAWA, TWA, update_bn
 from lawa_optim.demo import batches, evaluate, record, train_epoch
@@ -39,22 +40,6 @@ LA_K, LA_ALPHA = 5, 0.8
 #: TWA learning rate as a multiple of the peak training rate (the authors' scripts use
 #: 20 on CIFAR and 3 on ImageNet), chosen on the pilot seeds like LR.
 TWA_LR_SCALE = 3.0
-
-
-@dataclass(frozen=True)
-class Config:
-    """Sizes of one experiment (the full one, or the fast one the tests run)."""
-
-    seeds: int
-    epochs: int  # the long runs
-    short: int  # the equal-compute baseline: cosine over this many epochs
-    train: int
-    holdout: int  # TWA-v fits on these
-    val: int
-    bn: int  # training images per BatchNorm refresh
-    batch: int
-    twa_starts: tuple[int, ...]
-    twa_epochs: int
 
 
 @dataclass

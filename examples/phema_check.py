@@ -30,10 +30,6 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-from torch import nn
-
-from lawa_optim import LAWA, phema
 from lawa_optim._cli import Parser, int_at_least, output_dir
 
 #: Widths the LAWA and PostHocEMA keep (EDM2's pair).
@@ -54,6 +50,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.every > args.steps:
         p.error(f"argument --every: {args.every} is more than --steps {args.steps}: no snapshot would be taken")
     return args
+
+
+if __name__ == "__main__":  # answer a bad argument or --help before the imports below, which take seconds
+    parse(None)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lawa_optim import LAWA, phema  # noqa: E402
 
 
 def make_model(seed: int) -> nn.Module:

@@ -13,20 +13,33 @@ from __future__ import annotations
 
 import tempfile
 
-import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch import nn
-from torch.distributed.checkpoint.state_dict import (
+from lawa_optim._cli import Parser, int_at_least
+
+
+def _parser() -> Parser:
+    parser = Parser(prog="torchrun --nproc-per-node 2 examples/train_distributed.py",
+                    description=__doc__.splitlines()[0])
+    parser.add_argument("--ddp", action="store_true", help="DDP instead of FSDP2")
+    parser.add_argument("--epochs", type=int_at_least(1), default=12, help="training epochs (default 12)")
+    return parser
+
+
+if __name__ == "__main__":  # answer a bad argument or --help before the imports below, which take seconds
+    _parser().parse_args()
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (  # noqa: E402
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: E402
 
-from lawa_optim import LAWA, check_in_sync
-from lawa_optim._cli import Parser, int_at_least
+from lawa_optim import LAWA, check_in_sync  # noqa: E402
 
 
 def build(ddp: bool, seed: int) -> tuple[nn.Module, LAWA]:
@@ -74,11 +87,7 @@ def checkpoint(model: nn.Module, opt: LAWA, path: str, save: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Train, evaluate the average, save and reload it; run under torchrun."""
-    parser = Parser(prog="torchrun --nproc-per-node 2 examples/train_distributed.py",
-                    description=__doc__.splitlines()[0])
-    parser.add_argument("--ddp", action="store_true", help="DDP instead of FSDP2")
-    parser.add_argument("--epochs", type=int_at_least(1), default=12, help="training epochs (default 12)")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     dist.init_process_group("gloo")
     try:
         rank = dist.get_rank()

@@ -49,6 +49,18 @@ def positive_float(text: str) -> float:
     return value
 
 
+def parse_size(text: str) -> int:
+    """An element count: an int, or one with a K, M or G suffix (powers of 1024)."""
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    try:
+        n = int(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be a positive element count such as 4096 or 64M, got {text!r}")
+    return n
+
+
 def _writable_parent(path: Path) -> None:
     parent = path.resolve().parent
     if not parent.is_dir():

@@ -25,14 +25,28 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
-
 from lawa_optim._cli import Parser, int_at_least, output_file
-from lawa_optim.paired import (MARGINS, MIN_SEEDS, conclusion, no_verdict, paired, per_epoch, per_phase, reach,
-                               reach_text, targets)
-from lawa_optim.wrapper import LAWA
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = Parser(prog="python -m lawa_optim.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--epochs", type=int_at_least(1), default=20, help="training epochs per seed (default 20)")
+    p.add_argument("--seeds", type=int_at_least(1), default=10, help="number of seeds, 0..N-1 (default 10)")
+    p.add_argument("--out", type=lambda t: t and output_file(t), default="lawa_demo.png",
+                   help="plot path (default lawa_demo.png); '' for none")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # answer a bad argument or --help before the imports below, which take seconds
+    _parse(None)
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from lawa_optim.paired import (MARGINS, MIN_SEEDS, conclusion, no_verdict, paired, per_epoch, per_phase,  # noqa: E402
+                               reach, reach_text, targets)
+from lawa_optim.wrapper import LAWA  # noqa: E402
 
 #: SGD settings of the demo: momentum 0.9 as in both papers; peak lr 0.1 and batch 32
 #: train the digits in a few epochs (one seed of 20 epochs: about 2 s on one core).
@@ -209,15 +223,6 @@ def plot(runs: Sequence[dict[str, list[float]]], out: str, title: str, k: int = 
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return True
-
-
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = Parser(prog="python -m lawa_optim.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int_at_least(1), default=20, help="training epochs per seed (default 20)")
-    p.add_argument("--seeds", type=int_at_least(1), default=10, help="number of seeds, 0..N-1 (default 10)")
-    p.add_argument("--out", type=lambda t: t and output_file(t), default="lawa_demo.png",
-                   help="plot path (default lawa_demo.png); '' for none")
-    return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:

@@ -26,6 +26,7 @@ COMMANDS = {
                       "python -m benchmarks.device_checks"),
     "memory": (["-m", "benchmarks.memory"], "benchmarks.memory", "python -m benchmarks.memory"),
     "experiment": (["-m", "examples.lawa_experiment"], "examples.lawa_experiment", "python -m examples.lawa_experiment"),
+    "posthoc": (["-m", "examples.posthoc_choice"], "examples.posthoc_choice", "python -m examples.posthoc_choice"),
     "demo": (["-m", "lawa_optim.demo"], "lawa_optim.demo", "python -m lawa_optim.demo"),
     "mutants": (["-m", "tools.mutants"], "tools.mutants", "python -m tools.mutants"),
     "phema_check": (["-m", "examples.phema_check"], "examples.phema_check", "python -m examples.phema_check"),
@@ -56,6 +57,11 @@ REFUSED = [
     ("experiment", ["--data-dir", "/nonexistent"], "--data-dir"),
     ("experiment", ["--jobs", "0"], "--jobs"),
     ("experiment", ["--out", f"{MISSING}/results"], "--out"),
+    ("posthoc", ["--data-dir", "/nonexistent"], "--data-dir"),
+    ("posthoc", ["--k", "5"], "--k"),
+    ("posthoc", ["--epochs", "5"], "--epochs"),
+    ("posthoc", ["--seeds", "0"], "--seeds"),
+    ("posthoc", ["--out", f"{MISSING}/results"], "--out"),
     ("demo", ["--out", f"{MISSING}/x.png"], "--out"),
     ("demo", ["--out", "."], "--out"),
     ("demo", ["--seeds", "0"], "--seeds"),
@@ -103,9 +109,24 @@ FIRST = [next(case for case in REFUSED if case[0] == command) for command in COM
 def test_the_command_refuses_it_before_any_work(command, args, name):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # as after `pip install -e .`
     # The timeout only stops a command that went to work: a refusal takes a second.
-    r = subprocess.run([sys.executable, *COMMANDS[command][0], *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=60)
-    check_refusal(command, name, r.returncode, r.stdout, r.stderr)
+    r = subprocess.run([sys.executable, "-X", "importtime", *COMMANDS[command][0], *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    # -X importtime writes "import time: self | cumulative | module" to stderr, one line per import
+    imports = [line for line in r.stderr.splitlines() if line.startswith("import time:")]
+    stderr = "".join(f"{line}\n" for line in r.stderr.splitlines() if not line.startswith("import time:"))
+    check_refusal(command, name, r.returncode, r.stdout, stderr)
+    imported = {line.rsplit("|", 1)[1].strip() for line in imports[1:]}  # the first line is the header
+    assert "lawa_optim._cli" in imported, imports  # the lines are there, and read right
+    # Refused before torch (seconds to import) is loaded: a refusal costs the start of Python
+    assert not {m for m in imported if m == "torch" or m.startswith("torch.")}, command
+
+
+def test_the_model_names_the_commands_accept_are_the_workloads():
+    """``--models``/``--model`` are checked against a tuple that needs no torch; it must
+    name exactly the parameter lists the benchmarks build."""
+    from benchmarks import targets, workloads
+
+    assert sorted(targets.MODELS) == sorted(workloads.MODELS)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -115,3 +136,20 @@ def test_help_shows_the_command_a_user_types(command, capsys):
     assert e.value.code == 0
     usage = " ".join(capsys.readouterr().out.split())  # argparse wraps a long usage line
     assert usage.startswith(f"usage: {COMMANDS[command][2]} [-h]")
+
+
+def test_the_package_imports_its_public_names_on_first_use():
+    """``lawa_optim`` loads no torch by itself (the commands' checks import it) and still
+    gives every name of ``__all__``, each from its own module."""
+    code = ("import sys, lawa_optim; assert 'torch' not in sys.modules, 'torch imported'; "
+            "from lawa_optim import *; from lawa_optim import LAWA; import lawa_optim.wrapper as w; "
+            "assert LAWA is w.LAWA and set(lawa_optim.__all__) <= set(dir(lawa_optim)); "
+            "[getattr(lawa_optim, n) for n in lawa_optim.__all__]; print(sorted(lawa_optim.__all__))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    import lawa_optim
+
+    assert r.stdout.split() == str(sorted(lawa_optim.__all__)).split()
+    with pytest.raises(AttributeError, match="no attribute 'nosuchname'"):
+        lawa_optim.nosuchname  # noqa: B018

@@ -303,7 +303,6 @@ def test_every_n_steps_replaces_the_epoch_snapshots(tmp_path):
 
 def test_optimizers_it_cannot_wrap_are_refused(tmp_path):
     pl = next(iter(LIGHTNING.values()))
-    from lawa_optim.integrations.lightning import LAWACallback
 
     class Two(module_class(pl)):
         def __init__(self):

@@ -261,7 +261,7 @@ def test_checkpoint_saved_during_evaluation_holds_the_training_weights(tmp_path)
         gradient_accumulation_steps=1, per_device_train_batch_size=4,
     )
     trainer = transformers.Trainer(model=Blocks(), args=args, train_dataset=data, eval_dataset=data[:4])
-    lawa = use_lawa(trainer, k=K, every=1)
+    use_lawa(trainer, k=K, every=1)
     saver = SaveDuringEvaluation(trainer)
     trainer.add_callback(saver)
     trainer.train()
