@@ -345,7 +345,8 @@ MUTANTS = [
            "            for b in done:\n                self._unswap(b)\n", "",
            ("tests/test_swap.py", "-k", "fails_to_swap")),
     Mutant("in-place-for-last-j", HIST,
-           "self._backup_for(b, last is None and weights is None, backup)", "self._backup_for(b, weights is None, backup)",
+           "full = last is None and weights is None and fitted is None",
+           "full = weights is None and fitted is None",
            ("tests/test_wrapper.py", "-k", "newest_snapshots")),
     Mutant("newest-slot-not-compared", HIST,
            "            if not torch.equal(flat[lo:lo + COMPARE_PIECE], kept[lo:lo + COMPARE_PIECE]):",
@@ -378,12 +379,12 @@ MUTANTS = [
            "            fitted, fit = posthoc.fit(self._history, sigma_rel, self.max_fit_error)\n"
            "        self._history.check_groups(self.param_groups)\n"
            "        compiled.warn_if_frozen()\n"
-           "        self._history.swap_in(last, weights, fitted)\n"
+           "        self._history.swap_in(last, weights, fitted, backup)\n"
            "        self._run.swapped = True\n",
            "            fitted, fit = posthoc.fit(self._history, sigma_rel, float('inf'))\n"
            "        self._history.check_groups(self.param_groups)\n"
            "        compiled.warn_if_frozen()\n"
-           "        self._history.swap_in(last, weights, fitted)\n"
+           "        self._history.swap_in(last, weights, fitted, backup)\n"
            "        self._run.swapped = True\n"
            "        if sigma_rel is not None:\n"
            "            posthoc.fit(self._history, sigma_rel, self.max_fit_error)\n",
