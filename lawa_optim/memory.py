@@ -2,8 +2,8 @@
 
 LAWA's price is memory (Kaddour 2022 keeps k checkpoints; this library keeps them
 flat): ``k`` slots of the history dtype per parameter element, a float32 running mean,
-and, only while an average is swapped in with a copy (float16 parameters, ``last=``,
-``weights=``, ``backup=``), a backup of the training weights.
+and, only while an average is swapped in with a copy (float16 parameters, an 8-bit
+history, ``last=``, ``weights=``, ``backup=``), a backup of the training weights.
 :meth:`lawa_optim.LAWA.memory` reads the buffers a LAWA holds; :func:`history_bytes`
 computes the same record from parameter shapes alone (meta tensors included), so k
 and the history dtype can be chosen for a model that does not fit yet.
@@ -124,8 +124,8 @@ def history_bytes(
     tensor)`` pairs, param-group dicts); meta tensors work, so the cost of a model that
     does not fit yet can be read off a model built under ``torch.device("meta")``.
     ``swapped=True`` adds the backup that :meth:`lawa_optim.LAWA.swap_to_average` of the
-    full average allocates while it is swapped in: one for float16 parameters only (the
-    others trade places with the running mean). Not predicted: a mean that is not finite,
+    full average allocates while it is swapped in: one for float16 parameters and for an
+    8-bit history only (the others trade places with the running mean). Not predicted: a mean that is not finite,
     and swaps with ``last=``, ``weights=`` or ``backup=``, which back up every parameter
     (``D`` elements of its dtype), unless, right after a snapshot into a history of the
     parameters' dtype, the newest slot holds them (then nothing, float16 included).
@@ -198,6 +198,6 @@ def history_bytes(
             sum=0 if int8 else max(widths, 1) * D * accumulation_dtype(dtype).itemsize,
             scales=4 * (k - 1) * blocks(numels)[1] if int8 else 0,
             staging=D * width if storage == "pinned" and mode == "uniform" and device.type == "cuda" else 0,
-            backup=D * width if swapped and dtype == torch.float16 else 0,
+            backup=D * width if swapped and (dtype == torch.float16 or int8) else 0,
         )
     return total

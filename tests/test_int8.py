@@ -238,6 +238,9 @@ def test_memory_at_k6_is_under_9_5_bytes_per_parameter():
     held = opt.memory()
     assert held == history_bytes(m, 6, history_dtype=torch.int8)
     assert held.history == b.ring.numel() + 4 * b.total.numel() + 8 and held.scales == 4 * b.scales.numel()
+    with opt.averaged():  # no running mean to exchange the weights with: they are copied
+        assert opt.memory() == history_bytes(m, 6, history_dtype=torch.int8, swapped=True)
+        assert opt.memory().backup == 4 * b.D
 
 
 def test_random_walk_error_is_within_1_percent_of_the_signal(tmp_path, capsys):
