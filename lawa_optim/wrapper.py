@@ -396,8 +396,8 @@ class LAWA(WrappedOptimizer):
         The full average (no ``last``, ``weights`` or ``sigma_rel``; in phema mode the
         live EMA) of float32, bfloat16 and float64 parameters allocates nothing: it trades places with the running mean (for
         bfloat16, the weight's 16 bits and the mean's low 16 bits share one word), so the
-        history holds the training weights until :meth:`swap_back`. Anything else, and
-        a mean that is not finite somewhere, copies the training weights into a backup
+        history holds the training weights until :meth:`swap_back`. Anything else, an
+        8-bit history (no running mean) and a mean that is not finite somewhere, copies the training weights into a backup
         of the parameters' size first, unless the newest ring slot holds them bit for bit
         (right after a snapshot into a history of their dtype), which then is the backup. ``backup="device"`` (beside the parameters) or
         ``"cpu"`` (host memory) asks for that copy always, leaving the history untouched
