@@ -13,6 +13,7 @@ uint32, then the data in C order.
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import math
 import struct
@@ -45,6 +46,18 @@ def find(root: Path, name: str) -> Path:
         f"{root}; install the files with `apt-get install dataset-fashion-mnist` (they go to "
         f"{DEFAULT_DIR}) or pass the directory that holds them"
     )
+
+
+def require(parser: argparse.ArgumentParser, data_dir: str | None, splits: tuple[str, ...] = ("train",)) -> None:
+    """Refuse ``--data-dir`` through ``parser`` (one line, exit 2) unless every file of
+    ``splits`` is there: checked in the command's own process, before any work and before
+    worker processes that would read them."""
+    try:
+        for split in splits:
+            for name in FILES[split]:
+                find(DEFAULT_DIR if data_dir is None else Path(data_dir), name)
+    except FileNotFoundError as e:
+        parser.error(f"argument --data-dir: {e}")
 
 
 def read_idx(path: Path, ndim: int) -> Tensor:

@@ -58,11 +58,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int_at_least(1), default=min(2, os.cpu_count() or 1),
                    help="seeds trained in parallel, one thread each (default: 2, or 1 on one core)")
     args = p.parse_args(argv)
-    try:  # here, not in the worker processes that read them
-        for name in fashion_mnist.FILES["train"]:
-            fashion_mnist.find(fashion_mnist.DEFAULT_DIR if args.data_dir is None else Path(args.data_dir), name)
-    except FileNotFoundError as e:
-        p.error(f"argument --data-dir: {e}")
+    fashion_mnist.require(p, args.data_dir)
     return args
 
 

@@ -60,12 +60,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help=f"directory with the Fashion-MNIST IDX files, training and test (default {fashion_mnist.DEFAULT_DIR})")
     p.add_argument("--fast", action="store_true", help="tiny image counts (128 training images) for a smoke run")
     args = p.parse_args(argv)
-    try:
-        for split in ("train", "test"):
-            for name in fashion_mnist.FILES[split]:
-                fashion_mnist.find(fashion_mnist.DEFAULT_DIR if args.data_dir is None else Path(args.data_dir), name)
-    except FileNotFoundError as e:
-        p.error(f"argument --data-dir: {e}")
+    fashion_mnist.require(p, args.data_dir, ("train", "test"))
     return args
 
 
