@@ -474,10 +474,9 @@ def check_history_dtype(history_dtype: Any, mode: str) -> None:
         )
 
 
-def check_param(p: Tensor, where: str, history_dtype: torch.dtype | None = None) -> None:
-    """Raise a clear error for a parameter the history (of ``history_dtype``) cannot hold."""
-    if not isinstance(p, Tensor):
-        raise TypeError(f"{where}: expected a torch.Tensor, got {type(p).__name__}")
+def check_dtype(p: Tensor, where: str, history_dtype: torch.dtype | None = None) -> None:
+    """Raise a clear error for a parameter dtype the history (of ``history_dtype``) cannot
+    hold; reads only the dtype, so meta tensors can be checked too."""
     if p.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{where} has dtype {p.dtype}; LAWA averages floating-point parameters only "
@@ -488,6 +487,13 @@ def check_param(p: Tensor, where: str, history_dtype: torch.dtype | None = None)
             f"{where} is float64, which history_dtype=torch.int8 does not hold (its anchor and "
             "scales are float32): use history_dtype=None for float64 parameters"
         )
+
+
+def check_param(p: Tensor, where: str, history_dtype: torch.dtype | None = None) -> None:
+    """Raise a clear error for a parameter the history (of ``history_dtype``) cannot hold."""
+    if not isinstance(p, Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor, got {type(p).__name__}")
+    check_dtype(p, where, history_dtype)
     if is_int8(history_dtype) and is_sharded(p):
         raise ValueError(
             f"{where} is a sharded DTensor (FSDP2); history_dtype=torch.int8 does not hold "

@@ -140,9 +140,9 @@ def history_bytes(
     """
     # Imported here: lawa_optim.history imports this module for Bucket.memory().
     from lawa_optim.history import (
-        FLOAT_DTYPES,
         accumulation_dtype,
         blocks,
+        check_dtype,
         check_history_dtype,
         is_int,
         is_int8,
@@ -168,16 +168,7 @@ def history_bytes(
         raise TypeError(f"swapped must be a bool, got {type(swapped).__name__}")
     buckets: dict[tuple, list[Tensor]] = {}
     for i, p in enumerate(_tensors(params)):
-        if p.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"params: parameter {i} has dtype {p.dtype}; LAWA averages "
-                f"{', '.join(map(str, FLOAT_DTYPES))} parameters"
-            )
-        if is_int8(history_dtype) and p.dtype == torch.float64:
-            raise ValueError(
-                f"params: parameter {i} is float64, which history_dtype=torch.int8 does not hold; "
-                "use history_dtype=None for float64 parameters"
-            )
+        check_dtype(p, f"params: parameter {i}", history_dtype)
         buckets.setdefault((p.device, p.dtype), []).append(p)
     total = Memory()
     for (device, dtype), ps in buckets.items():
