@@ -211,7 +211,7 @@ def swap_memory(path: Path, device: torch.device, backends: list[str], parameter
                         opt.snapshot()
                     weights, means = [p.detach().clone() for p in params], [b.total.clone() for b in opt._history.buckets]
 
-                    def body() -> None:
+                    def body(opt: LAWA = opt) -> None:
                         with opt.averaged():
                             pass
 

@@ -18,6 +18,7 @@ bfloat16 push's time (at least 0.8 times its speed). Writes the JSON record (def
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -47,7 +48,7 @@ if __name__ == "__main__":  # answer a bad argument or --help before the imports
 
 import torch  # noqa: E402
 
-from benchmarks.report import device_name  # noqa: E402
+from benchmarks.report import run_record  # noqa: E402
 from benchmarks.suite import in_a_row  # noqa: E402
 from benchmarks.workloads import model_params  # noqa: E402
 from lawa_optim import ops  # noqa: E402
@@ -99,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and cpu_kernels.library() is None:
         parser.error("the fused CPU kernels cannot be built here: nothing to compare")
     out = args.out or RESULTS / f"int8-push-{args.model}.json"
+    run = run_record(device, "python -m benchmarks.int8_push " + " ".join(sys.argv[1:] if argv is None else argv))
     record = measure(args.model, args.k, args.repeats, device)
-    record.update(machine=device_name(device), torch=torch.__version__,
-                  command="python -m benchmarks.int8_push " + " ".join(sys.argv[1:] if argv is None else argv))
+    run["load_after"] = list(os.getloadavg())
+    record.update(machine=run["device_name"], torch=torch.__version__, command=run["command"], run=run)
     for name, t in record["push_seconds"].items():
         print(f"{name:9} push: median {t['median'] * 1e3:8.2f} ms (range {t['min'] * 1e3:.2f}-{t['max'] * 1e3:.2f}), "
               f"{record['bytes_per_element'][name]:.2f} B/element")

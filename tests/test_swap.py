@@ -14,7 +14,6 @@ arithmetic of the exchange itself is checked bit for bit per backend in test_ops
 import json
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
