@@ -14,6 +14,11 @@ version): the optimizer is the same, only the batches differ. The journal versio
 also learns one coefficient vector per block of layers; ``blocks=`` does that here,
 with one span (and one projection) per block.
 
+The snapshots are the ones the history stores: rounded to ``history_dtype``, and for
+the 8-bit history (``history_dtype=torch.int8``) rebuilt in float64 from its anchor and
+dequantised deltas, as its swaps read them, so they differ from the exact weights by
+that history's stated error (README, "An 8-bit history").
+
 With ``torch.optim.SGD`` the weights stay in the span: the projected gradient is in
 it, weight decay adds ``wd * theta`` (in it when ``theta`` is), and momentum,
 dampening and Nesterov only form linear combinations of such vectors, provided the
@@ -34,6 +39,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import MultiStepLR
 
+from lawa_optim.backends.reference import stored_snapshots
 from lawa_optim.history import Bucket, accumulation_dtype, is_int, parameter_owners
 from lawa_optim.wrapper import LAWA
 from lawa_optim.wrapping import WrappedOptimizer
@@ -43,11 +49,6 @@ from lawa_optim.wrapping import WrappedOptimizer
 #: 1e-16 of the largest, so singular values down to 1e-6 (eigenvalues 1e-12) are
 #: recovered to about 1e-4 relative, and the second pass makes them orthonormal.
 RANK_RTOL = 1e-6
-
-
-def _newest_slots(pushes: int, k: int, n: int) -> list[int]:
-    """Ring rows of the ``n`` newest snapshots, newest first."""
-    return [(pushes - 1 - i) % k for i in range(n)]
 
 
 @dataclass
@@ -97,10 +98,12 @@ class TWA(WrappedOptimizer):
             would move twice as far and leave the span); where ``history`` lists one
             twice, or two tensors on one memory, the first of them stands for it.
         history: a uniform-mode :class:`~lawa_optim.LAWA` holding at least one
-            snapshot. It is only read: its ring, counters and weights are untouched,
-            and it is not stepped.
+            snapshot, with any ``history_dtype`` (the 8-bit one included) and unsharded
+            parameters. It is only read: its ring, scales, counters and weights are
+            untouched, and it is not stepped.
         last: use only the ``last`` newest snapshots (default: all that
-            ``history`` holds).
+            ``history`` holds). Chosen snapshots that hold a NaN or an infinity are
+            refused (``ValueError``): a smaller ``last`` can leave them out.
         blocks: ``None`` (default): one coefficient per snapshot for the whole model
             (the ICLR version). Otherwise a sequence of parameter collections that
             partitions the parameters of ``history`` (each in exactly one block), for
@@ -108,8 +111,9 @@ class TWA(WrappedOptimizer):
             gets coefficients of its own (the journal version's block-wise TWA), i.e.
             the weights move in the span of each block's slices of the snapshots.
 
-    Creating a TWA writes the mean of the chosen snapshots into the parameters
-    (overwriting the live weights; save them first to keep them). Each :meth:`step`
+    Creating a TWA writes the mean of the chosen snapshots into the parameters: their
+    float64 mean rounded once to the parameters' dtype (overwriting the live weights;
+    save them first to keep them). Each :meth:`step`
     replaces every gradient by its projection onto the span of the snapshots, then
     runs the wrapped optimizer's step; a parameter without a gradient counts as a zero
     gradient (its projected gradient is generally not zero, so it is created).
@@ -118,7 +122,9 @@ class TWA(WrappedOptimizer):
     as the authors do after TWA.
     Memory: the orthonormal basis (r x D with r <= n the rank of the snapshots, per
     block, in float32 for float32/16-bit parameters) and one D-element gradient buffer;
-    building the basis holds r x D float64 values per block and bucket for a moment.
+    building the basis holds the n x D float64 snapshots of one block and bucket at a
+    time (an 8-bit history's rebuilt into them, with one parameter's delta beside) and
+    their r x D combination.
     """
 
     def __init__(
@@ -163,11 +169,6 @@ class TWA(WrappedOptimizer):
         count = counts[0]
         if last is not None and (not is_int(last) or not 1 <= last <= count):
             raise ValueError(f"last must be None or an int in [1, {count}] (the snapshots history holds), got {last!r}")
-        if any(b.int8 for b in buckets):
-            raise ValueError(
-                "history keeps its snapshots 8-bit delta-coded (history_dtype=torch.int8), which TWA "
-                "does not read: build the LAWA with history_dtype=None or torch.bfloat16 for TWA"
-            )
         if any(b.sharded for b in buckets):
             raise ValueError(
                 "history holds sharded (DTensor, e.g. FSDP2) parameters; TWA projects onto the span "
@@ -203,7 +204,6 @@ class TWA(WrappedOptimizer):
         super().__init__(optimizer)
         self.num_snapshots = count if last is None else last
         self._buckets: list[Bucket] = buckets
-        self._slots = [_newest_slots(int(b.pushes.item()), b.k, self.num_snapshots) for b in buckets]
         self._segments = _segments(buckets, blocks, history._history.aliases())
         self.num_blocks = 1 + max(s.block for s in self._segments)
         self._scaled = False  # whether paper_schedule scaled the learning rate
@@ -222,11 +222,24 @@ class TWA(WrappedOptimizer):
 
     # -- set-up -------------------------------------------------------------------
     def _snapshots(self, s: _Segment) -> Tensor:
-        """Segment ``s``'s slices of the chosen snapshots as an (n, D_s) float64 matrix."""
-        b = s.bucket
-        slots = self._slots[self._buckets.index(b)]
-        cols = torch.cat([b.ring[slots, b.offsets[i]:b.offsets[i] + b.numels[i]] for i in s.index], dim=1)
-        return cols.to(device=b.param_device, dtype=torch.float64)
+        """Segment ``s``'s slices of the chosen stored snapshots as an (n, D_s) float64
+        matrix (an 8-bit history's reconstructed ones); ``ValueError`` where one holds a
+        NaN or an infinity, before anything is written."""
+        b, n = s.bucket, self.num_snapshots
+        rows = stored_snapshots(b, s.index, n, b.param_device)
+        bad = [j for j in range(n) if not bool(rows[j].isfinite().all())]
+        if bad:
+            shape = next(tuple(b.params[i].shape) for i, lo in zip(s.index, s.offsets)
+                         if not bool(rows[:, lo:lo + b.numels[i]].isfinite().all()))
+            remedy = (f"last={bad[0]} chooses only the newer ones" if bad[0] else
+                      "the newest holds one too: train on and snapshot finite weights")
+            raise ValueError(
+                f"snapshot(s) {bad} (0 the newest) of the {n} chosen hold a NaN or an infinity (in a "
+                f"parameter of shape {shape}), whose span TWA cannot train in; an 8-bit history reads "
+                f"as NaN, in a block restarted by a non-finite delta, in every snapshot before the "
+                f"restart; {remedy}"
+            )
+        return rows
 
     @torch.no_grad()
     def _orthonormalise(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -262,10 +275,16 @@ class TWA(WrappedOptimizer):
 
     @torch.no_grad()
     def _start_at_mean(self) -> None:
-        """Write the mean of the chosen snapshots into the parameters."""
-        for b, slots in zip(self._buckets, self._slots):
-            mean = b.ring[slots].to(device=b.param_device, dtype=torch.float64).mean(0).to(b.dtype)
-            torch._foreach_copy_(b.params, b.views(mean))
+        """Write the mean of the chosen stored snapshots into the parameters: their
+        float64 mean (for an 8-bit history, of the snapshots reconstructed from the
+        anchor and the deltas), rounded once to the parameters' dtype. A swap to the same
+        average (``swap_to_average(last=n)``) sums the anchor and the deltas in float32
+        instead (:mod:`lawa_optim.ops`): the two agree within float32 rounding, not bit
+        for bit."""
+        for b in self._buckets:
+            for i, p in enumerate(b.params):
+                mean = stored_snapshots(b, [i], self.num_snapshots, b.param_device).mean(0)
+                p.copy_(b.view(mean.to(b.dtype), i, base=b.offsets[i]))
 
     # -- training -------------------------------------------------------------------
     @torch.no_grad()

@@ -11,7 +11,7 @@ import torch
 from conftest import assert_same, assert_same_bits, fingerprint, offloaded
 from torch import nn
 
-from lawa_optim import LAWA, TWA, export_average, history_bytes
+from lawa_optim import LAWA, export_average, history_bytes
 from lawa_optim.history import History
 
 GPT2_SMALL = (  # (shape, count): token and position embeddings, 12 blocks, the final norm
@@ -73,14 +73,6 @@ def test_float64_parameters_are_refused_changing_nothing():
     with pytest.raises(ValueError, match="float64"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(3, dtype=torch.float64))]})
     assert_same(fingerprint(opt), before)
-
-
-def test_twa_refuses_an_8bit_history():
-    m = model()
-    opt = int8_lawa(m)
-    walk(opt, 3)
-    with pytest.raises(ValueError, match="8-bit delta-coded"):
-        TWA(torch.optim.SGD(m.parameters(), lr=0.1), opt)
 
 
 def test_a_resumed_run_continues_bit_for_bit():

@@ -27,10 +27,10 @@ def _loss(m, x, y):
     return nn.functional.cross_entropy(m(x), y)
 
 
-def _trained(k=4, snapshots=6, **kw):
+def _trained(k=4, snapshots=6, model=_model, **kw):
     """A model and a LAWA over it after ``snapshots`` epochs of 3 SGD steps each,
     plus the dense float64 snapshots (newest first) recorded independently."""
-    m = _model()
+    m = model()
     x, y = _data()
     lawa = LAWA(torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9), k=k, **kw)
     dense = []
@@ -139,16 +139,22 @@ def test_unprojected_sgd_leaves_the_span():
     assert _span_residual(dense, _flat(m)) > 1e-3
 
 
-def test_history_untouched_and_state_shared():
-    m, lawa, _ = _trained()
-    before = [(b.ring.clone(), b.total.clone(), b.pushes.clone()) for b in lawa._history.buckets]
+def _history_buffers(lawa):
+    """Copies of every buffer of the history (an 8-bit one's scales too)."""
+    return [{name: None if getattr(b, name) is None else getattr(b, name).clone()
+             for name in ("ring", "scales", "total", "pushes")} for b in lawa._history.buckets]
+
+
+@pytest.mark.parametrize("history_dtype", [None, torch.int8], ids=["float32", "int8"])
+def test_history_untouched_and_state_shared(history_dtype):
+    m, lawa, _ = _trained(history_dtype=history_dtype)
+    before = _history_buffers(lawa)
     sgd = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
     twa = TWA(sgd, history=lawa)
     x, y = _data()
     _loss(m, x, y).backward()
     twa.step()
-    for (ring, total, pushes), b in zip(before, lawa._history.buckets):
-        assert torch.equal(ring, b.ring) and torch.equal(total, b.total) and torch.equal(pushes, b.pushes)
+    assert_same(_history_buffers(lawa), before)  # bit for bit: codes, scales, anchor, counter
     assert twa.param_groups is sgd.param_groups and twa.state is sgd.state and twa.defaults is sgd.defaults
     assert len(sgd.state) == len(list(m.parameters()))  # momentum buffers live in the inner SGD
     calls = []
@@ -188,6 +194,20 @@ def _swapped(m, lawa):
     return _sgd(m), lawa, {}
 
 
+def _non_finite(m, lawa):
+    """A NaN in one weight for one snapshot, then finite weights again: the snapshot
+    before the newest holds the NaN (an 8-bit history restarts the block twice, so every
+    snapshot before the newest reads as NaN in it)."""
+    w = m[2].weight
+    held = w[1, 2].item()
+    with torch.no_grad():
+        w[1, 2] = float("nan")
+        lawa.snapshot()
+        w[1, 2] = held
+        lawa.snapshot()
+    return _sgd(m), lawa, {}
+
+
 def _blocks_case(edit):
     return lambda m, lawa: (_sgd(m), lawa, {"blocks": edit(m, _blocks(m))})
 
@@ -209,6 +229,13 @@ REFUSED = {
     "last": ({}, lambda m, lawa: (_sgd(m), lawa, {"last": 5}), ValueError,
              r"last must be None or an int in \[1, 4\].*got 5"),
     "sharded": ({}, _sharded, ValueError, "sharded"),
+    "non-finite": ({}, _non_finite, ValueError,
+                   (r"snapshot\(s\) \[1\] \(0 the newest\) of the 4 chosen hold a NaN or an infinity "
+                    r"\(in a parameter of shape \(4, 12\)\).*last=1 chooses only the newer ones")),
+    "non-finite-int8": ({"history_dtype": torch.int8}, _non_finite, ValueError,
+                        (r"snapshot\(s\) \[1, 2, 3\] \(0 the newest\) of the 4 chosen hold a NaN or an "
+                         r"infinity \(in a parameter of shape \(4, 12\)\).*restarted by a non-finite delta"
+                         r".*last=1 chooses only the newer ones")),
     "parameters-missing": ({}, lambda m, lawa: (torch.optim.SGD(list(m.parameters())[:2], lr=0.1), lawa, {}),
                            ValueError, r"4 parameter\(s\) of history are not in optimizer \(the first: "
                            r"parameter 2 of param group 0, of shape \(4, 12\)\)"),
@@ -266,6 +293,117 @@ def test_bfloat16_history_span_of_stored_values():
         twa.zero_grad()
     assert _span_residual(stored, _flat(m)) < 1e-5
     assert _span_residual(dense, _flat(m)) > 1e-4  # the unrounded snapshots span another space
+
+
+# -- an 8-bit history: TWA trains over its stored snapshots, rebuilt from the codes -----
+
+#: Float32 unit roundoff: a rounding to float32 errs by at most U times the value.
+U = 2.0**-24
+
+
+def _wide_model() -> nn.Module:
+    """``_model`` with a hidden layer of 360 weights: two quantisation blocks of 256, the
+    second one partial, beside the channels_last conv weight."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 2 * 2, 30), nn.ReLU(), nn.Linear(30, 3))
+    m[0].weight.data = m[0].weight.data.contiguous(memory_format=torch.channels_last)
+    return m
+
+
+def _int8_stored(m, lawa, n):
+    """The anchor and the ``n - 1`` newest dequantised deltas (newest first) of an 8-bit
+    history, read from its state_dict and decoded by hand: flat, parameters in logical
+    order as ``_flat``, float64. Blocks of 256 run over each parameter's memory order."""
+    sd = lawa.state_dict()
+    pushes, k = sd["param_groups"][0]["lawa"]["pushes"], lawa.k
+    anchors, deltas = [], []
+    for index, p in enumerate(m.parameters()):
+        entry = sd["state"][index]
+        dims = _memory_dims(p)
+        in_memory = [p.shape[d] for d in dims]
+        order = sorted(range(p.dim()), key=dims.__getitem__)  # memory order back to logical
+        anchors.append(entry["lawa_anchor"].reshape(-1).double())
+        rows = []
+        for j in range(1, n):
+            slot = (pushes - 1 - j) % (k - 1)
+            codes = entry["lawa_history"][slot].permute(*dims).reshape(-1).float()
+            scale = entry["lawa_scales"][slot].repeat_interleave(256)[:codes.numel()]
+            delta = codes * scale  # the float32 product is the stored delta
+            rows.append(delta.reshape(in_memory).permute(*order).reshape(-1).double())
+        deltas.append(torch.stack(rows) if rows else torch.zeros(0, p.numel(), dtype=torch.float64))
+    return torch.cat(anchors), torch.cat(deltas, dim=1)
+
+
+def _int8_snapshots(anchor, deltas):
+    """The stored snapshots, newest first: the anchor minus the cumulative deltas."""
+    return torch.cat([anchor[None], anchor - deltas.cumsum(0)])
+
+
+@pytest.mark.parametrize("last", [None, 2])
+def test_int8_history_starts_at_mean_of_stored_snapshots(runner, last):
+    """TWA over an 8-bit history starts at the float64 mean of its stored snapshots
+    (rebuilt by hand from the state_dict) rounded once to float32, and agrees with the
+    swap to the same average within the roundings of both."""
+    m, lawa, dense = _trained(model=_wide_model, history_dtype=torch.int8, backend=runner)
+    n = last or 4
+    anchor, deltas = _int8_stored(m, lawa, n)
+    mean = _int8_snapshots(anchor, deltas).mean(0)
+    with lawa.averaged(last=n):
+        swapped = _flat(m)
+    twa = TWA(torch.optim.SGD(m.parameters(), lr=0.1), history=lawa, last=last)
+    assert (twa.num_snapshots, twa.rank) == (n, n)
+    # One rounding to float32 (U); 2**-40 covers the float64 sums' own rounding.
+    torch.testing.assert_close(_flat(m), mean, rtol=U, atol=2.0**-40)
+    # The swap sums W_0 * anchor - W_i * delta_i (W_i = (n - i) / n rounded to float32,
+    # each product rounded, a compensated sum rounded once): within U |mean| + 2 U sum
+    # |delta_i| of the mean; TWA within U |mean|; so 2 U (|mean| + sum |delta_i|) apart.
+    bound = 2 * U * (mean.abs() + deltas.abs().sum(0)) + 2.0**-40
+    assert bool(((_flat(m) - swapped).abs() <= bound).all())
+    # the stored snapshots are not the exact weights: the 8-bit error is visible here
+    assert (mean - dense[:n].mean(0)).abs().max() > 1e3 * U * mean.abs().max()
+
+
+def test_int8_history_span_of_stored_snapshots():
+    """The basis spans the rebuilt snapshots, and SGD with weight decay on projected
+    gradients stays in their span (not in that of the exact weights)."""
+    m, lawa, dense = _trained(model=_wide_model, history_dtype=torch.int8)
+    stored = _int8_snapshots(*_int8_stored(m, lawa, 4))
+    twa = TWA(torch.optim.SGD(m.parameters(), lr=0.1, weight_decay=1e-2), history=lawa)
+    q = twa._basis[0].double()  # float32 rows: each entry rounded, |dQ| <= U |Q| = U sqrt(r)
+    r = q.shape[0]
+    assert r == 4
+    # Q^T Q x - x = dQ^T Q x + Q^T dQ x + O(U^2) for x in the span: at most 2 U sqrt(r) |x|;
+    # doubled for the float64 basis' own error (about 2**-53 times the condition number).
+    for x in stored:
+        xm = _memory_order(m, x)
+        assert (xm @ q.T @ q - xm).norm() <= 4 * U * r**0.5 * xm.norm()
+    x, y = _data()
+    steps = 10
+    for _ in range(steps):
+        _loss(m, x, y).backward()
+        twa.step()
+        twa.zero_grad()
+    w = _flat(m)
+    assert (w - stored.mean(0)).norm() > 1e-2  # it did train
+    # Each step rounds the weights to float32 (U |w|) and adds an update whose part out
+    # of the span is the float32 projection's, 2 U sqrt(r) of the update, plus the
+    # rounding of the update (U): the updates are smaller than the weights here.
+    tol = (steps + 1) * (2 + 2 * r**0.5) * U
+    assert _span_residual(stored, w) < tol
+    assert _span_residual(dense[:4], w) > 10 * tol
+
+
+def test_int8_history_after_a_restart_with_last():
+    """After a block restarted (a NaN in the weights), the snapshots before the restart
+    are refused (REFUSED, "non-finite-int8"), and ``last=1`` trains from the newest, the
+    anchor."""
+    m, lawa, _ = _trained(history_dtype=torch.int8)
+    _non_finite(m, lawa)
+    anchor, _ = _int8_stored(m, lawa, 1)
+    assert bool(anchor.isfinite().all())
+    twa = TWA(torch.optim.SGD(m.parameters(), lr=0.1), history=lawa, last=1)
+    assert twa.rank == 1
+    assert_same(_flat(m), anchor)  # the mean of one float32 snapshot is itself
 
 
 def test_projection_is_joint_over_buckets():

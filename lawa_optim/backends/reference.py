@@ -360,6 +360,35 @@ def dequantised(b: "Bucket", slot: int, i: int) -> Tensor:
     return dequantise(b.ring[slot, lo:lo + numel], b.scales[slot, b.block_bases[i]:])
 
 
+def stored_snapshots(b: "Bucket", index: Sequence[int], count: int, device: torch.device) -> Tensor:
+    """The ``count`` newest stored snapshots of parameters ``index`` of a uniform-mode
+    bucket, newest first: a ``(count, sum of their numels)`` float64 matrix on
+    ``device``, each row the parameters back to back, each flat in memory order.
+
+    A floating-point ring's slots are widened exactly. For an 8-bit history they are the
+    snapshots its swaps average (:mod:`lawa_optim.ops`, ``swap_in_int8``): the ``j``-th
+    newest is the anchor minus the ``j`` newest dequantised deltas, subtracted one at a
+    time in float64 (within ``j 2**-53`` of the magnitudes of the exact difference); a
+    block restarted by a non-finite delta (scale NaN) reads as NaN in every snapshot
+    before the restart. Temporaries: one parameter's delta, no copy of the ring."""
+    n = int(b.pushes.item())
+    out = torch.empty(count, sum(b.numels[i] for i in index), dtype=torch.float64, device=device)
+    col = 0
+    for i in index:
+        lo, numel = b.offsets[i], b.numels[i]
+        rows = out[:, col:col + numel]
+        col += numel
+        if not b.int8:
+            for j in range(count):
+                rows[j].copy_(b.ring[(n - 1 - j) % b.k, lo:lo + numel])
+            continue
+        rows[0].copy_(b.total[lo:lo + numel])
+        for j in range(1, count):
+            delta = dequantised(b, (n - 1 - j) % (b.k - 1), i).to(device=device, dtype=torch.float64)
+            torch.sub(rows[j - 1], delta, out=rows[j])
+    return out
+
+
 def swap_in_int8(b: "Bucket", coefficients: Tensor) -> None:
     """Swap-in of an 8-bit history: the compensated sum of ``coefficients[0] * anchor``
     and ``coefficients[i] *`` the ``i``-th newest delta."""
