@@ -389,6 +389,14 @@ MUTANTS = [
            "        if sigma_rel is not None:\n"
            "            posthoc.fit(self._history, sigma_rel, self.max_fit_error)\n",
            ("tests/test_phema_mode.py", "-k", "refused")),
+    # TWA over an 8-bit history: the stored snapshots it trains over, rebuilt newest first.
+    Mutant("twa-int8-delta-slot", REF, "delta = dequantised(b, (n - 1 - j) % (b.k - 1), i)",
+           "delta = dequantised(b, (n - j) % (b.k - 1), i)", ("tests/test_twa.py", "-k", "int8")),
+    Mutant("twa-int8-delta-added", REF, "torch.sub(rows[j - 1], delta, out=rows[j])",
+           "torch.add(rows[j - 1], delta, out=rows[j])", ("tests/test_twa.py", "-k", "int8")),
+    Mutant("twa-nonfinite-unchecked", "lawa_optim/twa.py",
+           "bad = [j for j in range(n) if not bool(rows[j].isfinite().all())]", "bad = []",
+           ("tests/test_twa.py", "-k", "finite")),
 ]
 
 
