@@ -41,7 +41,7 @@ from torch import Tensor
 from lawa_optim import posthoc
 from lawa_optim.backends.reference import unexchanged
 from lawa_optim.distributed import as_global
-from lawa_optim.history import History
+from lawa_optim.history import History, scales_shapes
 from lawa_optim.optimizer_check import check_optimizer
 from lawa_optim.state_check import KEYS, Checked, Layout, check, dtype_name
 
@@ -91,10 +91,11 @@ def save_history(opt: "LAWA", sd: dict[str, Any]) -> None:
         mean, backup = b.view(b.total, i), None if b.backup is None else b.view(b.backup, i)
         if b.exchanged is not None:  # the mean and the training weights share two buffers
             mean, backup = unexchanged(b.params[i], mean)
-        if b.int8:  # no sharded parameters (check_param): plain views; always a backup buffer
-            entry["lawa_history"] = b.history_view(i)
-            entry["lawa_anchor"] = mean
-            entry["lawa_scales"] = b.scales_view(i)
+        if b.int8:  # never exchanged: always a backup buffer
+            entry["lawa_history"] = as_global(b.history_view(i), p, lead=hist.k - 1)
+            entry["lawa_anchor"] = as_global(mean, p)
+            scales = scales_shapes(p, hist.k)[0]
+            entry["lawa_scales"] = as_global(b.saved_scales(i), p, lead=scales[0], shape=scales[1:])
         else:
             if hist.mode != "ema":
                 entry["lawa_history"] = as_global(b.history_view(i), p, lead=hist.k)
@@ -170,7 +171,7 @@ def read_history(opt: "LAWA", sd: dict[str, Any]) -> Checked:
                 if b.int8:
                     b.history_view(i).copy_(got["lawa_history"])
                     b.view(b.total, i).copy_(got["lawa_anchor"])
-                    b.scales_view(i).copy_(got["lawa_scales"])
+                    b.saved_scales(i).copy_(got["lawa_scales"])
                     continue
                 if hist.mode != "ema":
                     b.history_view(i).copy_(got["lawa_history"])
