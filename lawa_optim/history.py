@@ -8,7 +8,10 @@ Parameters are grouped into buckets that share a device and a dtype. A bucket ke
 * with ``history_dtype=torch.int8`` (the 8-bit history, :mod:`lawa_optim.ops`) instead:
   ``total`` is the *anchor*, the newest stored snapshot in float32, ``ring`` holds
   ``k - 1`` int8 deltas between consecutive stored snapshots and ``scales`` their
-  float32 scales, ``(k - 1, blocks)``, one per block of ``QBLOCK`` elements;
+  float32 scales, ``(k - 1, blocks)``, one per block of ``QBLOCK`` elements. Sharded
+  parameters keep it only where their blocks are chunks of whole rows under ``Shard(0)``
+  (:func:`history_format`; the others a ring of their own dtype, in a bucket of their
+  own), so the blocks, and the checkpoints, do not depend on the number of ranks;
 * ``pushes``: a one-element int64 tensor beside the ring counting snapshots ever
   pushed. Slot ``s`` holds the snapshot number ``n`` with ``n % k == s``, the next
   push writes slot ``pushes % k`` and ``min(pushes, k)`` slots are filled. It lives on

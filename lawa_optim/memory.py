@@ -132,7 +132,10 @@ def history_bytes(
     (``D`` elements of its dtype), unless, right after a snapshot into a history of the
     parameters' dtype, the newest slot holds them (then nothing, float16 included).
     ``sigma_rels`` (``mode="phema"`` only, default ``(0.05, 0.10)``) gives the widths, one
-    float32 EMA each. Nothing is allocated.
+    float32 EMA each. A DTensor parameter counts this rank's shard, in the format the
+    history gives it (:func:`lawa_optim.history.history_format`: with
+    ``history_dtype=torch.int8``, sharded parameters whose rows are no multiple of 256
+    elements keep their own dtype). Nothing is allocated.
 
     Example::
 

@@ -5,7 +5,10 @@ tensors under ``state[i]`` (``lawa_history``: a ``(k, *shape)`` view of the ring
 ``lawa_mean``: the running mean, in uniform mode; with ``history_dtype=torch.int8``
 instead ``lawa_history``: the ``(k - 1, *shape)`` int8 delta codes, ``lawa_anchor``: the
 newest snapshot in float32 and ``lawa_scales``: the ``(k - 1, blocks)`` float32 scales of
-the parameter's blocks of 256 elements; ``lawa_ema``: the average in EMA mode;
+the parameter's blocks of 256 elements, ``(k - 1, rows, blocks per row)`` for a sharded
+parameter, whose blocks are chunks of its rows (a sharded parameter that the rule of
+:func:`lawa_optim.history.history_format` keeps in its own dtype saves the ring and the
+mean instead); ``lawa_ema``: the average in EMA mode;
 ``lawa_history`` and ``lawa_phema``, the ``(E, *shape)`` power-function EMAs, in phema
 mode; ``lawa_backup``: the training weights while swapped) and small counters and
 settings under ``param_groups[g]["lawa"]`` (in phema mode also the widths, the EMA step

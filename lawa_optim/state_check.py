@@ -27,7 +27,10 @@ before the optimizer changes. What is refused:
   (strided), non-meta tensor of exactly the dtype the history holds (history: the
   history dtype; mean, sum and EMA: the accumulation dtype; backup: the parameter's dtype;
   nothing is cast) and of the parameter's shape (with ``k`` in front for the history);
-  no other ``lawa_*`` key;
+  no other ``lawa_*`` key; with ``history_dtype=torch.int8``, each entry in the format
+  :func:`lawa_optim.history.history_format` gives its parameter (an export reads each in
+  the format its keys name: a gathered checkpoint of sharded parameters mixes them), and
+  scales shaped ``(k - 1, rows, blocks per row)`` for sharded parameters;
 * in ``mode="phema"``: ``sigma_rels`` equal to this LAWA's, and each generation's EMA
   step count and slot records what a run can leave (:func:`lawa_optim.posthoc.check_saved`);
   ``lawa_phema`` (the EMAs, the number of widths in front) beside ``lawa_history``.
