@@ -459,10 +459,10 @@ def fsdp8_train(rank: int, world: int, out: Path) -> None:
         train_epoch(model, opt, e, FEATURES8)
         opt.snapshot()
         rec["snaps"].append(full(params))
-    held = {id(p): b.int8 for b in opt._history.buckets for p in b.sources}
-    rec["int8"] = [held[id(p)] for p in params]
-    held, predicted = opt.memory(), history_bytes(model, K, history_dtype=torch.int8)
-    rec["memory"], rec["predicted"] = dataclasses.asdict(held), dataclasses.asdict(predicted)
+    int8 = {id(p): b.int8 for b in opt._history.buckets for p in b.sources}
+    rec["int8"] = [int8[id(p)] for p in params]
+    rec["memory"] = dataclasses.asdict(opt.memory())
+    rec["predicted"] = dataclasses.asdict(history_bytes(model, K, history_dtype=torch.int8))
     rec["avg"] = averages8(model.parameters(), opt)
     model.reshard()
     dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
@@ -568,7 +568,7 @@ def test_fsdp_8bit_averages_equal_the_unsharded_run(fsdp8_run):
 @pytest.mark.parametrize("world", [2, 1])
 def test_fsdp_8bit_checkpoint_reshards(tmp_path, fsdp8_run, world):
     """A distributed checkpoint loaded on 2 ranks and on 1 (resharded): the same averages
-    bit for bit, and one more epoch gives the uninterrupted run's snapshots; a dict
+    bit for bit, and one more epoch gives the uninterrupted run's averages; a dict
     whose entry has the wrong format for its parameter is refused, changing nothing."""
     out, recs = fsdp8_run
     run_ranks(fsdp8_load, world, tmp_path, str(out))
