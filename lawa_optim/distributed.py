@@ -68,15 +68,17 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def as_global(view: Tensor, param: Tensor, lead: int | None = None) -> Tensor:
+def as_global(view: Tensor, param: Tensor, lead: int | None = None, shape: tuple[int, ...] | None = None) -> Tensor:
     """Wrap ``view`` (shaped like ``local(param)``, or ``(lead, *local shape)``) as a
-    DTensor laid out like ``param``; a plain ``param`` returns ``view`` unchanged.
+    DTensor laid out like ``param``; a plain ``param`` returns ``view`` unchanged. With
+    ``shape``, the global shape after ``lead`` is ``shape`` instead of the parameter's (a
+    tensor sharded like the parameter's rows: the same first dimension).
 
     No communication: ``run_check=False`` and the global shape and stride are given.
     """
     if not is_sharded(param):
         return view
-    shape = tuple(param.shape)
+    shape = tuple(param.shape if shape is None else shape)
     placements = tuple(param.placements)
     if lead is not None:
         shape = (lead, *shape)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from lawa_optim import posthoc, weighting
 from lawa_optim.backends.reference import compensated_sum, dequantise, rounded, weighted_sum, wide_where_overflowed
 from lawa_optim.bn import update_bn
-from lawa_optim.history import HISTORY_DTYPES, accumulation_dtype, is_int, is_int8
+from lawa_optim.history import HISTORY_DTYPES, accumulation_dtype, is_int
 from lawa_optim.ops import suffix_coefficients
 from lawa_optim.state_check import Layout, check, dtype_name, shown
 from lawa_optim.wrapper import LAWA, MODES
@@ -188,7 +188,7 @@ def _from_state_dict(
             sigma_rels = posthoc.check_sigma_rels(meta.get("sigma_rels"))
         except ValueError as exc:
             raise ValueError(f"source's LAWA settings (mode 'phema'): {exc}") from None
-    layout = Layout(live, k, mode, history_dtype, target="model", names=names, sigma_rels=sigma_rels)
+    layout = Layout(live, k, mode, history_dtype, target="model", names=names, sigma_rels=sigma_rels, by_keys=True)
     checked = check(layout, dict(sd))
     fitted = {}
     if sigma_rel is not None:
@@ -231,7 +231,7 @@ def _from_state_dict(
         if phema_live:  # the live EMA of the first width exists from the first step on
             pushes = 0 if gen is None else checked.phema[gen][0]
         for p in group["params"]:
-            if pushes > 0 and is_int8(history_dtype):
+            if pushes > 0 and "lawa_anchor" in checked.tensors[id(p)]:  # 8 bits (checked by its keys)
                 averages[id(p)] = _average_int8(p, checked.tensors[id(p)], pushes, k, fitted.get(g))
             elif pushes > 0:
                 averages[id(p)] = _average(p, checked.tensors[id(p)], pushes, k, mode, fitted.get(g))

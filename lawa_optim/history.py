@@ -8,7 +8,10 @@ Parameters are grouped into buckets that share a device and a dtype. A bucket ke
 * with ``history_dtype=torch.int8`` (the 8-bit history, :mod:`lawa_optim.ops`) instead:
   ``total`` is the *anchor*, the newest stored snapshot in float32, ``ring`` holds
   ``k - 1`` int8 deltas between consecutive stored snapshots and ``scales`` their
-  float32 scales, ``(k - 1, blocks)``, one per block of ``QBLOCK`` elements;
+  float32 scales, ``(k - 1, blocks)``, one per block of ``QBLOCK`` elements. Sharded
+  parameters keep it only where their blocks are chunks of whole rows under ``Shard(0)``
+  (:func:`history_format`; the others a ring of their own dtype, in a bucket of their
+  own), so the blocks, and the checkpoints, do not depend on the number of ranks;
 * ``pushes``: a one-element int64 tensor beside the ring counting snapshots ever
   pushed. Slot ``s`` holds the snapshot number ``n`` with ``n % k == s``, the next
   push writes slot ``pushes % k`` and ``min(pushes, k)`` slots are filled. It lives on
@@ -60,7 +63,7 @@ from torch import Tensor
 
 from lawa_optim import compiled, ops, weighting
 from lawa_optim.backends import cpu_kernels
-from lawa_optim.distributed import is_sharded, local, reshard_fsdp
+from lawa_optim.distributed import Shard, is_sharded, local, reshard_fsdp
 from lawa_optim.memory import Memory
 from lawa_optim.offload import Offload
 
@@ -78,6 +81,60 @@ QBLOCK = ops.QBLOCK
 def is_int8(history_dtype: torch.dtype | None) -> bool:
     """Whether ``history_dtype`` selects the 8-bit delta-coded history."""
     return history_dtype == torch.int8
+
+
+def row_blocks(shape: Sequence[int]) -> int:
+    """Blocks per row (``QBLOCK`` elements each) of a parameter of (global) ``shape`` whose
+    rows, ``shape[1:]``, hold a positive multiple of ``QBLOCK`` elements, and which has a
+    row; 0 for any other shape. Under ``Shard(0)`` a rank holds whole rows, so blocks
+    counted from its shard's first element are (row, 256-element chunk) blocks, the same
+    whatever the number of ranks."""
+    row = math.prod(shape[1:]) if len(shape) else 0
+    return row // QBLOCK if len(shape) and shape[0] > 0 and row > 0 and row % QBLOCK == 0 else 0
+
+
+def history_format(p: Tensor, history_dtype: torch.dtype | None, where: str = "the parameter") -> torch.dtype | None:
+    """The history dtype that holds parameter ``p`` in a LAWA of ``history_dtype``
+    (``None``: the parameter's own dtype); the one rule for building, loading and
+    :func:`lawa_optim.history_bytes`, read off the parameter alone.
+
+    ``history_dtype`` itself, but for a sharded parameter (DTensor) in an 8-bit history,
+    whose blocks must mean the same whatever the number of ranks, or no checkpoint could
+    be resharded: under ``Shard(0)`` and ``Replicate`` placements a parameter whose rows
+    are multiples of ``QBLOCK`` elements (:func:`row_blocks`) keeps 8 bits, its blocks
+    chunks of its rows; any other (norms, biases) gets ``None``, a ring of its own dtype.
+    Other placements, and a shard not laid out row by row, raise ``ValueError`` (``where``
+    names ``p``)."""
+    if not is_int8(history_dtype) or not is_sharded(p):
+        return history_dtype
+    if not all(pl.is_replicate() or (type(pl) is Shard and pl.dim == 0) for pl in p.placements):
+        raise ValueError(
+            f"{where} is a DTensor with placements {tuple(p.placements)}; "
+            "history_dtype=torch.int8 holds sharded parameters only under Shard(0) and Replicate "
+            "(FSDP2's placements), whose shards hold whole rows, so that no block of 256 elements "
+            "straddles a shard and a checkpoint reshards exactly: use history_dtype=torch.bfloat16"
+        )
+    if not row_blocks(p.shape):
+        return None
+    shard = local(p)
+    if not shard.is_contiguous():
+        raise ValueError(
+            f"{where} is a DTensor whose local shard (shape {tuple(shard.shape)}, stride "
+            f"{shard.stride()}) is not laid out row by row; history_dtype=torch.int8 keeps a "
+            "sharded parameter's blocks of 256 elements as chunks of its rows: make the shard "
+            "contiguous, or use history_dtype=torch.bfloat16"
+        )
+    return history_dtype
+
+
+def scales_shapes(p: Tensor, k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Global and local shape of the scales that a state dict holds for parameter ``p``
+    of an 8-bit history of ``k`` snapshots (:meth:`Bucket.saved_scales`)."""
+    if is_sharded(p):
+        per_row = row_blocks(p.shape)
+        return (k - 1, p.shape[0], per_row), (k - 1, local(p).shape[0], per_row)
+    flat = (k - 1, param_blocks(p.numel()))
+    return flat, flat
 
 
 def blocks(numels: Sequence[int]) -> tuple[list[int], int]:
@@ -254,6 +311,16 @@ class Bucket:
         lo = self.block_bases[i]
         return self.scales[:, lo:lo + param_blocks(self.numels[i])]
 
+    def saved_scales(self, i: int) -> Tensor:
+        """Parameter ``i``'s scales as a state dict holds them: :meth:`scales_view`, but
+        for a sharded parameter ``(k - 1, local rows, blocks per row)`` (:func:`row_blocks`:
+        its blocks are row chunks), the local part of a tensor laid out like the rows."""
+        if not is_sharded(self.sources[i]):
+            return self.scales_view(i)
+        per_row, rows = row_blocks(self.sources[i].shape), self.params[i].shape[0]
+        lo = self.block_bases[i]
+        return self.scales[:, lo:lo + rows * per_row].unflatten(1, (rows, per_row))
+
     # -- bookkeeping ---------------------------------------------------------
     def count(self) -> int:
         """Snapshots the average holds now (reads the device counter: a sync on GPU)."""
@@ -348,11 +415,12 @@ def history_device(param_device: torch.device, storage: str) -> torch.device:
     return param_device if storage == "device" else torch.device("cpu")
 
 
-def _bucket_params(params: Sequence[Tensor]) -> list[list[Tensor]]:
+def _bucket_params(params: Sequence[Tensor], history_dtype: torch.dtype | None) -> list[tuple[torch.dtype | None, list[Tensor]]]:
+    """The parameters grouped by device, dtype and :func:`history_format`, with the format."""
     groups: dict[tuple, list[Tensor]] = {}
     for p in params:
-        groups.setdefault((p.device, p.dtype), []).append(p)
-    return list(groups.values())
+        groups.setdefault((p.device, p.dtype, history_format(p, history_dtype)), []).append(p)
+    return [(key[2], ps) for key, ps in groups.items()]
 
 
 Position = tuple[int, int]  # (param group, index in the group)
@@ -494,12 +562,7 @@ def check_param(p: Tensor, where: str, history_dtype: torch.dtype | None = None)
     if not isinstance(p, Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor, got {type(p).__name__}")
     check_dtype(p, where, history_dtype)
-    if is_int8(history_dtype) and is_sharded(p):
-        raise ValueError(
-            f"{where} is a sharded DTensor (FSDP2); history_dtype=torch.int8 does not hold "
-            "sharded parameters yet (its checkpoints could not be resharded exactly): use "
-            "history_dtype=torch.bfloat16"
-        )
+    history_format(p, history_dtype, where)
     p = local(p)
     if p.layout != torch.strided:
         raise ValueError(
@@ -677,10 +740,10 @@ class History:
         ]
         buckets = [
             Bucket(
-                ps, self.k, self.mode, self.history_dtype, self.storage, self.requested_backend,
+                ps, self.k, self.mode, fmt, self.storage, self.requested_backend,
                 self.recompute_every, sharing, widths=len(self.sigma_rels),
             )
-            for ps in _bucket_params(params)
+            for fmt, ps in _bucket_params(params, self.history_dtype)
         ]
         self.group_generation.extend([len(self.generations)] * len(new))
         sharing.groups.extend(list(g["params"]) for g in new)
@@ -769,12 +832,12 @@ class History:
         """Backends of the built buckets, and those that groups not yet built will get."""
         names = [b.backend for b in self.buckets]
         pending = [p for g in param_groups[len(self.group_generation):] for p in g["params"]]
-        for ps in _bucket_params(pending):
+        for fmt, ps in _bucket_params(pending, self.history_dtype):
             probe = SimpleNamespace(
                 device=history_device(ps[0].device, self.storage),
                 param_device=ps[0].device,
                 dtype=ps[0].dtype,
-                history_dtype=self.history_dtype or ps[0].dtype,
+                history_dtype=fmt or ps[0].dtype,
             )
             names.append(ops.resolve(self.requested_backend, probe))
         return names

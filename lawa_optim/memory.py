@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lawa_optim.distributed import local
+
 #: Fields of :class:`Memory` that count bytes, in the order they are shown.
 BUFFERS = ("history", "sum", "scales", "staging", "backup")
 
@@ -130,7 +132,10 @@ def history_bytes(
     (``D`` elements of its dtype), unless, right after a snapshot into a history of the
     parameters' dtype, the newest slot holds them (then nothing, float16 included).
     ``sigma_rels`` (``mode="phema"`` only, default ``(0.05, 0.10)``) gives the widths, one
-    float32 EMA each. Nothing is allocated.
+    float32 EMA each. A DTensor parameter counts this rank's shard, in the format the
+    history gives it (:func:`lawa_optim.history.history_format`: with
+    ``history_dtype=torch.int8``, sharded parameters whose rows are no multiple of 256
+    elements keep their own dtype). Nothing is allocated.
 
     Example::
 
@@ -144,6 +149,7 @@ def history_bytes(
         blocks,
         check_dtype,
         check_history_dtype,
+        history_format,
         is_int,
         is_int8,
         layout,
@@ -168,17 +174,18 @@ def history_bytes(
         raise TypeError(f"swapped must be a bool, got {type(swapped).__name__}")
     buckets: dict[tuple, list[Tensor]] = {}
     for i, p in enumerate(_tensors(params)):
-        check_dtype(p, f"params: parameter {i}", history_dtype)
-        buckets.setdefault((p.device, p.dtype), []).append(p)
+        where = f"params: parameter {i}"
+        check_dtype(p, where, history_dtype)
+        buckets.setdefault((p.device, p.dtype, history_format(p, history_dtype, where)), []).append(p)
     total = Memory()
-    for (device, dtype), ps in buckets.items():
-        numels = [p.numel() for p in ps]
+    for (device, dtype, fmt), ps in buckets.items():
+        numels = [local(p).numel() for p in ps]  # a DTensor: this rank's shard
         D = layout(numels)[1]
-        slot = (history_dtype or dtype).itemsize
+        slot = (fmt or dtype).itemsize
         width = dtype.itemsize
         # An 8-bit history: k - 1 int8 delta slots, the float32 anchor (its newest snapshot,
         # counted as history) and a float32 scale per block and slot; no running mean.
-        int8 = is_int8(history_dtype)
+        int8 = is_int8(fmt)
         if int8:
             history = (k - 1) * D + 4 * D + 8
         else:

@@ -5,7 +5,10 @@ tensors under ``state[i]`` (``lawa_history``: a ``(k, *shape)`` view of the ring
 ``lawa_mean``: the running mean, in uniform mode; with ``history_dtype=torch.int8``
 instead ``lawa_history``: the ``(k - 1, *shape)`` int8 delta codes, ``lawa_anchor``: the
 newest snapshot in float32 and ``lawa_scales``: the ``(k - 1, blocks)`` float32 scales of
-the parameter's blocks of 256 elements; ``lawa_ema``: the average in EMA mode;
+the parameter's blocks of 256 elements, ``(k - 1, rows, blocks per row)`` for a sharded
+parameter, whose blocks are chunks of its rows (a sharded parameter that the rule of
+:func:`lawa_optim.history.history_format` keeps in its own dtype saves the ring and the
+mean instead); ``lawa_ema``: the average in EMA mode;
 ``lawa_history`` and ``lawa_phema``, the ``(E, *shape)`` power-function EMAs, in phema
 mode; ``lawa_backup``: the training weights while swapped) and small counters and
 settings under ``param_groups[g]["lawa"]`` (in phema mode also the widths, the EMA step
@@ -41,7 +44,7 @@ from torch import Tensor
 from lawa_optim import posthoc
 from lawa_optim.backends.reference import unexchanged
 from lawa_optim.distributed import as_global
-from lawa_optim.history import History
+from lawa_optim.history import History, scales_shapes
 from lawa_optim.optimizer_check import check_optimizer
 from lawa_optim.state_check import KEYS, Checked, Layout, check, dtype_name
 
@@ -91,10 +94,11 @@ def save_history(opt: "LAWA", sd: dict[str, Any]) -> None:
         mean, backup = b.view(b.total, i), None if b.backup is None else b.view(b.backup, i)
         if b.exchanged is not None:  # the mean and the training weights share two buffers
             mean, backup = unexchanged(b.params[i], mean)
-        if b.int8:  # no sharded parameters (check_param): plain views; always a backup buffer
-            entry["lawa_history"] = b.history_view(i)
-            entry["lawa_anchor"] = mean
-            entry["lawa_scales"] = b.scales_view(i)
+        if b.int8:  # never exchanged: always a backup buffer
+            entry["lawa_history"] = as_global(b.history_view(i), p, lead=hist.k - 1)
+            entry["lawa_anchor"] = as_global(mean, p)
+            scales = scales_shapes(p, hist.k)[0]
+            entry["lawa_scales"] = as_global(b.saved_scales(i), p, lead=scales[0], shape=scales[1:])
         else:
             if hist.mode != "ema":
                 entry["lawa_history"] = as_global(b.history_view(i), p, lead=hist.k)
@@ -170,7 +174,7 @@ def read_history(opt: "LAWA", sd: dict[str, Any]) -> Checked:
                 if b.int8:
                     b.history_view(i).copy_(got["lawa_history"])
                     b.view(b.total, i).copy_(got["lawa_anchor"])
-                    b.scales_view(i).copy_(got["lawa_scales"])
+                    b.saved_scales(i).copy_(got["lawa_scales"])
                     continue
                 if hist.mode != "ema":
                     b.history_view(i).copy_(got["lawa_history"])

@@ -27,7 +27,10 @@ before the optimizer changes. What is refused:
   (strided), non-meta tensor of exactly the dtype the history holds (history: the
   history dtype; mean, sum and EMA: the accumulation dtype; backup: the parameter's dtype;
   nothing is cast) and of the parameter's shape (with ``k`` in front for the history);
-  no other ``lawa_*`` key;
+  no other ``lawa_*`` key; with ``history_dtype=torch.int8``, each entry in the format
+  :func:`lawa_optim.history.history_format` gives its parameter (an export reads each in
+  the format its keys name: a gathered checkpoint of sharded parameters mixes them), and
+  scales shaped ``(k - 1, rows, blocks per row)`` for sharded parameters;
 * in ``mode="phema"``: ``sigma_rels`` equal to this LAWA's, and each generation's EMA
   step count and slot records what a run can leave (:func:`lawa_optim.posthoc.check_saved`);
   ``lawa_phema`` (the EMAs, the number of widths in front) beside ``lawa_history``.
@@ -50,10 +53,12 @@ from lawa_optim.distributed import is_sharded, local, local_of_saved
 from lawa_optim.history import (
     History,
     accumulation_dtype,
+    history_format,
     is_int,
     is_int8,
-    param_blocks,
     parameter_owners,
+    row_blocks,
+    scales_shapes,
 )
 from lawa_optim.posthoc import check_saved
 
@@ -85,6 +90,11 @@ class Layout:
     target: str = "this optimizer"
     names: Sequence[Sequence[str]] | None = None
     sigma_rels: tuple[float, ...] = ()  # mode="phema": the widths kept
+    #: Read each entry of an 8-bit history in the format its keys name (``lawa_anchor``:
+    #: 8 bits, else a ring of the parameter's dtype), as a gathered checkpoint of sharded
+    #: parameters mixes them (:func:`lawa_optim.history.history_format`); else the format
+    #: the rule gives the live parameter, and a dict in another is refused.
+    by_keys: bool = False
 
     @classmethod
     def of(cls, opt: "LAWA") -> "Layout":
@@ -143,7 +153,8 @@ def check(opt: Layout, sd: Any) -> Checked:
             got = _param_tensors(opt, p, entry, where, gen, swapped and gen is not None and pushes[gen] > 0)
             if gen is not None:
                 tensors[id(p)] = got
-                sums.add("lawa_mean" in got)
+                if "lawa_anchor" not in got:  # an 8-bit entry keeps no mean
+                    sums.add("lawa_mean" in got)
     if opt.mode == "uniform" and len(sums) > 1:
         raise ValueError(
             "the state_dict holds lawa_mean for some parameters and not for others; a state dict "
@@ -299,7 +310,10 @@ def _param_tensors(
         if present:
             raise ValueError(f"{where}: the state_dict holds {present[0]}, but its param group has no history (generation None)")
         return {}
-    int8 = is_int8(opt.history_dtype)
+    fmt = history_format(p, opt.history_dtype, where)
+    if opt.by_keys and is_int8(opt.history_dtype):
+        fmt = opt.history_dtype if "lawa_anchor" in entry else None
+    int8 = is_int8(fmt)
     if int8:
         needed = ["lawa_history", "lawa_anchor", "lawa_scales"]
     else:
@@ -317,9 +331,10 @@ def _param_tensors(
                 f"{where}: the state_dict holds lawa_backup, but no swap changed this parameter "
                 "(not saved while swapped, or its group had no snapshot then)"
             )
+        if key not in allowed and is_int8(opt.history_dtype):
+            raise ValueError(f"{where}: the state_dict holds {key}, which {_held_as(p, int8)} does not save")
         if key not in allowed:
-            fmt = " and history_dtype=torch.int8" if int8 else ""
-            raise ValueError(f"{where}: the state_dict holds {key}, which a LAWA with mode={opt.mode!r}{fmt} does not save")
+            raise ValueError(f"{where}: the state_dict holds {key}, which a LAWA with mode={opt.mode!r} does not save")
     for key in needed:
         if key in entry:
             continue
@@ -334,13 +349,24 @@ def _param_tensors(
         raise ValueError(f"{where}: the state_dict holds no {key}")
     shape, local_shape = tuple(p.shape), tuple(local(p).shape)
     acc = accumulation_dtype(p.dtype)
-    hdtype = opt.history_dtype or p.dtype
+    hdtype = fmt or p.dtype
     slots = opt.k - 1 if int8 else opt.k  # an 8-bit history keeps k - 1 deltas
-    nb = (opt.k - 1, param_blocks(p.numel()))
+    nb, local_nb = scales_shapes(p, opt.k)
+    scales, per_row = entry.get("lawa_scales"), row_blocks(p.shape)
+    # Gathered from a sharded parameter: a row of blocks per row of the parameter.
+    gathered = opt.by_keys and per_row > 0 and not is_sharded(p) and isinstance(scales, Tensor) and scales.dim() == 3
+    if gathered:
+        nb = local_nb = (opt.k - 1, p.shape[0], per_row)
+    elif int8 and not is_sharded(p) and isinstance(scales, Tensor) and scales.dim() == 3:
+        raise ValueError(
+            f"{where}: lawa_scales has shape {tuple(scales.shape)}, a row of blocks per row: it "
+            "was saved from a sharded parameter, and a checkpoint of sharded parameters loads "
+            "into sharded models only (export_average reads it)"
+        )
     specs = {
         "lawa_history": (hdtype, "the history dtype", (slots, *shape), (slots, *local_shape)),
         "lawa_anchor": (torch.float32, "the anchor's dtype", shape, local_shape),
-        "lawa_scales": (torch.float32, "the scales' dtype", nb, nb),
+        "lawa_scales": (torch.float32, "the scales' dtype", nb, local_nb),
         "lawa_mean": (acc, "the running mean's dtype", shape, local_shape),
         "lawa_sum": (acc, "the running sum's dtype", shape, local_shape),
         "lawa_ema": (acc, "the running average's dtype", shape, local_shape),
@@ -350,7 +376,28 @@ def _param_tensors(
     out = {key: _tensor(entry[key], key, where, opt.target, *specs[key]) for key in present}
     if int8:
         _check_int8(out, p, entry["lawa_anchor"], where)
+        if gathered:  # the same blocks, counted flat: rows are whole blocks
+            out["lawa_scales"] = out["lawa_scales"].flatten(1)
     return out
+
+
+def _held_as(p: Tensor, int8: bool) -> str:
+    """How the history of ``history_dtype=torch.int8`` holds ``p``, for errors naming a
+    state dict of the other format."""
+    if int8:
+        how = "this parameter's 8-bit history (lawa_history, lawa_anchor, lawa_scales)"
+        if not is_sharded(p):
+            how += (
+                "; a checkpoint of sharded parameters keeps those whose rows are not multiples "
+                "of 256 elements in their own dtype and loads into sharded models only "
+                "(export_average reads it)"
+            )
+        return how
+    return (
+        "this parameter's history (lawa_history in its own dtype and lawa_mean: under "
+        "history_dtype=torch.int8, a sharded parameter whose rows are not a multiple of 256 "
+        "elements keeps one, as no 8-bit block may straddle a shard)"
+    )
 
 
 def memory_order(t: Tensor) -> tuple[int, ...]:

@@ -119,7 +119,11 @@ class LAWA(WrappedOptimizer):
             float32/bfloat16/float16 parameters; about 9.1 bytes per parameter at
             k=6): int8 differences between consecutive snapshots, one float32 scale per
             block of 256 elements, against a float32 copy of the newest snapshot; see
-            the guarantee below.
+            the guarantee below. Sharded (FSDP2) parameters keep 8 bits under
+            ``Shard(0)``/``Replicate`` where their rows hold a multiple of 256 elements
+            (blocks are chunks of rows, so checkpoints reshard to any world size, though
+            not into an unsharded LAWA), the others a ring of their own dtype; other
+            placements are refused (use ``torch.bfloat16``).
         backend: ``"auto"`` (default: the CUDA extension, then Triton on a GPU, else
             pure torch), ``"torch"``, ``"triton"`` or ``"cuda"``.
         recompute_every: rebuild the running mean from the ring every this many

@@ -9,6 +9,7 @@ gradients averaged across ranks equal the single-process ones exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import traceback
@@ -19,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import assert_same
+from conftest import assert_same, fingerprint
 from torch import nn
 
-from lawa_optim import LAWA, check_in_sync
+from lawa_optim import LAWA, check_in_sync, export_average, history_bytes
 
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
@@ -30,13 +31,15 @@ if not torch.distributed.is_available():
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint.state_dict import (  # noqa: E402
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
-from torch.distributed.tensor import DTensor  # noqa: E402
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor  # noqa: E402
 
 K = 3
 EPOCHS = 5  # > K: the ring wraps
@@ -53,16 +56,16 @@ def make_model(seed: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 1))
 
 
-def batch(step: int) -> torch.Tensor:
-    return torch.randn(8, 5, generator=torch.Generator().manual_seed(1000 + step))
+def batch(step: int, features: int = 5) -> torch.Tensor:
+    return torch.randn(8, features, generator=torch.Generator().manual_seed(1000 + step))
 
 
 EVAL_X = torch.randn(6, 5, generator=torch.Generator().manual_seed(7))
 
 
-def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, epoch: int) -> None:
+def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, epoch: int, features: int = 5) -> None:
     for s in range(STEPS_PER_EPOCH):
-        model(batch(epoch * STEPS_PER_EPOCH + s)).pow(2).mean().backward()
+        model(batch(epoch * STEPS_PER_EPOCH + s, features)).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
 
@@ -417,19 +420,183 @@ def test_ddp_ranks_agree_with_reference(tmp_path, ref):
         assert "snapshots pushed" in rec["misuse"] and "rank 1: {'steps': 10" in rec["misuse"]
 
 
-def fsdp_int8_refused(rank: int, world: int, out: Path) -> None:
-    model = shard(make_model(0))
+# -- the 8-bit history under FSDP2 ----------------------------------------------------
+FEATURES8 = 256
+#: Which parameters of make_model8 keep 8 bits (rows of 256 and 512 elements); the others
+#: (rows of 5 elements, biases) keep a ring of float32.
+INT8 = [True, False, False, False, True, False]
+WEIGHTS = (0.5, 0.3, 0.2)
+AVERAGES = ({}, {"last": 2}, {"weights": WEIGHTS})
+
+
+def make_model8(seed: int) -> nn.Sequential:
+    """Shards over 2 ranks of 3 + 2 rows of 256 elements, 1 + 0 rows of 512 (empty), and
+    parameters whose rows are no multiple of 256 elements (5 elements, 1-D biases)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(FEATURES8, 5), nn.Tanh(), nn.Linear(5, 512), nn.Tanh(), nn.Linear(512, 1))
+
+
+def lawa8(model: nn.Module) -> LAWA:
+    return LAWA(torch.optim.Adam(model.parameters(), lr=LR), k=K, history_dtype=torch.int8)
+
+
+def averages8(params, opt: LAWA) -> list[list[torch.Tensor]]:
+    """The full average, last=2 and weights=WEIGHTS of ``params``, as full tensors."""
+    params = list(params)
+    out = []
+    for kw in AVERAGES:
+        with torch.no_grad(), opt.averaged(**kw):
+            out.append(full(params))
+    return out
+
+
+def fsdp8_train(rank: int, world: int, out: Path) -> None:
+    model = shard(make_model8(0))
+    opt = lawa8(model)
+    params = list(model.parameters())
+    rec = {"snaps": []}
+    for e in range(EPOCHS):
+        train_epoch(model, opt, e, FEATURES8)
+        opt.snapshot()
+        rec["snaps"].append(full(params))
+    int8 = {id(p): b.int8 for b in opt._history.buckets for p in b.sources}
+    rec["int8"] = [int8[id(p)] for p in params]
+    rec["memory"] = dataclasses.asdict(opt.memory())
+    rec["predicted"] = dataclasses.asdict(history_bytes(model, K, history_dtype=torch.int8))
+    rec["avg"] = averages8(model.parameters(), opt)
+    model.reshard()
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=str(out / "ckpt"))
+    gathered = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    if rank == 0:
+        torch.save(gathered, out / "full.pt")
+    train_epoch(model, opt, EPOCHS, FEATURES8)  # the uninterrupted run goes on
+    opt.snapshot()
+    rec["next"] = averages8(model.parameters(), opt)
+    # Shards that are not whole rows, or not laid out row by row: refused, by the LAWA and
+    # by history_bytes.
+    mesh = init_device_mesh("cpu", (world,))
+    columns = nn.Parameter(distribute_tensor(torch.randn(4, 512), mesh, [Shard(1)]))
+    transposed = nn.Parameter(DTensor.from_local(torch.randn(512, 4).t(), mesh, [Shard(0)], run_check=False))
+    rec["refused"] = []
+    for call in (
+        lambda: lawa8(nn.ParameterList([columns])),
+        lambda: history_bytes([columns], K, history_dtype=torch.int8),
+        lambda: lawa8(nn.ParameterList([transposed])),
+    ):
+        try:
+            call()
+            rec["refused"].append(None)
+        except ValueError as exc:
+            rec["refused"].append(str(exc))
+    torch.save(rec, out / f"train{rank}.pt")
+
+
+def fsdp8_load(rank: int, world: int, out: Path, ckpt: str) -> None:
+    """Load into a fresh sharded model with other weights; go on one epoch; then a dict
+    whose entry has the 8-bit format where the parameter keeps its own dtype: refused."""
+    model = shard(make_model8(1))
+    opt = lawa8(model)
+    load_into(model, opt, Path(ckpt, "ckpt"))
+    rec = {"avg": averages8(model.parameters(), opt)}
+    train_epoch(model, opt, EPOCHS, FEATURES8)
+    opt.snapshot()
+    rec["next"] = averages8(model.parameters(), opt)
+    sd = opt.state_dict()
+    entry = sd["state"][1]  # the first bias: a float32 ring
+    entry["lawa_anchor"] = entry.pop("lawa_mean")
+    before = optimizer_record(model, opt)
     try:
-        LAWA(torch.optim.SGD(model.parameters(), lr=LR), k=K, history_dtype=torch.int8)
+        opt.load_state_dict(sd)
+        rec["wrong_format"] = None
     except ValueError as exc:
-        Path(out, f"refused{rank}.txt").write_text(str(exc))
+        rec["wrong_format"] = str(exc)
+    assert_same(optimizer_record(model, opt), before)
+    torch.save(rec, out / f"load{rank}.pt")
 
 
-def test_fsdp_parameters_refuse_an_8bit_history(tmp_path):
-    """Sharded parameters and history_dtype=torch.int8: a ValueError that says why, on every rank."""
-    run_ranks(fsdp_int8_refused, 2, tmp_path)
-    for r in range(2):
-        assert "sharded DTensor (FSDP2)" in (tmp_path / f"refused{r}.txt").read_text()
+def unsharded(snaps: list[list[torch.Tensor]], history_dtype: torch.dtype | None) -> list[list[torch.Tensor]]:
+    """AVERAGES of the same snapshots pushed into an unsharded LAWA of ``history_dtype``."""
+    params = [nn.Parameter(t.clone()) for t in snaps[0]]
+    opt = LAWA(torch.optim.SGD(params, lr=0.0), k=K, history_dtype=history_dtype)
+    for snap in snaps:
+        with torch.no_grad():
+            torch._foreach_copy_(params, snap)
+        opt.snapshot()
+    return averages8(params, opt)
+
+
+@pytest.fixture(scope="module")
+def fsdp8_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp8")
+    run_ranks(fsdp8_train, 2, out)
+    return out, [torch.load(out / f"train{r}.pt") for r in range(2)]
+
+
+def test_fsdp_8bit_history_keeps_rows_of_256_in_8_bits(fsdp8_run):
+    """Rows of multiples of 256 elements in 8 bits, the rest in float32; the memory held
+    is what history_bytes predicts and what the shards need, counted by hand."""
+    _, recs = fsdp8_run
+    # Per rank: (rows of 256, rows of 512 in 2 blocks each) -> scales of K - 1 slots;
+    # the float32 rings of 3 + 1280 + 256 + 1 (2 + 1280 + 256 + 0) elements, each padded to 64.
+    blocks = [3 + 2, 2 + 1]  # an empty shard still takes one block
+    for r, rec in enumerate(recs):
+        assert rec["int8"] == INT8
+        assert rec["memory"] == rec["predicted"]
+        assert rec["memory"]["scales"] == 4 * (K - 1) * blocks[r]
+        assert rec["memory"]["sum"] == 4 * (64 + 1280 + 256 + 64)
+        assert "placements (Shard(dim=1),)" in rec["refused"][0] and "torch.bfloat16" in rec["refused"][0]
+        assert rec["refused"][1] == rec["refused"][0].replace("parameter 0 of param group 0", "params: parameter 0")
+        assert "local shard (shape (4, 512), stride (1, 4)) is not laid out row by row" in rec["refused"][2]
+
+
+def test_fsdp_8bit_averages_equal_the_unsharded_run(fsdp8_run):
+    """The full average, last=2 and weights= equal, bit for bit, those of unsharded LAWAs
+    over the same snapshots: 8-bit for the 8-bit parameters (their blocks, counted from
+    each parameter's start, are the row chunks of Shard(0)), float32 for the others."""
+    _, recs = fsdp8_run
+    snaps = recs[0]["snaps"]
+    int8, float32 = unsharded(snaps, torch.int8), unsharded(snaps, None)
+    want = [[a if q else b for a, b, q in zip(x, y, INT8)] for x, y in zip(int8, float32)]
+    for r, rec in enumerate(recs):
+        assert_same(rec["snaps"], snaps)
+        assert_same(rec["avg"], want, f"rank {r}")
+    # The two formats differ on every 8-bit parameter: the comparison tells them apart.
+    assert not any(torch.equal(a, b) for a, b, q in zip(int8[0], float32[0], INT8) if q)
+
+
+@pytest.mark.parametrize("world", [2, 1])
+def test_fsdp_8bit_checkpoint_reshards(tmp_path, fsdp8_run, world):
+    """A distributed checkpoint loaded on 2 ranks and on 1 (resharded): the same averages
+    bit for bit, and one more epoch gives the uninterrupted run's averages; a dict
+    whose entry has the wrong format for its parameter is refused, changing nothing."""
+    out, recs = fsdp8_run
+    run_ranks(fsdp8_load, world, tmp_path, str(out))
+    for r in range(world):
+        rec = torch.load(tmp_path / f"load{r}.pt")
+        assert_same(rec["avg"], recs[0]["avg"], f"rank {r} of {world}: loaded")
+        assert_same(rec["next"], recs[0]["next"], f"rank {r} of {world}: one epoch on")
+        assert "parameter 1 of param group 0: the state_dict holds lawa_anchor" in rec["wrong_format"]
+        assert "a sharded parameter whose rows are not a multiple of 256" in rec["wrong_format"]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_fsdp_8bit_export_from_gathered_state_dict(fsdp8_run):
+    """export_average reads the gathered dict, 8-bit and float32 entries mixed, as the
+    sharded swaps computed them; an unsharded LAWA refuses to load it, changing nothing."""
+    out, recs = fsdp8_run
+    model = make_model8(1)
+    names = [n for n, _ in model.named_parameters()]
+    for kw, want in ((AVERAGES[0], recs[0]["avg"][0]), (AVERAGES[2], recs[0]["avg"][2])):
+        got = export_average(model, out / "full.pt", **kw)
+        assert_same([got[n] for n in names], want)
+    opt = lawa8(model)
+    opt.snapshot()
+    before = fingerprint(opt, model=model)
+    with pytest.raises(ValueError, match="parameter 0 of param group 0: lawa_scales has shape \\(2, 5, 1\\).*sharded models only"):
+        opt.load_state_dict(torch.load(out / "full.pt"))
+    assert_same(fingerprint(opt, model=model), before)
+
 
 def test_fsdp_phema_shards_equal_the_unsharded_run(tmp_path):
     """Each rank keeps the EMAs and the ring of its shards; the synthesised and the live

@@ -124,6 +124,8 @@ def test_export_from_a_checkpoint_and_a_file_equals_the_live_swap(tmp_path):
     ("lawa_anchor", lambda t: t.double(), "dtype torch.float64"),
     ("lawa_scales", lambda t: t[:, :0], "shape"),
     ("lawa_sum", lambda t: torch.zeros(3), "does not save"),
+    # The float format's mean where the rule keeps 8 bits (an unsharded parameter).
+    ("lawa_mean", lambda t: t, "lawa_mean, which this parameter's 8-bit history .* loads into sharded models only"),
 ])
 def test_a_damaged_8bit_checkpoint_is_refused_changing_nothing(key, value, match):
     m = model()
