@@ -397,6 +397,13 @@ MUTANTS = [
     Mutant("twa-nonfinite-unchecked", "lawa_optim/twa.py",
            "bad = [j for j in range(n) if not bool(rows[j].isfinite().all())]", "bad = []",
            ("tests/test_twa.py", "-k", "finite")),
+    # The 8-bit history under FSDP2: rows of 256 elements keep 8 bits, their scales saved by row.
+    Mutant("fsdp8-fallback-kept-8bit", "lawa_optim/history.py", "    if not row_blocks(p.shape):\n        return None\n",
+           "", ("tests/test_distributed.py", "-k", "8bit")),
+    Mutant("fsdp8-scales-unshifted", "lawa_optim/state.py",
+           'entry["lawa_scales"] = as_global(b.saved_scales(i), p, lead=scales[0], shape=scales[1:])',
+           'entry["lawa_scales"] = as_global(b.saved_scales(i).flatten(1), p, lead=scales[0], shape=(scales[1] * scales[2],))',
+           ("tests/test_distributed.py", "-k", "8bit")),
 ]
 
 
