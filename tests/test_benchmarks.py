@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import baselines, device_checks, gpu_proof, report, suite, targets
+from benchmarks import baselines, device_checks, gpu_proof, report, sass, suite, targets
 from benchmarks.stages import Context, Stage, run_stages
 from benchmarks.workloads import MODELS, Workload
 from lawa_optim import ops
@@ -468,3 +468,107 @@ def test_memory_benchmark_measures_what_memory_reports():
     assert lawa["memory_total"] > 3 * 4 * n  # 2 float32 slots and a float32 sum
     assert lawa["swap_peak_bytes"] <= 0.01 * 4 * n  # in place: no backup
     assert peer["held_bytes"] == pytest.approx(4 * n, rel=0.05) and "swap_peak_bytes" not in peer
+
+
+# -- benchmarks.sass: reading the Triton kernels' machine code -------------------------
+
+#: A kernel's listing as ``nvdisasm -c`` prints it, cut down: a loop over steps whose rare
+#: branch (a refresh) holds an inner loop, a store that the first push skips, a narrow
+#: load, a masked tail and the self-branch nvdisasm's listings end with.
+LISTING = """\
+        .global         k
+k:
+.text.k:
+        /*0000*/                   LDG.E.64 R4, desc[UR4][R2.64] ;
+        /*0010*/              @!P0 BRA `(.L_x_0) ;
+.L_x_3:
+        /*0020*/                   LDG.E.128 R8, desc[UR4][R6.64] ;
+        /*0030*/               @P1 BRA `(.L_x_1) ;
+        /*0040*/                   FADD R8, R8, R9 ;
+        /*0050*/                   BRA `(.L_x_2) ;
+.L_x_1:
+        /*0060*/                   MOV R12, RZ ;
+.L_x_4:
+        /*0070*/                   LDG.E.128 R16, desc[UR4][R14.64] ;
+        /*0080*/                   FADD R12, R12, R16 ;
+        /*0090*/               @P2 BRA `(.L_x_4) ;
+        /*00a0*/                   FMUL R8, R12, R13 ;
+        /*00b0*/                   FMUL R8, R8, R13 ;
+        /*00c0*/                   FMUL R8, R8, R13 ;
+.L_x_2:
+        /*00d0*/                   STG.E.128 desc[UR4][R6.64], R8 ;
+        /*00e0*/               @P4 BRA `(.L_x_6) ;
+        /*00f0*/                   STG.E.128 desc[UR4][R22.64], R24 ;
+.L_x_6:
+        /*0100*/                   LDG.E R20, desc[UR4][R18.64] ;
+        /*0110*/              @!P3 BRA `(.L_x_3) ;
+.L_x_0:
+        /*0120*/               @P0 EXIT ;
+        /*0130*/              @!P5 STG.E.U16 desc[UR4][R2.64], R4 ;
+        /*0140*/                   EXIT ;
+.L_x_5:
+        /*0150*/                   BRA `(.L_x_5);
+"""
+
+
+def test_sass_reads_a_listing():
+    """The loop, its inner loop, and the cheapest iteration that still writes every
+    store: counted by hand from LISTING."""
+    instrs, labels = sass.parse_listing(LISTING)
+    assert len(instrs) == 22 and labels[".L_x_4"] == 0x70 and labels[".L_x_5"] == 0x150
+    cases = {0x10: ("BRA", False, (None)), 0x50: ("BRA", True, None), 0x120: ("EXIT", False, None),
+             0x130: ("STG.E.U16", False, ("store", 16)), 0x100: ("LDG.E", False, ("load", 32)),
+             0x0: ("LDG.E.64", False, ("load", 64)), 0xd0: ("STG.E.128", False, ("store", 128))}
+    for i in instrs:
+        if i.addr in cases:
+            assert (i.opcode, i.ends_flow, i.access()) == cases[i.addr], hex(i.addr)
+    assert not sass.Instr(0, "@P6 BRA P5, `(.L_x_24)").ends_flow  # a branch on two predicates
+    assert not sass.Instr(0, "BRA !P5, `(.L_x_24)").ends_flow
+    (main,) = sass.main_loops(instrs, labels)  # the self-branch holds no 128-bit access
+    assert (main.head, main.tail) == (0x20, 0x110)
+    record = sass.read_listing(LISTING, 8)
+    (loop,) = record["loops"]
+    # 0x20 0x30 0x40 0x50 | 0xd0 0xe0 | 0xf0 | 0x100 0x110: past the refresh, through both stores
+    assert loop["path"] == {"instructions": 9, "loads_128": 1, "loads_narrow": 1, "stores_128": 2,
+                            "stores_narrow": 0}
+    assert loop["all"] == 16 - 3 and loop["per_element"] == 9 / 8
+    (inner,) = loop["inner"]
+    assert (inner["head"], inner["all"], inner["path"]["instructions"], inner["path"]["loads_128"]) == ("0x0070", 3, 3, 1)
+    text = sass.table({"kernels": {"k": record}})
+    assert text.splitlines()[1].split() == ["k", "22", "1", "8", "9", "1.1", "13", "1", "1", "2", "0"]
+    assert text.splitlines()[2].split()[:3] == ["1.1", "3", "0.4"]
+    with pytest.raises(ValueError, match="no loop with a 128-bit global access"):
+        sass.read_listing(LISTING.replace(".128", ".64"), 8)
+
+
+def _toolchain() -> str | None:
+    """Why Triton's ptxas and nvdisasm cannot be run here, or None."""
+    try:
+        from triton import knobs
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        tools = [get_ptxas(90).path, knobs.nvidia.nvdisasm.path]
+    except Exception as exc:  # noqa: BLE001 -- any failure means: no toolchain
+        return f"{type(exc).__name__}: {exc}"
+    return None if all(Path(t).is_file() for t in tools) else f"missing: {tools}"
+
+
+@pytest.mark.skipif(_toolchain() is not None, reason=f"Triton's ptxas/nvdisasm: {_toolchain()}")
+def test_sass_of_the_float32_push_moves_the_parameters_128_bits_at_a_time(tmp_path):
+    """For real, sm_90: where the host found every parameter aligned the push has one loop
+    and it loads the parameter, the slot and the mean 128 bits at a time; the per-row
+    variant keeps a second loop for misaligned rows, which loads the parameter one
+    element (32 bits) at a time."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "sass.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.sass", "--kernels", "push:float32:float32",
+                           "push:float32:float32:per_row", "--out", str(out)], check=False, cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kernels = json.loads(out.read_text())["kernels"]
+    (aligned,) = kernels["push:float32:float32"]["loops"]
+    assert kernels["push:float32:float32"]["elements_per_thread"] == 8
+    assert {k: aligned["path"][k] for k in ("loads_128", "loads_narrow", "stores_128", "stores_narrow")} == {
+        "loads_128": 3 * 2, "loads_narrow": 0, "stores_128": 2 * 2, "stores_narrow": 0}
+    rows = kernels["push:float32:float32:per_row"]["loops"]
+    assert sorted(lp["path"]["loads_narrow"] for lp in rows) == [0, 8]

@@ -35,6 +35,7 @@ COMMANDS = {
     "mutants": (["-m", "tools.mutants"], "tools.mutants", "python -m tools.mutants"),
     "phema_check": (["-m", "examples.phema_check"], "examples.phema_check", "python -m examples.phema_check"),
     "phema_bench": (["-m", "benchmarks.phema"], "benchmarks.phema", "python -m benchmarks.phema"),
+    "sass": (["-m", "benchmarks.sass"], "benchmarks.sass", "python -m benchmarks.sass"),
     "distributed": (["examples/train_distributed.py"], "examples.train_distributed",
                     "torchrun --nproc-per-node 2 examples/train_distributed.py"),
 }
@@ -92,6 +93,10 @@ REFUSED = [
     ("phema_bench", ["--rounds", "0"], "--rounds"),
     ("phema_bench", ["--widths", "9"], "--widths"),
     ("phema_bench", ["--out", f"{MISSING}/p.json"], "--out"),
+    ("sass", ["--arch", "70"], "--arch"),
+    ("sass", ["--out", f"{MISSING}/s.json"], "--out"),
+    ("sass", ["--kernels"], "--kernels"),
+    ("sass", ["--kernels", "push:float32"], "--kernels"),
 ]
 
 

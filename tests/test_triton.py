@@ -149,11 +149,11 @@ def test_one_launch_per_push_and_a_table_rebuilt_only_when_a_parameter_moves(mon
     set_values((tri, ref), seed=0)
     ops.push(ref)
     ops.push(tri)
-    table = tri.cache["triton"]
+    table = tri.cache["triton"][0]
     set_values((tri, ref), seed=1)
     ops.push(ref)
     ops.push(tri)
-    assert tri.cache["triton"] is table  # built once, not per snapshot
+    assert tri.cache["triton"][0] is table  # built once, not per snapshot
     assert counter.launches == 2
     assert table.shape == (sum(-(-n // tb.CHUNK) for n in tri.numels), 3)
     for a, b in zip(tri.params, ref.params):
@@ -162,9 +162,64 @@ def test_one_launch_per_push_and_a_table_rebuilt_only_when_a_parameter_moves(mon
     for b in (ref, tri):
         b.check_params()
         ops.push(b)
-    assert tri.cache["triton"] is not table and counter.launches == 3
+    assert tri.cache["triton"][0] is not table and counter.launches == 3
     assert_same_bits(ref.ring, tri.ring, "ring")
     assert_same_bits(ref.total, tri.total, "sum")
+
+
+class RecordingKernel:
+    """Wraps a Triton kernel and records the ``ALIGNED_ALL`` of each launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.aligned = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **constexprs):
+            self.aligned.append(constexprs["ALIGNED_ALL"])
+            return self.kernel[grid](*args, **constexprs)
+
+        return launch
+
+
+@needs_triton
+@pytest.mark.parametrize("hdtype", [torch.float32, torch.int8], ids=["float32", "int8"])
+def test_alignment_is_declared_only_where_the_host_found_every_parameter_aligned(monkeypatch, hdtype):
+    """A bucket whose parameters all start on a 16-byte boundary launches the kernels that
+    declare every row aligned, and caches that decision with its table; once a parameter
+    is moved to a misaligned view, the next snapshot builds a new table, launches the
+    per-row variant, and the ring and the sum stay the reference's bit for bit, as does
+    the swap. (The interpreter ignores alignment declarations: what a GPU runs with them
+    is checked in the PTX below.)"""
+    g = torch.Generator().manual_seed(6)
+    params = [torch.randn(n, generator=g).to(DEVICE) for n in (3, 70, tb.CHUNK + 9)]
+    tri, ref = twins(params, 3, "uniform", hdtype, "triton")
+    int8 = hdtype == torch.int8
+    kernel, key = ("push_int8_kernel", "triton_int8") if int8 else ("push_kernel", "triton")
+    recorder = RecordingKernel(getattr(tb._k, kernel))
+    monkeypatch.setattr(tb._k, kernel, recorder)
+
+    def snapshot(seed):
+        set_values((tri, ref), seed=seed)
+        for b in (ref, tri):
+            b.check_params()
+            ops.push(b)
+        assert_same_bits(ref.ring, tri.ring, "ring")
+        assert_same_bits(ref.total, tri.total, "sum")
+        if int8:
+            assert_same_bits(ref.scales, tri.scales, "scales")
+
+    snapshot(0)
+    snapshot(1)
+    assert recorder.aligned == [True, True] and tri.cache[key][1] is True
+    storage = torch.randn(70 + 1, generator=g).to(DEVICE)
+    tri.params[1].data, ref.params[1].data = storage[1:], storage.clone()[1:]
+    assert tri.params[1].data_ptr() % 16 != 0
+    snapshot(2)
+    assert recorder.aligned == [True, True, False] and tri.cache[key][1] is False
+    for b in (ref, tri):
+        swap_in(b, None)
+    for a, b in zip(ref.params, tri.params):
+        assert_same_bits(a, b, "swapped-in weights")
 
 
 # -- through the wrapper -----------------------------------------------------------
@@ -211,6 +266,9 @@ for arch in (80, 90):
             "st_v4": len(re.findall(r"\bst\.global(?:\.\w+)*\.v4\.", ptx)),
             "ld": len(re.findall(r"\bld\.global\b", ptx)),
             "st": len(re.findall(r"\bst\.global\b", ptx)),
+            # unpredicated and narrower than 128 bits: not a masked tail's, not a vector
+            "ld_bare": len(re.findall(r"^\s*ld\.global(?![^\s]*\.v4\.)", ptx, re.M)),
+            "st_bare": len(re.findall(r"^\s*st\.global(?![^\s]*\.v4\.)", ptx, re.M)),
             "ops": sorted(set(re.findall(r"\b(?:div|fma|cvt)(?:\.\w+)+", ptx))),
         }
 json.dump(out, sys.stdout)
@@ -242,61 +300,97 @@ def vectors16(*dtypes: str) -> int:
     return sum({"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}[d] for d in dtypes)
 
 
-def expected_vectors(name: str) -> tuple[int, int]:
-    """(loads, stores) of 128 bits in a kernel variant: every stream of the aligned loop
-    is vectorized, and in a misaligned parameter's loop every stream but the parameter's."""
+def loop_vectors(name: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(loads, stores) of 128 bits in one fully vectorized loop of a kernel variant, and
+    the parameter's share of them."""
     op, *dtypes = name.split(":")
-    if op == "push_int8":  # the anchor read; the anchor written at the first push and later, the codes
-        return vectors16(dtypes[0]) + 2 * vectors16("float32"), 2 * vectors16("float32", "float32", "int8")
-    if name.startswith("swap_in:int8"):  # the anchor and one delta's codes read per step
+    if op == "push_int8":  # parameter and anchor in; the anchor (first push, later) and the codes out
+        p = dtypes[0]
+        return (vectors16(p, "float32"), vectors16("float32", "float32", "int8")), (vectors16(p), 0)
+    if name.startswith("swap_in:int8"):  # parameter, anchor and one delta's codes in; backup and parameter out
         p = dtypes[1]
-        return vectors16(p) + 2 * vectors16("float32", "int8"), 3 * vectors16(p)
+        return (vectors16(p, "float32", "int8"), vectors16(p, p)), (vectors16(p), vectors16(p))
     if op == "swap_in":
         mode, p, *h = dtypes
         avg = ["float32"] if mode in ("ema", "mean") else h  # total, or the ring's slots
         # the float64 sum where a sum is not finite reads the slots too (no such fallback
         # in the weighted sum)
-        wide = 2 * vectors(*h) if mode in ("mean", "last") else 0
-        return vectors(p, *avg) + vectors(*avg) + wide, vectors(p, p) + vectors(p)
-    p = dtypes[0]
+        wide = vectors(*h) if mode in ("mean", "last") else 0
+        return (vectors(p, *avg) + wide, vectors(p, p)), (vectors(p), vectors(p))
+    p = dtypes[-1] if op == "exchange" else dtypes[0]
     if op == "push":
         # parameter, old slot, mean, the other slots at a refresh, and the slots again
         # where the refresh's sum is not finite (its float64 mean)
         h = dtypes[1]
-        return vectors(p, h, "float32", h) + vectors(h, "float32", h) + 2 * vectors(h), 2 * vectors(h, "float32")
+        return (vectors(p, h, "float32", h) + vectors(h), vectors(h, "float32")), (vectors(p), 0)
     if op == "exchange":  # parameter and mean, both read and written
-        p = dtypes[-1]
-        return vectors(p, "float32") + vectors("float32"), vectors(p, "float32") + vectors("float32")
+        return (vectors(p, "float32"), vectors(p, "float32")), (vectors(p), vectors(p))
     if op == "ema":
-        return vectors(p, "float32") + vectors("float32"), 2 * vectors("float32")
+        return (vectors(p, "float32"), vectors("float32")), (vectors(p), 0)
     if op == "phema":  # compiled for two widths: the parameter once, each width's row
-        return vectors(p, "float32", "float32") + vectors("float32", "float32"), 4 * vectors("float32")
+        return (vectors(p, "float32", "float32"), 2 * vectors("float32")), (vectors(p), 0)
     assert op == "swap_back"
-    return 2 * vectors(p), vectors(p)
+    return (vectors(p), vectors(p)), (0, vectors(p))
+
+
+#: Variants for which the compiler adds a version of the loop for a sum over no slots,
+#: which only moves the parameter into the backup and writes it (vectorized as well).
+UNSWITCHED = {"swap_in:weighted:float16:float32"}
+
+
+def expected_vectors(name: str) -> tuple[int, int]:
+    """(loads, stores) of 128 bits in a kernel variant. With every parameter aligned
+    (``ALIGNED_ALL``) the one loop is fully vectorized; the variant that branches per row
+    (``PER_ROW``) has that loop and a misaligned parameter's, where every stream but the
+    parameter's is vectorized."""
+    (loads, stores), (p_loads, p_stores) = loop_vectors(name.removesuffix(tb.PER_ROW))
+    if name.endswith(tb.PER_ROW):
+        return 2 * loads - p_loads, 2 * stores - p_stores
+    if name in UNSWITCHED:
+        return loads + p_loads, stores + 2 * p_stores
+    return loads, stores
+
+
+def scalar_reads(name: str) -> int:
+    """Unpredicated loads narrower than 128 bits in a variant with every parameter aligned:
+    the table row, the snapshot counter where the kernel uses it, and the small float32
+    arguments, read once in the loop and once in its masked tail."""
+    op, *dtypes = name.split(":")
+    counter = op in ("push", "ema", "push_int8") or (op == "swap_in" and dtypes[0] != "ema")
+    small = {"phema": 2 * 2, "swap_in:weighted": 2,
+             # the anchor's and a delta's coefficient twice, a delta's scale in the loop
+             # (the tail's is masked)
+             "swap_in:int8": 5}
+    extra = next((n for prefix, n in small.items() if name.startswith(prefix)), 0)
+    return (4 if "int8" in name else 3) + counter + extra
 
 
 def test_compile_ptx_names_every_variant(compiled):
     names = {k.split(":", 1)[1] for k in compiled}
     d = ("float32", "bfloat16", "float16")
-    expected = (
+    table_walkers = (
         {f"push:{p}:{h}" for p in d for h in d} | {f"ema:{p}" for p in d} | {f"phema:{p}" for p in d}
         | {f"swap_in:ema:{p}" for p in d}
         | {f"swap_in:{m}:{p}:{h}" for m in ("mean", "last", "weighted") for p in d for h in d}
-        | {f"swap_back:{p}" for p in d} | {f"recompute:{h}" for h in d}
+        | {f"swap_back:{p}" for p in d}
         | {f"push_int8:{p}" for p in d} | {f"swap_in:int8:{p}" for p in d}
         | {f"exchange:{way}:{p}" for way in ("in", "back") for p in ("float32", "bfloat16")}
     )
+    assert tb.PER_ROW == ":per_row"
+    expected = table_walkers | {n + ":per_row" for n in table_walkers} | {f"recompute:{h}" for h in d}
     assert names == expected
     assert {k.split(":", 1)[0] for k in compiled} == {"80", "90"}
 
 
 def test_every_access_of_an_aligned_parameter_is_128_bit(compiled):
     """sm_80 and sm_90: the counts of ld/st.global.v4 are exactly those of fully vectorized
-    loops, so a stream that falls back to 32- or 16-bit accesses fails this. The recompute
-    reads no parameter: one vector load of a slot per step (and one in the float64 loop
-    that runs where a sum is not finite), and every global access but the
-    load of the snapshot counter is 128-bit (how often the compiler repeats the store of
-    the sum in its loop versions is its own affair)."""
+    loops, so a stream that falls back to 32- or 16-bit accesses fails this. Where the host
+    has checked that every parameter is aligned that loop is the only one, and its only
+    narrow accesses are its masked tail's and the reads of scalars: no parameter is read
+    or written one element at a time. The recompute reads no parameter: one vector load
+    of a slot per step (and one in the float64 loop that runs where a sum is not finite),
+    and every global access but the load of the snapshot counter is 128-bit (how often
+    the compiler repeats the store of the sum in its loop versions is its own affair)."""
     for key, facts in compiled.items():
         name = key.split(":", 1)[1]
         if name.startswith("recompute"):
@@ -305,6 +399,10 @@ def test_every_access_of_an_aligned_parameter_is_128_bit(compiled):
             assert facts["st"] == facts["st_v4"] > 0, key
             continue
         assert (facts["ld_v4"], facts["st_v4"]) == expected_vectors(name), key
+        if name.endswith(tb.PER_ROW):  # the misaligned loop moves the parameter one element at a time
+            assert facts["ld_bare"] + facts["st_bare"] > scalar_reads(name.removesuffix(tb.PER_ROW)), key
+        else:
+            assert (facts["ld_bare"], facts["st_bare"]) == (scalar_reads(name), 0), key
 
 
 def test_compiled_arithmetic_is_the_contract(compiled):

@@ -6,8 +6,10 @@ that touch the parameters run over a block table, in the manner of apex's
 ``multi_tensor_apply``: one int64 row ``(chunk address in bytes, offset in the flat
 buffers, element count)`` per chunk of at most :data:`CHUNK` elements of one
 parameter. The table is built once per bucket and kept in ``bucket.cache["triton"]``,
-which the history clears when a parameter's storage moves; no snapshot loops over
-parameters in Python. Parameters are read linearly from ``data_ptr()`` in memory
+which the history clears when a parameter's storage moves, with whether every row
+starts on a 16-byte boundary: then the kernels compile with every parameter declared
+16-byte aligned (128-bit accesses, one loop), else with a branch per row; no snapshot
+loops over parameters in Python. Parameters are read linearly from ``data_ptr()`` in memory
 order, which is exactly the order of their slice of the flat buffers, so
 ``channels_last`` weights need no special path.
 
@@ -87,21 +89,31 @@ def block_table(
     return torch.stack([address, flat, count], dim=1).reshape(-1, 3)
 
 
-def _table(b: "Bucket") -> Tensor:
-    table = b.cache.get("triton")
-    if table is None:
-        ptrs = [p.data_ptr() for p in b.params]
-        table = block_table(ptrs, b.numels, b.offsets, b.params[0].element_size())
-        table = b.cache["triton"] = table.to(b.device)
-    return table
+def _rows(b: "Bucket") -> Tensor:
+    """The bucket's block table, on the CPU."""
+    return block_table([p.data_ptr() for p in b.params], b.numels, b.offsets, b.params[0].element_size())
+
+
+def _cached(b: "Bucket", key: str, table: Tensor) -> tuple[Tensor, bool]:
+    """Cache ``table`` on the bucket's device with whether every row's address is a
+    multiple of 16 bytes: the kernels' ``ALIGNED_ALL``, decided once per table. The
+    bucket clears its cache when a parameter moves, so the decision follows the table."""
+    entry = b.cache[key] = table.to(b.device), bool((table[:, 0] % 16 == 0).all())
+    return entry
+
+
+def _table(b: "Bucket") -> tuple[Tensor, bool]:
+    """The block table (see :func:`block_table`) and whether every row is 16-byte aligned."""
+    return b.cache.get("triton") or _cached(b, "triton", _rows(b))
 
 
 def _launch(kernel, b: "Bucket", *args, **constexprs) -> None:
-    table = _table(b)
+    table, aligned = _table(b)
     if table.shape[0]:  # a bucket of empty parameters has nothing to launch over
         # Triton launches on the current device's current stream: make that the bucket's.
         with _device(b.device):
-            kernel[(table.shape[0],)](table, *args, PDTYPE=_k.TL_DTYPES[b.dtype], BLOCK=BLOCK, **constexprs)
+            kernel[(table.shape[0],)](table, *args, PDTYPE=_k.TL_DTYPES[b.dtype], BLOCK=BLOCK,
+                                      ALIGNED_ALL=aligned, **constexprs)
 
 
 def _device(device: torch.device):
@@ -157,24 +169,24 @@ def swap_in(b: "Bucket", last: int | None, weights: Tensor | None = None) -> Non
 TILE = BLOCK // QBLOCK * 2 if _k is not None and not _k.INTERPRET else BLOCK // QBLOCK
 
 
-def _int8_table(b: "Bucket") -> Tensor:
-    """The block table with a fourth column, the row's first quantisation block."""
-    table = b.cache.get("triton_int8")
-    if table is None:
-        ptrs = [p.data_ptr() for p in b.params]
-        rows = block_table(ptrs, b.numels, b.offsets, b.params[0].element_size())
-        param = torch.repeat_interleave(torch.arange(len(b.params)), -(-torch.tensor(b.numels) // CHUNK))
-        first = torch.tensor(b.block_bases, dtype=torch.int64)[param] + (rows[:, 1] - torch.tensor(b.offsets)[param]) // QBLOCK
-        table = b.cache["triton_int8"] = torch.cat([rows, first[:, None]], 1).contiguous().to(b.device)
-    return table
+def _int8_table(b: "Bucket") -> tuple[Tensor, bool]:
+    """The block table with a fourth column, the row's first quantisation block, and
+    whether every row is 16-byte aligned."""
+    cached = b.cache.get("triton_int8")
+    if cached is not None:
+        return cached
+    rows = _rows(b)
+    param = torch.repeat_interleave(torch.arange(len(b.params)), -(-torch.tensor(b.numels) // CHUNK))
+    first = torch.tensor(b.block_bases, dtype=torch.int64)[param] + (rows[:, 1] - torch.tensor(b.offsets)[param]) // QBLOCK
+    return _cached(b, "triton_int8", torch.cat([rows, first[:, None]], 1).contiguous())
 
 
 def _launch_int8(kernel, b: "Bucket", *args) -> None:
-    table = _int8_table(b)
+    table, aligned = _int8_table(b)
     if table.shape[0]:
         with _device(b.device):
             kernel[(table.shape[0],)](table, *args, PDTYPE=_k.TL_DTYPES[b.dtype], TILE=TILE, QBLOCK=QBLOCK,
-                                      **NO_FUSION)
+                                      ALIGNED_ALL=aligned, **NO_FUSION)
 
 
 def push_int8(b: "Bucket") -> None:
@@ -209,10 +221,16 @@ _NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "
 _SWAP_MODES = {"ema": 0, "mean": 1, "last": 2, "weighted": 3}
 
 
+#: Suffix of the :func:`compile_ptx` keys of the variants for a bucket with a parameter
+#: off a 16-byte boundary (``ALIGNED_ALL=False``: a branch per table row).
+PER_ROW = ":per_row"
+
+
 def _variants() -> dict[str, tuple]:
     """Every kernel specialisation the backend launches, as ``name: (kernel, args, constexprs)``
     with stand-in arguments that specialise like an aligned bucket's (16-byte aligned
-    buffers, ``D`` a multiple of 64, a small ``k``)."""
+    buffers, ``D`` a multiple of 64, a small ``k``); each kernel that reads the table
+    comes twice: with every parameter 16-byte aligned, and (``name + PER_ROW``) without."""
     D, k = 64 * 1024, 6
     table, pushes = torch.zeros(3, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
     total = torch.zeros(D, dtype=torch.float32)
@@ -244,6 +262,10 @@ def _variants() -> dict[str, tuple]:
             for back in (False, True):
                 out[f"exchange:{'back' if back else 'in'}:{pn}"] = (_k.exchange_kernel, (table, total),
                                                                     {**P, "BACK": back})
+    for name, (kernel, args, constexprs) in list(out.items()):
+        out[name] = (kernel, args, {**constexprs, "ALIGNED_ALL": True})
+        out[name + PER_ROW] = (kernel, args, {**constexprs, "ALIGNED_ALL": False})
+    for p, pn in _NAMES.items():  # reads no parameter: one variant
         out[f"recompute:{pn}"] = (_k.recompute_kernel, (bufs[p], total, pushes, D, k),
                                   {"CHUNK": CHUNK, "BLOCK": BLOCK})
     return out
@@ -255,16 +277,30 @@ def compile_ptx(arch: int = 90) -> dict[str, str]:
     parameters gets; no GPU needed. Keys name the operation and the dtypes, e.g.
     ``"push:float32:bfloat16"`` (parameters, then history), ``"swap_in:last:bfloat16:float32"``,
     ``"recompute:bfloat16"`` (history), ``"push_int8:float32"`` and ``"swap_in:int8:float32"``
-    (the 8-bit history; parameters).
+    (the 8-bit history; parameters). Those are the variants for a bucket whose
+    parameters all start on a 16-byte boundary; the same key plus :data:`PER_ROW`
+    (``"push:float32:bfloat16:per_row"``) is the variant for the other buckets, which
+    decides per table row (every kernel but the recompute, which reads no parameter).
 
     Needs the compiled kernels, so a process where ``TRITON_INTERPRET=1`` was set
     when this backend was imported cannot run it.
     """
+    return {name: asm["ptx"] for name, asm in compile_asm(arch).items()}
+
+
+def compile_asm(arch: int = 90, names: Sequence[str] | None = None) -> dict[str, dict]:
+    """What Triton makes of each kernel variant of :func:`compile_ptx` (or of ``names``
+    only), by stage: ``"ptx"``, and ``"cubin"``, the machine code its own ``ptxas``
+    assembled from that PTX for a launch on ``arch``, with the options a launch uses."""
     if _k is None:
         raise RuntimeError(f"triton cannot be imported ({_IMPORT_ERROR})")
+    variants = _variants()
+    unknown = [name for name in names or () if name not in variants]
+    if unknown:
+        raise ValueError(f"no kernel variant {unknown[0]!r}; the variants: {', '.join(sorted(variants))}")
     if _k.INTERPRET:
         raise RuntimeError(
-            "compile_ptx needs Triton's compiler, but TRITON_INTERPRET=1 was set when "
+            "compiling the kernels ahead of time needs Triton's compiler, but TRITON_INTERPRET=1 was set when "
             "lawa_optim's Triton kernels were imported; run it in a process without it"
         )
     import triton
@@ -275,12 +311,13 @@ def compile_ptx(arch: int = 90) -> dict[str, str]:
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     out = {}
-    for name, (kernel, args, constexprs) in _variants().items():
+    for name in variants if names is None else names:
+        kernel, args, constexprs = variants[name]
         # The launcher's own binder (the same in Triton 3.6 and 3.9) turns the arguments into the
         # signature and the divisibility attributes a real launch compiles with.
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
         bound, specialization, options = binder(*args, **constexprs)
         options, signature, consts, attrs = kernel._pack_args(backend, constexprs, bound, specialization, options)
         src = ASTSource(kernel, signature, consts, attrs)
-        out[name] = triton.compile(src, target=target, options=options.__dict__).asm["ptx"]
+        out[name] = triton.compile(src, target=target, options=options.__dict__).asm
     return out

@@ -6,12 +6,15 @@ of a chunk of one parameter, the chunk's element offset in the flat buffers (a
 multiple of 64) and its element count. ``recompute_kernel`` reads no parameter and
 walks the flat buffers directly.
 
-128-bit accesses need the compiler to know alignment, and the table hides it. So a
-program whose chunk starts on a 16-byte boundary casts the address to a pointer that
-it declares 16-byte aligned (``tl.multiple_of`` after the cast, in that branch only,
-so one misaligned view leaves the other rows vectorized), and walks its chunk as an
-unmasked loop over whole ``BLOCK``s plus one masked tail: a mask whose bound comes
-from the table would make every access scalar.
+128-bit accesses need the compiler to know alignment, and the table hides it. Every
+kernel that reads the table takes ``ALIGNED_ALL``: the host sets it when every row's
+address is a multiple of 16 bytes (the common case), and the kernel then casts each
+address to a pointer it declares 16-byte aligned (``tl.multiple_of`` after the cast)
+and compiles that one loop only. Otherwise each program branches on its own row, so
+one misaligned view leaves the other rows vectorized; only the aligned branch makes
+the declaration. Either way a program walks its chunk as an unmasked loop over whole
+``BLOCK``s plus one masked tail: a mask whose bound comes from the table would make
+every access scalar.
 
 All arithmetic is float32, but for the float64 ``wide`` sum of a swap whose float32 sum
 is not finite. On a GPU the casts are the hardware's (``cvt.rn``), the instruction
@@ -200,13 +203,13 @@ def _push_chunk(addr, off, cnt, ring, total, n, D, K, R, ALIGNED: tl.constexpr,
 
 @triton.jit
 def push_kernel(table, ring, total, pushes, D, K, R, PDTYPE: tl.constexpr, HDTYPE: tl.constexpr,
-                BLOCK: tl.constexpr):
+                BLOCK: tl.constexpr, ALIGNED_ALL: tl.constexpr):
     """With ``n = pushes``: write slot ``n % K`` from the parameters; the running mean
     ``total += (new - old) / K`` (``(new - total) / (n + 1)`` while the ring fills), or,
     when ``(n + 1) % R == 0``, ``total`` = the mean of the ``min(n + 1, K)`` filled slots."""
     addr, off, cnt = _row(table)
     n = tl.load(pushes)
-    if addr % 16 == 0:
+    if ALIGNED_ALL or addr % 16 == 0:
         _push_chunk(addr, off, cnt, ring, total, n, D, K, R, True, PDTYPE, HDTYPE, BLOCK)
     else:
         _push_chunk(addr, off, cnt, ring, total, n, D, K, R, False, PDTYPE, HDTYPE, BLOCK)
@@ -237,11 +240,12 @@ def _ema_chunk(addr, off, cnt, total, first, decay, alpha, ALIGNED: tl.constexpr
 
 
 @triton.jit
-def ema_kernel(table, total, pushes, decay, alpha, PDTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def ema_kernel(table, total, pushes, decay, alpha, PDTYPE: tl.constexpr, BLOCK: tl.constexpr,
+               ALIGNED_ALL: tl.constexpr):
     """``total = param`` for the first update, else ``decay * total + alpha * param``."""
     addr, off, cnt = _row(table)
     first = tl.load(pushes) == 0
-    if addr % 16 == 0:
+    if ALIGNED_ALL or addr % 16 == 0:
         _ema_chunk(addr, off, cnt, total, first, decay, alpha, True, PDTYPE, BLOCK)
     else:
         _ema_chunk(addr, off, cnt, total, first, decay, alpha, False, PDTYPE, BLOCK)
@@ -277,11 +281,12 @@ def _phema_chunk(addr, off, cnt, emas, alphas, D, E: tl.constexpr, ALIGNED: tl.c
 
 
 @triton.jit
-def phema_kernel(table, emas, alphas, D, E: tl.constexpr, PDTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def phema_kernel(table, emas, alphas, D, E: tl.constexpr, PDTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                 ALIGNED_ALL: tl.constexpr):
     """For each of the ``E`` rows of ``emas``: ``ema = param`` where ``alphas[e] == 1``,
     else ``ema + alphas[e] * (param - ema)``."""
     addr, off, cnt = _row(table)
-    if addr % 16 == 0:
+    if ALIGNED_ALL or addr % 16 == 0:
         _phema_chunk(addr, off, cnt, emas, alphas, D, E, True, PDTYPE, BLOCK)
     else:
         _phema_chunk(addr, off, cnt, emas, alphas, D, E, False, PDTYPE, BLOCK)
@@ -341,7 +346,7 @@ def _swap_in_chunk(addr, off, cnt, ring, total, backup, weights, n, D, K, last, 
 
 @triton.jit
 def swap_in_kernel(table, ring, total, backup, weights, pushes, D, K, last, PDTYPE: tl.constexpr,
-                   MODE: tl.constexpr, BLOCK: tl.constexpr):
+                   MODE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED_ALL: tl.constexpr):
     """``backup = param``; ``param = round(avg)``. MODE 0: avg = total (EMA); 1: total (the mean);
     2: csum of the ``last`` newest slots, newest first, divided by ``last``; in modes 1 and
     2 ``wide`` of the same slots where that sum is not finite; 3: the ``last`` newest
@@ -349,7 +354,7 @@ def swap_in_kernel(table, ring, total, backup, weights, pushes, D, K, last, PDTY
     compensation."""
     addr, off, cnt = _row(table)
     n = tl.load(pushes)
-    if addr % 16 == 0:
+    if ALIGNED_ALL or addr % 16 == 0:
         _swap_in_chunk(addr, off, cnt, ring, total, backup, weights, n, D, K, last, True, PDTYPE, MODE, BLOCK)
     else:
         _swap_in_chunk(addr, off, cnt, ring, total, backup, weights, n, D, K, last, False, PDTYPE, MODE, BLOCK)
@@ -372,10 +377,10 @@ def _swap_back_chunk(addr, off, cnt, backup, ALIGNED: tl.constexpr, PDTYPE: tl.c
 
 
 @triton.jit
-def swap_back_kernel(table, backup, PDTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def swap_back_kernel(table, backup, PDTYPE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED_ALL: tl.constexpr):
     """``param = backup``, bit for bit."""
     addr, off, cnt = _row(table)
-    if addr % 16 == 0:
+    if ALIGNED_ALL or addr % 16 == 0:
         _swap_back_chunk(addr, off, cnt, backup, True, PDTYPE, BLOCK)
     else:
         _swap_back_chunk(addr, off, cnt, backup, False, PDTYPE, BLOCK)
@@ -443,12 +448,13 @@ def _exchange_chunk(addr, off, cnt, total, ALIGNED: tl.constexpr, PDTYPE: tl.con
 
 
 @triton.jit
-def exchange_kernel(table, total, PDTYPE: tl.constexpr, BACK: tl.constexpr, BLOCK: tl.constexpr):
+def exchange_kernel(table, total, PDTYPE: tl.constexpr, BACK: tl.constexpr, BLOCK: tl.constexpr,
+                    ALIGNED_ALL: tl.constexpr):
     """The in-place swap of :mod:`lawa_optim.ops` between float32 or bfloat16 parameters
     and the running mean: float32 trade places; bfloat16 get ``round(mean)`` and the
     mean's word keeps ``(bits(param) << 16) | low16(mean)``; ``BACK`` undoes it."""
     addr, off, cnt = _row(table)
-    if addr % 16 == 0:
+    if ALIGNED_ALL or addr % 16 == 0:
         _exchange_chunk(addr, off, cnt, total, True, PDTYPE, BACK, BLOCK)
     else:
         _exchange_chunk(addr, off, cnt, total, False, PDTYPE, BACK, BLOCK)
@@ -522,14 +528,14 @@ def _push_int8_chunk(addr, off, cnt, blk0, ring, scales, anchor, n, D, NB, K, AL
 
 @triton.jit
 def push_int8_kernel(table, ring, scales, anchor, pushes, D, NB, K, PDTYPE: tl.constexpr,
-                     TILE: tl.constexpr, QBLOCK: tl.constexpr):
+                     TILE: tl.constexpr, QBLOCK: tl.constexpr, ALIGNED_ALL: tl.constexpr):
     """Push ``n = pushes`` of an 8-bit history: ``anchor = param`` when ``n == 0`` or
     ``K == 1``; else the delta ``param - anchor`` per block into slot ``(n - 1) % (K - 1)``
     (codes and scale) and ``anchor`` moved by the dequantised delta (a block with a
     non-finite delta: scale NaN, codes 0, ``anchor = param``)."""
     addr, off, cnt, blk0 = _row_int8(table)
     n = tl.load(pushes)
-    if addr % 16 == 0:
+    if ALIGNED_ALL or addr % 16 == 0:
         _push_int8_chunk(addr, off, cnt, blk0, ring, scales, anchor, n, D, NB, K, True, PDTYPE, TILE, QBLOCK)
     else:
         _push_int8_chunk(addr, off, cnt, blk0, ring, scales, anchor, n, D, NB, K, False, PDTYPE, TILE, QBLOCK)
@@ -570,12 +576,12 @@ def _swap_int8_chunk(addr, off, cnt, blk0, ring, scales, anchor, backup, coef, n
 
 @triton.jit
 def swap_int8_kernel(table, ring, scales, anchor, backup, coef, pushes, D, NB, K, m, PDTYPE: tl.constexpr,
-                     TILE: tl.constexpr, QBLOCK: tl.constexpr):
+                     TILE: tl.constexpr, QBLOCK: tl.constexpr, ALIGNED_ALL: tl.constexpr):
     """``backup = param``; ``param`` = Neumaier's sum of ``coef[0] * anchor`` and
     ``coef[j] * code * scale`` of the ``j``-th newest delta, ``j = 1 .. m - 1``."""
     addr, off, cnt, blk0 = _row_int8(table)
     n = tl.load(pushes)
-    if addr % 16 == 0:
+    if ALIGNED_ALL or addr % 16 == 0:
         _swap_int8_chunk(addr, off, cnt, blk0, ring, scales, anchor, backup, coef, n, D, NB, K, m, True, PDTYPE,
                          TILE, QBLOCK)
     else:
