@@ -404,6 +404,9 @@ MUTANTS = [
            'entry["lawa_scales"] = as_global(b.saved_scales(i), p, lead=scales[0], shape=scales[1:])',
            'entry["lawa_scales"] = as_global(b.saved_scales(i).flatten(1), p, lead=scales[0], shape=(scales[1] * scales[2],))',
            ("tests/test_distributed.py", "-k", "8bit")),
+    # Triton: the host's alignment decision, the one thing the interpreter cannot see.
+    Mutant("triton-aligned-all-always", "lawa_optim/backends/triton.py", "bool((table[:, 0] % 16 == 0).all())", "True",
+           ("tests/test_triton.py", "-k", "alignment_is_declared")),
 ]
 
 
