@@ -238,7 +238,7 @@ def swap_in(bucket: "Bucket", last: int | None, weights: torch.Tensor | None = N
     exchange the full average with the running mean in place (never for an 8-bit
     history: it swaps with a backup)."""
     if bucket.int8:
-        _module(bucket.backend).swap_in_int8(bucket, int8_coefficients(bucket, last, weights))
+        _swapper(bucket).swap_in_int8(bucket, int8_coefficients(bucket, last, weights))
     elif weights is None:
         _swapper(bucket).swap_in(bucket, last)
     else:

@@ -181,3 +181,30 @@ def test_wrapper_picks_cuda_for_auto():
     opt = lawa_optim.LAWA(torch.optim.SGD(model.parameters(), lr=0.1))
     opt.snapshot()
     assert opt.backend == "cuda"
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_8bit_swap_with_a_host_backup_equals_the_device_one(backend):
+    """GPU parameters over an 8-bit history swapped with ``backup="cpu"``: the backup lives
+    in host memory (a fused kernel cannot write it; the reference swaps), and the average
+    and the restored weights are those of the swap with the backup beside them, bit for bit."""
+    reason = backend_skip_reason(backend, torch.float32, torch.int8)
+    if reason:
+        pytest.skip(reason)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, generator=g).to(CUDA)) for n in (300, 4097)]
+    opt = lawa_optim.LAWA(torch.optim.SGD(params, lr=0.1), k=3, history_dtype=torch.int8, backend=backend)
+    for _ in range(4):
+        with torch.no_grad():
+            torch._foreach_add_(params, [torch.randn(p.shape, generator=g).to(CUDA) for p in params])
+        opt.snapshot()
+    weights = [p.detach().clone() for p in params]
+    with opt.averaged(backup="device"):
+        on_device = [p.detach().clone() for p in params]
+    with opt.averaged(backup="cpu"):
+        assert all(b.backup.device.type == "cpu" for b in opt._history.buckets)
+        for a, b in zip(params, on_device):
+            assert_same_bits(a.detach(), b, "average with a host backup")
+    for p, w in zip(params, weights):
+        assert_same_bits(p.detach(), w, "weights after the swap with a host backup")
