@@ -409,6 +409,18 @@ def test_dcp_two_ranks_to_plain_model(fsdp_run, ref):
     check_loaded([rec], ref)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_directory_exports_the_average_on_one_process(tmp_path, fsdp_run, ref):
+    """The distributed checkpoint directory, converted on one process without a process
+    group (``dcp_to_torch_save``), exports the average the ranks held."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(fsdp_run[0] / "ckpt"), str(tmp_path / "ckpt.pt"))
+    model = make_model(1)
+    got = export_average(model, torch.load(tmp_path / "ckpt.pt")["optim"])
+    assert_all_close([got[n] for n, _ in model.named_parameters()], ref["saved"]["avg"])
+
+
 # -- DDP ------------------------------------------------------------------------------
 def test_ddp_ranks_agree_with_reference(tmp_path, ref):
     run_ranks(ddp_train, 2, tmp_path)
@@ -609,3 +621,19 @@ def test_fsdp_phema_shards_equal_the_unsharded_run(tmp_path):
         assert_all_close(live, want[1])
         assert_same(loaded_fitted, fitted, f"rank {r}: loaded, sigma_rel=0.07")
         assert_same(loaded_live, live, f"rank {r}: loaded, the live EMA")
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_fsdp_8bit_export_from_the_distributed_checkpoint_on_one_process(tmp_path, fsdp8_run):
+    """The distributed checkpoint directory, converted on one process without a process
+    group (``dcp_to_torch_save``), exports the averages the sharded swaps computed."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out, recs = fsdp8_run
+    dcp_to_torch_save(str(out / "ckpt"), str(tmp_path / "ckpt.pt"))
+    optim = torch.load(tmp_path / "ckpt.pt")["optim"]
+    model = make_model8(1)
+    names = [n for n, _ in model.named_parameters()]
+    for kw, want in ((AVERAGES[0], recs[0]["avg"][0]), (AVERAGES[2], recs[0]["avg"][2])):
+        got = export_average(model, optim, **kw)
+        assert_same([got[n] for n in names], want)
