@@ -48,6 +48,13 @@ def find(root: Path, name: str) -> Path:
     )
 
 
+def add_data_dir(parser: argparse.ArgumentParser, splits: tuple[str, ...] = ("train",)) -> None:
+    """``--data-dir``, the directory :func:`require` checks for the files of ``splits``."""
+    what = ", training and test" if "test" in splits else ""
+    parser.add_argument("--data-dir", default=None,
+                        help=f"directory with the Fashion-MNIST IDX files{what} (default {DEFAULT_DIR})")
+
+
 def require(parser: argparse.ArgumentParser, data_dir: str | None, splits: tuple[str, ...] = ("train",)) -> None:
     """Refuse ``--data-dir`` through ``parser`` (one line, exit 2) unless every file of
     ``splits`` is there: checked in the command's own process, before any work and before

@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import multiprocessing
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -29,8 +28,8 @@ from functools import partial
 from pathlib import Path
 
 from examples import fashion_mnist
-from examples.lawa_sizes import FAST, FULL
-from lawa_optim._cli import Parser, int_at_least, output_dir
+from examples.lawa_sizes import FAST, FULL, add_run_arguments
+from lawa_optim._cli import Parser, output_dir
 
 DEFAULT_OUT = "examples/results"
 #: The requirement: the 8-bit history's LAWA validation loss within this fraction of the float32 one's.
@@ -43,11 +42,8 @@ CONFIG = dataclasses.replace(FULL, seeds=10)
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = Parser(prog="python -m examples.int8_history", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=output_dir, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/)")
-    p.add_argument("--data-dir", default=None,
-                   help=f"directory with the Fashion-MNIST IDX files (default {fashion_mnist.DEFAULT_DIR})")
-    p.add_argument("--fast", action="store_true", help="tiny smoke run (2 seeds, 4 epochs, 128 training images)")
-    p.add_argument("--jobs", type=int_at_least(1), default=min(2, os.cpu_count() or 1),
-                   help="seeds trained in parallel, one thread each (default: 2, or 1 on one core)")
+    fashion_mnist.add_data_dir(p)
+    add_run_arguments(p)
     args = p.parse_args(argv)
     fashion_mnist.require(p, args.data_dir)
     return args

@@ -43,8 +43,8 @@ from functools import partial
 from pathlib import Path
 
 from examples import fashion_mnist
-from examples.lawa_sizes import FAST, FULL
-from lawa_optim._cli import Parser, int_at_least, output_dir
+from examples.lawa_sizes import FAST, FULL, add_run_arguments
+from lawa_optim._cli import Parser, output_dir
 
 DEFAULT_OUT = "lawa_experiment_results"  # untracked (.gitignore)
 
@@ -52,11 +52,8 @@ DEFAULT_OUT = "lawa_experiment_results"  # untracked (.gitignore)
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = Parser(prog="python -m examples.lawa_experiment", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=output_dir, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/, not tracked)")
-    p.add_argument("--data-dir", default=None,
-                   help=f"directory with the Fashion-MNIST IDX files (default {fashion_mnist.DEFAULT_DIR})")
-    p.add_argument("--fast", action="store_true", help="tiny smoke run (2 seeds, 4 epochs, 128 training images)")
-    p.add_argument("--jobs", type=int_at_least(1), default=min(2, os.cpu_count() or 1),
-                   help="seeds trained in parallel, one thread each (default: 2, or 1 on one core)")
+    fashion_mnist.add_data_dir(p)
+    add_run_arguments(p)
     args = p.parse_args(argv)
     fashion_mnist.require(p, args.data_dir)
     return args

@@ -4,7 +4,11 @@ torch is loaded."""
 
 from __future__ import annotations
 
+import argparse
+import os
 from dataclasses import dataclass
+
+from lawa_optim._cli import int_at_least
 
 
 @dataclass(frozen=True)
@@ -28,3 +32,11 @@ FULL = Config(seeds=20, epochs=30, short=15, train=10_000, holdout=2_000, val=2_
 #: The smoke run the tests use (on a tiny IDX file of 200 images).
 FAST = Config(seeds=2, epochs=4, short=2, train=128, holdout=32, val=32, bn=32, batch=32,
               twa_starts=(2,), twa_epochs=1)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--fast`` (the :data:`FAST` sizes) and ``--jobs`` (seeds trained in parallel), as
+    the commands that run the experiment's seeds take them."""
+    parser.add_argument("--fast", action="store_true", help="tiny smoke run (2 seeds, 4 epochs, 128 training images)")
+    parser.add_argument("--jobs", type=int_at_least(1), default=min(2, os.cpu_count() or 1),
+                        help="seeds trained in parallel, one thread each (default: 2, or 1 on one core)")

@@ -56,8 +56,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help=f"epochs of the cosine run, at least {FIXED} (default {FULL.epochs})")
     p.add_argument("--k", type=int_at_least(FIXED), default=10,
                    help=f"snapshots the ring holds, at least {FIXED} (default 10)")
-    p.add_argument("--data-dir", default=None,
-                   help=f"directory with the Fashion-MNIST IDX files, training and test (default {fashion_mnist.DEFAULT_DIR})")
+    fashion_mnist.add_data_dir(p, ("train", "test"))
     p.add_argument("--fast", action="store_true", help="tiny image counts (128 training images) for a smoke run")
     args = p.parse_args(argv)
     fashion_mnist.require(p, args.data_dir, ("train", "test"))
