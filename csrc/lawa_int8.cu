@@ -214,16 +214,20 @@ __global__ void __launch_bounds__(kLawaThreads, kInt8MinBlocks)
   }
 }
 
-template <class Kernel>
-cudaError_t lawa_int8_grid(const LawaLaunch& launch, Kernel kernel, unsigned* blocks) {
+// One launch of `kernel` over the tiles, the grid capped at what is resident at once
+// (occupancy API): the tail of every 8-bit entry point.
+template <class... Params, class... Args>
+cudaError_t lawa_int8_launch(const LawaLaunch& launch, void (*kernel)(Params...), Args... args) {
   int per_sm = 0;
   const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kLawaThreads, 0);
   if (err != cudaSuccess) {
     return err;
   }
   const int64_t cap = int64_t(launch.sm_count > 0 ? launch.sm_count : 1) * (per_sm > 0 ? per_sm : 1);
-  *blocks = unsigned(launch.num_tiles < cap ? launch.num_tiles : cap);
-  return cudaSuccess;
+  const unsigned blocks = unsigned(launch.num_tiles < cap ? launch.num_tiles : cap);
+  kernel<<<blocks, kLawaThreads, 0, launch.stream>>>(launch.segments, launch.num_segments, launch.num_tiles,
+                                                      args...);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -239,15 +243,7 @@ cudaError_t lawa_push_int8(const LawaLaunch& launch, LawaDtype param_dtype, cons
   }
   return lawa_dispatch(param_dtype, [&](auto p) {
     constexpr LawaDtype P = decltype(p)::value;
-    unsigned blocks = 0;
-    const cudaError_t err = lawa_int8_grid(launch, lawa_push_int8_kernel<P>, &blocks);
-    if (err != cudaSuccess) {
-      return err;
-    }
-    lawa_push_int8_kernel<P><<<blocks, kLawaThreads, 0, launch.stream>>>(
-        launch.segments, launch.num_segments, launch.num_tiles, block_bases, ring, scales, anchor, pushes, D,
-        nb, k);
-    return cudaGetLastError();
+    return lawa_int8_launch(launch, lawa_push_int8_kernel<P>, block_bases, ring, scales, anchor, pushes, D, nb, k);
   });
 }
 
@@ -263,14 +259,7 @@ cudaError_t lawa_swap_int8(const LawaLaunch& launch, LawaDtype param_dtype, cons
   }
   return lawa_dispatch(param_dtype, [&](auto p) {
     constexpr LawaDtype P = decltype(p)::value;
-    unsigned blocks = 0;
-    const cudaError_t err = lawa_int8_grid(launch, lawa_swap_int8_kernel<P>, &blocks);
-    if (err != cudaSuccess) {
-      return err;
-    }
-    lawa_swap_int8_kernel<P><<<blocks, kLawaThreads, 0, launch.stream>>>(
-        launch.segments, launch.num_segments, launch.num_tiles, block_bases, ring, scales, anchor,
-        static_cast<Raw<P>*>(backup), coef, pushes, D, nb, k, m);
-    return cudaGetLastError();
+    return lawa_int8_launch(launch, lawa_swap_int8_kernel<P>, block_bases, ring, scales, anchor,
+                            static_cast<Raw<P>*>(backup), coef, pushes, D, nb, k, m);
   });
 }
