@@ -74,15 +74,32 @@ __device__ __forceinline__ bool lawa_aligned(const void* p) {
 // plain C++ accesses compile to generic LD.E/ST.E (an address-space check each), and
 // the compiler split some 16-byte struct stores into 32-bit ones. A full vector moves
 // as 16-byte pieces.
+// `Bytes` (a multiple of 16) between registers and 16-byte aligned global memory, as
+// 128-bit ld.global.ca / st.global.wb.
+template <int Bytes>
+__device__ __forceinline__ void lawa_load_pieces(void* x, const void* p) {
+#pragma unroll
+  for (int i = 0; i < Bytes / 16; ++i) {
+    const uint4 piece = __ldca(static_cast<const uint4*>(p) + i);
+    memcpy(static_cast<char*>(x) + 16 * i, &piece, 16);
+  }
+}
+
+template <int Bytes>
+__device__ __forceinline__ void lawa_store_pieces(void* p, const void* x) {
+#pragma unroll
+  for (int i = 0; i < Bytes / 16; ++i) {
+    uint4 piece;
+    memcpy(&piece, static_cast<const char*>(x) + 16 * i, 16);
+    __stwb(static_cast<uint4*>(p) + i, piece);
+  }
+}
+
 template <LawaDtype D, int W>
 __device__ __forceinline__ LawaChunk<D, W> lawa_load(const typename LawaElem<D>::Raw* p) {
   LawaChunk<D, W> x;
   if constexpr (W == kLawaVec) {
-#pragma unroll
-    for (int i = 0; i < int(sizeof(x) / 16); ++i) {
-      const uint4 piece = __ldca(reinterpret_cast<const uint4*>(p) + i);
-      memcpy(reinterpret_cast<char*>(&x) + 16 * i, &piece, 16);
-    }
+    lawa_load_pieces<sizeof(x)>(&x, p);
   } else {
     x.v[0] = __ldca(p);
   }
@@ -92,12 +109,7 @@ __device__ __forceinline__ LawaChunk<D, W> lawa_load(const typename LawaElem<D>:
 template <LawaDtype D, int W>
 __device__ __forceinline__ void lawa_store(typename LawaElem<D>::Raw* p, const LawaChunk<D, W>& x) {
   if constexpr (W == kLawaVec) {
-#pragma unroll
-    for (int i = 0; i < int(sizeof(x) / 16); ++i) {
-      uint4 piece;
-      memcpy(&piece, reinterpret_cast<const char*>(&x) + 16 * i, 16);
-      __stwb(reinterpret_cast<uint4*>(p) + i, piece);
-    }
+    lawa_store_pieces<sizeof(x)>(p, &x);
   } else {
     __stwb(p, x.v[0]);
   }

@@ -40,11 +40,7 @@ constexpr int kInt8MinBlocks = 2;
 template <class T>
 __device__ __forceinline__ void lawa_load16(T (&x)[kLane], const T* p, int valid, bool vec) {
   if (vec && valid >= kLane) {
-#pragma unroll
-    for (int i = 0; i < int(sizeof(x) / 16); ++i) {
-      const uint4 piece = __ldca(reinterpret_cast<const uint4*>(p) + i);
-      memcpy(reinterpret_cast<char*>(&x) + 16 * i, &piece, 16);
-    }
+    lawa_load_pieces<sizeof(x)>(&x, p);
   } else {
 #pragma unroll
     for (int j = 0; j < kLane; ++j) {
@@ -56,12 +52,7 @@ __device__ __forceinline__ void lawa_load16(T (&x)[kLane], const T* p, int valid
 template <class T>
 __device__ __forceinline__ void lawa_store16(T* p, const T (&x)[kLane], int valid, bool vec) {
   if (vec && valid >= kLane) {
-#pragma unroll
-    for (int i = 0; i < int(sizeof(x) / 16); ++i) {
-      uint4 piece;
-      memcpy(&piece, reinterpret_cast<const char*>(&x) + 16 * i, 16);
-      __stwb(reinterpret_cast<uint4*>(p) + i, piece);
-    }
+    lawa_store_pieces<sizeof(x)>(p, &x);
   } else {
 #pragma unroll
     for (int j = 0; j < kLane; ++j) {
