@@ -45,6 +45,17 @@ struct LawaElem<kLawaFloat16> {
   }
 };
 
+template <LawaDtype D>
+using Raw = typename LawaElem<D>::Raw;
+
+// csum of lawa_optim.ops (Neumaier's compensated sum): s += x, the rounding error of that
+// addition added to c.
+__device__ __forceinline__ void lawa_csum_add(float& s, float& c, float x) {
+  const float t = __fadd_rn(s, x);
+  c = __fadd_rn(c, fabsf(s) >= fabsf(x) ? __fadd_rn(__fsub_rn(s, t), x) : __fadd_rn(__fsub_rn(x, t), s));
+  s = t;
+}
+
 // Cast one element from dtype S to dtype T as Tensor.to does: a plain copy for the
 // same dtype, else through float32 (exact for every widening, rounded once otherwise).
 template <LawaDtype S, LawaDtype T>

@@ -14,17 +14,6 @@
 
 namespace {
 
-template <LawaDtype D>
-using Raw = typename LawaElem<D>::Raw;
-
-// One step of Neumaier's compensated sum (lawa_optim/ops.py): s += y, the rounding error
-// of that addition added to c.
-__device__ __forceinline__ void lawa_neumaier(float& s, float& c, float y) {
-  const float t = __fadd_rn(s, y);
-  c = __fadd_rn(c, fabsf(s) >= fabsf(y) ? __fadd_rn(__fsub_rn(s, t), y) : __fadd_rn(__fsub_rn(y, t), s));
-  s = t;
-}
-
 constexpr int kLane = 16;     // elements per lane
 constexpr int kQBlock = 256;  // elements per quantisation block (lawa_optim.ops.QBLOCK)
 static_assert(kQBlock == 16 * kLane, "a half warp holds one quantisation block");
@@ -179,7 +168,7 @@ __global__ void __launch_bounds__(kLawaThreads, kInt8MinBlocks)
       for (int j = 0; j < kLane; ++j) {
         s[j] = 0.0f;
         c[j] = 0.0f;
-        lawa_neumaier(s[j], c[j], __fmul_rn(w0, av[j]));
+        lawa_csum_add(s[j], c[j], __fmul_rn(w0, av[j]));
       }
       int64_t slot = newest;
 #pragma unroll 1
@@ -191,7 +180,7 @@ __global__ void __launch_bounds__(kLawaThreads, kInt8MinBlocks)
         const float w = __ldg(coef + t);
 #pragma unroll
         for (int j = 0; j < kLane; ++j) {
-          lawa_neumaier(s[j], c[j], __fmul_rn(w, __fmul_rn(float(q8[j]), scale)));
+          lawa_csum_add(s[j], c[j], __fmul_rn(w, __fmul_rn(float(q8[j]), scale)));
         }
         slot = (slot == 0 ? k - 1 : slot) - 1;
       }

@@ -14,17 +14,7 @@
 
 namespace {
 
-template <LawaDtype D>
-using Raw = typename LawaElem<D>::Raw;
-
-// csum of lawa_optim.ops (Neumaier's compensated sum): s += x, the rounding error of that
-// addition added to c; the sum is lawa_csum_result(s, c).
-__device__ __forceinline__ void lawa_csum_add(float& s, float& c, float x) {
-  const float t = __fadd_rn(s, x);
-  c = __fadd_rn(c, fabsf(s) >= fabsf(x) ? __fadd_rn(__fsub_rn(s, t), x) : __fadd_rn(__fsub_rn(x, t), s));
-  s = t;
-}
-
+// The sum of lawa_csum_add's (s, c) as csum of lawa_optim.ops reads it.
 __device__ __forceinline__ float lawa_csum_result(float s, float c) {
   return isfinite(s) ? __fadd_rn(s, c) : s;
 }
