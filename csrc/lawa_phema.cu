@@ -18,14 +18,14 @@ struct PhemaOp {
   const int64_t* pushes;  // null: the update does not read the counter
 
   struct View {
-    const typename LawaElem<P>::Raw* param;
+    const Raw<P>* param;
     float* emas;  // row 0 of the segment's slice
     bool vec;
   };
 
   __device__ View view(const LawaSegment& seg, int64_t, int64_t lo) const {
     View v;
-    v.param = static_cast<const typename LawaElem<P>::Raw*>(seg.param) + lo;
+    v.param = static_cast<const Raw<P>*>(seg.param) + lo;
     v.emas = emas + seg.offset + lo;
     // D is a multiple of 64 elements, so every row is aligned like row 0.
     v.vec = lawa_aligned(v.param) && lawa_aligned(v.emas);
